@@ -1,0 +1,1 @@
+"""Reusable Streamlit parts: figure builders (pure data -> figure), cached loaders, widgets."""

@@ -1,0 +1,1 @@
+"""Adaptive Inference Explorer engine: models, traces, policies and runtimes (no UI code)."""

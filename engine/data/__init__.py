@@ -1,0 +1,1 @@
+"""Data loaders for sets that ship inside registry packages (no downloads at run time)."""
