@@ -1,0 +1,54 @@
+"""Where traces live: bundled in assets/traces/, or built on first use and cached.
+
+``load_trace(model_id)`` is what the app calls. Bundled files are read-only; traces built here
+go to the cache directory (``AIE_CACHE_DIR``, default ``.cache/``) and are reused afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from engine.data.images import cache_dir
+from engine.registry import ASSETS, get_card
+from engine.trace import Trace, read_parquet
+
+TRACES_DIR = ASSETS / "traces"
+
+
+def trace_file(model_id: str, split: str = "test") -> Path:
+    return TRACES_DIR / f"{model_id}__{split}.parquet"
+
+
+def cached_trace_file(model_id: str, split: str = "test") -> Path:
+    return cache_dir() / "traces" / f"{model_id}__{split}.parquet"
+
+
+def available_traces() -> list[tuple[str, str]]:
+    """(model_id, split) of every trace on disk, bundled or cached."""
+    found = set()
+    for d in (TRACES_DIR, cache_dir() / "traces"):
+        for p in d.glob("*__*.parquet"):
+            model_id, split = p.stem.rsplit("__", 1)
+            found.add((model_id, split))
+    return sorted(found)
+
+
+def load_trace(model_id: str, split: str = "test", build_if_missing: bool = True) -> Trace:
+    """The bundled trace, else the cached one, else build it with the family's trace builder.
+
+    A family that can build traces exposes ``build_trace(model_id, split) -> Trace`` in its
+    model module (``engine.models.<family>``).
+    """
+    for path in (trace_file(model_id, split), cached_trace_file(model_id, split)):
+        if path.exists():
+            return read_parquet(path, model_id)
+    if not build_if_missing:
+        raise FileNotFoundError(f"no trace for {model_id} ({split})")
+    card = get_card(model_id)
+    module = importlib.import_module(card.module)
+    if not hasattr(module, "build_trace"):
+        raise FileNotFoundError(f"no trace for {model_id} and its family cannot build one")
+    trace = module.build_trace(model_id, split)
+    trace.write_parquet(cached_trace_file(model_id, split))
+    return trace

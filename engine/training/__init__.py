@@ -1,0 +1,1 @@
+"""One trainer per model family; ``engine.train`` dispatches to them by name."""

@@ -1,0 +1,57 @@
+"""What every trainer shares: seeding, and writing weights + model card atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from engine.registry import MODELS_DIR, sha256_file
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def command_line(family: str, argv: list[str]) -> str:
+    """The exact command that reproduces a run, for the model card."""
+    return "python -m engine.train " + shlex.join([family, *argv])
+
+
+def save_model(model: torch.nn.Module, card: dict, out_dir: Path = MODELS_DIR) -> Path:
+    """Write ``<model_id>.safetensors`` and ``<model_id>.json`` (with the weights' SHA-256).
+
+    ``card`` must hold model_id, family, module and config; metrics, data set, seed, epochs,
+    training_command and train_seconds are expected by the app and the card test.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_id = card["model_id"]
+    weights = out_dir / f"{model_id}.safetensors"
+    tmp = weights.with_suffix(".safetensors.tmp")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp))
+    os.replace(tmp, weights)
+    card = {
+        **card,
+        "weights_sha256": sha256_file(weights),
+        "weights_bytes": weights.stat().st_size,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+    }
+    path = out_dir / f"{model_id}.json"
+    tmp_card = path.with_suffix(".json.tmp")
+    tmp_card.write_text(json.dumps(card, indent=2) + "\n")
+    os.replace(tmp_card, path)
+    return path
