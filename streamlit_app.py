@@ -17,6 +17,8 @@ PAGES = [
     ("pages/compare.py", "Compare methods", ":material/compare_arrows:"),
 ]
 
-st.set_page_config(page_title="Adaptive Inference Explorer", page_icon=":material/bolt:", layout="wide")
+st.set_page_config(
+    page_title="Adaptive Inference Explorer", page_icon=":material/bolt:", layout="wide"
+)
 pages = [st.Page(f, title=t, icon=i) for f, t, i in PAGES if (ROOT / f).exists()]
 st.navigation(pages).run()

@@ -27,7 +27,15 @@ import numpy as np
 from engine.trace import Trace, entropy_norm_of, margin_of, max_prob_of
 
 PolicyKind = Literal["max_prob", "entropy", "margin", "patience", "per_exit", "gate", "fixed"]
-POLICY_KINDS: tuple[str, ...] = ("max_prob", "entropy", "margin", "patience", "per_exit", "gate", "fixed")
+POLICY_KINDS: tuple[str, ...] = (
+    "max_prob",
+    "entropy",
+    "margin",
+    "patience",
+    "per_exit",
+    "gate",
+    "fixed",
+)
 POLICY_LABELS = {
     "max_prob": "Max probability (BranchyNet / MSDNet)",
     "entropy": "Entropy (DeeBERT)",
@@ -93,7 +101,9 @@ class Policy:
                 kind=d["kind"],
                 threshold=None if d.get("threshold") is None else float(d["threshold"]),
                 patience=None if d.get("patience") is None else int(d["patience"]),
-                thresholds=None if d.get("thresholds") is None else tuple(float(v) for v in d["thresholds"]),
+                thresholds=None
+                if d.get("thresholds") is None
+                else tuple(float(v) for v in d["thresholds"]),
                 exit=None if d.get("exit") is None else int(d["exit"]),
             )
         except (TypeError, ValueError) as e:

@@ -12,7 +12,7 @@ import hashlib
 import importlib
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -103,7 +103,7 @@ def load_model(model_id: str, models_dir: Path = MODELS_DIR) -> torch.nn.Module:
     return model.eval()
 
 
-@lru_cache(maxsize=None)
+@cache
 def cached_model(model_id: str) -> torch.nn.Module:
     """Process-wide cache for scripts and benchmarks (the app uses st.cache_resource)."""
     return load_model(model_id)

@@ -249,7 +249,9 @@ class Trace:
 def _finite(name: str, arr: np.ndarray) -> None:
     if not np.isfinite(arr).all():
         bad = np.argwhere(~np.isfinite(arr))[0]
-        raise TraceError(name, f"contains NaN or infinity (first at index {tuple(int(i) for i in bad)})")
+        raise TraceError(
+            name, f"contains NaN or infinity (first at index {tuple(int(i) for i in bad)})"
+        )
 
 
 def validate(t: Trace) -> None:
@@ -273,7 +275,9 @@ def validate(t: Trace) -> None:
     sums = t.probs.sum(axis=2, dtype=np.float64)
     if np.abs(sums - 1).max() > 1e-3:
         i, e = np.unravel_index(np.abs(sums - 1).argmax(), sums.shape)
-        raise TraceError("probs", f"rows must sum to 1 (sample {i}, exit {e} sums to {sums[i, e]:.4f})")
+        raise TraceError(
+            "probs", f"rows must sum to 1 (sample {i}, exit {e} sums to {sums[i, e]:.4f})"
+        )
     if len(t.meta.exit_names) != k:
         raise TraceError("meta.exit_names", f"has {len(t.meta.exit_names)} names for {k} exits")
     if len(t.meta.class_names) != c:
@@ -395,11 +399,11 @@ def from_frame(df: pl.DataFrame, meta: TraceMeta | None = None, name: str = "upl
     sid = df["sample_id"]
     if sid.null_count():
         raise TraceError("sample_id", "empty sample ids")
-    sample_id = sid.to_numpy() if sid.dtype.is_integer() else sid.cast(pl.String).to_numpy().astype(object)
+    sample_id = (
+        sid.to_numpy() if sid.dtype.is_integer() else sid.cast(pl.String).to_numpy().astype(object)
+    )
     extra = {
-        col[len("extra."):]: df[col].to_numpy()
-        for col in df.columns
-        if col.startswith("extra.")
+        col[len("extra.") :]: df[col].to_numpy() for col in df.columns if col.startswith("extra.")
     }
     if meta is None:
         meta = TraceMeta(

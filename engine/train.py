@@ -13,7 +13,9 @@ import engine.training
 
 
 def families() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(engine.training.__path__) if m.name != "common")
+    return sorted(
+        m.name for m in pkgutil.iter_modules(engine.training.__path__) if m.name != "common"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

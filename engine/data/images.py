@@ -24,8 +24,16 @@ CLASS_NAMES = {
     "digits": tuple(str(i) for i in range(10)),
     "mnist": tuple(str(i) for i in range(10)),
     "fashion_mnist": (
-        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
     ),
 }
 INSTALL_HINT = {
@@ -94,8 +102,10 @@ def _mnist_arrays() -> dict[str, np.ndarray]:
         return np.clip(np.rint(x.reshape(-1, SIZE, SIZE) * 255), 0, 255).astype(np.uint8)
 
     arrays = {
-        "train_x": u8(np.concatenate([trx, vax])), "train_y": np.concatenate([try_, vay]).astype(np.int64),
-        "test_x": u8(tex), "test_y": tey.astype(np.int64),
+        "train_x": u8(np.concatenate([trx, vax])),
+        "train_y": np.concatenate([try_, vay]).astype(np.int64),
+        "test_x": u8(tex),
+        "test_y": tey.astype(np.int64),
     }
     np.savez(cached, **arrays)
     return arrays
@@ -105,7 +115,7 @@ def _idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         data = f.read()
     ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -133,7 +143,12 @@ def _digits_arrays() -> dict[str, np.ndarray]:
     y = d.target.astype(np.int64)
     perm = np.random.default_rng(0).permutation(len(y))
     cut = int(0.75 * len(y))
-    return {"train_x": x[perm[:cut]], "train_y": y[perm[:cut]], "test_x": x[perm[cut:]], "test_y": y[perm[cut:]]}
+    return {
+        "train_x": x[perm[:cut]],
+        "train_y": y[perm[:cut]],
+        "test_x": x[perm[cut:]],
+        "test_y": y[perm[cut:]],
+    }
 
 
 _LOADERS = {"digits": _digits_arrays, "mnist": _mnist_arrays, "fashion_mnist": _fashion_arrays}
