@@ -178,8 +178,16 @@ def patience_mask(pred: np.ndarray, patience: int) -> np.ndarray:
 
 def exit_index(trace: Trace, policy: Policy) -> np.ndarray:
     """[N] int64 exit taken by each sample under the policy."""
-    if policy.kind == "patience":
+    # the trace caches its confidence scores (same functions as exit_mask, so same values)
+    kind = policy.kind
+    if kind == "patience":
         mask = patience_mask(trace.pred, policy.patience)
+    elif kind == "max_prob":
+        mask = trace.max_prob >= policy.threshold
+    elif kind == "entropy":
+        mask = trace.entropy_norm <= policy.threshold
+    elif kind == "margin":
+        mask = trace.margin >= policy.threshold
     else:
         mask = exit_mask(policy, trace.probs, trace.gate)
     return first_true(mask).astype(np.int64)

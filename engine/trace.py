@@ -50,7 +50,7 @@ def entropy_norm_of(probs: np.ndarray) -> np.ndarray:
     p = probs.astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         h = -np.where(p > 0, p * np.log(p), 0.0).sum(axis=-1)
-    return np.maximum(h, 0.0) / np.log(probs.shape[-1])
+    return np.clip(h / np.log(probs.shape[-1]), 0.0, 1.0)
 
 
 def margin_of(probs: np.ndarray) -> np.ndarray:

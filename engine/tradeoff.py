@@ -133,7 +133,7 @@ def _score(trace: Trace, kind: str) -> np.ndarray:
 def _score_curve(trace: Trace, kind: str) -> Curve:
     s = _score(trace, kind)
     n, k = s.shape
-    correct = trace.correct.astype(np.int64)
+    correct = trace.correct.astype(np.int32)
     cost = trace.cost
     # records: exits whose score beats every earlier exit's (only they can be the first to pass)
     rec = np.ones((n, k), dtype=bool)
@@ -146,16 +146,17 @@ def _score_curve(trace: Trace, kind: str) -> Curve:
     if k > 1:
         after[:, :-1] = np.minimum.accumulate(idx[:, ::-1], axis=1)[:, ::-1][:, 1:]
     after = np.minimum(after, k - 1)
-    rows, cols = np.nonzero(rec)
-    src = after[rows, cols]
-    value = s[rows, cols]
-    d_cost = cost[rows, cols] - cost[rows, src]
-    d_correct = correct[rows, cols] - correct[rows, src]
+    flat = np.flatnonzero(rec)  # row-major positions n * k + exit
+    src = flat - flat % k + after.ravel()[flat]
+    value = s.ravel()[flat]
+    d_cost = cost.ravel()[flat] - cost.ravel()[src]
+    d_correct = correct.ravel()[flat] - correct.ravel()[src]
 
-    order = np.argsort(-value, kind="stable")
+    # order within a group of equal scores does not matter: only group ends are read
+    order = np.argsort(value)[::-1]
     value = value[order]
     cum_cost = np.cumsum(d_cost[order])
-    cum_correct = np.cumsum(d_correct[order])
+    cum_correct = np.cumsum(d_correct[order], dtype=np.int64)
     # one point per distinct score: the state after all events with score >= that value
     last_of_group = np.nonzero(np.r_[value[1:] != value[:-1], True])[0]
     thresholds = value[last_of_group]

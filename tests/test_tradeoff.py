@@ -1,0 +1,115 @@
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine import calibration
+from engine.tradeoff import (
+    best_within_budget,
+    cheapest_with_accuracy,
+    curve,
+    evaluate,
+    evaluate_policy,
+    last_exit_stats,
+    oracle_stats,
+    pareto_front,
+    per_class_exit_rates,
+)
+from engine.policies import exit_index
+from tests.traces_strategy import make_trace, traces
+
+KINDS = ("max_prob", "entropy", "margin", "gate", "patience", "fixed")
+
+
+@settings(max_examples=50, deadline=None)
+@given(traces())
+def test_curve_equals_evaluating_every_point(t):
+    for kind in KINDS:
+        c = curve(t, kind)
+        assert c.mean_cost[0] == t.cost[:, -1].mean()  # first point: everything at the last exit
+        for i in range(len(c)):
+            s = evaluate_policy(t, c.policy(i))
+            if t.has_labels:
+                assert abs(s.accuracy - c.accuracy[i]) < 1e-12, (kind, i)
+            assert abs(s.mean_cost - c.mean_cost[i]) < 1e-9 * max(1, s.mean_cost), (kind, i)
+
+
+@settings(max_examples=50, deadline=None)
+@given(traces(), st.floats(0, 1), st.floats(0, 1))
+def test_solvers_satisfy_constraints_and_are_optimal(t, acc_target, budget_frac):
+    budget = budget_frac * t.cost[:, -1].mean()
+    for kind in ("max_prob", "entropy", "patience"):
+        c = curve(t, kind)
+        i = cheapest_with_accuracy(c, acc_target)
+        feasible = c.accuracy >= acc_target
+        if i is None:
+            assert not feasible.any()
+        else:
+            s = evaluate_policy(t, c.policy(i))
+            assert s.accuracy >= acc_target - 1e-12
+            assert c.mean_cost[i] <= c.mean_cost[feasible].min() + 1e-9
+        j = best_within_budget(c, budget)
+        affordable = c.mean_cost <= budget * (1 + 1e-12)
+        if j is None:
+            assert not affordable.any()
+        else:
+            s = evaluate_policy(t, c.policy(j))
+            assert s.mean_cost <= budget * (1 + 1e-12) + 1e-12
+            assert c.accuracy[j] >= c.accuracy[affordable].max() - 1e-12
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 10), st.floats(0, 1)), min_size=1, max_size=40))
+def test_pareto_front_is_exactly_the_undominated_points(points):
+    cost = np.array([p[0] for p in points])
+    acc = np.array([p[1] for p in points])
+    front = set(pareto_front(cost, acc).tolist())
+    for i in range(len(points)):
+        dominated = ((cost <= cost[i]) & (acc >= acc[i]) & ((cost < cost[i]) | (acc > acc[i]))).any()
+        if dominated:
+            assert i not in front
+    # every undominated (cost, acc) value is represented
+    values = {(cost[i], acc[i]) for i in front}
+    for i in range(len(points)):
+        if not ((cost <= cost[i]) & (acc >= acc[i]) & ((cost < cost[i]) | (acc > acc[i]))).any():
+            assert (cost[i], acc[i]) in values
+
+
+def test_stats_and_reference_points():
+    t = make_trace(500, 4, 3, seed=1)
+    last = last_exit_stats(t)
+    assert last.speedup == 1.0 and last.exit_counts[-1] == 500
+    assert np.isclose(last.accuracy, t.correct[:, -1].mean())
+    o = oracle_stats(t)
+    assert o.accuracy == t.correct.any(1).mean()
+    assert o.mean_cost <= last.mean_cost
+    exits = exit_index(t, curve(t, "max_prob").policy(50))
+    s = evaluate(t, exits)
+    assert s.exit_counts.sum() == 500
+    assert s.p95_cost == np.percentile(t.cost[np.arange(500), exits], 95)
+    rates = per_class_exit_rates(t, exits)
+    np.testing.assert_allclose(rates.sum(1), 1.0)
+    c0 = t.label == 0
+    np.testing.assert_allclose(rates[0], np.bincount(exits[c0], minlength=4) / c0.sum())
+
+
+def test_unlabelled_samples_are_left_out_of_accuracy():
+    t = make_trace(300, 3, 3, seed=2, unlabelled=0.5)
+    s = last_exit_stats(t)
+    lab = t.label != -1
+    assert s.n_labelled == lab.sum()
+    assert np.isclose(s.accuracy, (t.pred[lab, -1] == t.label[lab]).mean())
+
+
+def test_reliability_and_ece():
+    conf = np.array([0.95] * 100 + [0.55] * 100)
+    correct = np.array([1] * 95 + [0] * 5 + [1] * 50 + [0] * 50)
+    r = calibration.reliability(conf, correct, bins=10)
+    assert r.count.sum() == 200
+    assert np.isclose(r.ece, 0.5 * abs(0.95 - 0.95) + 0.5 * abs(0.5 - 0.55))
+    perfect = calibration.reliability(np.full(10, 1.0), np.ones(10))
+    assert perfect.ece == 0.0
+    t = make_trace(400, 3, 3)
+    per = calibration.per_exit(t)
+    assert len(per) == 3 and all(0 <= r.ece <= 1 for r in per)
+    pol = calibration.of_policy(t, np.full(400, 2))
+    assert np.isclose(pol.ece, per[2].ece)
