@@ -1,0 +1,230 @@
+"""Do dynamic methods agree on which inputs are hard?
+
+Each method (early exit, cascade, layer skipping, dynamic-k MoE, halting) is summarised as a
+``MethodSweep``: the per-sample compute it spends, as a fraction of its own full model, at every
+setting of its knob. Matching all methods to one mean budget makes their per-sample compute
+comparable; rank correlations (Spearman, Kendall's tau-b, both tie-aware because early-exit costs
+take only K values), top-k overlaps and agreement with the oracle exit then answer the question.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+from scipy import stats
+
+from engine.policies import Policy, exit_index, oracle_correct
+from engine.trace import Trace
+from engine.tradeoff import curve
+
+
+@dataclass(frozen=True)
+class MethodSweep:
+    """Per-sample compute of one method at each of P knob settings, on N shared samples."""
+
+    name: str
+    param_name: str
+    sample_id: np.ndarray  # [N]
+    label: np.ndarray  # [N]
+    params: np.ndarray  # [P]
+    cost_fraction: np.ndarray  # [P, N] compute spent / the full model's compute for that sample
+    correct: np.ndarray  # [P, N] bool
+
+    def __post_init__(self):
+        p, n = self.cost_fraction.shape
+        if (
+            self.correct.shape != (p, n)
+            or self.params.shape != (p,)
+            or self.sample_id.shape != (n,)
+        ):
+            raise ValueError(f"{self.name}: inconsistent sweep shapes")
+
+    @property
+    def mean_fraction(self) -> np.ndarray:
+        return self.cost_fraction.mean(axis=1)
+
+    @property
+    def accuracy(self) -> np.ndarray:
+        return self.correct.mean(axis=1)
+
+
+def sweep_from_trace(
+    trace: Trace, name: str, kind: str = "max_prob", points: int = 101
+) -> MethodSweep:
+    """Early exit (or a cascade) as a sweep over its threshold; ``points`` settings spread evenly
+    over the attainable budgets, taken from the exact curve."""
+    c = curve(trace, kind)
+    targets = np.linspace(c.mean_cost.min(), c.mean_cost.max(), points)
+    # the curve point whose mean cost is closest to each evenly spaced budget
+    pick = np.unique(np.abs(c.mean_cost[None, :] - targets[:, None]).argmin(axis=1))
+    full = trace.cost[:, -1]
+    rows = np.arange(trace.num_samples)
+    fracs, correct, params = [], [], []
+    for i in pick:
+        exits = exit_index(trace, c.policy(int(i)))
+        fracs.append(trace.cost[rows, exits] / np.where(full > 0, full, 1.0))
+        correct.append(trace.correct[rows, exits])
+        params.append(c.params[i])
+    return MethodSweep(
+        name,
+        f"{kind} threshold",
+        trace.sample_id,
+        trace.label,
+        np.array(params),
+        np.array(fracs),
+        np.array(correct),
+    )
+
+
+def oracle_fraction(trace: Trace) -> np.ndarray:
+    """[N] cost fraction of the oracle exit (never-correct samples count as needing everything)."""
+    exits = oracle_correct(trace, fallback="last")
+    rows = np.arange(trace.num_samples)
+    return trace.cost[rows, exits] / trace.cost[:, -1]
+
+
+def align(sweeps: list[MethodSweep]) -> list[MethodSweep]:
+    """Restrict every sweep to the samples all of them share, in one common order."""
+    common = sweeps[0].sample_id
+    for s in sweeps[1:]:
+        common = np.intersect1d(common, s.sample_id)
+    out = []
+    for s in sweeps:
+        pos = {v: i for i, v in enumerate(s.sample_id.tolist())}
+        idx = np.array([pos[v] for v in common.tolist()], dtype=np.int64)
+        out.append(
+            MethodSweep(
+                s.name,
+                s.param_name,
+                s.sample_id[idx],
+                s.label[idx],
+                s.params,
+                s.cost_fraction[:, idx],
+                s.correct[:, idx],
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class Matched:
+    name: str
+    index: int  # the chosen knob setting
+    param: float
+    mean_fraction: float
+    accuracy: float
+    compute: np.ndarray  # [N] per-sample cost fraction at that setting
+    correct: np.ndarray  # [N]
+
+
+def match_budget(sweep: MethodSweep, target: float) -> Matched:
+    """The setting whose mean compute fraction is closest to ``target`` (ties: more accurate)."""
+    gap = np.abs(sweep.mean_fraction - target)
+    best = np.flatnonzero(gap <= gap.min() + 1e-12)
+    i = int(best[np.argmax(sweep.accuracy[best])])
+    return Matched(
+        sweep.name,
+        i,
+        float(sweep.params[i]),
+        float(sweep.mean_fraction[i]),
+        float(sweep.accuracy[i]),
+        sweep.cost_fraction[i],
+        sweep.correct[i],
+    )
+
+
+def rank_correlations(compute: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Spearman and Kendall tau-b matrices between every pair of per-sample compute vectors.
+
+    A constant vector (a method that spends the same on everything) has no ranking: NaN.
+    """
+    names = list(compute)
+    m = len(names)
+    rho = np.eye(m)
+    tau = np.eye(m)
+    for a in range(m):
+        for b in range(a + 1, m):
+            x, y = compute[names[a]], compute[names[b]]
+            if np.ptp(x) == 0 or np.ptp(y) == 0:
+                rho[a, b] = rho[b, a] = tau[a, b] = tau[b, a] = np.nan
+                continue
+            rho[a, b] = rho[b, a] = stats.spearmanr(x, y).statistic
+            tau[a, b] = tau[b, a] = stats.kendalltau(x, y).statistic
+    for a in range(m):
+        if np.ptp(compute[names[a]]) == 0:
+            rho[a, a] = tau[a, a] = np.nan
+    return names, rho, tau
+
+
+def top_k_overlap(
+    x: np.ndarray, y: np.ndarray, fraction: float = 0.1, hardest: bool = True
+) -> float:
+    """Overlap (|A ∩ B| / k) of the k most (or least) compute-hungry samples of two methods.
+
+    Ties at the cut are broken by sample order, so heavily tied methods are compared fairly only
+    on the expected overlap; the chance level is ``fraction``.
+    """
+    k = max(1, int(round(fraction * len(x))))
+    sign = -1 if hardest else 1
+    a = set(np.argsort(sign * x, kind="stable")[:k].tolist())
+    b = set(np.argsort(sign * y, kind="stable")[:k].tolist())
+    return len(a & b) / k
+
+
+def per_sample_table(
+    matched: list[Matched], sample_id: np.ndarray, label: np.ndarray
+) -> pl.DataFrame:
+    """One row per sample: every method's compute fraction and correctness at the matched budget."""
+    cols = {"sample_id": sample_id, "label": label}
+    for m in matched:
+        cols[f"{m.name}.compute"] = m.compute
+        cols[f"{m.name}.correct"] = m.correct
+    return pl.DataFrame(cols)
+
+
+# --- activation sparsity ---------------------------------------------------------------------
+
+
+def relu_zero_fraction(
+    model: torch.nn.Module, x: torch.Tensor, batch_size: int = 512
+) -> tuple[list[str], np.ndarray]:
+    """Per input and per ReLU module, the fraction of activations that are exactly zero.
+
+    Hooks every ``nn.ReLU`` module (the models in the zoo use modules, not functional relu, so
+    this sees all of them). Returns the module names and an [N, L] array.
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.ReLU)]
+    if not names:
+        raise ValueError("the model has no nn.ReLU modules")
+    modules = dict(model.named_modules())
+    out: list[np.ndarray] = []
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(_mod, _inp, y):
+            # a module reused at several depths is averaged over its calls
+            z = (y == 0).flatten(1).float().mean(dim=1)
+            current[name] = z if name not in current else (current[name] + z) / 2
+
+        return fn
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for start in range(0, len(x), batch_size):
+                current.clear()
+                model(x[start : start + batch_size])
+                out.append(torch.stack([current[n] for n in names], dim=1).numpy())
+    finally:
+        for h in handles:
+            h.remove()
+    return names, np.concatenate(out)
+
+
+def policy_exit_fraction(trace: Trace, policy: Policy) -> np.ndarray:
+    """[N] cost fraction of one early-exit policy (the per-sample compute of early exit)."""
+    exits = exit_index(trace, policy)
+    return trace.cost[np.arange(trace.num_samples), exits] / trace.cost[:, -1]
