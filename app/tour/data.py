@@ -1,0 +1,133 @@
+"""Cached access to the bundled models, traces and test images the tour runs on."""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from engine.data import images
+from engine.registry import ModelCard, RegistryError, list_cards, load_model
+from engine.trace import Trace, TraceError
+from engine.trace_store import load_trace
+
+MULTI_EXIT_ID = "mnist_multi_exit_cnn"
+
+
+def find_card(families: tuple[str, ...], prefer: str | None = None) -> ModelCard | None:
+    """The preferred bundled model, else the first of the given families; None if none is."""
+    try:
+        cards = list_cards()
+    except RegistryError:
+        return None
+    for card in cards:
+        if prefer and card.model_id == prefer and card.weights_path.exists():
+            return card
+    for card in cards:
+        if card.family in families and card.weights_path.exists():
+            return card
+    return None
+
+
+def multi_exit_card() -> ModelCard | None:
+    """The multi-exit CNN the early-exit chapters use (it needs its bundled test trace too)."""
+    card = find_card(("multi_exit_cnn",), prefer=MULTI_EXIT_ID)
+    if card is None or get_trace(card.model_id) is None:
+        return None
+    return card
+
+
+@st.cache_resource(show_spinner=False)
+def get_model(model_id: str):
+    """Shared, read-only: never mutate (eval mode, no_grad at every call)."""
+    return load_model(model_id)
+
+
+@st.cache_data(show_spinner=False)
+def get_trace(model_id: str, split: str = "test") -> Trace | None:
+    try:
+        return load_trace(model_id, split, build_if_missing=False)
+    except (FileNotFoundError, TraceError, RegistryError):
+        return None
+
+
+@st.cache_data(show_spinner=False)
+def get_images(dataset: str, split: str = "test") -> images.ImageSet | None:
+    try:
+        return images.load(dataset, split)
+    except (images.DatasetUnavailable, ValueError):
+        return None
+
+
+def sample_images(card: ModelCard, trace: Trace, rows: np.ndarray) -> np.ndarray | None:
+    """uint8 [len(rows), 28, 28] images of trace rows (sample ids index the test split)."""
+    data = get_images(card.dataset, trace.meta.split)
+    if data is None:
+        return None
+    ids = trace.sample_id[np.asarray(rows)]
+    try:
+        return data.images[ids.astype(np.int64)]
+    except (ValueError, IndexError):
+        return None
+
+
+@st.cache_resource(show_spinner=False)
+def get_runner(model_id: str):
+    """The engine's early-exit runtime around the cached model (FLOP table counted once)."""
+    from app.tour.live import make_runner
+
+    return make_runner(get_model(model_id))
+
+
+# --- statistics the chapters show (cached per model and setting; the math is engine's) -------
+
+
+def _policy(kind: str, value):
+    from engine.policies import Policy
+
+    if kind == "patience":
+        return Policy("patience", patience=int(value))
+    if kind == "fixed":
+        return Policy("fixed", exit=int(value))
+    return Policy(kind, threshold=float(value))
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def exits_at(model_id: str, threshold: float) -> np.ndarray:
+    from engine.policies import exit_index
+
+    return exit_index(get_trace(model_id), _policy("max_prob", threshold))
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def policy_stats(model_id: str, kind: str, value):
+    from engine.tradeoff import evaluate_policy
+
+    return evaluate_policy(get_trace(model_id), _policy(kind, value))
+
+
+@st.cache_data(show_spinner=False)
+def oracle_stats(model_id: str):
+    from engine.policies import oracle_correct
+    from engine.tradeoff import evaluate
+
+    trace = get_trace(model_id)
+    return evaluate(trace, oracle_correct(trace))
+
+
+@st.cache_data(show_spinner=False)
+def curve_points(model_id: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(cost as a share of the full network [M], accuracy [M]) of every setting of ``kind``."""
+    from engine.tradeoff import curve
+
+    trace = get_trace(model_id)
+    c = curve(trace, kind)
+    full = float(trace.cost[:, -1].mean())
+    return c.mean_cost / full, c.accuracy
+
+
+@st.cache_data(show_spinner=False)
+def overthinking_rows(model_id: str) -> np.ndarray:
+    """Rows an earlier exit gets right and the last exit gets wrong (labelled samples only)."""
+    trace = get_trace(model_id)
+    c = trace.correct
+    return np.flatnonzero(~c[:, -1] & c[:, :-1].any(axis=1))

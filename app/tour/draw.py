@@ -1,0 +1,142 @@
+"""Draw a digit: canvas -> the 28x28 the model sees (MNIST's preprocessing) -> every exit live.
+
+The canvas (streamlit-drawable-canvas) returns RGBA pixels; ``engine.data.drawing.to_mnist``
+crops, scales and centres them as MNIST was made, and ``app.tour.live`` runs the multi-exit
+model through the engine's runtime. A test-set digit can be sent down the same path (rendered
+into the canvas's RGBA format by ``engine.data.drawing.to_canvas_rgba``); the tests do that.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+from PIL import Image
+
+from app import figures_tour as ft
+from app.tour import data
+from app.tour.chapters import Ctx, current_threshold, deeper, pct, threshold_slider
+from engine.data.drawing import DrawingError, to_canvas_rgba, to_mnist
+from engine.registry import ModelCard
+
+CANVAS = 280
+CANVAS_N = "tour.draw.n"  # bumped by "Clear" so a fresh, empty canvas is mounted
+LOADED = "tour.draw.rgba"  # RGBA pixels in the canvas's format, loaded instead of drawn
+RESULT = "tour.draw.result"  # {"pred", "exit", "cost_fraction"} of the last run (tests read it)
+
+
+def _clear() -> None:
+    st.session_state[CANVAS_N] = st.session_state.get(CANVAS_N, 0) + 1
+    st.session_state.pop(LOADED, None)
+    st.session_state.pop(RESULT, None)
+
+
+def _load_test_digit(card: ModelCard) -> None:
+    imgs = data.get_images(card.dataset, "test")
+    if imgs is None:
+        return
+    i = int(st.session_state.get("tour.w.draw_sample", 0)) % len(imgs)
+    st.session_state[LOADED] = to_canvas_rgba(imgs.images[i], CANVAS)
+
+
+def _canvas() -> np.ndarray | None:
+    """The drawing's RGBA pixels, or None when the canvas component is not available."""
+    try:
+        from streamlit_drawable_canvas import st_canvas
+    except ImportError:
+        st.error("Drawing needs streamlit-drawable-canvas: pip install streamlit-drawable-canvas")
+        return None
+    result = st_canvas(
+        stroke_width=18,
+        stroke_color="#FFFFFF",
+        background_color="#000000",
+        height=CANVAS,
+        width=CANVAS,
+        drawing_mode="freedraw",
+        key=f"tour.canvas.{st.session_state.get(CANVAS_N, 0)}",
+        return_image_data=True,
+    )
+    try:
+        return result.image_data
+    except (RuntimeError, ValueError, OSError):
+        return None
+
+
+def _big(img28: np.ndarray, size: int = 168) -> np.ndarray:
+    """Nearest-neighbour upscale, so the 28x28 pixel grid stays visible."""
+    return np.asarray(Image.fromarray(img28).resize((size, size), Image.Resampling.NEAREST))
+
+
+def draw_chapter(ctx: Ctx, card: ModelCard) -> None:
+    trace = data.get_trace(card.model_id)
+    st.markdown(
+        "**Draw a digit** with the mouse. The network sees it the way it saw its training "
+        "data: cropped, shrunk to 20×20 pixels and centred in a 28×28 grid. Then watch each "
+        "exit guess. A clean digit stops early; a scrawl goes deep."
+    )
+    c_draw, c_seen, c_fig = st.columns([1.15, 0.85, 2.4], gap="medium")
+    with c_draw:
+        drawn = _canvas()
+        st.button("Clear", key="tour.draw.clear", on_click=_clear, icon=":material/delete:")
+        if not ctx.present:
+            with st.expander("Or send a test digit through the same path"):
+                st.number_input("Test image number", 0, 100_000, 0, key="tour.w.draw_sample")
+                st.button("Load it", key="tour.draw.load", on_click=_load_test_digit, args=(card,))
+    rgba = drawn
+    loaded = st.session_state.get(LOADED)
+    try:
+        img28 = None if rgba is None else to_mnist(rgba)
+        if img28 is None and loaded is not None:
+            rgba, img28 = loaded, to_mnist(loaded)
+    except DrawingError as e:
+        st.error(f"Could not read the drawing: {e}")
+        return
+
+    with c_seen:
+        if img28 is None:
+            st.markdown("*Draw a digit on the black square.*")
+        else:
+            if rgba is loaded:
+                st.image(np.asarray(rgba)[..., :3], caption="what was drawn", width=140)
+            st.image(_big(img28), caption="what the model sees (28×28)", width=168)
+    if img28 is None:
+        st.session_state.pop(RESULT, None)
+        return
+
+    from app.tour.live import run_multi_exit
+
+    if ctx.present:
+        t = current_threshold()
+    else:
+        with c_seen:
+            t = threshold_slider("Threshold")
+    run = run_multi_exit(data.get_runner(card.model_id), img28, t)
+    names = list(trace.meta.exit_names)
+    classes = trace.meta.class_names
+    st.session_state[RESULT] = {
+        "pred": run.answer,
+        "exit": run.exit,
+        "cost_fraction": run.cost_fraction,
+    }
+    with c_seen:
+        st.markdown(
+            f"Answer **{classes[run.answer]}** at **{names[run.exit]}**, "
+            f"using **{pct(run.cost_fraction)}** of the full network's compute."
+        )
+    with c_fig:
+        fig = ft.exit_ladder(
+            run.probs,
+            run.cost,
+            run.exit,
+            t,
+            names,
+            classes,
+            height=ctx.fig_height,
+            present=ctx.present,
+        )
+        st.plotly_chart(fig, key="tour.fig.draw", config={"displayModeBar": False})
+        if not ctx.present:
+            deeper(
+                "pages/tuning.py",
+                "Go deeper: this threshold on the whole test set",
+                {"model": card.model_id, "policy": "max_prob", "t": t},
+            )

@@ -1,0 +1,82 @@
+"""Running a bundled model live on one image for the tour (pure: no streamlit here).
+
+The decision rule is the engine's (``engine.policies.exit_mask`` + ``first_true``), the
+preprocessing is the engine's (``engine.data.drawing.to_mnist`` for drawings, then
+``engine.data.images.to_model_input``), and FLOPs are counted by torch on the modules as
+executed (``engine.runtime.exit_costs``), and the stop is decided by the engine's
+runtime (``engine.runtime.EarlyExitRunner``), so what the tour shows for a drawing is what the
+rest of the app computes for a test image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.data.images import to_model_input
+from engine.policies import Policy, exit_mask, first_true
+from engine.runtime import EarlyExitRunner, softmax32
+
+
+@dataclass(frozen=True)
+class ExitRun:
+    """One image through every exit of a multi-exit model, and where a threshold stops it."""
+
+    probs: np.ndarray  # [K, C] softmax of each exit
+    cost: np.ndarray  # [K] cumulative FLOPs to reach exit k (all earlier heads included)
+    threshold: float
+    exit: int  # first exit whose max probability >= threshold (the last one otherwise)
+    answer: int  # the class predicted at that exit
+
+    @property
+    def pred(self) -> np.ndarray:
+        return self.probs.argmax(axis=1)
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self.probs.max(axis=1).astype(np.float64)
+
+    @property
+    def cost_fraction(self) -> float:
+        """Compute spent relative to running every exit of the full network."""
+        return float(self.cost[self.exit] / self.cost[-1]) if self.cost[-1] > 0 else 1.0
+
+
+def max_prob_exit(probs: np.ndarray, threshold: float) -> int:
+    """The engine's max-probability rule on one sample's [K, C] probabilities."""
+    mask = exit_mask(Policy("max_prob", threshold=float(threshold)), probs[None])
+    return int(first_true(mask)[0])
+
+
+def make_runner(model: torch.nn.Module) -> EarlyExitRunner:
+    """The engine's real early-exit runtime for ``model`` on the CPU (its FLOP table included)."""
+    return EarlyExitRunner(model, backend="torch", device="cpu")
+
+
+@torch.no_grad()
+def exit_probs(model: torch.nn.Module, img28: np.ndarray) -> np.ndarray:
+    """uint8 [28, 28] -> [K, C] float32 class probabilities of every exit (no stopping)."""
+    logits = model(to_model_input(img28[None]))
+    return np.concatenate([softmax32(z) for z in logits])
+
+
+def run_multi_exit(runner: EarlyExitRunner, img28: np.ndarray, threshold: float) -> ExitRun:
+    """Where the engine's runtime stops ``img28`` under max-prob ``threshold``, plus every
+    exit's guess (the exits after the stop are computed only to show what they would say)."""
+    policy = Policy("max_prob", threshold=float(threshold))
+    result = run(runner, img28, policy)
+    probs = exit_probs(runner.model, img28)
+    return ExitRun(
+        probs=probs,
+        cost=runner.costs.cumulative,
+        threshold=float(threshold),
+        exit=int(result.exit[0]),
+        answer=int(result.pred[0]),
+    )
+
+
+def run(runner: EarlyExitRunner, img28: np.ndarray, policy: Policy):
+    """The engine's runtime on one uint8 [28, 28] image (``engine.runtime.RuntimeResult``)."""
+    return runner.run(to_model_input(np.asarray(img28)[None]), policy)

@@ -1,0 +1,8 @@
+"""Guided tour: what dynamic networks do, one chapter per family (app/tour/ holds the content).
+
+URL: ``?chapter=<key>`` opens a chapter, ``?present=1`` the presenter view (app/tour/frame.py).
+"""
+
+from app.tour.frame import main
+
+main()
