@@ -1,0 +1,210 @@
+"""Cached loaders for the pages: traces (``st.cache_data``), models (``st.cache_resource``).
+
+A *source* is what the model picker offers: a trace on disk (``"<model_id>"`` for the test
+split, ``"<model_id>@<split>"`` for another split) or a trace uploaded in this session
+(``"upload:<name>"``). Uploaded bytes live in ``st.session_state`` (per browser session) and
+are parsed once per content hash. Math stays in ``engine/``; these functions only call it and
+cache the answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import streamlit as st
+
+from app.figures import thin
+from engine import calibration, tradeoff
+from engine.policies import oracle_correct
+from engine.trace import Trace, TraceError
+from engine.trace import read as read_trace
+
+UPLOAD_PREFIX = "upload:"
+UPLOADS_KEY = "aie.uploaded_traces"  # session_state: name -> (bytes, filename)
+MAX_TRACE_MB = 200
+
+
+# --- sources ---------------------------------------------------------------------------------
+
+
+def bundled_sources() -> list[str]:
+    from engine.trace_store import available_traces
+
+    out = []
+    for model_id, split in available_traces():
+        out.append(model_id if split == "test" else f"{model_id}@{split}")
+    # test splits first, then others
+    return sorted(out, key=lambda s: ("@" in s, s))
+
+
+def uploaded_sources() -> list[str]:
+    return [UPLOAD_PREFIX + name for name in st.session_state.get(UPLOADS_KEY, {})]
+
+
+def all_sources() -> list[str]:
+    return bundled_sources() + uploaded_sources()
+
+
+def is_upload(source: str) -> bool:
+    return source.startswith(UPLOAD_PREFIX)
+
+
+def split_source(source: str) -> tuple[str, str]:
+    """(model_id, split) of a bundled source."""
+    model_id, _, split = source.partition("@")
+    return model_id, split or "test"
+
+
+def source_label(source: str) -> str:
+    if is_upload(source):
+        return f"{source[len(UPLOAD_PREFIX) :]} (uploaded trace)"
+    model_id, split = split_source(source)
+    title = _card_title(model_id)
+    return f"{title} [{split}]" if split != "test" else title
+
+
+@st.cache_data(show_spinner=False)
+def _card_title(model_id: str) -> str:
+    from engine.registry import RegistryError, get_card
+
+    try:
+        card = get_card(model_id)
+    except RegistryError:
+        return model_id
+    return f"{card.title} ({model_id})" if card.title != model_id else model_id
+
+
+# --- traces ----------------------------------------------------------------------------------
+
+
+def _warm(trace: Trace) -> Trace:
+    """Compute the derived arrays once so the cached copy carries them."""
+    _ = trace.pred, trace.max_prob, trace.correct
+    return trace
+
+
+@st.cache_data(show_spinner="Loading trace…", max_entries=16)
+def load_bundled_trace(model_id: str, split: str = "test") -> Trace:
+    from engine.trace_store import load_trace
+
+    return _warm(load_trace(model_id, split, build_if_missing=False))
+
+
+@st.cache_data(show_spinner="Checking the uploaded trace…", max_entries=8)
+def parse_uploaded_trace(data: bytes, filename: str) -> Trace:
+    """Validate and parse an uploaded trace; raises TraceError with a readable message."""
+    if len(data) > MAX_TRACE_MB * 1024 * 1024:
+        raise TraceError("file", f"larger than {MAX_TRACE_MB} MB")
+    if not data:
+        raise TraceError("file", "the file is empty")
+    return _warm(read_trace(data, filename))
+
+
+def add_upload(data: bytes, filename: str) -> str:
+    """Parse (raising TraceError) and register an uploaded trace; returns its source id."""
+    trace = parse_uploaded_trace(data, filename)
+    name = trace.meta.model_id if trace.meta.model_id != "uploaded" else filename
+    name = name.replace(":", "_")
+    st.session_state.setdefault(UPLOADS_KEY, {})[name] = (data, filename)
+    return UPLOAD_PREFIX + name
+
+
+def source_key(source: str) -> str:
+    """A cache key that changes when an uploaded trace's content changes."""
+    if is_upload(source):
+        data, _ = st.session_state.get(UPLOADS_KEY, {}).get(source[len(UPLOAD_PREFIX) :], (b"", ""))
+        return source + ":" + hashlib.sha256(data).hexdigest()[:16]
+    return source
+
+
+def get_trace(source: str) -> Trace:
+    """The trace behind a source; FileNotFoundError when it is not (or no longer) available."""
+    if is_upload(source):
+        entry = st.session_state.get(UPLOADS_KEY, {}).get(source[len(UPLOAD_PREFIX) :])
+        if entry is None:
+            raise FileNotFoundError(
+                "this uploaded trace is not in this browser session; upload it again"
+            )
+        return parse_uploaded_trace(*entry)
+    return load_bundled_trace(*split_source(source))
+
+
+# --- per-trace summaries (computed once per trace and policy kind) ----------------------------
+
+
+@dataclass(frozen=True)
+class CurveSummary:
+    curve: tradeoff.Curve  # every distinct setting of the kind
+    front: np.ndarray  # indices into curve, the Pareto front by cost
+    oracle: tradeoff.PolicyStats
+    last: tradeoff.PolicyStats
+    fixed: list  # [K] PolicyStats of "every sample leaves at exit k"
+    plot_cost: np.ndarray  # a few hundred points of the curve, for drawing
+    plot_accuracy: np.ndarray
+    plot_front: np.ndarray  # indices into the plot arrays: the front, by cost
+
+
+@st.cache_data(show_spinner="Computing the trade-off curve…", max_entries=64)
+def curve_summary(key: str, kind: str, _trace: Trace) -> CurveSummary:
+    """The whole curve of one policy kind on one trace (``key`` identifies the trace)."""
+    c = tradeoff.curve(_trace, kind)
+    k = _trace.num_exits
+    fixed_stats = [
+        tradeoff.evaluate(_trace, np.full(_trace.num_samples, e, dtype=np.int64)) for e in range(k)
+    ]
+    front = tradeoff.pareto_front(c.mean_cost, c.accuracy)
+    idx = thin(len(c), front)
+    plot_front = np.searchsorted(idx, front)  # front is ordered by cost already
+    return CurveSummary(
+        curve=c,
+        front=front,
+        plot_cost=c.mean_cost[idx],
+        plot_accuracy=c.accuracy[idx],
+        plot_front=plot_front,
+        oracle=tradeoff.oracle_stats(_trace),
+        last=tradeoff.last_exit_stats(_trace),
+        fixed=fixed_stats,
+    )
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def per_exit_reliability(key: str, _trace: Trace) -> list[calibration.Reliability]:
+    return calibration.per_exit(_trace)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def oracle_exits(key: str, _trace: Trace) -> np.ndarray:
+    """Earliest correct exit per sample, never-correct ones at the last (difficulty ranking)."""
+    return oracle_correct(_trace, fallback="last")
+
+
+# --- models and images -----------------------------------------------------------------------
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=8)
+def load_model(model_id: str):
+    """The bundled network (weights checked against the card). Shared: never mutate it."""
+    from engine.registry import load_model as _load
+
+    return _load(model_id)
+
+
+@st.cache_data(show_spinner=False)
+def model_card(model_id: str) -> dict | None:
+    """The card as a dict, or None when the model has no card (external traces)."""
+    from engine.registry import RegistryError, get_card
+
+    try:
+        return get_card(model_id).raw
+    except RegistryError:
+        return None
+
+
+@st.cache_resource(show_spinner="Loading images…", max_entries=4)
+def load_images(dataset: str, split: str = "test"):
+    """The image set (read-only arrays, shared between sessions)."""
+    from engine.data.images import load
+
+    return load(dataset, split)

@@ -1,0 +1,453 @@
+"""Threshold tuning: pick a trace and an exit policy, move the sliders, see the trade-off.
+
+Every number comes from engine/ (policies, tradeoff, calibration); the curve of each policy
+kind is computed once per trace (cached), and a slider move only re-evaluates the policy inside
+the fragment below. The URL holds model, policy and parameters (see app/widgets.py).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import polars as pl
+import streamlit as st
+
+from app import figures, loaders, widgets
+from engine import calibration, tradeoff
+from engine.policies import POLICY_LABELS, Policy, exit_index
+from engine.policy_store import PolicyStore, PolicyStoreError, SavedPolicy
+from engine.trace import Trace, TraceError
+
+TIMING_KEY = "aie.tuning_fragment_ms"  # server-side time of the last fragment run (bench)
+MSG_KEY = "aie.tuning_msg"
+MAX_TABLE_ROWS = 5000
+
+st.title("Threshold tuning")
+st.caption(
+    "Choose when each input may leave the network. Every slider move re-evaluates the policy "
+    "on the whole test split from the cached trace; the curve shows every setting at once."
+)
+
+
+def _store() -> PolicyStore | None:
+    try:
+        return PolicyStore()
+    except OSError as e:
+        st.sidebar.error(f"The policy store is not writable: {e}")
+        return None
+
+
+def _model_id(source: str) -> str:
+    if loaders.is_upload(source):
+        return source
+    return loaders.split_source(source)[0]
+
+
+# --- sidebar: upload a trace, saved policies ---------------------------------------------------
+
+
+def upload_section() -> None:
+    with st.sidebar.expander("Upload a trace", expanded=False):
+        st.caption(
+            "Parquet or CSV, one row per sample: `sample_id`, `label`, `prob_e{k}_c{c}` (or "
+            "`logit_e{k}_c{c}`), `cost_e{k}` (cumulative cost of reaching exit k). "
+            "See engine/trace.py for the full format."
+        )
+        up = st.file_uploader(
+            "Trace file",
+            type=["parquet", "pq", "csv"],
+            key="w.trace_upload",
+            max_upload_size=loaders.MAX_TRACE_MB,
+        )
+        if up is None:
+            return
+        try:
+            source = loaders.add_upload(up.getvalue(), up.name)
+        except TraceError as e:
+            st.error(f"This trace was rejected: {e}")
+            return
+        except Exception as e:  # anything else a malformed file can trigger
+            st.error(f"This trace could not be read ({type(e).__name__}: {e})")
+            return
+        if st.session_state.get("aie.last_upload") != up.file_id:
+            st.session_state["aie.last_upload"] = up.file_id
+            st.session_state[widgets.W_MODEL] = source  # select it (picker renders next)
+        st.success(f"Loaded {up.name}: choose it as {source!r} above.")
+
+
+def _apply_saved(name: str, num_exits: int) -> None:
+    store = PolicyStore()
+    try:
+        sp = store.get(name)
+        widgets.set_policy(sp.policy, num_exits)
+        st.session_state[MSG_KEY] = ("success", f"Applied saved policy {name!r}.")
+    except (KeyError, PolicyStoreError) as e:
+        st.session_state[MSG_KEY] = ("error", f"Could not apply {name!r}: {e}")
+
+
+def _delete_saved(name: str) -> None:
+    PolicyStore().delete(name)
+    st.session_state[MSG_KEY] = ("info", f"Deleted saved policy {name!r}.")
+
+
+def saved_section(source: str, trace: Trace) -> None:
+    store = _store()
+    if store is None:
+        return
+    with st.sidebar.expander("Saved policies", expanded=True):
+        try:
+            saved = store.list()
+        except PolicyStoreError as e:
+            st.error(str(e))
+            return
+        mine = [s for s in saved if s.model_id == _model_id(source)]
+        others = [s for s in saved if s.model_id != _model_id(source)]
+        names = [s.name for s in mine] + [s.name for s in others]
+        if not names:
+            st.caption(f"None yet. Saved policies are kept in {store.path}.")
+        else:
+            name = st.selectbox(
+                "Saved policy",
+                names,
+                key="w.saved_pick",
+                format_func=lambda n: (
+                    n if n in {s.name for s in mine} else f"{n} (tuned on another model)"
+                ),
+            )
+            c1, c2 = st.columns(2)
+            c1.button(
+                "Apply",
+                key="b.apply_saved",
+                on_click=_apply_saved,
+                args=(name, trace.num_exits),
+                width="stretch",
+            )
+            c2.button(
+                "Delete",
+                key="b.delete_saved",
+                on_click=_delete_saved,
+                args=(name,),
+                width="stretch",
+            )
+        imported = st.file_uploader("Import a policy (JSON)", type=["json"], key="w.import")
+        if imported is not None:
+            try:
+                sp = SavedPolicy.from_json(imported.getvalue())
+                if sp.policy.kind not in widgets.available_kinds(trace):
+                    raise PolicyStoreError(f"policy {sp.policy.kind!r} does not fit this trace")
+            except PolicyStoreError as e:
+                st.error(f"This policy file was rejected: {e}")
+            else:
+                st.caption(f"{sp.name}: {sp.policy.describe()}")
+                if st.button("Save imported policy", key="b.save_imported"):
+                    store.put(SavedPolicy(sp.name, _model_id(source), sp.policy, sp.metrics))
+                    st.session_state[MSG_KEY] = ("success", f"Imported {sp.name!r}.")
+                    st.rerun()
+
+
+# --- the fast part: controls, metrics, charts -------------------------------------------------
+
+
+def _solve(source: str, mode: str) -> None:
+    """Solver callback: move the sliders to the chosen point of the current kind's curve."""
+    trace = loaders.get_trace(source)
+    kind = st.session_state.get(widgets.W_KIND, "max_prob")
+    curve_kind = "max_prob" if kind == "per_exit" else kind
+    summary = loaders.curve_summary(loaders.source_key(source), curve_kind, trace)
+    c = summary.curve
+    if mode == "accuracy":
+        target = float(st.session_state["w.solve_acc"]) / 100
+        i = tradeoff.cheapest_with_accuracy(c, target)
+        what = f"accuracy ≥ {target:.2%}"
+    else:
+        budget = tradeoff.budget_target(
+            trace, float(st.session_state["w.solve_budget"]) / 100, True
+        )
+        i = tradeoff.best_within_budget(c, budget)
+        what = f"mean cost ≤ {figures.fmt_flops(budget)}{trace.meta.cost_unit}"
+    if i is None:
+        st.session_state[MSG_KEY] = ("warning", f"No {POLICY_LABELS[kind]} setting reaches {what}.")
+        return
+    p = c.policy(i)
+    if kind == "per_exit":
+        p = Policy("per_exit", thresholds=(p.threshold,) * trace.num_exits)
+    widgets.set_policy(p, trace.num_exits)
+    st.session_state[MSG_KEY] = (
+        "success",
+        f"Solver: {p.describe()} gives accuracy {c.accuracy[i]:.4f} at "
+        f"{figures.fmt_flops(c.mean_cost[i])}{trace.meta.cost_unit} ({what}).",
+    )
+
+
+def _show_msg() -> None:
+    msg = st.session_state.pop(MSG_KEY, None)
+    if msg:
+        getattr(st, msg[0])(msg[1])
+
+
+def _exit_accuracy(trace: Trace, exits: np.ndarray) -> np.ndarray:
+    lab = trace.label != -1
+    right = tradeoff.chosen(trace, exits, trace.correct)
+    n = np.bincount(exits[lab], minlength=trace.num_exits)
+    ok = np.bincount(exits[lab], weights=right[lab], minlength=trace.num_exits)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, ok / np.maximum(n, 1), np.nan)
+
+
+def sample_table(trace: Trace, exits: np.ndarray, mask: np.ndarray | None) -> pl.DataFrame:
+    rows = np.arange(trace.num_samples)
+    cls = np.asarray(trace.meta.class_names, dtype=object)
+    names = np.asarray(trace.meta.exit_names, dtype=object)
+    pred = trace.pred[rows, exits]
+    cols = {
+        "sample_id": trace.sample_id,
+        "label": np.where(trace.label >= 0, cls[np.maximum(trace.label, 0)], "?"),
+        "exit": names[exits],
+        "exit_index": exits,
+        "prediction": cls[pred],
+        "correct": trace.correct[rows, exits],
+        "cost": trace.cost[rows, exits],
+    }
+    for e, name in enumerate(trace.meta.exit_names):
+        cols[f"conf {name}"] = trace.max_prob[:, e]
+    df = pl.DataFrame(cols)
+    return df.filter(pl.Series(mask)) if mask is not None else df
+
+
+def _metrics_row(stats: tradeoff.PolicyStats, last: tradeoff.PolicyStats, unit: str, label=""):
+    c = st.columns(4)
+    c[0].metric(
+        f"Accuracy{label}",
+        f"{stats.accuracy:.4f}" if np.isfinite(stats.accuracy) else "n/a (no labels)",
+        delta=f"{stats.accuracy - last.accuracy:+.4f} vs last exit"
+        if np.isfinite(stats.accuracy) and not label
+        else None,
+    )
+    c[1].metric(f"Mean {unit}{label}", figures.fmt_flops(stats.mean_cost) + unit)
+    c[2].metric(f"p95 {unit}{label}", figures.fmt_flops(stats.p95_cost) + unit)
+    c[3].metric(f"Speed-up vs last exit{label}", f"{stats.speedup:.2f}×")
+
+
+def _chart(fig, key: str, name: str, select: bool = False):
+    kwargs = {"on_select": "rerun", "selection_mode": ("points", "box")} if select else {}
+    state = st.plotly_chart(fig, key=key, config=figures.PLOT_CONFIG, **kwargs)
+    st.download_button(
+        "HTML",
+        data=lambda: figures.figure_html(fig),
+        file_name=f"{name}.html",
+        mime="text/html",
+        key=f"dl.{key}",
+        on_click="ignore",
+        help="Interactive chart as a stand-alone HTML file (PNG: camera icon on the chart).",
+    )
+    return state
+
+
+@st.fragment
+def tuning_panel(source: str) -> None:
+    t0 = time.perf_counter()
+    try:
+        trace = loaders.get_trace(source)
+    except (FileNotFoundError, TraceError) as e:
+        st.error(str(e))
+        return
+    key = loaders.source_key(source)
+    unit = trace.meta.cost_unit
+
+    left, right = st.columns([1, 1])
+    with left:
+        policy = widgets.policy_controls(trace)
+    kind = policy.kind
+    curve_kind = "max_prob" if kind == "per_exit" else kind
+    summary = loaders.curve_summary(key, curve_kind, trace)
+    with right:
+        acc_default = (
+            round(100 * float(summary.last.accuracy) - 0.5, 2) if trace.has_labels else 90.0
+        )
+        st.session_state.setdefault("w.solve_acc", max(0.0, acc_default))
+        st.session_state.setdefault("w.solve_budget", 50.0)
+        s1, s2 = st.columns(2)
+        s1.number_input("Accuracy at least (%)", 0.0, 100.0, step=0.1, key="w.solve_acc")
+        s1.button(
+            "Cheapest setting with this accuracy",
+            key="b.solve_acc",
+            on_click=_solve,
+            args=(source, "accuracy"),
+            disabled=not trace.has_labels,
+            width="stretch",
+        )
+        s2.number_input(
+            f"Mean {unit} at most (% of full model)", 0.0, 100.0, step=1.0, key="w.solve_budget"
+        )
+        s2.button(
+            "Best accuracy within this budget",
+            key="b.solve_budget",
+            on_click=_solve,
+            args=(source, "budget"),
+            disabled=not trace.has_labels,
+            width="stretch",
+        )
+    _show_msg()
+
+    exits = exit_index(trace, policy)
+    stats = tradeoff.evaluate(trace, exits)
+    _metrics_row(stats, summary.last, unit)
+    st.caption(
+        f"{policy.describe()} · {trace.num_samples} samples ({stats.n_labelled} labelled) · "
+        f"full model {figures.fmt_flops(stats.full_cost)}{unit} · oracle "
+        f"{summary.oracle.accuracy:.4f} at {figures.fmt_flops(summary.oracle.mean_cost)}{unit}"
+    )
+
+    # linked selection: bars picked in the charts below filter the metrics and the table
+    masks = [
+        figures.selection_mask(st.session_state.get("sel.exits"), exits, trace.label, "exits"),
+        figures.selection_mask(st.session_state.get("sel.classes"), exits, trace.label, "classes"),
+    ]
+    masks = [m for m in masks if m is not None]
+    mask = np.logical_and.reduce(masks) if masks else None
+    if mask is not None:
+        n_sel = int(mask.sum())
+        st.markdown(f"**Selected slice: {n_sel} samples** (double-click a chart to clear)")
+        if n_sel:
+            _metrics_row(
+                tradeoff.evaluate(trace.subset(mask), exits[mask]), summary.last, unit, " (slice)"
+            )
+
+    col1, col2 = st.columns(2)
+    with col1:
+        _chart(
+            figures.tradeoff_figure(
+                summary.plot_cost,
+                summary.plot_accuracy,
+                summary.plot_front,
+                stats,
+                summary.oracle,
+                summary.last,
+                summary.fixed,
+                kind_label=POLICY_LABELS[curve_kind],
+                cost_unit=unit,
+            ),
+            "chart.tradeoff",
+            "tradeoff",
+        )
+    with col2:
+        _chart(
+            figures.exit_histogram(
+                stats.exit_counts, _exit_accuracy(trace, exits), trace.meta.exit_names
+            ),
+            "sel.exits",
+            "exit_histogram",
+            select=True,
+        )
+    col3, col4 = st.columns(2)
+    with col3:
+        if trace.has_labels:
+            _chart(
+                figures.per_class_figure(
+                    tradeoff.per_class_exit_rates(trace, exits),
+                    trace.meta.class_names,
+                    trace.meta.exit_names,
+                ),
+                "sel.classes",
+                "per_class_exit_rates",
+                select=True,
+            )
+    with col4:
+        if trace.has_labels:
+            per_exit = loaders.per_exit_reliability(key, trace)
+            pol_rel = calibration.of_policy(trace, exits)
+            _chart(
+                figures.reliability_figure(per_exit, pol_rel, trace.meta.exit_names),
+                "chart.reliability",
+                "reliability",
+            )
+            st.caption(
+                "ECE: "
+                + " · ".join(
+                    f"{n} {r.ece:.3f}" for n, r in zip(trace.meta.exit_names, per_exit, strict=True)
+                )
+                + f" · **policy's outputs {pol_rel.ece:.3f}**"
+            )
+
+    st.subheader("Samples" + (" in the selected slice" if mask is not None else ""))
+    table = sample_table(trace, exits, mask)
+    st.dataframe(table.head(MAX_TABLE_ROWS), hide_index=True, height=280, key="table.samples")
+    if table.height > MAX_TABLE_ROWS:
+        st.caption(f"Showing the first {MAX_TABLE_ROWS} of {table.height} rows; exports hold all.")
+    d1, d2, _ = st.columns([1, 1, 4])
+    d1.download_button(
+        "Table as CSV",
+        data=lambda: table.write_csv().encode(),
+        file_name="samples.csv",
+        mime="text/csv",
+        key="dl.table_csv",
+        on_click="ignore",
+    )
+
+    def parquet_bytes() -> bytes:
+        buf = io.BytesIO()
+        table.write_parquet(buf)
+        return buf.getvalue()
+
+    d2.download_button(
+        "Table as Parquet",
+        data=parquet_bytes,
+        file_name="samples.parquet",
+        mime="application/octet-stream",
+        key="dl.table_parquet",
+        on_click="ignore",
+    )
+
+    st.subheader("Save this policy")
+    n1, n2, n3 = st.columns([2, 1, 1])
+    name = n1.text_input("Name", key="w.save_name", placeholder="e.g. fast-but-safe")
+    metrics = {
+        "accuracy": stats.accuracy,
+        "mean_cost": stats.mean_cost,
+        "p95_cost": stats.p95_cost,
+        "speedup": stats.speedup,
+    }
+    if n2.button("Save policy", key="b.save", type="primary", width="stretch"):
+        store = _store()
+        if store is not None:
+            try:
+                store.save(name, _model_id(source), policy, metrics)
+            except PolicyStoreError as e:
+                st.error(f"Not saved: {e}")
+            else:
+                st.session_state[MSG_KEY] = ("success", f"Saved policy {name.strip()!r}.")
+                st.rerun()  # the whole app, so the sidebar list shows it
+    n3.download_button(
+        "Export as JSON",
+        data=lambda: SavedPolicy(
+            name.strip() or "policy", _model_id(source), policy, metrics
+        ).to_json(),
+        file_name=f"{(name.strip() or 'policy').replace(' ', '_')}.json",
+        mime="application/json",
+        key="dl.policy_json",
+        on_click="ignore",
+        width="stretch",
+    )
+    st.session_state[TIMING_KEY] = (time.perf_counter() - t0) * 1e3
+
+
+# --- page ------------------------------------------------------------------------------------
+
+upload_section()
+source = widgets.model_picker()
+if source is None:
+    st.info("No traces yet: train a bundled model (see README) or upload a trace in the sidebar.")
+    st.stop()
+try:
+    trace = loaders.get_trace(source)
+except (FileNotFoundError, TraceError) as e:
+    st.error(f"Could not load {source!r}: {e}")
+    st.stop()
+st.sidebar.caption(
+    f"{trace.num_samples} samples · {trace.num_exits} exits · {trace.num_classes} classes · "
+    f"data set {trace.meta.dataset} ({trace.meta.split})"
+)
+saved_section(source, trace)
+tuning_panel(source)
