@@ -40,7 +40,7 @@ def live_sweep(model_id: str, dataset: str, n: int, _progress=None) -> list[dict
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def route_one(model_id: str, image: bytes, k, cf, tau) -> moe.RoutingRecord:
-    img = np.frombuffer(image, dtype=np.uint8).reshape(1, image_data.SIZE, image_data.SIZE)
+    img = np.frombuffer(image, dtype=np.uint8).reshape(1, image_data.SIZE, image_data.SIZE).copy()
     return moe.run(model_of(model_id), img, Routing(k=k, capacity_factor=cf, tau=tau))
 
 

@@ -1,0 +1,96 @@
+"""AppTest of the mixture-of-experts page (pages/routing.py) with the bundled models."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from engine import moe_analysis as moe
+
+PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "routing.py")
+
+
+def metrics(at: AppTest) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for m in at.metric:
+        out.setdefault(m.label, []).append(m.value)
+    return out
+
+
+def sweep_point(model_id: str, setting: str) -> dict:
+    pts = moe.load_sweep(moe.sweep_file(model_id))["points"]
+    return next(p for p in pts if p["setting"] == setting)
+
+
+@pytest.fixture(scope="module")
+def at() -> AppTest:
+    app = AppTest.from_file(PAGE, default_timeout=90).run()
+    assert not app.exception
+    return app
+
+
+def test_default_view_shows_dynamic_k_routing(at):
+    assert at.radio(key="moe.model").value == "fashion_d2dmoe_vit"
+    m = metrics(at)
+    point = sweep_point("fashion_d2dmoe_vit", "tau=0.5")
+    assert m["Test accuracy"] == [f"{point['accuracy']:.2%}"]
+    assert m["Experts per token"][1] == f"{point['experts_per_token_mean']:.2f}"
+    assert 1 <= float(m["Experts per token"][0]) <= 8  # the one input's routing
+    assert len(at.get("plotly_chart")) == 6  # heatmap, overlay, and the four data-set views
+    assert not at.error
+
+
+def test_tau_extremes_on_the_page(at):
+    at.select_slider(key="moe.tau").set_value(1.0).run()
+    m = metrics(at)
+    assert m["Experts per token"] == ["1.00", "1.00"]
+    at.select_slider(key="moe.tau").set_value(0.0).run()
+    m = metrics(at)
+    assert m["Experts per token"] == ["8.00", "8.00"]
+    assert m["FLOPs per sample"][0].startswith("6.95")
+    at.select_slider(key="moe.tau").set_value(0.5).run()
+
+
+def test_top_k_model_respects_k(at):
+    at.radio(key="moe.model").set_value("fashion_moe_vit").run()
+    at.radio(key="moe.k").set_value(1).run()
+    at.radio(key="moe.cf").set_value("no limit").run()
+    assert not at.exception
+    m = metrics(at)
+    assert m["Experts per token"] == ["1.00", "1.00"]
+    assert m["Dropped token choices"] == ["0"]
+    point = sweep_point("fashion_moe_vit", "top-1, capacity none")
+    assert m["Test accuracy"] == [f"{point['accuracy']:.2%}"]
+    at.radio(key="moe.cf").set_value("1.0").run()
+    m = metrics(at)
+    assert float(m["Experts per token"][0]) < 1  # capacity drops tokens
+    at.radio(key="moe.model").set_value("fashion_d2dmoe_vit").run()
+
+
+def png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_upload_good_and_bad(at):
+    at.radio(key="moe.source").set_value("Upload").run()
+    assert any("Upload an image" in i.value for i in at.info)
+    img = np.zeros((56, 56), np.uint8)
+    img[10:46, 20:36] = 255
+    at.get("file_uploader")[0].upload("trouser.png", png(img), "image/png").run()
+    assert not at.exception and not at.error
+    assert "Prediction" in metrics(at)
+    assert len(at.get("plotly_chart")) == 6
+    at.get("file_uploader")[0].upload("notes.png", b"definitely not a png", "image/png").run()
+    assert not at.exception
+    assert any("Could not use 'notes.png'" in e.value for e in at.error)
+    huge = b"\x89PNG" + bytes(moe.MAX_UPLOAD_BYTES + 10)
+    at.get("file_uploader")[0].upload("huge.png", huge, "image/png").run()
+    assert any("limit is 5 MB" in e.value for e in at.error)
+    assert "Prediction" not in metrics(at)
