@@ -1,0 +1,202 @@
+"""Train the gated skip network: ``python -m engine.train skipnet --dataset mnist``.
+
+Two phases:
+
+1. **Warm-up** (``--warmup-epochs``): every block runs; the loss is the mean cross-entropy of all
+   exit heads (deep supervision), so every block and head is useful before gates start to cut.
+   SkipNet also pre-trains the backbone before training its gates.
+2. **Gated** (``--epochs``): gates are Gumbel-sigmoid samples at temperature ``--gumbel-tau``,
+   made hard with a straight-through estimator (ConvNet-AIG's relaxation, chosen over SkipNet's
+   REINFORCE because it trains in minutes on a CPU). Loss:
+
+       CE(final head) + exit_weight * mean_k CE(head_k) + lambda * E[executed block FLOPs] / total
+
+   where the expectation uses the gates' sigmoid probabilities (``--compute-penalty`` = lambda).
+
+Afterwards the test split is measured with *real* skipping (``run_skipnet``), and unless
+``--no-traces`` the bundled files are written: the early-exit trace of the same backbone
+(``<traces-dir>/<model_id>__test.parquet``) and the skip records and variant curves
+(``<traces-dir>/records/``), see ``engine.skipping``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.costs import count_flops
+from engine.data import images
+from engine.models import skipnet
+from engine.registry import MODELS_DIR
+from engine.training.common import command_line, save_model, seed_everything
+
+FAMILY = "skipnet"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.train skipnet", description=__doc__)
+    p.add_argument("--dataset", default="mnist", choices=images.DATASETS)
+    p.add_argument("--warmup-epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=3, help="gated epochs")
+    p.add_argument("--compute-penalty", type=float, default=0.5, help="lambda")
+    p.add_argument("--exit-weight", type=float, default=0.5, help="weight of the earlier exits")
+    p.add_argument("--gumbel-tau", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--max-train", type=int, default=None, help="use only N training images")
+    p.add_argument("--max-test", type=int, default=None, help="evaluate on N test images")
+    p.add_argument("--max-steps-train", type=int, default=None, help="stop each phase early")
+    p.add_argument("--out-dir", type=Path, default=MODELS_DIR)
+    p.add_argument("--traces-dir", type=Path, default=None, help="default: assets/traces")
+    p.add_argument("--no-traces", action="store_true", help="do not write trace and records")
+    p.add_argument("--model-id", default=None, help="default: <dataset>_skipnet")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def load_split(dataset: str, split: str, limit: int | None, seed: int):
+    data = images.load(dataset, split)
+    idx = np.arange(len(data))
+    if limit is not None and limit < len(idx):
+        idx = np.sort(np.random.default_rng(seed).permutation(len(idx))[:limit])
+    x = images.to_model_input(data.images[idx])
+    y = torch.as_tensor(data.labels[idx], dtype=torch.int64)
+    return x, y, data.class_names, idx
+
+
+def block_flops(model: skipnet.SkipNet) -> torch.Tensor:
+    """[blocks] FLOPs per sample of each residual branch (counted by torch), as weights."""
+    out, h = [], torch.zeros(1, 1, 28, 28)
+    with torch.no_grad():
+        for b in range(model.num_blocks):
+            h = model.entries[b](h)
+            out.append(count_flops(model.branches[b], h)[0])
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def train_phase(model, x, y, args, epochs: int, gated: bool, weights: torch.Tensor, seed: int):
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    steps_per_epoch = math.ceil(len(y) / args.batch_size)
+    total_steps = epochs * steps_per_epoch
+    if args.max_steps_train is not None:
+        total_steps = min(total_steps, args.max_steps_train)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, total_steps))))
+    )
+    gen = torch.Generator().manual_seed(seed)
+    share = weights / weights.sum()
+    step = 0
+    model.train()
+    for epoch in range(epochs):
+        perm = torch.randperm(len(y), generator=gen)
+        t0, tot, tot_exec = time.perf_counter(), 0.0, 0.0
+        for i in range(steps_per_epoch):
+            if step >= total_steps:
+                break
+            b = perm[i * args.batch_size : (i + 1) * args.batch_size]
+            logits, probs, applied = model(x[b], tau=args.gumbel_tau, all_on=not gated)
+            ce = [F.cross_entropy(z, y[b]) for z in logits]
+            if gated:
+                compute = (probs * share).sum(1).mean()  # expected fraction of block FLOPs
+                loss = ce[-1] + args.exit_weight * torch.stack(ce[:-1]).mean()
+                loss = loss + args.compute_penalty * compute
+            else:
+                loss = torch.stack(ce).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            tot += loss.item() * len(b)
+            tot_exec += applied.detach().mean().item() * len(b)
+        if not args.quiet:
+            print(
+                f"{'gated' if gated else 'warm-up'} epoch {epoch + 1}/{epochs}  "
+                f"loss {tot / len(y):.4f}  executed {tot_exec / len(y):.3f}  "
+                f"{time.perf_counter() - t0:.1f}s",
+                flush=True,
+            )
+    model.eval()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(argv or [])
+    args = parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    model_id = args.model_id or f"{args.dataset}_skipnet"
+    x, y, class_names, _ = load_split(args.dataset, "train", args.max_train, args.seed)
+    xt, yt, _, test_idx = load_split(args.dataset, "test", args.max_test, args.seed)
+
+    config = skipnet.Config(num_classes=len(class_names))
+    model = skipnet.SkipNet(config)
+    weights = block_flops(model)
+    t0 = time.perf_counter()
+    train_phase(model, x, y, args, args.warmup_epochs, False, weights, args.seed)
+    train_phase(model, x, y, args, args.epochs, True, weights, args.seed + 1)
+    train_seconds = time.perf_counter() - t0
+
+    from engine import skipping
+
+    rec = skipnet.run_skipnet(model, xt, threshold=0.5)
+    yt_np = yt.numpy()
+    exit_probs, exit_cost = skipnet.exit_outputs(model, xt)
+    full = skipnet.full_flops(model)
+    metrics = {
+        "test_samples": len(yt_np),
+        "default_threshold": 0.5,
+        "accuracy_at_default": round(float((rec["pred"] == yt_np).mean()), 5),
+        "mean_flops_at_default": float(rec["flops"].mean()),
+        "skip_rate_per_block_at_default": [round(float(v), 4) for v in 1 - rec["executed"].mean(0)],
+        "accuracy_all_blocks": round(float((exit_probs[:, -1].argmax(1) == yt_np).mean()), 5),
+        "flops_all_blocks": full,
+        "exit_accuracy_all_blocks": [
+            round(float(v), 5) for v in (exit_probs.argmax(2) == yt_np[:, None]).mean(0)
+        ],
+        "exit_flops_cumulative": [float(v) for v in exit_cost[0]],
+        "params": int(sum(p.numel() for p in model.parameters())),
+    }
+    card = {
+        "model_id": model_id,
+        "title": f"Gated skip ResNet ({args.dataset})",
+        "family": FAMILY,
+        "module": "engine.models.skipnet",
+        "config": config.to_dict(),
+        "dataset": args.dataset,
+        "split": "train",
+        "class_names": list(class_names),
+        "seed": args.seed,
+        "epochs": args.warmup_epochs + args.epochs,
+        "training": {
+            "gate_training": "Gumbel-sigmoid straight-through (ConvNet-AIG relaxation)",
+            "warmup_epochs": args.warmup_epochs,
+            "gated_epochs": args.epochs,
+            "compute_penalty": args.compute_penalty,
+            "exit_weight": args.exit_weight,
+            "gumbel_tau": args.gumbel_tau,
+            "threads": args.threads,
+            "max_train": args.max_train,
+            "max_steps_train": args.max_steps_train,
+        },
+        "training_command": command_line(FAMILY, argv),
+        "train_seconds": round(train_seconds, 1),
+        "metrics": metrics,
+    }
+    path = save_model(model, card, args.out_dir)
+    if not args.no_traces:
+        skipping.write_assets(
+            model, model_id, args.dataset, xt, yt_np, test_idx, class_names, args.traces_dir
+        )
+    if not args.quiet:
+        print(f"wrote {path}  ({train_seconds:.0f}s training)")
+        for k, v in metrics.items():
+            print(f"  {k}: {v}")
+    return card
