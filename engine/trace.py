@@ -451,3 +451,9 @@ def read(path_or_bytes: str | Path | bytes, filename: str | None = None) -> Trac
     if p.suffix.lower() == ".csv":
         return read_csv(p, p.stem)
     return read_parquet(p, p.stem)
+
+
+if __name__ == "__main__":  # python -m engine.trace build MODEL --dataset D --split S --out F
+    from engine.trace_build import main
+
+    main()
