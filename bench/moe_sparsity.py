@@ -73,7 +73,7 @@ def main() -> None:
         for model, name, routing, masked in rows:
             with torch.no_grad():
                 ms = median_ms(
-                    lambda m=model, r=routing, d=masked: m(x, r, dense_masked=d), args.reps
+                    lambda m=model, r=routing, d=masked, x=x: m(x, r, dense_masked=d), args.reps
                 )
                 out = model(x, routing)
             ept = torch.stack([r.chosen.sum(-1).float() for r in out.layers]).mean().item()
