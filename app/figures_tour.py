@@ -20,10 +20,11 @@ PRESENT_FONT = 20
 
 def _layout(fig: go.Figure, height: int, present: bool, **kw) -> go.Figure:
     kw.setdefault("margin", dict(l=10, r=10, t=50, b=10))
+    kw.setdefault("legend", dict(orientation="h", yanchor="bottom", y=1.0, xanchor="left", x=0))
     fig.update_layout(
+        template="plotly_white",
         height=height,
         font=dict(size=PRESENT_FONT if present else FONT),
-        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="left", x=0),
         **kw,
     )
     return fig
@@ -170,7 +171,7 @@ def overthinking_grid(
     img_rows = 0 if images is None else 1
     final = [int(p[-1].argmax()) for p in probs]
     titles = [
-        f"true {class_names[y]}, last exit says {class_names[f]}"
+        f"true {class_names[y]} · last exit: {class_names[f]}"
         for y, f in zip(labels, final, strict=True)
     ]
     fig = make_subplots(
@@ -222,8 +223,15 @@ def overthinking_grid(
         fig.update_yaxes(
             range=[0, 1.05], tickformat=".0%", showticklabels=i == 0, row=curve_row, col=i + 1
         )
-    fig.update_annotations(font_size=(PRESENT_FONT if present else FONT) - 3)
-    return _layout(fig, height, present, margin=dict(l=10, r=10, t=60, b=30))
+    fig.update_annotations(font_size=(PRESENT_FONT if present else FONT) - 4)
+    fig.update_xaxes(title_text="exit", row=curve_row, col=1)
+    return _layout(
+        fig,
+        height,
+        present,
+        margin=dict(l=10, r=10, t=40, b=10),
+        legend=dict(orientation="h", yanchor="top", y=-0.1, xanchor="left", x=0),
+    )
 
 
 def steps_bars(

@@ -95,6 +95,11 @@ def current_threshold() -> float:
     return float(st.session_state.get(T_KEY, DEFAULT_T))
 
 
+def show_figure(fig, key: str) -> None:
+    """Every tour figure: the palette's colours and the figure's own fonts (no theme)."""
+    st.plotly_chart(fig, key=key, theme=None, config={"displayModeBar": False})
+
+
 def pct(x: float, digits: int = 0) -> str:
     return f"{100 * x:.{digits}f}%"
 
@@ -120,8 +125,9 @@ EARLY_EXIT_PAPER = (
 def early_exit(ctx: Ctx, card: ModelCard) -> None:
     trace = data.get_trace(card.model_id)
     left, right = text_and_figure(ctx, EARLY_EXIT_TEXT, EARLY_EXIT_PAPER)
-    with left:
+    with right:
         t = threshold_slider()
+    with left:
         s = data.policy_stats(card.model_id, "max_prob", t)
         last = data.policy_stats(card.model_id, "fixed", trace.num_exits - 1)
         oracle = data.oracle_stats(card.model_id)
@@ -149,7 +155,7 @@ def early_exit(ctx: Ctx, card: ModelCard) -> None:
             height=ctx.fig_height,
             present=ctx.present,
         )
-        st.plotly_chart(fig, key="tour.fig.early_exit", config={"displayModeBar": False})
+        show_figure(fig, "tour.fig.early_exit")
 
 
 # --- draw a digit ----------------------------------------------------------------------------
@@ -236,13 +242,13 @@ def guess_first(ctx: Ctx, card: ModelCard) -> None:
                     height=ctx.fig_height,
                     present=ctx.present,
                 )
-                st.plotly_chart(fig, key="tour.fig.quiz", config={"displayModeBar": False})
+                show_figure(fig, "tour.fig.quiz")
 
 
 # --- overthinking ----------------------------------------------------------------------------
 
 OVER_PAGE = "tour.over.page"
-OVER_PER_PAGE = 4
+OVER_PER_PAGE = 3
 
 
 def _more_overthinking() -> None:
@@ -292,7 +298,7 @@ def overthinking(ctx: Ctx, card: ModelCard) -> None:
             height=ctx.fig_height,
             present=ctx.present,
         )
-        st.plotly_chart(fig, key="tour.fig.overthinking", config={"displayModeBar": False})
+        show_figure(fig, "tour.fig.overthinking")
 
 
 # --- patience --------------------------------------------------------------------------------
@@ -310,7 +316,7 @@ def patience(ctx: Ctx, card: ModelCard) -> None:
         "PABEE (Zhou et al., 2020): a better accuracy–speed trade-off than earlier exit methods, "
         "and higher accuracy than the full ALBERT on GLUE.",
     )
-    with left:
+    with right:
         p = st.slider(
             "Patience (exits in a row that must agree)",
             0,
@@ -318,6 +324,7 @@ def patience(ctx: Ctx, card: ModelCard) -> None:
             value=min(2, k - 1),
             key="tour.w.patience",
         )
+    with left:
         s = data.policy_stats(card.model_id, "patience", p)
         st.markdown(
             f"With patience **{p}**: **{pct(s.accuracy, 1)}** correct with "
@@ -337,7 +344,7 @@ def patience(ctx: Ctx, card: ModelCard) -> None:
             height=ctx.fig_height,
             present=ctx.present,
         )
-        st.plotly_chart(fig, key="tour.fig.patience", config={"displayModeBar": False})
+        show_figure(fig, "tour.fig.patience")
 
 
 # --- the registry of chapters ----------------------------------------------------------------

@@ -14,7 +14,14 @@ from PIL import Image
 
 from app import figures_tour as ft
 from app.tour import data
-from app.tour.chapters import Ctx, current_threshold, deeper, pct, threshold_slider
+from app.tour.chapters import (
+    Ctx,
+    current_threshold,
+    deeper,
+    pct,
+    show_figure,
+    threshold_slider,
+)
 from engine.data.drawing import DrawingError, to_canvas_rgba, to_mnist
 from engine.registry import ModelCard
 
@@ -133,7 +140,7 @@ def draw_chapter(ctx: Ctx, card: ModelCard) -> None:
             height=ctx.fig_height,
             present=ctx.present,
         )
-        st.plotly_chart(fig, key="tour.fig.draw", config={"displayModeBar": False})
+        show_figure(fig, "tour.fig.draw")
         if not ctx.present:
             deeper(
                 "pages/tuning.py",

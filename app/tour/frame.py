@@ -20,7 +20,7 @@ W_CHAPTER = "tour.w.chapter"
 
 # Presenter view: the main figure is at most this tall, placed at the top of the right-hand
 # column, so it ends above the fold at 720 px (the browser test checks it).
-PRESENT_FIG_HEIGHT = 470
+PRESENT_FIG_HEIGHT = 440
 NORMAL_FIG_HEIGHT = 460
 
 PRESENTER_CSS = """
@@ -33,7 +33,7 @@ section[data-testid="stSidebar"], [data-testid="stSidebarCollapsedControl"],
   padding-left: 2rem !important; padding-right: 2rem !important;
 }
 [data-testid="stMarkdownContainer"] p, [data-testid="stMarkdownContainer"] li {
-  font-size: 1.3rem !important; line-height: 1.45 !important;
+  font-size: 1.2rem !important; line-height: 1.4 !important;
 }
 [data-testid="stCaptionContainer"] p { font-size: 1.05rem !important; }
 h2 { font-size: 2.1rem !important; padding-top: 0.2rem !important; }

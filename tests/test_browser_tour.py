@@ -1,0 +1,152 @@
+"""The tour in a real headless Chromium: presenter view at 1280x720, every chapter stepped
+through with Next, each main figure above the fold, a stroke drawn with the mouse gives a
+prediction, and screenshots of three chapters (assets/screenshots/tour_*.png)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from app.tour.chapters import CHAPTERS
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = ROOT / "assets" / "screenshots"
+SHOT_CHAPTERS = ("early-exit", "draw", "overthinking")
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+W, H = 1280, 720
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not os.environ.get("CI") and not Path(CHROMIUM).exists(),
+        reason="needs Chromium at /usr/bin/chromium (apt-get install -y chromium)",
+    ),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "streamlit", "run", str(ROOT / "streamlit_app.py"),
+        "--server.headless", "true", "--server.address", "127.0.0.1",
+        "--server.port", str(port), "--browser.gatherUsageStats", "false",
+        "--server.fileWatcherType", "none",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=1).read() == b"ok":
+                    break
+            except OSError:
+                time.sleep(0.25)
+        else:
+            raise RuntimeError("streamlit did not start")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        pg = browser.new_page(viewport={"width": W, "height": H})
+        pg.set_default_timeout(30_000)
+        yield pg
+        browser.close()
+
+
+def wait_idle(pg) -> None:
+    """Until the app has finished its run (no 'running' status widget) and has settled."""
+    pg.wait_for_timeout(300)
+    pg.wait_for_function(
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=30_000
+    )
+    pg.wait_for_timeout(400)
+
+
+def header_text(pg) -> str:
+    return pg.locator("h2").first.inner_text()
+
+
+def test_presenter_tour_in_chromium(page, server):
+    pg = page
+    pg.goto(f"{server}/?present=1&chapter={CHAPTERS[0].key}")
+    pg.wait_for_selector("h2")
+    wait_idle(pg)
+    assert header_text(pg).strip() == CHAPTERS[0].title
+    # presenter view: no sidebar
+    assert pg.locator('[data-testid="stSidebar"]').filter(has_text="Chapters").count() == 0 or (
+        not pg.locator('[data-testid="stSidebar"]').first.is_visible()
+    )
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    drew = False
+    for i, chapter in enumerate(CHAPTERS):
+        if i:
+            pg.get_by_role("button", name="Next →").click()
+            pg.wait_for_function(
+                "t => document.querySelector('h2') && "
+                "document.querySelector('h2').innerText.trim() === t",
+                arg=chapter.title,
+            )
+            wait_idle(pg)
+        assert f"chapter={chapter.key}" in pg.url and "present=1" in pg.url
+        if chapter.key == "draw" and chapter.find() is not None:
+            canvas = pg.locator("canvas").last
+            box = canvas.bounding_box()
+            x0, y0 = box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.15
+            pg.mouse.move(x0, y0)
+            pg.mouse.down()
+            for j in range(1, 21):  # a vertical stroke: a "1"
+                pg.mouse.move(x0 + j * 0.5, y0 + j * box["height"] * 0.035)
+            pg.mouse.up()
+            pg.get_by_text("of the full network's compute").wait_for()
+            wait_idle(pg)
+            assert pg.get_by_text("Answer").count() >= 1
+            drew = True
+        charts = pg.locator('[data-testid="stPlotlyChart"]')
+        if chapter.find() is None:
+            assert pg.get_by_text("which is not bundled yet").count() == 1
+            assert charts.count() == 0
+        elif chapter.key != "draw" or drew:
+            charts.first.wait_for()
+            for n in range(charts.count()):
+                b = charts.nth(n).bounding_box()
+                assert b is not None and b["height"] > 100
+                assert b["y"] + b["height"] <= H, f"{chapter.key}: figure ends below the fold"
+        if chapter.key in SHOT_CHAPTERS:
+            pg.screenshot(path=str(SHOTS / f"tour_{chapter.key}.png"))
+    if any(c.key == "draw" and c.find() is not None for c in CHAPTERS):
+        assert drew
+    assert pg.get_by_role("button", name="Next →").is_disabled()
