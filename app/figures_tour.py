@@ -91,6 +91,7 @@ def tradeoff_chart(
     points: dict[str, tuple[float, float, str]],
     height: int = 420,
     present: bool = False,
+    markers: bool = False,
 ) -> go.Figure:
     """Accuracy against compute (share of the full network), curves plus marked points.
 
@@ -103,8 +104,8 @@ def tradeoff_chart(
         fig.add_scatter(
             x=np.asarray(cost)[order],
             y=np.asarray(acc)[order],
-            mode="lines",
-            line=dict(color=line_colors[i % 3], width=3, shape="hv"),
+            mode="lines+markers" if markers else "lines",
+            line=dict(color=line_colors[i % 3], width=3, shape="linear" if markers else "hv"),
             name=name,
             hovertemplate="compute %{x:.0%}, accuracy %{y:.2%}<extra></extra>",
         )

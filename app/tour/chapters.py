@@ -347,15 +347,253 @@ def patience(ctx: Ctx, card: ModelCard) -> None:
         show_figure(fig, "tour.fig.patience")
 
 
+# --- cascades --------------------------------------------------------------------------------
+
+
+def cascade(ctx: Ctx, card: ModelCard) -> None:
+    trace = data.get_trace(card.model_id)
+    names = list(trace.meta.exit_names)
+    left, right = text_and_figure(
+        ctx,
+        "Instead of exits inside one network, a **cascade** runs a sequence of separate models, "
+        "from small and cheap to big and slow. The small one answers first; only when it is "
+        "not confident enough is the input passed to the next, bigger one. Most inputs never "
+        "reach the big model.",
+        "Cascades date back to Viola & Jones's face detector (2001); model cascades stop at the "
+        "first model that is confident.",
+    )
+    with right:
+        t = st.slider(
+            "Confidence threshold", 0.5, 1.0, 0.9, 0.005, format="%.3f", key="tour.w.cascade_t"
+        )
+    s = data.policy_stats(card.model_id, "max_prob", t)
+    last = data.policy_stats(card.model_id, "fixed", trace.num_exits - 1)
+    with left:
+        st.markdown(
+            f"At threshold **{t:.3f}**: **{pct(s.accuracy, 1)}** correct with "
+            f"**{pct(s.cost_fraction)}** of the compute of running every model "
+            f"(the biggest model alone: {pct(last.accuracy, 1)}); "
+            f"**{pct(s.exit_fraction[0])}** of the digits are answered by {names[0]}."
+        )
+        deeper(
+            "pages/tuning.py",
+            "Go deeper: tune the cascade on the whole test set",
+            {"model": card.model_id, "policy": "max_prob", "t": t},
+        )
+    with right:
+        fig = ft.exit_share_bars(
+            s.exit_counts, names, height=ctx.fig_height - 60, present=ctx.present
+        )
+        show_figure(fig, "tour.fig.cascade")
+
+
+# --- layer skipping ----------------------------------------------------------------------------
+
+
+def skipping(ctx: Ctx, card: ModelCard) -> None:
+    rec = data.skip_records(card.model_id)
+    blocks = list(rec.meta.get("block_names", [f"block {b + 1}" for b in range(rec.num_blocks)]))
+    left, right = text_and_figure(
+        ctx,
+        "Instead of stopping, a network can **skip** layers it does not need. A tiny *gate* in "
+        "front of each residual block looks at the input and decides: run this block, or pass "
+        "the input straight through. A higher gate threshold skips more blocks; every input "
+        "still reaches the final classifier.",
+        "SkipNet (Wang et al., 2018): 30–90% less computation at the original accuracy on four "
+        "benchmarks.",
+    )
+    with right:
+        t = st.select_slider(
+            "Gate threshold (a block runs when its gate says at least this)",
+            options=[float(x) for x in rec.thresholds],
+            value=float(rec.thresholds[rec.index_of(0.5)]),
+            key="tour.w.skip_t",
+        )
+    from engine import skipping as sk
+
+    i = rec.index_of(t)
+    summ = sk.summary(rec, i)
+    with left:
+        st.markdown(
+            f"At gate threshold **{t:.2f}**: **{pct(summ['accuracy'], 1)}** correct with "
+            f"**{pct(summ['cost_fraction'])}** of the compute; on average "
+            f"**{summ['mean_blocks_run']:.1f} of {rec.num_blocks}** blocks run."
+        )
+        deeper("pages/skipping.py", "Go deeper: the layer-skipping page", {"t": t})
+    with right:
+        run_rate = rec.executed[i].mean(axis=0)
+        fig = ft.steps_bars(
+            run_rate,
+            blocks,
+            [exit_color(b) for b in range(rec.num_blocks)],
+            "share of test digits that run the block",
+            height=ctx.fig_height - 60,
+            present=ctx.present,
+            y_range=(0, 1.15),
+        )
+        show_figure(fig, "tour.fig.skipping")
+
+
+# --- adaptive computation time -----------------------------------------------------------------
+
+
+def halting(ctx: Ctx, card: ModelCard) -> None:
+    from engine import halting as hl
+
+    rec = data.halt_records(card.model_id)
+    left, right = text_and_figure(
+        ctx,
+        "**Adaptive computation time** lets a network repeat the same step as often as it "
+        "needs. After every step a *halting unit* adds a little to a running total; when the "
+        "total reaches 1 − ε, the network stops. Here the task is parity (is the number of 1s "
+        "odd?): longer inputs are harder, and the network learns to think longer about them.",
+        "ACT (Graves, 2016): learns parity with an input-dependent number of steps; "
+        "PonderNet (Banino et al., 2021) refines the halting rule.",
+    )
+    grid = [float(e) for e in hl.EPS_GRID if e <= 0.5]
+    with right:
+        eps = st.select_slider(
+            "ε (stop when the halting total reaches 1 − ε)",
+            options=grid,
+            value=min(grid, key=lambda e: abs(e - float(rec.meta.get("eps", 0.01)))),
+            key="tour.w.eps",
+        )
+    r = hl.at_eps(rec, eps)
+    lengths, mean, _, acc, _ = hl.steps_by_difficulty(rec, r.steps, r.correct)
+    with left:
+        st.markdown(
+            f"At ε = **{eps:g}**: **{pct(float(r.correct.mean()), 1)}** correct, "
+            f"**{r.steps.mean():.2f}** steps on average (from {r.steps.min()} to "
+            f"{r.steps.max()})."
+        )
+        deeper("pages/halting.py", "Go deeper: the halting page", {"eps": eps})
+    with right:
+        fig = ft.steps_bars(
+            mean,
+            [str(int(x)) for x in lengths],
+            [exit_color(0)] * len(lengths),
+            "mean steps taken",
+            height=ctx.fig_height - 60,
+            present=ctx.present,
+        )
+        fig.update_xaxes(title="input difficulty (number of bits that matter)")
+        show_figure(fig, "tour.fig.halting")
+
+
+# --- mixture of experts ------------------------------------------------------------------------
+
+
+def experts(ctx: Ctx, card: ModelCard) -> None:
+    sweep = data.moe_sweep(card.model_id)
+    dense = float(sweep["dense_flops"])
+    dyn = [p for p in sweep["points"] if p.get("tau") is not None]
+    n_exp = len(dyn[0]["experts_per_token_hist"]) if dyn else 0
+    left, right = text_and_figure(
+        ctx,
+        "A **mixture of experts** splits a layer into several smaller networks (*experts*) and "
+        "a *router* that sends each piece of the input (a *token*; here a patch of the image) "
+        "to only some of them. **Top-k** routing always uses k experts per token. "
+        "**Dynamic-k** routing predicts how much each expert would contribute and runs only "
+        "those above a fraction τ of the largest: easy tokens use few experts, hard ones many.",
+        "Sparsely-gated MoE (Shazeer et al., 2017); Switch Transformer (Fedus et al., 2021, "
+        "k = 1); D2DMoE (Szatkowski et al., 2024): up to 60% lower inference cost without "
+        "significant quality loss.",
+    )
+    taus = [float(p["tau"]) for p in dyn]
+    with right:
+        tau = st.select_slider(
+            "τ (run the experts above this fraction of the largest)",
+            options=taus,
+            value=taus[len(taus) // 2],
+            key="tour.w.tau",
+        )
+    point = dyn[taus.index(tau)]
+    with left:
+        st.markdown(
+            f"At τ = **{tau:g}**: **{pct(point['accuracy'], 1)}** correct, "
+            f"**{point['experts_per_token_mean']:.1f} of {n_exp}** experts per token on average, "
+            f"**{pct(point['flops_mean'] / dense)}** of the dense model's compute."
+        )
+        deeper("pages/routing.py", "Go deeper: route one image yourself", {"model": card.model_id})
+    curves = {
+        "dynamic-k (τ)": (
+            np.array([p["flops_mean"] / dense for p in dyn]),
+            np.array([p["accuracy"] for p in dyn]),
+        )
+    }
+    topk = data.moe_sweep("fashion_moe_vit")
+    if topk is not None:
+        pts = [p for p in topk["points"] if p.get("k") is not None]
+        dense_k = float(topk["dense_flops"])
+        curves["top-k (k, capacity)"] = (
+            np.array([p["flops_mean"] / dense_k for p in pts]),
+            np.array([p["accuracy"] for p in pts]),
+        )
+    with right:
+        fig = ft.tradeoff_chart(
+            curves,
+            {f"τ = {tau:g}": (point["flops_mean"] / dense, point["accuracy"], exit_color(3))},
+            height=ctx.fig_height - 60,
+            present=ctx.present,
+            markers=True,
+        )
+        fig.update_xaxes(title="compute (share of the dense model)")
+        show_figure(fig, "tour.fig.experts")
+
+
+# --- per-token early exit in a language model --------------------------------------------------
+
+
+def language(ctx: Ctx, card: ModelCard) -> None:
+    metrics = card.raw.get("metrics", {})
+    pts = sorted(
+        (p for p in metrics["sweep"] if p.get("mode") == "exit" and p.get("measure") == "max_prob"),
+        key=lambda p: p["threshold"],
+    )
+    n_layer = int(card.config.get("n_layer", 0)) or None
+    left, right = text_and_figure(
+        ctx,
+        "A language model writes one token (here: one character) at a time, and every token "
+        "normally goes through every layer. But many tokens are easy: after “th”, an “e” is "
+        "likely. **Per-token early exit** lets each token leave at the first layer whose "
+        "prediction is confident enough, and measures how often the text still matches what "
+        "the full model would have written.",
+        "CALM (Schuster et al., 2022): up to ×3 faster on T5 across three generation tasks "
+        "while provably maintaining quality; LayerSkip (Elhoushi et al., 2024): up to 2.16× "
+        "on summarisation.",
+    )
+    ts = [float(p["threshold"]) for p in pts]
+    with right:
+        t = st.select_slider(
+            "Confidence threshold per token", options=ts, value=ts[len(ts) // 2], key="tour.w.lm_t"
+        )
+    p = pts[ts.index(t)]
+    layers = f" of {n_layer} layers" if n_layer else " of the layers"
+    with left:
+        st.markdown(
+            f"At threshold **{t:g}**: tokens run **{pct(p['fraction'])}**{layers} on "
+            f"average, and **{pct(p['agreement'], 1)}** of them are the character the full "
+            f"model would have chosen (perplexity {p['perplexity']:.2f} against "
+            f"{metrics.get('full_perplexity', float('nan')):.2f} for the full model)."
+        )
+        st.caption("Measured on held-out BBC News text when the model was trained (model card).")
+        deeper("pages/language.py", "Go deeper: generate text and watch each character", {})
+    with right:
+        fig = ft.tradeoff_chart(
+            {"every threshold": (np.array([q["fraction"] for q in pts]),
+                                 np.array([q["agreement"] for q in pts]))},
+            {f"threshold {t:g}": (p["fraction"], p["agreement"], exit_color(1)),
+             "full model": (1.0, 1.0, "black")},
+            height=ctx.fig_height - 60,
+            present=ctx.present,
+            markers=True,
+        )  # fmt: skip
+        fig.update_xaxes(title="layers run (share of the full depth)")
+        fig.update_yaxes(title="same character as the full model")
+        show_figure(fig, "tour.fig.language")
+
+
 # --- the registry of chapters ----------------------------------------------------------------
-
-
-def _pending(ctx: Ctx, card: ModelCard) -> None:  # replaced as each family lands
-    st.info(f"The {card.title} chapter is being written.")
-
-
-def _none() -> None:
-    return None
 
 
 CHAPTERS: list[Chapter] = [
@@ -369,13 +607,13 @@ CHAPTERS: list[Chapter] = [
     Chapter("patience", "Patience: stop when the answers agree", "the multi-exit CNN",
             data.multi_exit_card, patience),
     Chapter("cascade", "Cascades: small model first", "a cascade model",
-            _none, _pending),
+            data.cascade_card, cascade),
     Chapter("skipping", "Layer skipping: gates", "the layer-skipping (SkipNet) model",
-            _none, _pending),
+            data.skip_card, skipping),
     Chapter("halting", "Adaptive computation time: halting", "the ACT model",
-            _none, _pending),
+            data.act_card, halting),
     Chapter("experts", "Mixture of experts: top-k and dynamic-k", "a mixture-of-experts model",
-            _none, _pending),
+            data.moe_card, experts),
     Chapter("language", "Early exit per token in a language model",
-            "the early-exit language model", _none, _pending),
+            "the early-exit language model", data.lm_card, language),
 ]  # fmt: skip

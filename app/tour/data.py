@@ -131,3 +131,76 @@ def overthinking_rows(model_id: str) -> np.ndarray:
     trace = get_trace(model_id)
     c = trace.correct
     return np.flatnonzero(~c[:, -1] & c[:, :-1].any(axis=1))
+
+
+# --- the other families' bundled records -----------------------------------------------------
+
+
+def card_if(model_id: str, family: str) -> ModelCard | None:
+    card = find_card((family,), prefer=model_id)
+    return card if card is not None and card.family == family else None
+
+
+@st.cache_data(show_spinner=False)
+def skip_records(model_id: str):
+    from engine import skipping
+
+    try:
+        return skipping.load_records(model_id)
+    except (FileNotFoundError, OSError, ValueError, KeyError):
+        return None
+
+
+@st.cache_data(show_spinner=False)
+def halt_records(model_id: str):
+    from engine import halting
+
+    try:
+        return halting.load_records(model_id)
+    except (FileNotFoundError, OSError, ValueError, KeyError):
+        return None
+
+
+@st.cache_data(show_spinner=False)
+def moe_sweep(model_id: str) -> dict | None:
+    from engine import moe_analysis
+
+    try:
+        return moe_analysis.load_sweep(moe_analysis.sweep_file(model_id))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def cascade_card() -> ModelCard | None:
+    card = card_if("mnist_cascade", "cascade")
+    return card if card is not None and get_trace(card.model_id) is not None else None
+
+
+def skip_card() -> ModelCard | None:
+    card = card_if("mnist_skipnet", "skipnet")
+    return card if card is not None and skip_records(card.model_id) is not None else None
+
+
+def act_card() -> ModelCard | None:
+    card = card_if("parity_act", "act")
+    return card if card is not None and halt_records(card.model_id) is not None else None
+
+
+def moe_card() -> ModelCard | None:
+    card = card_if("fashion_d2dmoe_vit", "moe")
+    return card if card is not None and moe_sweep(card.model_id) is not None else None
+
+
+def lm_card() -> ModelCard | None:
+    card = card_if("bbc_char_early_exit_lm", "early_exit_lm")
+    sweep = [] if card is None else card.raw.get("metrics", {}).get("sweep", [])
+    return card if any(p.get("mode") == "exit" for p in sweep) else None
+
+
+@st.cache_resource(show_spinner=False)
+def skip_live(model_id: str, img28: bytes, threshold: float) -> dict:
+    """One drawn image through the skip model (gates decide per block); img28: raw bytes."""
+    from engine.models.skipnet import run_skipnet
+
+    img = np.frombuffer(img28, dtype=np.uint8).reshape(28, 28).copy()
+    return run_skipnet(get_model(model_id), images.to_model_input(img[None]), threshold)

@@ -13,6 +13,7 @@ import streamlit as st
 from PIL import Image
 
 from app import figures_tour as ft
+from app.palette import NEUTRAL, exit_color
 from app.tour import data
 from app.tour.chapters import (
     Ctx,
@@ -129,7 +130,10 @@ def draw_chapter(ctx: Ctx, card: ModelCard) -> None:
             f"Answer **{classes[run.answer]}** at **{names[run.exit]}**, "
             f"using **{pct(run.cost_fraction)}** of the full network's compute."
         )
+    skip = data.skip_card()
     with c_fig:
+        tabs = st.tabs(["Early exit", "Layer skipping"]) if skip is not None else [st.container()]
+    with tabs[0]:
         fig = ft.exit_ladder(
             run.probs,
             run.cost,
@@ -137,13 +141,44 @@ def draw_chapter(ctx: Ctx, card: ModelCard) -> None:
             t,
             names,
             classes,
-            height=ctx.fig_height,
+            height=ctx.fig_height - (50 if skip is not None else 0),
             present=ctx.present,
         )
         show_figure(fig, "tour.fig.draw")
-        if not ctx.present:
+    if skip is not None:
+        with tabs[1]:
+            _skip_panel(ctx, skip, img28, classes)
+    if not ctx.present:
+        with c_fig:
             deeper(
                 "pages/tuning.py",
                 "Go deeper: this threshold on the whole test set",
                 {"model": card.model_id, "policy": "max_prob", "t": t},
             )
+
+
+SKIP_T = 0.5
+
+
+def _skip_panel(ctx: Ctx, card: ModelCard, img28: np.ndarray, classes) -> None:
+    """The same drawing through the skip model: each block's gate score and whether it ran."""
+    rec = data.skip_live(card.model_id, np.ascontiguousarray(img28).tobytes(), SKIP_T)
+    gate, ran = rec["gate"][0], rec["executed"][0]
+    n = len(gate)
+    st.session_state[RESULT]["skip_blocks_run"] = int(ran.sum())
+    fig = ft.steps_bars(
+        gate,
+        [f"block {b + 1}" + ("" if ran[b] else " (skipped)") for b in range(n)],
+        [exit_color(b) if ran[b] else NEUTRAL for b in range(n)],
+        "gate score (run when ≥ threshold)",
+        line=SKIP_T,
+        line_label=f"gate threshold {SKIP_T}",
+        height=ctx.fig_height - 90,
+        present=ctx.present,
+        y_range=(0, 1.15),
+    )
+    show_figure(fig, "tour.fig.draw_skip")
+    st.markdown(
+        f"The skip model answers **{classes[int(rec['pred'][0])]}** after running "
+        f"**{int(ran.sum())} of {n}** blocks."
+    )
