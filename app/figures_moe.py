@@ -71,11 +71,11 @@ def routing_heatmap(
         )
     )
     fig.update_yaxes(autorange="reversed", title=None)
-    fig.update_xaxes(title="expert", side="top")
+    fig.update_xaxes(title=None, side="top")
     fig.update_layout(
         title=title or None,
         height=max(320, 24 * t + 120),
-        margin={"l": 10, "r": 10, "t": 60 if title else 40, "b": 10},
+        margin={"l": 10, "r": 10, "t": 80 if title else 40, "b": 10},
         legend={"orientation": "h", "y": -0.02, "yanchor": "top"},
     )
     return fig
@@ -140,13 +140,13 @@ def patch_overlay(
                 name=f"expert {e}",
             )
         )
-    fig.update_xaxes(visible=False, range=[-0.5, w - 0.5])
-    fig.update_yaxes(visible=False, range=[-0.5, h - 0.5], scaleanchor="x")
+    fig.update_xaxes(visible=False, range=[-0.5, w - 0.5], constrain="domain")
+    fig.update_yaxes(visible=False, range=[-0.5, h - 0.5], scaleanchor="x", constrain="domain")
     fig.update_layout(
         title=title or None,
-        height=420,
+        height=460,
         margin={"l": 10, "r": 10, "t": 40 if title else 10, "b": 10},
-        plot_bgcolor="black",
+        legend={"orientation": "h", "y": -0.02, "yanchor": "top"},
     )
     return fig
 
@@ -179,7 +179,7 @@ def expert_load(load: np.ndarray, tokens: int, layer_names: list[str] | None = N
             line={"dash": "dash", "color": palette.NEUTRAL},
             row=1,
             col=i + 1,
-            annotation_text="uniform" if i == 0 else None,
+            **({"annotation_text": "uniform"} if i == 0 else {}),
         )
     fig.update_yaxes(tickformat=".0%", row=1, col=1, title="share of tokens")
     fig.update_layout(height=340, margin={"l": 10, "r": 10, "t": 40, "b": 10})

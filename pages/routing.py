@@ -172,7 +172,7 @@ if image is not None:
             cfg.grid,
             score_name,
             rec.dropped[0, layer],
-            title=f"Layer {layer + 1}: tokens × experts (circles: experts that ran)",
+            title=f"Layer {layer + 1}: tokens × experts<br><sup>colour: {score_name}; circle: the expert ran</sup>",
         ),
         key="moe.heatmap",
     )
@@ -182,7 +182,7 @@ if image is not None:
             rec.chosen[0, layer],
             rec.scores[0, layer].astype(float),
             cfg.patch,
-            title=f"Patches coloured by their top expert, layer {layer + 1}",
+            title=f"Top expert per patch, layer {layer + 1}",
         ),
         key="moe.overlay",
     )

@@ -94,3 +94,28 @@ def test_upload_good_and_bad(at):
     at.get("file_uploader")[0].upload("huge.png", huge, "image/png").run()
     assert any("limit is 5 MB" in e.value for e in at.error)
     assert "Prediction" not in metrics(at)
+
+
+def test_figures_mark_what_ran():
+    from app import figures_moe as figs
+    from app.palette import expert_color
+
+    rng = np.random.default_rng(0)
+    scores = rng.random((16, 8))
+    chosen = scores > 0.7
+    fig = figs.routing_heatmap(scores, chosen, 4, dropped=np.zeros(16, int))
+    marks = fig.data[1]
+    assert len(marks.x) == chosen.sum()
+    assert list(marks.marker.color) == [expert_color(int(c)) for c in np.nonzero(chosen)[1]]
+    over = figs.patch_overlay(np.zeros((28, 28), np.uint8), chosen, scores, 7)
+    assert len(over.layout.shapes) == 16
+    load = np.array([[2, 2, 2, 2, 0, 0, 0, 0]] * 2)
+    fig = figs.expert_load(load, tokens=8)
+    assert [s.y0 for s in fig.layout.shapes] == [0.125, 0.125]  # 1 expert/token over 8
+    pts = [
+        {"setting": f"tau={t}", "flops_mean": f, "accuracy": a, "experts_per_token_mean": e}
+        for t, f, a, e in [(0, 10.0, 0.9, 8), (1, 5.0, 0.8, 1)]
+    ]
+    fig = figs.accuracy_compute(pts, dense_flops=10.0, current=1)
+    cur = fig.data[-1]
+    assert (list(cur.x), list(cur.y)) == ([0.5], [0.8]) and "τ=1" in cur.name
