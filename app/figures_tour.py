@@ -56,7 +56,7 @@ def exit_ladder(
         text=[f"guess {class_names[p]}<br>{c:.0%}" for p, c in zip(pred, conf, strict=True)],
         textposition="inside",
         insidetextanchor="end",
-        name="confidence of the exit's guess",
+        name="confidence",
         hovertemplate="%{x}: %{text}<extra></extra>",
     )
     fig.add_scatter(
@@ -65,14 +65,14 @@ def exit_ladder(
         mode="lines+markers",
         line=dict(color="black", width=3),
         marker=dict(size=10),
-        name="compute spent (share of the full network)",
+        name="compute spent (share of full network)",
         hovertemplate="%{y:.0%} of the full network<extra></extra>",
     )
     fig.add_hline(
         y=threshold,
         line=dict(color=NEUTRAL, dash="dash", width=2),
-        annotation_text=f"threshold {threshold:.0%}",
-        annotation_position="top left",
+        annotation_text=f"threshold {threshold:.1%}",
+        annotation_position="bottom right",
     )
     fig.add_annotation(
         x=names[stop],
@@ -166,7 +166,7 @@ def overthinking_grid(
     present: bool = False,
 ) -> go.Figure:
     """Per sample: the image (top) and its anytime-prediction curve (bottom): the probability
-    of the true class and of the final guess at every exit, each exit's marker in its colour.
+    of the true class and of the final guess at every exit (x axis: exit 1..K).
     Without images (data set not installed) only the curves are drawn."""
     n = len(probs)
     img_rows = 0 if images is None else 1
@@ -211,7 +211,7 @@ def overthinking_grid(
                     y=p[:, cls],
                     mode="lines+markers",
                     line=dict(color=color, width=3, dash="solid" if color == CORRECT else "dot"),
-                    marker=dict(size=9, color=[exit_color(j) for j in range(k)]),
+                    marker=dict(size=9, color=color),
                     name=name,
                     legendgroup=name,
                     showlegend=i == 0,
@@ -225,13 +225,12 @@ def overthinking_grid(
             range=[0, 1.05], tickformat=".0%", showticklabels=i == 0, row=curve_row, col=i + 1
         )
     fig.update_annotations(font_size=(PRESENT_FONT if present else FONT) - 4)
-    fig.update_xaxes(title_text="exit", row=curve_row, col=1)
     return _layout(
         fig,
         height,
         present,
         margin=dict(l=10, r=10, t=40, b=10),
-        legend=dict(orientation="h", yanchor="top", y=-0.1, xanchor="left", x=0),
+        legend=dict(orientation="h", yanchor="top", y=-0.08, xanchor="left", x=0),
     )
 
 

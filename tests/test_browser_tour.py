@@ -135,14 +135,17 @@ def test_presenter_tour_in_chromium(page, server):
             wait_idle(pg)
             assert pg.get_by_text("Answer").count() >= 1
             drew = True
-        charts = pg.locator('[data-testid="stPlotlyChart"]')
+        # this chapter's charts: not stale leftovers of the previous one
+        charts = pg.locator('[data-testid="stPlotlyChart"]:not([data-stale="true"] *)')
         if chapter.find() is None:
             assert pg.get_by_text("which is not bundled yet").count() == 1
             assert charts.count() == 0
         elif chapter.key != "draw" or drew:
             charts.first.wait_for()
-            for n in range(charts.count()):
-                b = charts.nth(n).bounding_box()
+            visible = [charts.nth(n) for n in range(charts.count()) if charts.nth(n).is_visible()]
+            assert visible
+            for chart in visible:  # (a chart in a tab not shown is not on screen)
+                b = chart.bounding_box()
                 assert b is not None and b["height"] > 100
                 assert b["y"] + b["height"] <= H, f"{chapter.key}: figure ends below the fold"
         if chapter.key in SHOT_CHAPTERS:

@@ -264,3 +264,31 @@ def test_go_deeper_link_carries_model_and_threshold():
     proto = links[0].proto
     target = f"{proto.page} {getattr(proto, 'query_string', '')}"
     assert "tuning" in target and MODEL in target and "t=0.95" in target
+
+
+@needs_model
+def test_guess_and_overthinking_use_the_bundled_gallery_without_mnist(monkeypatch, engine_side):
+    """Without the MNIST package the quiz and the gallery show bundled test images only."""
+    from app.tour import data as tour_data
+    from engine.data.gallery import gallery_file, load_gallery
+
+    if not gallery_file("mnist").exists():
+        pytest.skip("no bundled MNIST gallery")
+    trace = engine_side[0]
+
+    def unavailable():
+        raise images.DatasetUnavailable("MNIST is not installed")
+
+    monkeypatch.setitem(images._LOADERS, "mnist", unavailable)
+    tour_data.test_set.clear()
+    try:
+        _, indices = load_gallery("mnist")
+        at = tour("guess")
+        assert not at.exception, at.exception
+        assert int(trace.sample_id[at.session_state[QUIZ_SAMPLE]]) in set(indices.tolist())
+        assert len(at.get("plotly_chart")) == 1  # the digit, from the gallery
+        at = tour("overthinking")
+        assert not at.exception, at.exception
+        assert len(at.get("plotly_chart")) == 1
+    finally:
+        tour_data.test_set.clear()

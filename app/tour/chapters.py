@@ -186,7 +186,9 @@ def guess_first(ctx: Ctx, card: ModelCard) -> None:
     exits = data.exits_at(card.model_id, t)
     q = st.session_state.get(QUIZ_Q, 0)
     answers = st.session_state.setdefault(QUIZ_ANSWERS, {})
-    row = question_sample(exits, q)
+    pool = data.rows_with_images(card, trace)  # the whole test split, or the bundled gallery
+    pool = pool if len(pool) else np.arange(trace.num_samples)
+    row = int(pool[question_sample(exits[pool], q)])
     st.session_state[QUIZ_SAMPLE] = row
     truth = int(exits[row])
     names = list(trace.meta.exit_names)
@@ -258,6 +260,7 @@ def _more_overthinking() -> None:
 def overthinking(ctx: Ctx, card: ModelCard) -> None:
     trace = data.get_trace(card.model_id)
     rows = data.overthinking_rows(card.model_id)
+    shown = np.intersect1d(rows, data.rows_with_images(card, trace))
     n_wrong = int((~trace.correct[:, -1] & (trace.label != -1)).sum())
     left, right = text_and_figure(
         ctx,
@@ -285,9 +288,10 @@ def overthinking(ctx: Ctx, card: ModelCard) -> None:
         if len(rows) == 0:
             st.markdown("This model never overthinks on its test set.")
             return
+        gallery = shown if len(shown) else rows  # rows whose image the app has, if any
         page = st.session_state.get(OVER_PAGE, 0)
-        start = (page * OVER_PER_PAGE) % len(rows)
-        pick = np.take(rows, range(start, start + min(OVER_PER_PAGE, len(rows))), mode="wrap")
+        start = (page * OVER_PER_PAGE) % len(gallery)
+        pick = np.take(gallery, range(start, start + min(OVER_PER_PAGE, len(gallery))), mode="wrap")
         imgs = data.sample_images(card, trace, pick)
         fig = ft.overthinking_grid(
             None if imgs is None else list(imgs),

@@ -58,16 +58,41 @@ def get_images(dataset: str, split: str = "test") -> images.ImageSet | None:
         return None
 
 
+@st.cache_data(show_spinner=False)
+def test_set(dataset: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(images uint8 [M, 28, 28], their test-split indices): the full set when installed,
+    else the bundled gallery (engine.data.gallery); None when neither exists."""
+    from engine.data.gallery import test_images
+
+    try:
+        t = test_images(dataset)
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    return t.data.images, t.indices
+
+
+def rows_with_images(card: ModelCard, trace: Trace) -> np.ndarray:
+    """Trace rows whose test image the app has (all of them when the data set is installed)."""
+    ts = test_set(card.dataset)
+    if ts is None:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(np.isin(trace.sample_id.astype(np.int64), ts[1]))
+
+
 def sample_images(card: ModelCard, trace: Trace, rows: np.ndarray) -> np.ndarray | None:
     """uint8 [len(rows), 28, 28] images of trace rows (sample ids index the test split)."""
-    data = get_images(card.dataset, trace.meta.split)
-    if data is None:
+    ts = test_set(card.dataset)
+    if ts is None:
         return None
-    ids = trace.sample_id[np.asarray(rows)]
-    try:
-        return data.images[ids.astype(np.int64)]
-    except (ValueError, IndexError):
+    imgs, idx = ts
+    ids = trace.sample_id[np.asarray(rows)].astype(np.int64)
+    order = np.argsort(idx)
+    pos = np.searchsorted(idx, ids, sorter=order)
+    pos = np.clip(pos, 0, len(idx) - 1)
+    hit = order[pos]
+    if not (idx[hit] == ids).all():
         return None
+    return imgs[hit]
 
 
 @st.cache_resource(show_spinner=False)

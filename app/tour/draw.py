@@ -39,11 +39,12 @@ def _clear() -> None:
 
 
 def _load_test_digit(card: ModelCard) -> None:
-    imgs = data.get_images(card.dataset, "test")
-    if imgs is None:
+    ts = data.test_set(card.dataset)  # the full test split, or the bundled gallery
+    if ts is None:
         return
+    imgs = ts[0]
     i = int(st.session_state.get("tour.w.draw_sample", 0)) % len(imgs)
-    st.session_state[LOADED] = to_canvas_rgba(imgs.images[i], CANVAS)
+    st.session_state[LOADED] = to_canvas_rgba(imgs[i], CANVAS)
 
 
 def _canvas() -> np.ndarray | None:
