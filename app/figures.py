@@ -59,7 +59,7 @@ def _base_layout(title: str, height: int = 340, **extra) -> dict:
         title=dict(text=title, x=0, xanchor="left", font=dict(size=15)),
         height=height,
         margin=_MARGIN,
-        legend=dict(orientation="h", yanchor="bottom", y=-0.35, x=0),
+        legend=dict(orientation="h", yanchor="top", y=-0.25, x=0, font=dict(size=11)),
         **extra,
     )
 
@@ -102,7 +102,7 @@ def tradeoff_figure(
             x=cost,
             y=accuracy,
             mode="lines",
-            name=f"{kind_label}, every threshold",
+            name="every threshold",
             line=dict(color=NEUTRAL, width=1.5),
             hovertemplate=hover,
         )
@@ -157,7 +157,7 @@ def tradeoff_figure(
         )
     layout = _base_layout(
         "Accuracy vs compute",
-        380,
+        440,
         xaxis=dict(title=dict(text=f"mean {cost_unit} per sample")),
         yaxis=dict(title=dict(text="accuracy")),
     )
@@ -276,7 +276,7 @@ def reliability_figure(
     )
     layout = _base_layout(
         "Reliability",
-        380,
+        440,
         xaxis=dict(title=dict(text="confidence (max probability)"), range=[0, 1.02]),
         yaxis=dict(title=dict(text="accuracy"), range=[0, 1.02]),
     )
@@ -366,7 +366,9 @@ def attribution_figure(
     for i in range(len(names)):
         axis = "x" if i == 0 else f"x{i + 1}"
         fig.update_yaxes(scaleanchor=axis, row=i // cols + 1, col=i % cols + 1)
-    return _layout(fig, "", 260 * rows)
+    fig = _layout(fig, "", 230 * rows)
+    fig.update_layout(margin=dict(l=10, r=10, t=30, b=10))
+    return fig
 
 
 def correctness_colors(correct: np.ndarray) -> list[str]:

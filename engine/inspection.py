@@ -169,7 +169,7 @@ def _exit_forward(model: torch.nn.Module, k: int):
 
 
 def attribute(
-    model: torch.nn.Module, image: np.ndarray, k: int, target: int | None = None, steps: int = 32
+    model: torch.nn.Module, image: np.ndarray, k: int, target: int | None = None, steps: int = 64
 ) -> Attribution:
     """Integrated Gradients (black-image baseline) and Saliency for exit k's logit of target.
 

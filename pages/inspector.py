@@ -120,11 +120,11 @@ def show_item(item: dict, trace: Trace, model, policy: Policy, prefix: str) -> N
     st.markdown(f"#### {item['title']}")
     if item.get("original") is not None:
         c1, c2 = st.columns(2)
-        c1.image(item["original"], caption="as uploaded", width="stretch")
+        c1.image(item["original"], caption="as uploaded", width=200)
         c2.image(
             np.kron(item["image"], np.ones((6, 6), dtype=np.uint8)),
             caption="what the model sees (28×28)",
-            width="stretch",
+            width=200,
         )
     elif item.get("image") is not None:
         st.image(np.kron(item["image"], np.ones((6, 6), dtype=np.uint8)), width=168)
@@ -196,7 +196,7 @@ def show_item(item: dict, trace: Trace, model, policy: Policy, prefix: str) -> N
         key=f"{prefix}.attr",
         on_click=_compute_attr,
         args=(item, exit_taken, k_last),
-        help="Costs about 2×32 backward passes, so it runs on request.",
+        help="Costs about 2×64 backward passes, so it runs on request.",
     )
     res = st.session_state.get(ATTR, {}).get(_attr_key(item) + f":{exit_taken}")
     if res:

@@ -52,7 +52,9 @@ def png_bytes(size: int = 28, seed: int = 0, mode: str = "L") -> bytes:
 # --- a live image model for the inspector when no bundled one exists ------------------------------
 
 
-def bundled_image_model() -> str | None:
+def bundled_image_model(
+    preferred: tuple[str, ...] = ("digits", "mnist", "fashion_mnist"),
+) -> str | None:
     """A bundled image model with a test trace on disk (the real thing), if there is one."""
     from engine.data.images import DATASETS, available
     from engine.registry import RegistryError, list_cards
@@ -62,7 +64,7 @@ def bundled_image_model() -> str | None:
         cards = list_cards()
     except RegistryError:
         return None
-    preferred = ("digits", "mnist", "fashion_mnist")
+    cards = sorted(cards, key=lambda c: c.family != "multi_exit_cnn")  # the canonical family first
     for dataset in preferred:
         for card in cards:
             if (

@@ -1,0 +1,217 @@
+"""A real browser on the real server: `streamlit run` + Debian's headless Chromium (Playwright).
+
+Moves the tuning page's threshold slider with the keyboard and checks the displayed accuracy
+changes, uploads an image in the inspector, and saves screenshots of both pages (to a temp
+dir; set AIE_SCREENSHOT_DIR=assets/screenshots to refresh the README's). Skips outside CI
+(env CI unset) when Chromium or Playwright is absent; in CI their absence is a failure.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.helpers_app import SYNTH_ID, bundled_image_model, make_trace, png_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+
+pytestmark = pytest.mark.browser
+
+
+def _require_browser():
+    missing = []
+    if not Path(CHROMIUM).exists():
+        missing.append(f"Chromium ({CHROMIUM}; apt-get install -y chromium)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("the playwright package")
+    if missing:
+        msg = "browser tests need " + " and ".join(missing)
+        if os.environ.get("CI"):
+            pytest.fail(msg + " (CI is set, so this is not skipped)")
+        pytest.skip(msg + "; skipped because CI is unset")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """`streamlit run streamlit_app.py` on a free local port; yields (base_url, model_id)."""
+    _require_browser()
+    tmp = tmp_path_factory.mktemp("browser")
+    env = {**os.environ, "AIE_DATA_DIR": str(tmp / "data")}
+    model_id = bundled_image_model(("mnist", "fashion_mnist", "digits"))
+    if model_id is None:  # no bundled model yet: a synthetic trace for the tuning page
+        env["AIE_CACHE_DIR"] = str(tmp / "cache")
+        make_trace(n=2000).write_parquet(tmp / "cache" / "traces" / f"{SYNTH_ID}__test.parquet")
+        model_id = SYNTH_ID
+    port = _free_port()
+    log = open(tmp / "streamlit.log", "w")
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "streamlit", "run", "streamlit_app.py",
+            "--server.headless", "true",
+            "--server.address", "127.0.0.1",
+            "--server.port", str(port),
+            "--browser.gatherUsageStats", "false",
+            "--server.fileWatcherType", "none",  # a busy checkout floods inotify
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(base + "/_stcore/health", timeout=2) as r:
+                if r.read().strip() == b"ok":
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail("streamlit did not start:\n" + (tmp / "streamlit.log").read_text()[-3000:])
+        time.sleep(0.3)
+    yield base, model_id, tmp
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    _require_browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+def _shots_dir(tmp: Path) -> Path:
+    d = Path(os.environ.get("AIE_SCREENSHOT_DIR", tmp / "screenshots"))
+    if not d.is_absolute():
+        d = ROOT / d
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+_WARM = []
+
+
+def _open(browser, url: str, height: int):
+    """A new page at url. The first one visits / first: with a pages/ folder beside the entry
+    script, Streamlit 1.67 starts in its legacy folder mode until the entry script has run
+    once (st.navigation switches it off), so a cold deep link would bypass the router."""
+    page = browser.new_page(viewport={"width": 1400, "height": height})
+    if not _WARM:
+        base = url.split("/", 3)
+        page.goto("/".join(base[:3]) + "/", timeout=60_000)
+        page.locator('[data-testid="stSidebarNav"]').filter(has_text="Threshold tuning").wait_for(
+            timeout=60_000
+        )
+        _WARM.append(True)
+    page.goto(url, timeout=60_000)
+    return page
+
+
+def _metric_value(page, label: str) -> str:
+    m = page.locator('[data-testid="stMetric"]').filter(has_text=label).first
+    return m.locator('[data-testid="stMetricValue"]').inner_text().strip()
+
+
+def test_tuning_slider_by_keyboard(server, browser):
+    base, model_id, tmp = server
+    page = _open(browser, f"{base}/tuning?model={model_id}&policy=max_prob&t=0.5", 2300)
+    page.get_by_text("Accuracy vs compute").first.wait_for(timeout=60_000)
+    before = _metric_value(page, "Accuracy")
+    slider = page.get_by_role("slider").first
+    slider.focus()
+    for _ in range(60):
+        slider.press("ArrowRight")  # 60 steps of 0.001: 0.5 -> 0.56
+    slider.press("End")  # and then to the top: never exit early
+    deadline = time.time() + 60
+    after = before
+    while after == before and time.time() < deadline:
+        page.wait_for_timeout(300)
+        after = _metric_value(page, "Accuracy")
+    assert after != before, f"accuracy stayed at {before}"
+    deadline = time.time() + 60
+    while "t=1.001" not in page.url and time.time() < deadline:  # the URL follows the slider
+        page.wait_for_timeout(300)
+    assert "t=1.001" in page.url, page.url
+    assert _metric_value(page, "Speed-up vs last exit") == "1.00×"  # nobody leaves early
+    # the screenshot shows a typical setting rather than the extreme the keys reached
+    page.goto(f"{base}/tuning?model={model_id}&policy=max_prob&t=0.99", timeout=60_000)
+    page.get_by_text("Accuracy vs compute").first.wait_for(timeout=60_000)
+    page.wait_for_timeout(1500)  # let the charts settle
+    page.screenshot(path=str(_shots_dir(tmp) / "tuning.png"))
+    page.close()
+
+
+def _digit_png() -> bytes:
+    """A test digit drawn dark on light and enlarged, like a photo of a pen drawing."""
+    try:
+        from engine.data.images import load
+
+        digit = load("mnist", "test").images[3]
+    except Exception:
+        return png_bytes(96)
+    from PIL import Image
+
+    img = Image.fromarray(255 - digit).resize((112, 112), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_inspector_upload(server, browser):
+    base, model_id, tmp = server
+    if model_id == SYNTH_ID:
+        msg = "no bundled image model yet: the inspector's upload needs one"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    img = tmp / "digit.png"
+    img.write_bytes(_digit_png())
+    page = _open(browser, f"{base}/inspector?model={model_id}&policy=max_prob&t=0.9", 2600)
+    page.get_by_text("Upload an image").first.wait_for(timeout=60_000)
+    page.get_by_text("Upload an image").first.click()
+    page.locator('input[type="file"]').first.set_input_files(str(img))
+    page.get_by_text("what the model sees").first.wait_for(timeout=60_000)
+    page.get_by_text("Policy exits at").first.wait_for(timeout=30_000)
+    assert not page.get_by_text("Traceback").count()
+    page.get_by_role("button", name="Compute attributions").first.click()
+    page.get_by_text("IG convergence delta").first.wait_for(timeout=60_000)
+    page.wait_for_timeout(800)
+    page.screenshot(path=str(_shots_dir(tmp) / "inspector.png"))
+    page.close()
