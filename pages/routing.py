@@ -105,6 +105,10 @@ else:
         key="moe.cf",
     )
     routing = Routing(k=int(k), capacity_factor=None if cf_label == NONE_LABEL else float(cf_label))
+    st.caption(
+        "k=1 and k=2 are two routing modes of the same weights (trained with k alternating "
+        "between 1 and 2, capacity factor 2); capacity is per image (16 tokens)."
+    )
 
 # --- one input ---------------------------------------------------------------------------
 st.subheader("Routing of one input")
