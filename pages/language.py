@@ -181,7 +181,7 @@ def live_classifier(card, policy: Policy):
     st.dataframe(
         table,
         hide_index=True,
-        use_container_width=True,
+        width="stretch",
         column_config={"compute saved": st.column_config.NumberColumn(format="%.1f%%")},
     )
 
@@ -194,7 +194,7 @@ def live_classifier(card, policy: Policy):
     i = min(int(i or 0), n - 1)
     st.plotly_chart(
         ft.exit_probs_figure(probs[i], classes, names, int(exits[i])),
-        use_container_width=True,
+        width="stretch",
         key="lang.probs",
     )
     st.markdown(
@@ -255,7 +255,7 @@ def depth_vs_annotators(card, policy: Policy):
     c4.metric("Mean layers", f"{(exits + 1).mean():.2f} / {trace.num_exits}")
     st.plotly_chart(
         ft.depth_by_confidence_figure(d, trace.meta.exit_names, ""),
-        use_container_width=True,
+        width="stretch",
         key="lang.depth",
     )
     st.caption(
@@ -374,7 +374,7 @@ def lm_tab():
         ft.quality_vs_layers_figure(
             metrics["sweep"], metrics["oracle"], metrics["per_layer"], metric, (measure, mode)
         ),
-        use_container_width=True,
+        width="stretch",
         key="lm.quality",
     )
     st.caption(
@@ -403,10 +403,10 @@ def lm_tab():
                 "policy layers": f"{best['fraction']:.1%}" if best else "—",
             }
         )
-    st.dataframe(pl.DataFrame(rows), hide_index=True, use_container_width=True)
+    st.dataframe(pl.DataFrame(rows), hide_index=True, width="stretch")
     st.plotly_chart(
         ft.per_layer_figure(metrics["per_layer"]["perplexity"]),
-        use_container_width=True,
+        width="stretch",
         key="lm.ppl",
     )
 

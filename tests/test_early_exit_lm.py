@@ -172,8 +172,8 @@ def test_training_step_and_evaluation_small(model):
     args = tr.parse(["--steps", "20", "--batch", "8", "--seq", "32", "--lr", "1e-2"])
     losses = tr.train(m, data, args, log_every=0)
     assert losses[-1] < losses[0] - 0.5
-    idx = torch.from_numpy(data[:160].astype(np.int64)).view(4, 40)
-    res = tr.evaluate(m, idx, 10)
+    idx = torch.from_numpy(data[:120].astype(np.int64)).view(4, 30)
+    res = tr.evaluate(m, idx, 10, {"max_prob": [0.5], "margin": [0.3], "saturation": [0.9]})
     assert len(res["per_layer"]["perplexity"]) == m.n_layer
     assert res["per_layer"]["agreement"][-1] == 1.0
     for o in res["oracle"]:

@@ -50,8 +50,8 @@ PPL_TOLERANCES = (0.05, 0.1, 0.2)
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"python -m engine.train {FAMILY}")
     p.add_argument("--model-id", default=DEFAULT_ID)
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=24)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=96)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--d-model", type=int, default=128)
@@ -92,7 +92,7 @@ def early_exit_loss(model: lm.EarlyExitLM, x: torch.Tensor, layer_dropout: float
     return sum(wi * ce for wi, ce in zip(w, ces, strict=True)), ces
 
 
-def train(model, data, args, log_every: int = 100) -> list[float]:
+def train(model, data, args, log_every: int = 25) -> list[float]:
     gen = np.random.default_rng(args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
     warm = max(1, args.steps // 20)
@@ -139,7 +139,9 @@ def seq_ppl(logits: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def evaluate(model: lm.EarlyExitLM, idx: torch.Tensor, prefix: int) -> dict:
+def evaluate(
+    model: lm.EarlyExitLM, idx: torch.Tensor, prefix: int, thresholds: dict | None = None
+) -> dict:
     n = model.n_layer
     targets = idx[:, prefix:]  # [B, T-prefix]: the characters predicted
     sl = slice(prefix - 1, idx.shape[1] - 1)
@@ -182,7 +184,7 @@ def evaluate(model: lm.EarlyExitLM, idx: torch.Tensor, prefix: int) -> dict:
 
     sweep = []
     for measure, mode in itertools.product(lm.MEASURES, lm.MODES):
-        for thr in THRESHOLDS[measure]:
+        for thr in (thresholds or THRESHOLDS)[measure]:
             pol = lm.ExitPolicy(measure=measure, threshold=thr, mode=mode)
             lg, lr = lm.decode_teacher_forced(model, idx, prefix, pol)
             sweep.append(
