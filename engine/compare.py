@@ -188,40 +188,42 @@ def per_sample_table(
 # --- activation sparsity ---------------------------------------------------------------------
 
 
-def relu_zero_fraction(
-    model: torch.nn.Module, x: torch.Tensor, batch_size: int = 512
-) -> tuple[list[str], np.ndarray]:
-    """Per input and per ReLU module, the fraction of activations that are exactly zero.
+class _ReluRecorder(torch.overrides.TorchFunctionMode):
+    """Sees every ReLU as executed (functional or nn.ReLU) and records, per sample, the fraction
+    of its outputs that are exactly zero, in execution order."""
 
-    Hooks every ``nn.ReLU`` module (the models in the zoo use modules, not functional relu, so
-    this sees all of them). Returns the module names and an [N, L] array.
+    FUNCS = {torch.relu, torch.nn.functional.relu, torch.Tensor.relu}
+
+    def __init__(self):
+        super().__init__()
+        self.fractions: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.FUNCS and isinstance(out, torch.Tensor) and out.ndim >= 2:
+            self.fractions.append((out == 0).flatten(1).float().mean(dim=1))
+        return out
+
+
+def relu_zero_fraction(fn, x: torch.Tensor, batch_size: int = 512) -> tuple[list[str], np.ndarray]:
+    """Per input and per ReLU call, the fraction of activations that are exactly zero.
+
+    ``fn`` is a model (or any callable) taking a batch; ReLUs are caught at the torch-function
+    level, so functional ``torch.relu`` inside blocks counts as well as ``nn.ReLU`` modules.
+    Returns names in execution order and an [N, L] array.
     """
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.ReLU)]
-    if not names:
-        raise ValueError("the model has no nn.ReLU modules")
-    modules = dict(model.named_modules())
     out: list[np.ndarray] = []
-    current: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def fn(_mod, _inp, y):
-            # a module reused at several depths is averaged over its calls
-            z = (y == 0).flatten(1).float().mean(dim=1)
-            current[name] = z if name not in current else (current[name] + z) / 2
-
-        return fn
-
-    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
-    try:
-        with torch.no_grad():
-            for start in range(0, len(x), batch_size):
-                current.clear()
-                model(x[start : start + batch_size])
-                out.append(torch.stack([current[n] for n in names], dim=1).numpy())
-    finally:
-        for h in handles:
-            h.remove()
-    return names, np.concatenate(out)
+    for start in range(0, len(x), batch_size):
+        rec = _ReluRecorder()
+        with torch.no_grad(), rec:
+            fn(x[start : start + batch_size])
+        if not rec.fractions:
+            raise ValueError("the model ran no ReLU")
+        out.append(torch.stack(rec.fractions, dim=1).numpy())
+    if len({o.shape[1] for o in out}) != 1:
+        raise ValueError("the number of ReLU calls changed between batches (dynamic model?)")
+    z = np.concatenate(out)
+    return [f"ReLU {i + 1}" for i in range(z.shape[1])], z
 
 
 def policy_exit_fraction(trace: Trace, policy: Policy) -> np.ndarray:

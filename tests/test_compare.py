@@ -97,14 +97,21 @@ def test_align_and_table():
     assert table.height == 30
 
 
-def test_relu_zero_fraction_counts_exact_zeros():
-    model = torch.nn.Sequential(
-        torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.ReLU()
-    )
+def test_relu_zero_fraction_counts_exact_zeros_functional_and_modules():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(4, 8)
+            self.b = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    model = Net()
     with torch.no_grad():
-        model[0].weight.zero_()
-        model[0].bias.copy_(torch.tensor([1.0, -1, 1, -1, 1, -1, 1, -1]))
+        model.a.weight.zero_()
+        model.a.bias.copy_(torch.tensor([1.0, -1, 1, -1, 1, -1, 1, -1]))
     names, z = relu_zero_fraction(model, torch.randn(10, 4), batch_size=3)
-    assert names == ["1", "3"] and z.shape == (10, 2)
+    assert names == ["ReLU 1", "ReLU 2"] and z.shape == (10, 2)
     np.testing.assert_allclose(z[:, 0], 0.5)
     assert ((z >= 0) & (z <= 1)).all()

@@ -1,0 +1,123 @@
+"""Figures for the comparison page: pure functions, data -> Plotly figure."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+
+from app import palette
+
+
+def correlation_heatmap(names: list[str], matrix: np.ndarray, title: str) -> go.Figure:
+    text = [["–" if np.isnan(v) else f"{v:.2f}" for v in row] for row in matrix]
+    fig = go.Figure(
+        go.Heatmap(
+            z=matrix,
+            x=names,
+            y=names,
+            zmin=-1,
+            zmax=1,
+            colorscale=palette.DIVERGING,
+            text=text,
+            texttemplate="%{text}",
+            hovertemplate="%{y} vs %{x}: %{z:.3f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=title, height=380, margin=dict(l=10, r=10, t=40, b=10), yaxis_autorange="reversed"
+    )
+    return fig
+
+
+def compute_scatter(
+    x: np.ndarray, y: np.ndarray, x_name: str, y_name: str, sample_id: np.ndarray, label: np.ndarray
+) -> go.Figure:
+    """Per-input compute of two methods; jitter separates the few distinct early-exit costs."""
+    rng = np.random.default_rng(0)
+    jitter = 0.006
+    fig = go.Figure(
+        go.Scattergl(
+            x=x + rng.uniform(-jitter, jitter, len(x)),
+            y=y + rng.uniform(-jitter, jitter, len(y)),
+            mode="markers",
+            marker=dict(size=5, opacity=0.45, color=[palette.exit_color(int(v)) for v in label]),
+            customdata=np.stack([sample_id, label], axis=1),
+            hovertemplate="sample %{customdata[0]} (label %{customdata[1]})<br>"
+            f"{x_name}: %{{x:.2f}}<br>{y_name}: %{{y:.2f}}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        xaxis_title=f"{x_name}: compute (fraction of full)",
+        yaxis_title=f"{y_name}: compute (fraction of full)",
+        height=420,
+        margin=dict(l=10, r=10, t=30, b=10),
+    )
+    return fig
+
+
+def per_class_compute(names: list[str], class_names: list[str], means: np.ndarray) -> go.Figure:
+    """means: [methods, classes] mean compute fraction."""
+    fig = go.Figure()
+    for i, name in enumerate(names):
+        fig.add_bar(x=class_names, y=means[i], name=name, marker_color=palette.CATEGORICAL[i])
+    fig.update_layout(
+        barmode="group",
+        yaxis_title="mean compute (fraction of full)",
+        height=360,
+        margin=dict(l=10, r=10, t=30, b=10),
+        legend=dict(orientation="h", y=1.12),
+    )
+    return fig
+
+
+def sparsity_histograms(layers: list[str], zeros: np.ndarray) -> go.Figure:
+    """Distribution over inputs of the exactly-zero fraction, one violin per ReLU layer."""
+    fig = go.Figure()
+    for i, name in enumerate(layers):
+        fig.add_violin(
+            y=zeros[:, i],
+            name=name,
+            box_visible=True,
+            meanline_visible=True,
+            line_color=palette.CATEGORICAL[i % len(palette.CATEGORICAL)],
+            points=False,
+        )
+    fig.update_layout(
+        yaxis_title="fraction of activations exactly 0",
+        yaxis_range=[0, 1],
+        showlegend=False,
+        height=360,
+        margin=dict(l=10, r=10, t=30, b=10),
+    )
+    return fig
+
+
+def budget_curves(sweeps, matched) -> go.Figure:
+    """Accuracy against mean compute for every method, with the matched setting marked."""
+    fig = go.Figure()
+    for i, (s, m) in enumerate(zip(sweeps, matched, strict=True)):
+        order = np.argsort(s.mean_fraction)
+        color = palette.CATEGORICAL[i]
+        fig.add_scatter(
+            x=s.mean_fraction[order],
+            y=s.accuracy[order],
+            mode="lines",
+            name=s.name,
+            line_color=color,
+        )
+        fig.add_scatter(
+            x=[m.mean_fraction],
+            y=[m.accuracy],
+            mode="markers",
+            showlegend=False,
+            marker=dict(size=12, color=color, line=dict(color="black", width=1)),
+            hovertemplate=f"{s.name}: {s.param_name} {m.param:.3g}<extra></extra>",
+        )
+    fig.update_layout(
+        xaxis_title="mean compute (fraction of each method's full model)",
+        yaxis_title="accuracy",
+        height=360,
+        margin=dict(l=10, r=10, t=30, b=10),
+        legend=dict(orientation="h", y=1.12),
+    )
+    return fig

@@ -1,0 +1,67 @@
+"""AppTest for the comparison page: the numbers shown are the engine's, and the budget slider
+re-matches every method."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from engine import compare, compare_sources
+
+PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "compare.py")
+
+
+def engine_matched(dataset: str, budget: float):
+    found, _ = compare_sources.load_sweeps(dataset)
+    oracle = compare_sources.load_oracle(dataset)
+    o = compare.MethodSweep(
+        "oracle exit",
+        "-",
+        oracle.sample_id,
+        np.zeros_like(oracle.sample_id),
+        np.array([0.0]),
+        oracle.fraction[None],
+        np.ones((1, len(oracle.fraction)), bool),
+    )
+    aligned = compare.align([*found, o])
+    return [compare.match_budget(s, budget) for s in aligned[:-1]]
+
+
+@pytest.fixture(scope="module")
+def at():
+    at = AppTest.from_file(PAGE, default_timeout=90)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def table(at, i=0):
+    return at.dataframe[i].value
+
+
+def test_renders_with_all_mnist_methods_and_engine_numbers(at):
+    df = table(at)
+    assert list(df["method"]) == ["early exit (CNN)", "cascade", "skip gates (SkipNet)"]
+    budget = at.slider(key="cmp_budget").value
+    for m, (_, row) in zip(engine_matched("mnist", budget), df.iterrows(), strict=True):
+        assert row["mean compute"] == round(m.mean_fraction, 3)
+        assert row["accuracy"] == round(m.accuracy, 4)
+    assert len(at.get("plotly_chart")) >= 5
+    assert not at.error
+
+
+def test_budget_slider_rematches_methods(at):
+    before = table(at)["mean compute"].tolist()
+    at.slider(key="cmp_budget").set_value(0.35).run()
+    assert not at.exception
+    after = table(at)["mean compute"].tolist()
+    assert after != before
+    expected = [round(m.mean_fraction, 3) for m in engine_matched("mnist", 0.35)]
+    assert after == expected
+
+
+def test_fashion_includes_dynamic_k_moe(at):
+    at.selectbox(key="cmp_dataset").set_value("fashion_mnist").run()
+    assert not at.exception
+    assert "dynamic-k MoE (D2DMoE)" in table(at)["method"].tolist()
