@@ -3,6 +3,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import calibration
+from engine.policies import exit_index
 from engine.tradeoff import (
     best_within_budget,
     cheapest_with_accuracy,
@@ -14,7 +15,6 @@ from engine.tradeoff import (
     pareto_front,
     per_class_exit_rates,
 )
-from engine.policies import exit_index
 from tests.traces_strategy import make_trace, traces
 
 KINDS = ("max_prob", "entropy", "margin", "gate", "patience", "fixed")
