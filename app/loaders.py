@@ -208,3 +208,44 @@ def load_images(dataset: str, split: str = "test"):
     from engine.data.images import load
 
     return load(dataset, split)
+
+
+@dataclass(frozen=True)
+class TestImages:
+    """Test-split images addressable by sample id (= index in the official test split)."""
+
+    images: np.ndarray  # uint8 [M, 28, 28]
+    labels: np.ndarray  # [M]
+    indices: np.ndarray  # [M] test-split index of each image
+    note: str  # empty for the full split; else why only a gallery is shown
+
+    def position(self, sid) -> int | None:
+        try:
+            sid = int(sid)
+        except (TypeError, ValueError):
+            return None
+        if len(self.indices) and self.indices[-1] == len(self.indices) - 1:
+            return sid if 0 <= sid < len(self.indices) else None  # the full split
+        hit = np.searchsorted(self.indices, sid)
+        return int(hit) if hit < len(self.indices) and self.indices[hit] == sid else None
+
+
+@st.cache_resource(show_spinner="Loading images…", max_entries=4)
+def test_images(dataset: str) -> TestImages:
+    """The full test split when installed, else the bundled gallery (engine.data.gallery).
+
+    Raises DatasetUnavailable when neither is there.
+    """
+    from engine.data.images import DatasetUnavailable
+
+    try:
+        from engine.data.gallery import test_images as _test_images
+    except ImportError:
+        data = load_images(dataset, "test")
+        return TestImages(data.images, data.labels, np.arange(len(data)), "")
+    try:
+        t = _test_images(dataset)
+    except FileNotFoundError as e:
+        raise DatasetUnavailable(str(e)) from None
+    order = np.argsort(t.indices, kind="stable")
+    return TestImages(t.data.images[order], t.data.labels[order], t.indices[order], t.note)

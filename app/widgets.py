@@ -31,7 +31,7 @@ import math
 
 import streamlit as st
 
-from app import loaders
+from app import figures, loaders
 from engine.policies import POLICY_LABELS, Policy
 from engine.trace import Trace
 
@@ -329,3 +329,23 @@ def query_int(name: str) -> str | None:
 
 def write_query(name: str, value: str | None) -> None:
     _write_qp(name, value)
+
+
+def chart(fig, key: str, name: str, select: bool = False):
+    """A Plotly chart with PNG export (mode-bar camera) and an HTML download button.
+
+    ``select=True`` makes its bars selectable (``on_select="rerun"``); the selection is then
+    in ``st.session_state[key]``. The HTML is built only when the button is pressed.
+    """
+    kwargs = {"on_select": "rerun", "selection_mode": ("points", "box")} if select else {}
+    state = st.plotly_chart(fig, key=key, config=figures.PLOT_CONFIG, **kwargs)
+    st.download_button(
+        "HTML",
+        data=lambda: figures.figure_html(fig),
+        file_name=f"{name}.html",
+        mime="text/html",
+        key=f"dl.{key}",
+        on_click="ignore",
+        help="Interactive chart as a stand-alone HTML file (PNG: camera icon on the chart).",
+    )
+    return state

@@ -60,13 +60,15 @@ def live_setup(source: str):
     if not (hasattr(model, "stages") and hasattr(model, "heads")):
         return None, card, None, f"{model_id} does not expose stages/heads"
     try:
-        images = loaders.load_images(card["dataset"], "test")
+        images = loaders.test_images(card["dataset"])
     except DatasetUnavailable:
         st.warning(
             f"The {card['dataset']} test images are not installed "
             f"(`{INSTALL_HINT[card['dataset']]}`): upload an image instead."
         )
         images = None
+    if images is not None and images.note:
+        st.info(images.note)
     return model, card, images, None
 
 
@@ -93,7 +95,7 @@ def parse_sid(trace: Trace, text: str):
 
 def item_probs(item: dict, trace: Trace, model) -> tuple[np.ndarray, np.ndarray]:
     """[K, C] probabilities and [K] cumulative cost for an input."""
-    if item.get("row") is not None and model is None:
+    if model is None or item.get("image") is None:  # no live run: the trace's recorded row
         return trace.probs[item["row"]], trace.cost[item["row"]]
     probs = inspection.all_exits(model, item["image"])
     return probs, cumulative_flops(item["model_id"])
@@ -132,7 +134,7 @@ def show_item(item: dict, trace: Trace, model, policy: Policy, prefix: str) -> N
         st.markdown(f"**{col}**: {value}")
 
     probs, cum_cost = item_probs(item, trace, model)
-    if model is None and item.get("row") is not None:
+    if model is None or item.get("image") is None:
         exit_taken = int(exit_index(trace.subset(np.array([item["row"]])), policy)[0])
     else:
         exit_taken = inspection.policy_exit(policy, probs)
@@ -158,10 +160,10 @@ def show_item(item: dict, trace: Trace, model, policy: Policy, prefix: str) -> N
         delta=f"{spent / full:.0%} of the full model" if full > 0 else None,
         delta_color="off",
     )
-    st.plotly_chart(
+    widgets.chart(
         figures.anytime_figure(probs, classes, names, exit_taken, cum_cost, label),
-        key=f"{prefix}.anytime",
-        config=figures.PLOT_CONFIG,
+        f"{prefix}.anytime",
+        "anytime_prediction",
     )
     table = pl.DataFrame(
         {
@@ -209,10 +211,10 @@ def show_item(item: dict, trace: Trace, model, policy: Policy, prefix: str) -> N
             maps[f"IG · {names[k]} ({where})"] = a.integrated_gradients
         for k in sorted(res):
             maps[f"Saliency · {names[k]}"] = res[k].saliency
-        st.plotly_chart(
+        widgets.chart(
             figures.attribution_figure(maps, cols=len(res)),
-            key=f"{prefix}.attrfig",
-            config=figures.PLOT_CONFIG,
+            f"{prefix}.attrfig",
+            "attributions",
         )
         st.caption(
             " · ".join(
@@ -234,12 +236,14 @@ def _pick(sid) -> None:
 def gallery(trace: Trace, images, card) -> None:
     easiest, hardest = loaders_difficulty(loaders.source_key(source), trace)
     for title, rows in (("Easiest (oracle exits first)", easiest), ("Hardest", hardest)):
+        if images is not None:  # only samples whose image is at hand (a gallery may be partial)
+            rows = [r for r in rows if images.position(trace.sample_id[r]) is not None]
         st.markdown(f"**{title}**")
         cols = st.columns(GALLERY)
         for col, r in zip(cols, rows[:GALLERY], strict=False):
             sid = trace.sample_id[r]
-            if images is not None and 0 <= int(sid) < len(images):
-                col.image(images.images[int(sid)], width=56)
+            if images is not None:
+                col.image(images.images[images.position(sid)], width=56)
             lab = trace.meta.class_names[trace.label[r]]
             col.button(
                 f"{sid}",
@@ -254,7 +258,7 @@ def gallery(trace: Trace, images, card) -> None:
 @st.cache_data(show_spinner=False, max_entries=16)
 def loaders_difficulty(key: str, _trace: Trace) -> tuple[np.ndarray, np.ndarray]:
     easiest, hardest = inspection.difficulty_order(_trace)
-    return easiest[: 4 * GALLERY], hardest[: 4 * GALLERY]
+    return easiest[:2000], hardest[:2000]
 
 
 def test_item(trace: Trace, images, model_id: str | None) -> dict | None:
@@ -290,12 +294,16 @@ def sample_item(trace: Trace, row: int, images, model_id: str | None) -> dict:
         "extra": {k: v[row] for k, v in trace.extra.items()},
     }
     if images is not None:
-        if 0 <= int(sid) < len(images):
-            item["image"] = images.images[int(sid)]
-            if int(images.labels[int(sid)]) != label:
+        pos = images.position(sid)
+        if pos is not None:
+            item["image"] = images.images[pos]
+            if int(images.labels[pos]) != label:
                 st.warning("The trace's label differs from the data set's for this sample.")
         else:
-            st.warning(f"Sample {sid} is outside the data set's test split.")
+            st.warning(
+                f"No image for sample {sid} here (outside the installed images or the bundled "
+                "gallery): showing the trace's recorded outputs."
+            )
     return item
 
 

@@ -230,21 +230,6 @@ def _metrics_row(stats: tradeoff.PolicyStats, last: tradeoff.PolicyStats, unit: 
     c[3].metric(f"Speed-up vs last exit{label}", f"{stats.speedup:.2f}×")
 
 
-def _chart(fig, key: str, name: str, select: bool = False):
-    kwargs = {"on_select": "rerun", "selection_mode": ("points", "box")} if select else {}
-    state = st.plotly_chart(fig, key=key, config=figures.PLOT_CONFIG, **kwargs)
-    st.download_button(
-        "HTML",
-        data=lambda: figures.figure_html(fig),
-        file_name=f"{name}.html",
-        mime="text/html",
-        key=f"dl.{key}",
-        on_click="ignore",
-        help="Interactive chart as a stand-alone HTML file (PNG: camera icon on the chart).",
-    )
-    return state
-
-
 @st.fragment
 def tuning_panel(source: str) -> None:
     t0 = time.perf_counter()
@@ -317,7 +302,7 @@ def tuning_panel(source: str) -> None:
 
     col1, col2 = st.columns(2)
     with col1:
-        _chart(
+        widgets.chart(
             figures.tradeoff_figure(
                 summary.plot_cost,
                 summary.plot_accuracy,
@@ -333,7 +318,7 @@ def tuning_panel(source: str) -> None:
             "tradeoff",
         )
     with col2:
-        _chart(
+        widgets.chart(
             figures.exit_histogram(
                 stats.exit_counts, _exit_accuracy(trace, exits), trace.meta.exit_names
             ),
@@ -344,7 +329,7 @@ def tuning_panel(source: str) -> None:
     col3, col4 = st.columns(2)
     with col3:
         if trace.has_labels:
-            _chart(
+            widgets.chart(
                 figures.per_class_figure(
                     tradeoff.per_class_exit_rates(trace, exits),
                     trace.meta.class_names,
@@ -358,7 +343,7 @@ def tuning_panel(source: str) -> None:
         if trace.has_labels:
             per_exit = loaders.per_exit_reliability(key, trace)
             pol_rel = calibration.of_policy(trace, exits)
-            _chart(
+            widgets.chart(
                 figures.reliability_figure(per_exit, pol_rel, trace.meta.exit_names),
                 "chart.reliability",
                 "reliability",

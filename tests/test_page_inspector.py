@@ -162,3 +162,13 @@ def test_external_trace_shows_trace_rows_only(tmp_path, monkeypatch):
     at.text_input(key="w.sample").set_value("not-a-number").run()
     assert any("not a sample id" in e.value for e in at.error)
     st.cache_data.clear()
+
+
+def test_test_images_position_full_and_gallery():
+    from app.loaders import TestImages
+
+    imgs = np.zeros((3, 28, 28), dtype=np.uint8)
+    full = TestImages(imgs, np.arange(3), np.arange(3), "")
+    assert [full.position(i) for i in (0, 2, 3, -1, "x")] == [0, 2, None, None, None]
+    gallery = TestImages(imgs, np.arange(3), np.array([4, 17, 230]), "gallery only")
+    assert [gallery.position(i) for i in (4, 17, 230, 5, 0)] == [0, 1, 2, None, None]
