@@ -107,7 +107,7 @@ def test_quick_training_writes_loadable_card_and_records(tmp_path):
 
     card = trainer.main(
         [
-            "--dataset", "digits", "--max-train", "256", "--max-test", "64",
+            "--dataset", "digits", "--max-train", "128", "--max-test", "32",
             "--warmup-epochs", "1", "--epochs", "1", "--max-steps-train", "2",
             "--out-dir", str(tmp_path / "models"), "--traces-dir", str(tmp_path / "traces"),
             "--model-id", "tiny_skipnet", "--quiet",
@@ -118,7 +118,7 @@ def test_quick_training_writes_loadable_card_and_records(tmp_path):
     m = load_model("tiny_skipnet", models_dir=tmp_path / "models")
     assert isinstance(m, skipnet.SkipNet)
     rec = skipping.load_records("tiny_skipnet", root=tmp_path / "traces" / "records")
-    assert rec.pred.shape == (len(skipping.THRESHOLDS), 64)
+    assert rec.pred.shape == (len(skipping.THRESHOLDS), 32)
     t = rec.index_of(0.5)
     assert rec.correct[t].mean() == pytest.approx(saved["metrics"]["accuracy_at_default"], abs=1e-5)
     # records at threshold 0 ran everything; threshold 1 skips (almost) everything
@@ -130,7 +130,7 @@ def test_quick_training_writes_loadable_card_and_records(tmp_path):
     from engine.trace import read_parquet
 
     trace = read_parquet(tmp_path / "traces" / "tiny_skipnet__test.parquet")
-    assert trace.num_exits == 6 and trace.num_samples == 64
+    assert trace.num_exits == 6 and trace.num_samples == 32
 
 
 def test_per_class_skip_rates_average_to_the_overall_rate():
