@@ -152,12 +152,14 @@ class SkipNet(nn.Module):
         """
         h = x
         logits, probs, applied = [], [], []
+        self.last_gate_logits = []  # for the trainer's logit penalty
         for entry, gate, branch, head in zip(
             self.entries, self.gates, self.branches, self.heads, strict=True
         ):
             h = entry(h)
             logit = gate(h)
             p = torch.sigmoid(logit)
+            self.last_gate_logits.append(logit)
             if all_on:
                 g = torch.ones_like(p)
             elif self.training:

@@ -47,6 +47,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compute-penalty", type=float, default=0.5, help="lambda")
     p.add_argument("--exit-weight", type=float, default=0.5, help="weight of the earlier exits")
     p.add_argument("--gumbel-tau", type=float, default=1.0)
+    p.add_argument(
+        "--gate-logit-l2",
+        type=float,
+        default=0.0,
+        help="penalty on squared gate logits: keeps gate scores off 0/1 so the threshold matters",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -108,6 +114,9 @@ def train_phase(model, x, y, args, epochs: int, gated: bool, weights: torch.Tens
                 compute = (probs * share).sum(1).mean()  # expected fraction of block FLOPs
                 loss = ce[-1] + args.exit_weight * torch.stack(ce[:-1]).mean()
                 loss = loss + args.compute_penalty * compute
+                if args.gate_logit_l2 > 0:
+                    sq = torch.stack(model.last_gate_logits, 1).pow(2).mean()
+                    loss = loss + args.gate_logit_l2 * sq
             else:
                 loss = torch.stack(ce).mean()
             opt.zero_grad(set_to_none=True)
@@ -182,6 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
             "compute_penalty": args.compute_penalty,
             "exit_weight": args.exit_weight,
             "gumbel_tau": args.gumbel_tau,
+            "gate_logit_l2": args.gate_logit_l2,
             "threads": args.threads,
             "max_train": args.max_train,
             "max_steps_train": args.max_steps_train,
