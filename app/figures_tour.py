@@ -65,14 +65,16 @@ def exit_ladder(
         mode="lines+markers",
         line=dict(color="black", width=3),
         marker=dict(size=10),
-        name="compute spent (share of full network)",
+        name="compute spent",
         hovertemplate="%{y:.0%} of the full network<extra></extra>",
     )
-    fig.add_hline(
-        y=threshold,
+    fig.add_hline(y=threshold, line=dict(color=NEUTRAL, dash="dash", width=2))
+    fig.add_scatter(  # legend entry for the threshold line
+        x=[None],
+        y=[None],
+        mode="lines",
         line=dict(color=NEUTRAL, dash="dash", width=2),
-        annotation_text=f"threshold {threshold:.1%}",
-        annotation_position="bottom right",
+        name=f"threshold {threshold:.1%}",
     )
     fig.add_annotation(
         x=names[stop],
