@@ -180,7 +180,7 @@ def exit_histogram(
             x=list(exit_names),
             y=counts,
             marker=dict(color=[exit_color(i) for i in range(k)]),
-            customdata=np.c_[np.arange(k), counts / total],
+            customdata=np.c_[np.arange(k), counts / total].tolist(),  # lists: echoed on select
             text=[f"{c / total:.1%}" for c in counts],
             textposition="auto",
             hovertext=acc_txt,
@@ -212,7 +212,7 @@ def per_class_figure(
             orientation="h",
             name=exit_names[e],
             marker=dict(color=exit_color(e)),
-            customdata=np.c_[np.arange(c), np.full(c, e)],
+            customdata=np.c_[np.arange(c), np.full(c, e)].tolist(),
             hovertemplate=f"%{{y}}: %{{x:.1%}} leave at {exit_names[e]}<extra></extra>",
         )
         for e in range(k)
@@ -390,7 +390,10 @@ def selection_mask(
 
     chart="exits": bars carry customdata [exit]; chart="classes": [class, exit].
     """
-    points = (selection or {}).get("points") or []
+    selection = selection or {}
+    if "selection" in selection:  # the chart's whole state, as st.session_state[key] holds it
+        selection = selection["selection"] or {}
+    points = selection.get("points") or []
     if not points:
         return None
     mask = np.zeros(len(exits), dtype=bool)
@@ -398,7 +401,10 @@ def selection_mask(
         cd = p.get("customdata")
         if cd is None:
             continue
-        cd = list(np.atleast_1d(cd))
+        try:
+            cd = [int(v) if i == 0 or chart == "classes" else v for i, v in enumerate(cd)]
+        except (TypeError, ValueError):
+            continue  # not one of our bars
         if chart == "exits":
             mask |= exits == int(cd[0])
         elif chart == "classes" and len(cd) >= 2:

@@ -205,6 +205,10 @@ def test_selection_mask_from_bar_customdata():
     assert figures.selection_mask(sel, exits, label, "exits").tolist() == [0, 1, 1, 0, 0]
     sel = {"points": [{"customdata": [1, 0]}, {"customdata": [3, 1]}]}
     assert figures.selection_mask(sel, exits, label, "classes").tolist() == [0, 1, 0, 0, 1]
+    # st.session_state[key] of a chart holds {"selection": {...}}
+    state = {"selection": {"points": [{"customdata": [2, 0.2]}], "box": [], "lasso": []}}
+    assert figures.selection_mask(state, exits, label, "exits").tolist() == [0, 0, 0, 1, 0]
+    assert figures.selection_mask({"selection": {"points": []}}, exits, label, "exits") is None
 
 
 def test_figure_builders_are_valid_plotly():
