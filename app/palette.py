@@ -16,10 +16,11 @@ TOL_MUTED = (
     "#882255",
     "#AA4499",
 )
-CATEGORICAL = OKABE_ITO + TOL_MUTED
-
 CORRECT = "#009E73"
 WRONG = "#D55E00"
+# Exits and experts never reuse the correct/wrong colours, so a green bar always means "right".
+CATEGORICAL = tuple(c for c in OKABE_ITO if c not in (CORRECT, WRONG)) + TOL_MUTED
+
 NEUTRAL = "#7F7F7F"
 HIGHLIGHT = "#E69F00"
 SEQUENTIAL = "Viridis"  # perceptually uniform and colour-blind safe, for heatmaps
