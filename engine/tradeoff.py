@@ -161,7 +161,7 @@ def _score_curve(trace: Trace, kind: str) -> Curve:
     last_of_group = np.nonzero(np.r_[value[1:] != value[:-1], True])[0]
     thresholds = value[last_of_group]
 
-    n_lab = max(1, int((trace.label != -1).sum()))
+    n_lab = int((trace.label != -1).sum()) or np.nan  # no labels: accuracy is undefined
     base_cost = cost[:, -1].sum()
     base_correct = correct[:, -1].sum()
     top = np.nextafter(thresholds[0], np.inf)  # above every score: nobody leaves early

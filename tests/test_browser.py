@@ -19,36 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import CHROMIUM, require_browser  # noqa: F401
 from tests.helpers_app import SYNTH_ID, bundled_image_model, make_trace, png_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
-
 pytestmark = pytest.mark.browser
-
-
-def _require_browser():
-    missing = []
-    if not Path(CHROMIUM).exists():
-        missing.append(f"Chromium ({CHROMIUM}; apt-get install -y chromium)")
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        missing.append("the playwright package")
-    if missing:
-        msg = "browser tests need " + " and ".join(missing)
-        if os.environ.get("CI"):
-            pytest.fail(msg + " (CI is set, so this is not skipped)")
-        pytest.skip(msg + "; skipped because CI is unset")
 
 
 def _free_port() -> int:
@@ -60,7 +35,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     """`streamlit run streamlit_app.py` on a free local port; yields (base_url, model_id)."""
-    _require_browser()
+    require_browser()
     tmp = tmp_path_factory.mktemp("browser")
     env = {**os.environ, "AIE_DATA_DIR": str(tmp / "data")}
     model_id = bundled_image_model(("mnist", "fashion_mnist", "digits"))
@@ -104,17 +79,6 @@ def server(tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
-
-
-@pytest.fixture(scope="session")
-def browser():
-    _require_browser()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
 
 
 def _shots_dir(tmp: Path) -> Path:

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -15,20 +16,13 @@ from pathlib import Path
 import pytest
 
 from app.tour.chapters import CHAPTERS
+from tests.conftest import CHROMIUM
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-SHOTS = ROOT / "assets" / "screenshots"
+# screenshots go to a temp dir; AIE_SCREENSHOT_DIR=assets/screenshots refreshes the README's
+SHOTS = Path(os.environ.get("AIE_SCREENSHOT_DIR", Path(tempfile.gettempdir()) / "aie-screenshots"))
 SHOT_CHAPTERS = ("early-exit", "draw", "overthinking")
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
+
 W, H = 1280, 720
 
 pytestmark = [
@@ -55,7 +49,7 @@ def server():
         "--server.port", str(port), "--browser.gatherUsageStats", "false",
         "--server.fileWatcherType", "none",
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):
@@ -76,15 +70,12 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def page(server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        pg = browser.new_page(viewport={"width": W, "height": H})
-        pg.set_default_timeout(30_000)
-        yield pg
-        browser.close()
+def page(server, browser):
+    context = browser.new_context(viewport={"width": W, "height": H})
+    pg = context.new_page()
+    pg.set_default_timeout(30_000)
+    yield pg
+    context.close()
 
 
 def wait_idle(pg) -> None:
