@@ -39,7 +39,7 @@ app: venv data
 	  --server.port $(PORT) --browser.gatherUsageStats false
 
 test: venv data chromium
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n 2
 
 lint: venv
 	$(PY) -m ruff check .
