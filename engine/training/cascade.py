@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from engine.training.common import command_line, save_model, seed_everything
+from engine.training.common import seed_everything
 from engine.training.multi_exit_cnn import (
     add_common_args,
     exit_accuracy,
@@ -22,7 +22,7 @@ from engine.training.multi_exit_cnn import (
     fit,
     load_split,
     parse_weights,
-    split_description,
+    save_with_card,
 )
 
 FAMILY = "cascade"
@@ -66,32 +66,20 @@ def main(argv: list[str]) -> Path:
         print("per-member test accuracy:", " ".join(f"{a:.4f}" for a in acc))
         print("cumulative FLOPs:", metrics["flops_cumulative"])
         print(f"trained in {train_seconds:.1f}s")
-    card = {
-        "model_id": model_id,
-        "title": args.title or f"Cascade of {k} CNNs, small to large ({args.dataset})",
-        "family": FAMILY,
-        "module": f"engine.models.{FAMILY}",
-        "config": config,
-        "dataset": args.dataset,
-        "split": split_description(args, len(y), len(yt)),
-        "class_names": list(class_names),
-        "exit_names": names,
-        "seed": args.seed,
-        "epochs": args.epochs,
-        "training": {
-            "mode": args.mode,
-            "head_epochs": args.head_epochs if args.mode == "heads_only" else 0,
-            "exit_weights": weights,
-            "distill": args.distill,
-            "distill_alpha": alpha,
-            "temperature": args.temperature,
-            "optimizer": f"AdamW lr={args.lr} wd={args.weight_decay}, warm-up + cosine",
-            "batch_size": args.batch_size,
-            "threads": args.threads,
-            "preprocessing": "engine.data.images.to_model_input, no augmentation",
-        },
-        "training_command": command_line(FAMILY, argv),
-        "train_seconds": round(train_seconds, 1),
-        "metrics": metrics,
-    }
-    return save_model(model, card, args.out_dir)
+    return save_with_card(
+        model,
+        args,
+        argv,
+        family=FAMILY,
+        model_id=model_id,
+        title=f"Cascade of {k} CNNs, small to large ({args.dataset})",
+        config=config,
+        n_train=len(y),
+        n_test=len(yt),
+        class_names=class_names,
+        exit_names=names,
+        weights=weights,
+        alpha=alpha,
+        train_seconds=train_seconds,
+        metrics=metrics,
+    )

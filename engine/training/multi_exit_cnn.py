@@ -255,6 +255,56 @@ def fit(
     return train_seconds
 
 
+def save_with_card(
+    model: nn.Module,
+    args: argparse.Namespace,
+    argv: list[str],
+    *,
+    family: str,
+    model_id: str,
+    title: str,
+    config: dict,
+    n_train: int,
+    n_test: int,
+    class_names,
+    exit_names: list[str],
+    weights: list[float],
+    alpha: float,
+    train_seconds: float,
+    metrics: dict,
+) -> Path:
+    """Weights + model card for the image multi-exit families (CNN and cascade) share one shape."""
+    card = {
+        "model_id": model_id,
+        "title": args.title or title,
+        "family": family,
+        "module": f"engine.models.{family}",
+        "config": config,
+        "dataset": args.dataset,
+        "split": split_description(args, n_train, n_test),
+        "class_names": list(class_names),
+        "exit_names": exit_names,
+        "seed": args.seed,
+        "epochs": args.epochs,
+        "training": {
+            "mode": args.mode,
+            "head_epochs": args.head_epochs if args.mode == "heads_only" else 0,
+            "exit_weights": weights,
+            "distill": args.distill,
+            "distill_alpha": alpha,
+            "temperature": args.temperature,
+            "optimizer": f"AdamW lr={args.lr} wd={args.weight_decay}, warm-up + cosine",
+            "batch_size": args.batch_size,
+            "threads": args.threads,
+            "preprocessing": "engine.data.images.to_model_input, no augmentation",
+        },
+        "training_command": command_line(family, argv),
+        "train_seconds": round(train_seconds, 1),
+        "metrics": metrics,
+    }
+    return save_model(model, card, args.out_dir)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine.train multi_exit_cnn", description=__doc__)
     add_common_args(p)
@@ -300,33 +350,20 @@ def main(argv: list[str]) -> Path:
         print("per-exit test accuracy:", " ".join(f"{a:.4f}" for a in acc))
         print("cumulative FLOPs:", metrics["flops_cumulative"])
         print(f"trained in {train_seconds:.1f}s")
-    n_train = len(y)
-    card = {
-        "model_id": model_id,
-        "title": args.title or f"Multi-exit residual CNN ({args.dataset}, {k} exits, {args.mode})",
-        "family": FAMILY,
-        "module": f"engine.models.{FAMILY}",
-        "config": config,
-        "dataset": args.dataset,
-        "split": split_description(args, n_train, len(yt)),
-        "class_names": list(class_names),
-        "exit_names": names,
-        "seed": args.seed,
-        "epochs": args.epochs,
-        "training": {
-            "mode": args.mode,
-            "head_epochs": args.head_epochs if args.mode == "heads_only" else 0,
-            "exit_weights": weights,
-            "distill": args.distill,
-            "distill_alpha": alpha,
-            "temperature": args.temperature,
-            "optimizer": f"AdamW lr={args.lr} wd={args.weight_decay}, warm-up + cosine",
-            "batch_size": args.batch_size,
-            "threads": args.threads,
-            "preprocessing": "engine.data.images.to_model_input, no augmentation",
-        },
-        "training_command": command_line(FAMILY, argv),
-        "train_seconds": round(train_seconds, 1),
-        "metrics": metrics,
-    }
-    return save_model(model, card, args.out_dir)
+    return save_with_card(
+        model,
+        args,
+        argv,
+        family=FAMILY,
+        model_id=model_id,
+        title=f"Multi-exit residual CNN ({args.dataset}, {k} exits, {args.mode})",
+        config=config,
+        n_train=len(y),
+        n_test=len(yt),
+        class_names=class_names,
+        exit_names=names,
+        weights=weights,
+        alpha=alpha,
+        train_seconds=train_seconds,
+        metrics=metrics,
+    )
