@@ -7,6 +7,7 @@ import streamlit as st
 
 from app import figures_dynamic as figs
 from app import palette
+from app.query import float_param
 from engine import halting
 
 MODEL_ID = "parity_act"
@@ -51,7 +52,7 @@ eps = st.slider(
     "ε (halt when the cumulative halting score ≥ 1 − ε)",
     min_value=0.0,
     max_value=0.5,
-    value=float(trained_eps),
+    value=round(float_param("eps", float(trained_eps), lo=0.0, hi=0.5), 2),
     step=0.01,
     key="act_eps",
     help=f"The model was trained with ε = {trained_eps:g} and ponder-cost weight "

@@ -6,6 +6,7 @@ import numpy as np
 import streamlit as st
 
 from app import figures_moe as figs
+from app.query import choice_param, float_param
 from engine import moe_analysis as moe
 from engine.data import images as image_data
 from engine.models.moe import Routing
@@ -72,7 +73,12 @@ if not cards:
 
 ids = sorted(cards, key=lambda m: (cards[m].raw.get("variant") != "dynamic", m))
 model_id = st.radio(
-    "Model", ids, format_func=lambda m: cards[m].title, horizontal=True, key="moe.model"
+    "Model",
+    ids,
+    index=ids.index(choice_param("model", ids[0], ids)),
+    format_func=lambda m: cards[m].title,
+    horizontal=True,
+    key="moe.model",
 )
 card = cards[model_id]
 try:
@@ -90,7 +96,7 @@ if dynamic:
     tau = st.select_slider(
         "τ — run the experts whose predicted contribution ≥ τ × the token's largest",
         options=list(moe.TAU_GRID),
-        value=0.5,
+        value=float_param("tau", 0.5, options=list(moe.TAU_GRID)),
         key="moe.tau",
     )
     routing = Routing(tau=float(tau))

@@ -7,6 +7,7 @@ import streamlit as st
 
 from app import figures_dynamic as figs
 from app import palette
+from app.query import float_param
 from engine import skipping
 
 MODEL_ID = "mnist_skipnet"
@@ -79,7 +80,11 @@ full_flops = float(rec.meta.get("full_flops", rec.flops[0].mean()))
 threshold = st.select_slider(
     "Gate threshold (a block runs when its gate score ≥ threshold)",
     options=[float(t) for t in rec.thresholds],
-    value=float(rec.thresholds[rec.index_of(skipping.DEFAULT_THRESHOLD)]),
+    value=float_param(
+        "t",
+        float(rec.thresholds[rec.index_of(skipping.DEFAULT_THRESHOLD)]),
+        options=[float(t) for t in rec.thresholds],
+    ),
     key="skip_threshold",
 )
 ti = rec.index_of(threshold)

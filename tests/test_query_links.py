@@ -1,0 +1,36 @@
+"""Links carry a page's setting in the URL (the tour's "go deeper"); bad values fall back."""
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+PAGES = Path(__file__).resolve().parent.parent / "pages"
+
+
+def run(page: str, **params) -> AppTest:
+    at = AppTest.from_file(str(PAGES / page), default_timeout=90)
+    for k, v in params.items():
+        at.query_params[k] = v
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_skipping_threshold_from_url():
+    assert run("skipping.py", t="0.8").select_slider(key="skip_threshold").value == pytest.approx(0.8)
+    assert run("skipping.py", t="0.83").select_slider(key="skip_threshold").value == pytest.approx(0.85)
+    assert run("skipping.py", t="nonsense").select_slider(key="skip_threshold").value == pytest.approx(0.5)
+
+
+def test_halting_eps_from_url():
+    assert run("halting.py", eps="0.2").slider(key="act_eps").value == pytest.approx(0.2)
+    assert run("halting.py", eps="7").slider(key="act_eps").value == pytest.approx(0.5)
+
+
+def test_routing_model_and_tau_from_url():
+    at = run("routing.py", model="fashion_d2dmoe_vit", tau="0.3")
+    assert at.radio(key="moe.model").value == "fashion_d2dmoe_vit"
+    assert at.select_slider(key="moe.tau").value == pytest.approx(0.3)
+    at = run("routing.py", model="no_such_model")
+    assert at.radio(key="moe.model").value in ("fashion_d2dmoe_vit", "fashion_moe_vit")
