@@ -34,7 +34,7 @@ def compute_scatter(
 ) -> go.Figure:
     """Per-input compute of two methods; jitter separates the few distinct early-exit costs."""
     rng = np.random.default_rng(0)
-    jitter = 0.006
+    jitter = 0.02
     fig = go.Figure(
         go.Scattergl(
             x=x + rng.uniform(-jitter, jitter, len(x)),
