@@ -12,18 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from engine.training.common import seed_everything
-from engine.training.multi_exit_cnn import (
-    add_common_args,
-    exit_accuracy,
-    exit_metrics,
-    fit,
-    load_split,
-    parse_weights,
-    save_with_card,
-)
+from engine.training.multi_exit_cnn import add_common_args, train_and_save
 
 FAMILY = "cascade"
 
@@ -44,42 +33,13 @@ def main(argv: list[str]) -> Path:
     from engine.models.cascade import build, exit_names
 
     args = parser().parse_args(argv)
-    torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
-    model_id = args.model_id or f"{args.dataset}_{FAMILY}"
-
-    x, y, class_names = load_split(args.dataset, "train", args.max_train, args.seed)
-    xt, yt, _ = load_split(args.dataset, "test", args.max_test, args.seed)
-    config = {"num_classes": len(class_names)}
-    model = build(config)
-    config = {"num_classes": len(class_names), "members": model.config.members}
-    k = model.num_exits
-    weights = parse_weights(args.exit_weights, k)
-    alpha = args.distill_alpha if args.distill else 0.0
-
-    train_seconds = fit(model, x, y, args, weights, alpha)
-
-    acc = exit_accuracy(model, xt, yt)
-    names = exit_names(config)
-    metrics = exit_metrics(model, acc, len(yt), names)
-    if not args.quiet:
-        print("per-member test accuracy:", " ".join(f"{a:.4f}" for a in acc))
-        print("cumulative FLOPs:", metrics["flops_cumulative"])
-        print(f"trained in {train_seconds:.1f}s")
-    return save_with_card(
-        model,
-        args,
+    return train_and_save(
         argv,
+        args,
         family=FAMILY,
-        model_id=model_id,
-        title=f"Cascade of {k} CNNs, small to large ({args.dataset})",
-        config=config,
-        n_train=len(y),
-        n_test=len(yt),
-        class_names=class_names,
-        exit_names=names,
-        weights=weights,
-        alpha=alpha,
-        train_seconds=train_seconds,
-        metrics=metrics,
+        build=build,
+        exit_names=exit_names,
+        make_config=lambda num_classes: {"num_classes": num_classes},
+        title=lambda k: f"Cascade of {k} CNNs, small to large ({args.dataset})",
+        card_config=lambda model, config: {**config, "members": model.config.members},
     )

@@ -320,23 +320,32 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str]) -> Path:
-    from engine.models.multi_exit_cnn import build, exit_names
+def train_and_save(
+    argv: list[str],
+    args: argparse.Namespace,
+    *,
+    family: str,
+    build: Callable[[dict], nn.Module],
+    exit_names: Callable[[dict], list[str]],
+    make_config: Callable[[int], dict],
+    title: Callable[[int], str],
+    card_config: Callable[[nn.Module, dict], dict] | None = None,
+) -> Path:
+    """Train an image multi-exit family (CNN or cascade), evaluate every exit, write the card.
 
-    args = parser().parse_args(argv)
+    ``make_config(num_classes)`` builds the network's config; ``card_config(model, config)``
+    may add what the built model decided (the cascade's members); ``title(num_exits)``.
+    """
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
-    model_id = args.model_id or f"{args.dataset}_{FAMILY}"
+    model_id = args.model_id or f"{args.dataset}_{family}"
 
     x, y, class_names = load_split(args.dataset, "train", args.max_train, args.seed)
     xt, yt, _ = load_split(args.dataset, "test", args.max_test, args.seed)
-    config = {
-        "num_classes": len(class_names),
-        "widths": [int(v) for v in args.widths.split(",")],
-        "strides": [int(v) for v in args.strides.split(",")],
-        "head_pool": args.head_pool,
-    }
+    config = make_config(len(class_names))
     model = build(config)
+    if card_config is not None:
+        config = card_config(model, config)
     k = model.num_exits
     weights = parse_weights(args.exit_weights, k)
     alpha = args.distill_alpha if args.distill else 0.0
@@ -354,9 +363,9 @@ def main(argv: list[str]) -> Path:
         model,
         args,
         argv,
-        family=FAMILY,
+        family=family,
         model_id=model_id,
-        title=f"Multi-exit residual CNN ({args.dataset}, {k} exits, {args.mode})",
+        title=title(k),
         config=config,
         n_train=len(y),
         n_test=len(yt),
@@ -366,4 +375,24 @@ def main(argv: list[str]) -> Path:
         alpha=alpha,
         train_seconds=train_seconds,
         metrics=metrics,
+    )
+
+
+def main(argv: list[str]) -> Path:
+    from engine.models.multi_exit_cnn import build, exit_names
+
+    args = parser().parse_args(argv)
+    return train_and_save(
+        argv,
+        args,
+        family=FAMILY,
+        build=build,
+        exit_names=exit_names,
+        make_config=lambda num_classes: {
+            "num_classes": num_classes,
+            "widths": [int(v) for v in args.widths.split(",")],
+            "strides": [int(v) for v in args.strides.split(",")],
+            "head_pool": args.head_pool,
+        },
+        title=lambda k: f"Multi-exit residual CNN ({args.dataset}, {k} exits, {args.mode})",
     )
