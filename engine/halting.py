@@ -1,15 +1,21 @@
-"""Halting records: what the ACT model did on its test strings, and the sweeps over eps.
+"""Halting records: what an ACT model did on its test inputs, and the sweeps over eps.
 
 The halting scores h^n of an ACT model do not depend on eps (see ``engine.models.act``), so the
 test set is unrolled once to the maximum number of steps and stored:
 
     assets/traces/records/<model_id>__test.parquet
-        sample_id, length (non-zero entries = difficulty), label, bits ("+-0" string),
+        sample_id, difficulty, label,
+        bits ("+-0" string; parity) or image_index (row of the data set's test split; images),
         h_0 .. h_{M-1} (halting score of each step), q{c}_0 .. (step output probability of
         class c), steps / remainder / pred / flops of the real run at the trained eps
 
 and any eps is evaluated from these with ``engine.models.act.outputs_at`` (pure numpy). FLOPs at
-other eps are steps x the per-step FLOPs counted by torch (``flops_per_step`` in the metadata).
+other eps are the encoder's FLOPs plus steps x the per-step FLOPs, both counted by torch.
+
+Difficulty: for parity, the string's length (its number of non-zero entries); for images, the
+earliest exit of the bundled early-exit CNN that classifies the image correctly (its number of
+exits when none does), read from that model's test trace, so ACT's steps can be set against a
+second, independent model's view of the same image.
 """
 
 from __future__ import annotations
@@ -33,13 +39,21 @@ def records_file(model_id: str, split: str = "test", root: Path | None = None) -
     return (root or RECORDS_DIR) / f"{model_id}__{split}.parquet"
 
 
+def available_models(root: Path | None = None) -> list[str]:
+    """Bundled ACT models (cards of the act / act_cnn families) whose records exist."""
+    from engine.registry import list_cards
+
+    cards = [c for fam in ("act", "act_cnn") for c in list_cards(fam)]
+    return sorted(c.model_id for c in cards if records_file(c.model_id, root=root).exists())
+
+
 def _bits_string(x: np.ndarray) -> list[str]:
     table = np.array(["-", "0", "+"])
     return ["".join(row) for row in table[(np.sign(x).astype(int) + 1)]]
 
 
-def write_records(model, model_id, x, y, length, traces_dir=None, tau=None) -> Path:
-    """Unroll every test string M steps, run real ACT at the trained eps, write the table."""
+def _write(model, model_id, x, cols: dict, meta: dict, traces_dir) -> Path:
+    """Unroll every input M steps, run real ACT at the trained eps, write cols + the unroll."""
     from engine.models import act
 
     rec_dir = (Path(traces_dir) if traces_dir is not None else TRACES_DIR) / "records"
@@ -47,29 +61,26 @@ def write_records(model, model_id, x, y, length, traces_dir=None, tau=None) -> P
     h, q = act.halting_scores(model, x)
     real = act.run_act(model, x)
     cols = {
-        "sample_id": np.arange(len(y), dtype=np.int32),
-        "length": length.astype(np.int16),
-        "label": y.astype(np.int8),
-        "bits": _bits_string(x),
+        **cols,
         "steps": real["steps"].astype(np.int16),
         "remainder": real["remainder"].astype(np.float64),
         "pred": real["pred"].astype(np.int8),
         "flops": real["flops"].astype(np.float64),
     }
+    # float32: h is exact (the model computes it in float32); q rounds by ~1e-7, far below
+    # anything that moves an argmax, and halves the file
     for n in range(h.shape[1]):
-        cols[f"h_{n}"] = h[:, n].astype(np.float64)
+        cols[f"h_{n}"] = h[:, n].astype(np.float32)
     for c in range(q.shape[2]):
         for n in range(q.shape[1]):
-            cols[f"q{c}_{n}"] = q[:, n, c].astype(np.float64)
+            cols[f"q{c}_{n}"] = q[:, n, c].astype(np.float32)
     meta = {
         "model_id": model_id,
         "eps": model.config.eps,
-        "tau": tau,
         "max_steps": model.config.max_steps,
-        "num_bits": model.config.num_bits,
-        "class_names": ["even", "odd"],
         "flops_per_step": act.step_flops(model),
-        "difficulty": "length: number of non-zero entries of the string",
+        "encode_flops": act.encode_flops(model),
+        **meta,
     }
     path = records_file(model_id, root=rec_dir)
     tmp = path.with_suffix(".parquet.tmp")
@@ -78,13 +89,108 @@ def write_records(model, model_id, x, y, length, traces_dir=None, tau=None) -> P
     return path
 
 
+def write_records(model, model_id, x, y, length, traces_dir=None, tau=None) -> Path:
+    """Parity: the strings, their length as difficulty, and the unroll."""
+    cols = {
+        "sample_id": np.arange(len(y), dtype=np.int32),
+        "difficulty": length.astype(np.int16),
+        "label": y.astype(np.int8),
+        "bits": _bits_string(x),
+    }
+    meta = {
+        "input": "bits",
+        "tau": tau,
+        "num_bits": model.config.num_bits,
+        "class_names": ["even", "odd"],
+        "difficulty": "length: number of non-zero entries of the string",
+        "difficulty_label": "string length (non-zero entries)",
+    }
+    return _write(model, model_id, x, cols, meta, traces_dir)
+
+
+def write_image_records(
+    model,
+    model_id,
+    x,
+    y,
+    image_index,
+    difficulty,
+    traces_dir=None,
+    *,
+    tau=None,
+    dataset: str,
+    class_names: list[str],
+    difficulty_model: str,
+) -> Path:
+    """Images: the test-split row of each image, its early-exit difficulty, and the unroll.
+
+    ``difficulty`` may be None (no trace of the difficulty model): stored as -1 and not shown.
+    """
+    n = len(y)
+    cols = {
+        "sample_id": np.arange(n, dtype=np.int32),
+        "difficulty": (np.full(n, -1) if difficulty is None else difficulty).astype(np.int16),
+        "label": np.asarray(y).astype(np.int8),
+        "image_index": np.asarray(image_index).astype(np.int32),
+    }
+    meta = {
+        "input": "image",
+        "dataset": dataset,
+        "tau": tau,
+        "class_names": class_names,
+        "difficulty": None
+        if difficulty is None
+        else f"earliest exit of {difficulty_model} that is correct (its number of exits if none)",
+        "difficulty_label": f"oracle exit of {difficulty_model}",
+        "difficulty_model": difficulty_model,
+    }
+    return _write(model, model_id, x, cols, meta, traces_dir)
+
+
+def early_exit_difficulty(model_id: str, sample_ids: np.ndarray) -> np.ndarray | None:
+    """Per sample: earliest exit of ``model_id`` that is correct, or its number of exits if none.
+
+    Read from the bundled test trace (sample_id = row of the test split); None if it is missing.
+    """
+    from engine.policies import oracle_correct
+    from engine.trace_store import load_trace
+
+    try:
+        trace = load_trace(model_id, "test", build_if_missing=False)
+    except (FileNotFoundError, ValueError):
+        return None
+    rate = oracle_correct(trace, fallback="last")
+    rate[~trace.correct.any(axis=1)] = trace.num_exits
+    row = {int(s): i for i, s in enumerate(trace.sample_id)}
+    if any(int(s) not in row for s in sample_ids):
+        return None
+    return rate[[row[int(s)] for s in sample_ids]].astype(np.int64)
+
+
+def difficulty_summary(steps: np.ndarray, difficulty: np.ndarray, correct: np.ndarray) -> dict:
+    """For the model card: rank correlation and per-difficulty steps/accuracy."""
+    levels = np.unique(difficulty)
+    return {
+        "spearman_steps_vs_difficulty": round(spearman(steps, difficulty), 4),
+        "levels": [int(v) for v in levels],
+        "count_by_difficulty": [int((difficulty == v).sum()) for v in levels],
+        "mean_steps_by_difficulty": [
+            round(float(steps[difficulty == v].mean()), 3) for v in levels
+        ],
+        "accuracy_by_difficulty": [
+            round(float(correct[difficulty == v].mean()), 4) for v in levels
+        ],
+    }
+
+
 @dataclass(frozen=True)
 class HaltRecords:
     model_id: str
     sample_id: np.ndarray  # [N]
-    length: np.ndarray  # [N] difficulty
+    difficulty: np.ndarray  # [N] int; parity: length; images: early-exit oracle exit; -1 unknown
     label: np.ndarray  # [N]
-    bits: np.ndarray  # [N] str
+    bits: np.ndarray | None  # [N] str (parity)
+    image_index: np.ndarray | None  # [N] row of the test split (images)
     h: np.ndarray  # [N, M] float64 halting scores, every step unrolled
     step_probs: np.ndarray  # [N, M, C] float64
     steps: np.ndarray  # [N] real run at meta["eps"]
@@ -101,6 +207,10 @@ class HaltRecords:
     def max_steps(self) -> int:
         return self.h.shape[1]
 
+    @property
+    def has_difficulty(self) -> bool:
+        return bool((self.difficulty >= 0).all()) and self.meta.get("difficulty") is not None
+
 
 def load_records(model_id: str, split: str = "test", root: Path | None = None) -> HaltRecords:
     path = records_file(model_id, split, root)
@@ -115,9 +225,12 @@ def load_records(model_id: str, split: str = "test", root: Path | None = None) -
     return HaltRecords(
         model_id=model_id,
         sample_id=df["sample_id"].to_numpy().astype(np.int64),
-        length=df["length"].to_numpy().astype(np.int64),
+        difficulty=df["difficulty"].to_numpy().astype(np.int64),
         label=df["label"].to_numpy().astype(np.int64),
-        bits=df["bits"].to_numpy(),
+        bits=df["bits"].to_numpy() if "bits" in df.columns else None,
+        image_index=df["image_index"].to_numpy().astype(np.int64)
+        if "image_index" in df.columns
+        else None,
         h=h.astype(np.float64),
         step_probs=q.astype(np.float64),
         steps=df["steps"].to_numpy().astype(np.int64),
@@ -158,7 +271,8 @@ def at_eps(rec: HaltRecords, eps: float) -> AtEps:
         probs=probs,
         pred=pred,
         correct=pred == rec.label,
-        flops=steps * float(rec.meta.get("flops_per_step", 1.0)),
+        flops=float(rec.meta.get("encode_flops", 0.0))
+        + steps * float(rec.meta.get("flops_per_step", 1.0)),
     )
 
 
@@ -190,13 +304,22 @@ def eps_sweep(rec: HaltRecords, eps_grid: np.ndarray = EPS_GRID) -> EpsSweep:
 
 
 def steps_by_difficulty(rec: HaltRecords, steps: np.ndarray, correct: np.ndarray):
-    """Per length L: (lengths, mean steps, std of steps, accuracy, count)."""
-    lengths = np.unique(rec.length)
-    mean = np.array([steps[rec.length == k].mean() for k in lengths])
-    std = np.array([steps[rec.length == k].std() for k in lengths])
-    acc = np.array([correct[rec.length == k].mean() for k in lengths])
-    count = np.array([(rec.length == k).sum() for k in lengths])
-    return lengths, mean, std, acc, count
+    """Per difficulty level: (levels, mean steps, std of steps, accuracy, count)."""
+    d = rec.difficulty
+    levels = np.unique(d)
+    mean = np.array([steps[d == k].mean() for k in levels])
+    std = np.array([steps[d == k].std() for k in levels])
+    acc = np.array([correct[d == k].mean() for k in levels])
+    count = np.array([(d == k).sum() for k in levels])
+    return levels, mean, std, acc, count
+
+
+def steps_by_class(rec: HaltRecords, steps: np.ndarray, correct: np.ndarray):
+    """Per true class: (classes, mean steps, accuracy); classes absent from the test set dropped."""
+    classes = np.unique(rec.label)
+    mean = np.array([steps[rec.label == c].mean() for c in classes])
+    acc = np.array([correct[rec.label == c].mean() for c in classes])
+    return classes, mean, acc
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

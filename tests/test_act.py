@@ -44,7 +44,7 @@ def test_halting_distribution_properties(h, eps):
 def test_torch_and_numpy_halting_agree(h, eps, cap):
     cap = min(cap, h.shape[1])
     s_np, r_np, p_np = act.halting_distribution(h[:, :cap], eps)
-    s_t, r_t, p_t = act._halting_torch(torch.from_numpy(h[:, :cap]), eps)
+    s_t, r_t, p_t = act.halting_torch(torch.from_numpy(h[:, :cap]), eps)
     np.testing.assert_array_equal(s_np, s_t.numpy())
     np.testing.assert_allclose(r_np, r_t.numpy(), atol=1e-12)
     np.testing.assert_allclose(p_np, p_t.numpy(), atol=1e-12)
@@ -52,7 +52,7 @@ def test_torch_and_numpy_halting_agree(h, eps, cap):
 
 def test_ponder_cost_gradient_flows_through_the_remainder_only():
     h = torch.tensor([[0.3, 0.4, 0.5, 0.9]], dtype=torch.float64, requires_grad=True)
-    steps, remainder, _ = act._halting_torch(h, 0.01)
+    steps, remainder, _ = act.halting_torch(h, 0.01)
     assert steps.item() == 3 and remainder.item() == pytest.approx(0.3)
     (steps.double() + remainder).sum().backward()
     # d(N + R)/dh^n = -1 for n < N, 0 at and after N
@@ -146,4 +146,4 @@ def test_shipped_weights_load_and_reach_the_cards_accuracy():
     assert rec["steps"].mean() == pytest.approx(card["metrics"]["mean_steps"], abs=1e-4)
     stored = halting.load_records("parity_act")
     np.testing.assert_array_equal(stored.steps, rec["steps"])
-    np.testing.assert_array_equal(stored.length, length)
+    np.testing.assert_array_equal(stored.difficulty, length)

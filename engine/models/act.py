@@ -81,7 +81,7 @@ def halting_distribution(h: np.ndarray, eps: float, max_steps: int | None = None
     return steps, remainder, p
 
 
-def _halting_torch(h: torch.Tensor, eps: float):
+def halting_torch(h: torch.Tensor, eps: float):
     """The same rule in torch, differentiable through R and the h^n before N (training)."""
     m = h.shape[1]
     cum = torch.cumsum(h, 1)
@@ -128,6 +128,17 @@ class ACTNet(nn.Module):
         nn.init.constant_(self.halt.bias, config.halt_bias_init)
         self.out = nn.Linear(config.hidden, config.num_classes)
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.config.num_bits,)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """What every ponder step sees; for bit strings the input itself (no cost)."""
+        return x
+
+    def initial_state(self, e: torch.Tensor) -> torch.Tensor:
+        return e.new_zeros(len(e), self.config.hidden)  # s^0 = 0
+
     def step(self, x: torch.Tensor, s: torch.Tensor, first: bool):
         """One ponder step: (new state [B, H], halting score [B], class logits [B, C])."""
         flag = torch.full((len(x), 1), 1.0 if first else 0.0)
@@ -137,7 +148,8 @@ class ACTNet(nn.Module):
     def unroll(self, x: torch.Tensor, steps: int | None = None):
         """All M steps for every input: (h [B, M], logits [B, M, C], states [B, M, H])."""
         steps = steps or self.config.max_steps
-        s = x.new_zeros(len(x), self.config.hidden)
+        x = self.encode(x)
+        s = self.initial_state(x)
         hs, zs, ss = [], [], []
         for n in range(steps):
             s, h, z = self.step(x, s, n == 0)
@@ -154,7 +166,7 @@ class ACTNet(nn.Module):
         """
         eps = self.config.eps if eps is None else eps
         h, logits, states = self.unroll(x)
-        steps, remainder, p = _halting_torch(h, eps)
+        steps, remainder, p = halting_torch(h, eps)
         probs = (p[:, :, None] * torch.softmax(logits, 2)).sum(1)  # y = sum_n p^n y^n
         state = (p[:, :, None] * states).sum(1)  # s = sum_n p^n s^n
         return {
@@ -195,26 +207,32 @@ def parity_data(n: int, num_bits: int, seed: int, min_len: int = 1, max_len: int
 # --- inference that really stops -------------------------------------------------------------
 
 
-def step_flops(model: ACTNet) -> float:
+def step_flops(model: nn.Module) -> float:
     """FLOPs per input of one ponder step (cell + halting unit + output layer), counted by torch."""
-    x = torch.zeros(1, model.config.num_bits)
-    s = torch.zeros(1, model.config.hidden)
-    return float(count_flops(model.step, x, s, True)[0])
+    e = model.encode(torch.zeros(1, *model.input_shape))
+    return float(count_flops(model.step, e, model.initial_state(e), True)[0])
+
+
+def encode_flops(model: nn.Module) -> float:
+    """FLOPs per input of the part that runs once before pondering (0 for bit strings)."""
+    return float(count_flops(model.encode, torch.zeros(1, *model.input_shape))[0])
 
 
 @torch.no_grad()
 def run_act(
-    model: ACTNet,
+    model: nn.Module,
     x: np.ndarray | torch.Tensor,
     eps: float | None = None,
     max_steps: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Ponder each input until it halts; halted inputs are dropped from the batch.
 
-    Per-input record: ``steps`` (N), ``remainder`` (R), ``ponder_cost`` (N + R), ``h`` [n, M]
-    (halting scores of the steps that ran, NaN after), ``cum_halt`` [n, M] (cumulative p, ends at
-    exactly 1), ``probs`` [n, C] (mean-field output), ``pred``, ``flops`` (counted by torch on the
-    steps that ran).
+    Works for any ACT model with ``encode``, ``initial_state`` and ``step`` (``ACTNet`` here,
+    ``engine.models.act_cnn.ACTConvNet`` for images). Per-input record: ``steps`` (N),
+    ``remainder`` (R), ``ponder_cost`` (N + R), ``h`` [n, M] (halting scores of the steps that
+    ran, NaN after), ``cum_halt`` [n, M] (cumulative p, ends at exactly 1), ``probs`` [n, C]
+    (mean-field output), ``pred``, ``flops`` (counted by torch on what ran: the encoder once,
+    then only the steps taken).
     """
     model.eval()
     cfg = model.config
@@ -222,17 +240,18 @@ def run_act(
     m = cfg.max_steps if max_steps is None else int(max_steps)
     x = torch.as_tensor(np.asarray(x, dtype=np.float32))
     b = len(x)
-    s = torch.zeros(b, cfg.hidden)
+    enc, e = count_flops(model.encode, x)
+    s = model.initial_state(e)
     cum = torch.zeros(b, dtype=torch.float64)
     h_all = torch.full((b, m), float("nan"), dtype=torch.float64)
     p_all = torch.zeros(b, m, dtype=torch.float64)
     probs = torch.zeros(b, cfg.num_classes, dtype=torch.float64)
     steps = torch.zeros(b, dtype=torch.int64)
     remainder = torch.zeros(b, dtype=torch.float64)
-    flops = torch.zeros(b, dtype=torch.float64)
+    flops = torch.full((b,), enc / max(b, 1), dtype=torch.float64)
     active = torch.arange(b)
     for n in range(m):
-        total, (s_new, h, z) = count_flops(model.step, x[active], s[active], n == 0)
+        total, (s_new, h, z) = count_flops(model.step, e[active], s[active], n == 0)
         flops[active] += total / len(active)
         s[active] = s_new
         h = h.double()
@@ -262,14 +281,19 @@ def run_act(
 
 
 @torch.no_grad()
-def halting_scores(model: ACTNet, x: np.ndarray | torch.Tensor):
+def halting_scores(model: nn.Module, x: np.ndarray | torch.Tensor, chunk: int = 1000):
     """Every input unrolled all M steps: (h [n, M], step probabilities [n, M, C]), numpy.
 
     With these, ``halting_distribution`` evaluates ACT at any eps without the model.
     """
     model.eval()
-    h, logits, _ = model.unroll(torch.as_tensor(np.asarray(x, dtype=np.float32)))
-    return h.double().numpy(), torch.softmax(logits.double(), 2).numpy()
+    x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    hs, qs = [], []
+    for i in range(0, len(x), chunk):
+        h, logits, _ = model.unroll(x[i : i + chunk])
+        hs.append(h.double().numpy())
+        qs.append(torch.softmax(logits.double(), 2).numpy())
+    return np.concatenate(hs), np.concatenate(qs)
 
 
 def outputs_at(h: np.ndarray, step_probs: np.ndarray, eps: float, max_steps: int | None = None):
