@@ -186,8 +186,28 @@ def steps_histogram(steps: np.ndarray, max_steps: int) -> go.Figure:
     return _layout(fig, "Ponder steps taken", "steps N", "inputs")
 
 
+def steps_by_class(class_names: Sequence[str], mean: np.ndarray, accuracy: np.ndarray) -> go.Figure:
+    """Mean ponder steps per true class, with the class's accuracy in the hover."""
+    fig = go.Figure(
+        go.Bar(
+            x=list(class_names),
+            y=mean,
+            marker_color=RAN,
+            customdata=np.asarray(accuracy),
+            hovertemplate="%{x}: %{y:.2f} steps, accuracy %{customdata:.1%}<extra></extra>",
+            name="mean steps",
+        )
+    )
+    fig.update_xaxes(type="category")
+    return _layout(fig, "Steps per class", "true class", "mean ponder steps")
+
+
 def steps_vs_difficulty(
-    lengths: np.ndarray, mean: np.ndarray, std: np.ndarray, accuracy: np.ndarray
+    lengths: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    accuracy: np.ndarray,
+    x_title: str = "string length (non-zero entries)",
 ) -> go.Figure:
     """Mean steps (with one standard deviation) and accuracy per difficulty level."""
     fig = go.Figure()
@@ -213,4 +233,4 @@ def steps_vs_difficulty(
         )
     )
     fig.update_xaxes(dtick=1)
-    return _layout(fig, "Steps vs difficulty", "string length (non-zero entries)", "ponder steps")
+    return _layout(fig, "Steps vs difficulty", x_title, "ponder steps")

@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -11,7 +10,8 @@ from engine.skipping import records_file
 
 ROOT = Path(__file__).resolve().parent.parent
 SKIP_OK = records_file("mnist_skipnet").exists()
-HALT_OK = halting.records_file("parity_act").exists()
+HALT_MODELS = halting.available_models()
+HALT_OK = bool(HALT_MODELS)
 
 
 def metrics(at) -> dict[str, str]:
@@ -41,24 +41,65 @@ def test_skipping_page_shows_engine_numbers_and_reacts_to_the_threshold():
     assert metrics(at)["Blocks skipped"] == "0.0%"  # threshold 0 runs every block
 
 
-@pytest.mark.skipif(not HALT_OK, reason="parity_act records not bundled")
-def test_halting_page_shows_engine_numbers_and_reacts_to_eps():
-    rec = halting.load_records("parity_act")
+@pytest.mark.skipif(not HALT_OK, reason="ACT records not bundled")
+@pytest.mark.parametrize("model_id", HALT_MODELS)
+def test_halting_page_shows_engine_numbers_and_reacts_to_eps(model_id):
+    rec = halting.load_records(model_id)
     at = AppTest.from_file(str(ROOT / "pages/halting.py"), default_timeout=60).run()
+    assert not at.exception, at.exception
+    at.selectbox(key="act_model").set_value(model_id).run()
     assert not at.exception, at.exception
     r = halting.at_eps(rec, rec.eps)
     m = metrics(at)
     assert m["Accuracy"] == f"{r.accuracy:.2%}"
     assert m["Mean ponder steps"] == f"{r.steps.mean():.2f}"
+    rho = halting.spearman(r.steps, rec.difficulty)
+    assert m["Spearman(steps, difficulty)"] == f"{rho:.3f}"
     # at the trained eps the stored unroll reproduces the real run's steps
-    np.testing.assert_array_equal(r.steps, rec.steps)
-    assert len(at.get("plotly_chart")) == 4
+    assert (r.steps != rec.steps).mean() < 1e-3
+    assert len(at.get("plotly_chart")) == 5
 
-    at.slider[0].set_value(0.5).run()
+    at.slider(key="act_eps").set_value(0.5).run()
     r5 = halting.at_eps(rec, 0.5)
     m5 = metrics(at)
     assert m5["Mean ponder steps"] == f"{r5.steps.mean():.2f}"
     assert m5["Mean ponder steps"] != m["Mean ponder steps"]
+
+    # browse from the input that pondered longest
+    at.radio(key="act_order").set_value("most steps first").run()
+    assert f"steps N = **{r5.steps.max()}**" in " ".join(md.value for md in at.markdown)
+
+
+@pytest.mark.skipif("mnist_act" not in HALT_MODELS, reason="mnist_act not bundled")
+def test_halting_page_ponders_an_uploaded_image_and_rejects_a_corrupt_one():
+    import io
+
+    from PIL import Image, ImageDraw
+
+    from engine.models import act
+    from engine.registry import load_model
+
+    img = Image.new("L", (120, 120), 255)
+    ImageDraw.Draw(img).line([(60, 15), (60, 105)], fill=0, width=12)  # a hand-drawn "1"
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    at = AppTest.from_file(str(ROOT / "pages/halting.py"), default_timeout=60).run()
+    at.selectbox(key="act_model").set_value("mnist_act").run()
+    at.file_uploader(key="act_upload").upload("one.png", buf.getvalue(), "image/png").run()
+    assert not at.exception, at.exception
+    text = " ".join(md.value for md in at.markdown)
+    assert "FLOPs" in text and "steps N" in text
+    # the live run is the engine's
+    from engine import inspection
+    from engine.data.images import to_model_input
+
+    prep = inspection.prepare_image(buf.getvalue(), "mnist", "one.png")
+    out = act.run_act(load_model("mnist_act"), to_model_input(prep.model_input).numpy())
+    assert f"FLOPs **{out['flops'][0]:,.0f}**" in text
+
+    at.file_uploader(key="act_upload").upload("bad.png", b"not an image at all", "image/png").run()
+    assert not at.exception
+    assert any("cannot be used" in e.value for e in at.error)
 
 
 def test_pages_fail_gracefully_without_records(monkeypatch, tmp_path):

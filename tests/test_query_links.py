@@ -18,14 +18,31 @@ def run(page: str, **params) -> AppTest:
 
 
 def test_skipping_threshold_from_url():
-    assert run("skipping.py", t="0.8").select_slider(key="skip_threshold").value == pytest.approx(0.8)
-    assert run("skipping.py", t="0.83").select_slider(key="skip_threshold").value == pytest.approx(0.85)
-    assert run("skipping.py", t="nonsense").select_slider(key="skip_threshold").value == pytest.approx(0.5)
+    assert run("skipping.py", t="0.8").select_slider(key="skip_threshold").value == pytest.approx(
+        0.8
+    )
+    assert run("skipping.py", t="0.83").select_slider(key="skip_threshold").value == pytest.approx(
+        0.85
+    )
+    assert run("skipping.py", t="nonsense").select_slider(
+        key="skip_threshold"
+    ).value == pytest.approx(0.5)
 
 
 def test_halting_eps_from_url():
     assert run("halting.py", eps="0.2").slider(key="act_eps").value == pytest.approx(0.2)
     assert run("halting.py", eps="7").slider(key="act_eps").value == pytest.approx(0.5)
+
+
+def test_halting_model_from_url():
+    from engine.halting import available_models
+
+    models = available_models()
+    if not models:
+        pytest.skip("no ACT records bundled")
+    for m in models:
+        assert run("halting.py", model=m).selectbox(key="act_model").value == m
+    assert run("halting.py", model="no_such_model").selectbox(key="act_model").value in models
 
 
 def test_routing_model_and_tau_from_url():

@@ -449,8 +449,9 @@ def halting(ctx: Ctx, card: ModelCard) -> None:
         ctx,
         "**Adaptive computation time** lets a network repeat the same step as often as it "
         "needs. After every step a *halting unit* adds a little to a running total; when the "
-        "total reaches 1 − ε, the network stops. Here the task is parity (is the number of 1s "
-        "odd?): longer inputs are harder, and the network learns to think longer about them.",
+        "total reaches 1 − ε, the network stops. Here the task is parity (is the number of +1s "
+        "odd?): strings with more non-zero entries are harder. Does the network think longer "
+        "about them? The bars answer it, measured on the test strings.",
         "ACT (Graves, 2016): learns parity with an input-dependent number of steps; "
         "PonderNet (Banino et al., 2021) refines the halting rule.",
     )
@@ -468,9 +469,14 @@ def halting(ctx: Ctx, card: ModelCard) -> None:
         st.markdown(
             f"At ε = **{eps:g}**: **{pct(float(r.correct.mean()), 1)}** correct, "
             f"**{r.steps.mean():.2f}** steps on average (from {r.steps.min()} to "
-            f"{r.steps.max()})."
+            f"{r.steps.max()}); rank correlation between steps and length "
+            f"**{hl.spearman(r.steps, rec.difficulty):.2f}**."
         )
-        deeper("pages/halting.py", "Go deeper: the halting page", {"eps": eps})
+        deeper(
+            "pages/halting.py",
+            "Go deeper: the halting page",
+            {"eps": eps, "model": card.model_id},
+        )
     with right:
         fig = ft.steps_bars(
             mean,
