@@ -10,7 +10,7 @@ from app import palette
 from app.query import choice_param, float_param
 from engine import halting
 
-DEFAULT_MODEL = "mnist_act"
+DEFAULT_MODEL = "parity_act"
 INTRO = {
     "bits": "Parity, as in the ACT paper: a bit string with a random number of ±1 entries; the "
     "answer is whether the number of +1 is odd. Longer strings (more non-zero entries) are "
