@@ -125,6 +125,21 @@ def test_presenter_tour_in_chromium(page, server):
             pg.get_by_text("of the full network's compute").wait_for()
             wait_idle(pg)
             assert pg.get_by_text("Answer").count() >= 1
+            act_tab = pg.get_by_role("tab", name="Pondering (ACT)")
+            if act_tab.count():  # the same stroke, pondered by the image ACT model
+                act_tab.click()
+                pg.get_by_text("ponder steps: it stops").wait_for()
+                act_chart = pg.locator('[data-testid="stPlotlyChart"]').filter(
+                    has=pg.locator(".main-svg")
+                )
+                b = [
+                    act_chart.nth(n)
+                    for n in range(act_chart.count())
+                    if act_chart.nth(n).is_visible()
+                ]
+                assert b and b[-1].bounding_box()["y"] + b[-1].bounding_box()["height"] <= H
+                pg.screenshot(path=str(SHOTS / "tour_draw_act.png"))
+                pg.get_by_role("tab", name="Early exit").click()
             drew = True
         # this chapter's charts: not stale leftovers of the previous one
         charts = pg.locator('[data-testid="stPlotlyChart"]:not([data-stale="true"] *)')

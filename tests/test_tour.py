@@ -13,7 +13,7 @@ from app.tour import draw
 from app.tour.chapters import CHAPTERS, QUIZ_SAMPLE
 from app.tour.frame import W_PRESENT
 from engine.data import images
-from engine.data.drawing import to_canvas_rgba
+from engine.data.drawing import to_canvas_rgba, to_mnist
 from engine.policies import Policy, exit_index
 from engine.registry import MODELS_DIR
 from engine.trace_store import trace_file
@@ -23,6 +23,7 @@ APP = str(ROOT / "streamlit_app.py")
 MODEL = "mnist_multi_exit_cnn"
 HAVE_MULTI_EXIT = (MODELS_DIR / f"{MODEL}.json").exists() and trace_file(MODEL).exists()
 SKIP_BUNDLED = (MODELS_DIR / "mnist_skipnet.json").exists()
+ACT_BUNDLED = (MODELS_DIR / "mnist_act.json").exists()
 needs_model = pytest.mark.skipif(not HAVE_MULTI_EXIT, reason=f"{MODEL} is not bundled yet")
 
 
@@ -147,6 +148,11 @@ def test_draw_path_matches_the_engine_on_test_digits(engine_side):
     from app.tour.live import run
 
     trace, data, runner = engine_side
+    if ACT_BUNDLED:
+        from engine.models.act import run_act
+        from engine.registry import load_model
+
+        act_model = load_model("mnist_act")
     t = 0.9
     rows = robust_rows(trace, t)
     assert len(rows) >= 3
@@ -166,9 +172,11 @@ def test_draw_path_matches_the_engine_on_test_digits(engine_side):
         seen_exits.add(got["exit"])
         if SKIP_BUNDLED:  # the same canvas drives the skip model (blocks executed)
             assert 0 <= got["skip_blocks_run"] <= 6
-            assert len(at.get("plotly_chart")) == 2
-        else:
-            assert len(at.get("plotly_chart")) == 1
+        if ACT_BUNDLED:  # ... and the image ACT model (ponder steps, real halting)
+            seen = to_mnist(to_canvas_rgba(img))  # what the canvas path hands the models
+            act_run = run_act(act_model, images.to_model_input(seen[None]).numpy())
+            assert got["act_steps"] == int(act_run["steps"][0])
+        assert len(at.get("plotly_chart")) == 1 + SKIP_BUNDLED + ACT_BUNDLED
         assert f"at **{trace.meta.exit_names[got['exit']]}**" in texts(at)
     assert len(seen_exits) >= 2  # easy digits stop early, hard ones go deeper
 

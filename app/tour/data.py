@@ -206,6 +206,21 @@ def skip_card() -> ModelCard | None:
     return card if card is not None and skip_records(card.model_id) is not None else None
 
 
+@st.cache_resource(show_spinner=False)
+def act_live(model_id: str, img28: bytes) -> dict:
+    """One drawn image pondered by the image ACT model (real halting at its trained eps)."""
+    from engine.models.act import run_act
+
+    img = np.frombuffer(img28, dtype=np.uint8).reshape(28, 28).copy()
+    return run_act(get_model(model_id), images.to_model_input(img[None]).numpy())
+
+
+def act_image_card() -> ModelCard | None:
+    """The ACT model that reads MNIST-style digits (the canvas's preprocessing), if bundled."""
+    card = card_if("mnist_act", "act_cnn")
+    return card if card is not None and card.dataset == "mnist" else None
+
+
 def act_card() -> ModelCard | None:
     card = card_if("parity_act", "act")
     return card if card is not None and halt_records(card.model_id) is not None else None

@@ -13,7 +13,7 @@ import streamlit as st
 from PIL import Image
 
 from app import figures_tour as ft
-from app.palette import NEUTRAL, exit_color
+from app.palette import HIGHLIGHT, NEUTRAL, exit_color
 from app.tour import data
 from app.tour.chapters import (
     Ctx,
@@ -131,9 +131,13 @@ def draw_chapter(ctx: Ctx, card: ModelCard) -> None:
             f"Answer **{classes[run.answer]}** at **{names[run.exit]}**, "
             f"using **{pct(run.cost_fraction)}** of the full network's compute."
         )
-    skip = data.skip_card()
+    skip, ponder = data.skip_card(), data.act_image_card()
+    names_tabs = ["Early exit"]
+    names_tabs += ["Layer skipping"] if skip is not None else []
+    names_tabs += ["Pondering (ACT)"] if ponder is not None else []
+    extra = 50 if len(names_tabs) > 1 else 0
     with c_fig:
-        tabs = st.tabs(["Early exit", "Layer skipping"]) if skip is not None else [st.container()]
+        tabs = st.tabs(names_tabs) if len(names_tabs) > 1 else [st.container()]
     with tabs[0]:
         fig = ft.exit_ladder(
             run.probs,
@@ -142,13 +146,16 @@ def draw_chapter(ctx: Ctx, card: ModelCard) -> None:
             t,
             names,
             classes,
-            height=ctx.fig_height - (50 if skip is not None else 0),
+            height=ctx.fig_height - extra,
             present=ctx.present,
         )
         show_figure(fig, "tour.fig.draw")
     if skip is not None:
         with tabs[1]:
             _skip_panel(ctx, skip, img28, classes)
+    if ponder is not None:
+        with tabs[-1]:
+            _act_panel(ctx, ponder, img28, classes)
     if not ctx.present:
         with c_fig:
             deeper(
@@ -182,4 +189,33 @@ def _skip_panel(ctx: Ctx, card: ModelCard, img28: np.ndarray, classes) -> None:
     st.markdown(
         f"The skip model answers **{classes[int(rec['pred'][0])]}** after running "
         f"**{int(ran.sum())} of {n}** blocks."
+    )
+
+
+def _act_panel(ctx: Ctx, card: ModelCard, img28: np.ndarray, classes) -> None:
+    """The same drawing through the image ACT model: cumulative halting after each step."""
+    rec = data.act_live(card.model_id, np.ascontiguousarray(img28).tobytes())
+    steps, m = int(rec["steps"][0]), rec["h"].shape[1]
+    eps = float(card.config.get("eps", 0.01))
+    st.session_state[RESULT]["act_steps"] = steps
+    cum = np.where(np.arange(m) < steps, rec["cum_halt"][0], 0.0)
+    fig = ft.steps_bars(
+        cum,
+        [str(n + 1) for n in range(m)],
+        [
+            exit_color(0) if n < steps - 1 else HIGHLIGHT if n == steps - 1 else NEUTRAL
+            for n in range(m)
+        ],
+        "cumulative halting",
+        line=1 - eps,
+        line_label=f"1 − ε = {1 - eps:g}",
+        height=ctx.fig_height - 90,
+        present=ctx.present,
+        y_range=(0, 1.15),
+    )
+    fig.update_xaxes(title=f"ponder step (steps after {steps} were not run)", type="category")
+    show_figure(fig, "tour.fig.draw_act")
+    st.markdown(
+        f"The ACT model answers **{classes[int(rec['pred'][0])]}** after **{steps} of {m}** "
+        "ponder steps: it stops once its halting total reaches 1 − ε."
     )
