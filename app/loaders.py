@@ -249,3 +249,15 @@ def test_images(dataset: str) -> TestImages:
         raise DatasetUnavailable(str(e)) from None
     order = np.argsort(t.indices, kind="stable")
     return TestImages(t.data.images[order], t.data.labels[order], t.indices[order], t.note)
+
+
+def test_image(dataset: str, sid) -> np.ndarray | None:
+    """One test-split image by its index (full split, else the bundled gallery), or None."""
+    from engine.data.images import DatasetUnavailable
+
+    try:
+        ti = test_images(dataset)
+    except DatasetUnavailable:
+        return None
+    pos = ti.position(sid)
+    return None if pos is None else ti.images[pos]

@@ -6,7 +6,7 @@ import numpy as np
 import streamlit as st
 
 from app import figures_dynamic as figs
-from app import palette
+from app import loaders, palette
 from app.query import float_param
 from engine import skipping
 
@@ -41,16 +41,6 @@ def exit_curve(model_id: str):
         return None
     c = curve(trace, "max_prob")
     return c.mean_cost, c.accuracy, c.params
-
-
-@st.cache_data(show_spinner=False)
-def test_images(dataset: str):
-    from engine.data import images
-
-    try:
-        return images.load(dataset, "test").images
-    except images.DatasetUnavailable:
-        return None
 
 
 st.title("Layer skipping")
@@ -96,7 +86,6 @@ c3.metric("Compute vs all blocks", f"{s['cost_fraction']:.1%}")
 c4.metric("Blocks skipped", f"{s['skip_rate']:.1%}")
 
 st.subheader("One input")
-imgs = test_images(rec.meta.get("dataset", "mnist"))
 i = int(
     st.number_input(
         f"Test input (0 – {len(rec.sample_id) - 1})",
@@ -110,8 +99,9 @@ i = int(
 left, right = st.columns([1, 3])
 with left:
     sid = int(rec.sample_id[i])
-    if imgs is not None and sid < len(imgs):
-        st.image(imgs[sid], width=140, caption=f"test image #{sid}")
+    img = loaders.test_image(rec.meta.get("dataset", "mnist"), sid)
+    if img is not None:
+        st.image(img, width=140, caption=f"test image #{sid}")
     else:
         st.info("MNIST is not installed here, so the image is not shown (records still are).")
     ok = rec.pred[ti, i] == rec.label[i]

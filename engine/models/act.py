@@ -145,43 +145,59 @@ class ACTNet(nn.Module):
         s = self.cell(torch.cat([x, flag], 1), s)
         return s, torch.sigmoid(self.halt(s))[:, 0], self.out(s)
 
-    def unroll(self, x: torch.Tensor, steps: int | None = None):
-        """All M steps for every input: (h [B, M], logits [B, M, C], states [B, M, H])."""
-        steps = steps or self.config.max_steps
-        x = self.encode(x)
-        s = self.initial_state(x)
-        hs, zs, ss = [], [], []
-        for n in range(steps):
-            s, h, z = self.step(x, s, n == 0)
-            hs.append(h)
-            zs.append(z)
-            ss.append(s)
-        return torch.stack(hs, 1), torch.stack(zs, 1), torch.stack(ss, 1)
-
     def forward(self, x: torch.Tensor, eps: float | None = None) -> dict[str, torch.Tensor]:
-        """Training pass: mean-field output probabilities and the ponder cost per input.
+        return mean_field(self, x, eps)
 
-        Every input is unrolled M steps and the steps after N get weight 0 (simple to batch);
-        ``run_act`` is the inference path that really stops.
-        """
-        eps = self.config.eps if eps is None else eps
-        h, logits, states = self.unroll(x)
-        steps, remainder, p = halting_torch(h, eps)
-        probs = (p[:, :, None] * torch.softmax(logits, 2)).sum(1)  # y = sum_n p^n y^n
-        state = (p[:, :, None] * states).sum(1)  # s = sum_n p^n s^n
-        return {
-            "probs": probs,
-            "state": state,
-            "steps": steps,
-            "remainder": remainder,
-            "ponder_cost": steps.to(remainder.dtype) + remainder,  # rho = N + R
-            "p": p,
-            "h": h,
-        }
+
+def unroll(model: nn.Module, x: torch.Tensor, steps: int | None = None):
+    """All M steps for every input: (h [B, M], logits [B, M, C], states [B, M, *state]).
+
+    Any ACT model with ``encode``, ``initial_state`` and ``step`` (this file's ``ACTNet``,
+    ``engine.models.act_cnn.ACTConvNet``).
+    """
+    steps = steps or model.config.max_steps
+    e = model.encode(x)
+    s = model.initial_state(e)
+    hs, zs, ss = [], [], []
+    for n in range(steps):
+        s, h, z = model.step(e, s, n == 0)
+        hs.append(h)
+        zs.append(z)
+        ss.append(s)
+    return torch.stack(hs, 1), torch.stack(zs, 1), torch.stack(ss, 1)
+
+
+def mean_field(model: nn.Module, x: torch.Tensor, eps: float | None = None) -> dict:
+    """Training pass: mean-field output probabilities and the ponder cost per input.
+
+    Every input is unrolled M steps and the steps after N get weight 0 (simple to batch);
+    ``run_act`` is the inference path that really stops.
+    """
+    eps = model.config.eps if eps is None else eps
+    h, logits, states = unroll(model, x)
+    steps, remainder, p = halting_torch(h, eps)
+    probs = (p[:, :, None] * torch.softmax(logits, 2)).sum(1)  # y = sum_n p^n y^n
+    weights = p.reshape(*p.shape, *([1] * (states.ndim - 2)))
+    return {
+        "probs": probs,
+        "state": (weights * states).sum(1),  # s = sum_n p^n s^n
+        "steps": steps,
+        "remainder": remainder,
+        "ponder_cost": steps.to(remainder.dtype) + remainder,  # rho = N + R
+        "p": p,
+        "h": h,
+    }
 
 
 def build(config: dict) -> ACTNet:
     return ACTNet(Config.from_dict(config))
+
+
+def act_loss(out: dict, y: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Graves' objective on a ``mean_field`` output: (loss, task nll) with
+    loss = -log(sum_n p^n y^n[target]) + tau * (N + R)."""
+    nll = -torch.log(out["probs"].gather(1, y[:, None])[:, 0].clamp_min(1e-8)).mean()
+    return nll + tau * out["ponder_cost"].mean(), nll
 
 
 # --- data -----------------------------------------------------------------------------------
@@ -290,7 +306,7 @@ def halting_scores(model: nn.Module, x: np.ndarray | torch.Tensor, chunk: int = 
     x = torch.as_tensor(np.asarray(x, dtype=np.float32))
     hs, qs = [], []
     for i in range(0, len(x), chunk):
-        h, logits, _ = model.unroll(x[i : i + chunk])
+        h, logits, _ = unroll(model, x[i : i + chunk])
         hs.append(h.double().numpy())
         qs.append(torch.softmax(logits.double(), 2).numpy())
     return np.concatenate(hs), np.concatenate(qs)

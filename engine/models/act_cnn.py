@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from engine.models.act import halting_torch
+from engine.models.act import mean_field
 
 INPUT_SIZE = 28
 
@@ -109,37 +109,9 @@ class ACTConvNet(nn.Module):
         r = s.mean((2, 3)) if self.config.readout == "pool" else s.flatten(1)
         return s, torch.sigmoid(self.halt(r))[:, 0], self.out(r)
 
-    def unroll(self, x: torch.Tensor, steps: int | None = None):
-        """All M steps for every image: (h [B, M], logits [B, M, C], states [B, M, W, 7, 7])."""
-        steps = steps or self.config.max_steps
-        e = self.encode(x)
-        s = self.initial_state(e)
-        hs, zs, ss = [], [], []
-        for n in range(steps):
-            s, h, z = self.step(e, s, n == 0)
-            hs.append(h)
-            zs.append(z)
-            ss.append(s)
-        return torch.stack(hs, 1), torch.stack(zs, 1), torch.stack(ss, 1)
-
     def forward(self, x: torch.Tensor, eps: float | None = None) -> dict[str, torch.Tensor]:
-        """Training pass: mean-field class probabilities and the ponder cost N + R per image.
-
-        Every image is unrolled M steps and the steps after N get weight 0; ``act.run_act`` is
-        the inference path that really stops.
-        """
-        eps = self.config.eps if eps is None else eps
-        h, logits, _ = self.unroll(x)
-        steps, remainder, p = halting_torch(h, eps)
-        probs = (p[:, :, None] * torch.softmax(logits, 2)).sum(1)  # y = sum_n p^n y^n
-        return {
-            "probs": probs,
-            "steps": steps,
-            "remainder": remainder,
-            "ponder_cost": steps.to(remainder.dtype) + remainder,  # rho = N + R
-            "p": p,
-            "h": h,
-        }
+        """Training pass (every image unrolled M steps); ``act.run_act`` really stops."""
+        return mean_field(self, x, eps)
 
 
 def build(config: dict) -> ACTConvNet:

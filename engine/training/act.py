@@ -14,7 +14,6 @@ for the halting page (see ``engine.halting``).
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 from engine.halting import spearman
 from engine.models import act
 from engine.registry import MODELS_DIR
-from engine.training.common import command_line, save_model, seed_everything
+from engine.training.common import command_line, cosine_lr, save_model, seed_everything
 
 FAMILY = "act"
 
@@ -55,9 +54,7 @@ def parser() -> argparse.ArgumentParser:
 def train(model: act.ACTNet, args) -> None:
     steps = args.steps if args.max_steps_train is None else min(args.steps, args.max_steps_train)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))
-    )
+    sched = cosine_lr(opt, steps)
     rng_seed = args.seed * 1_000_003
     model.train()
     t0, run_loss, run_acc, run_steps = time.perf_counter(), 0.0, 0.0, 0.0
@@ -65,8 +62,7 @@ def train(model: act.ACTNet, args) -> None:
         x, y, _ = act.parity_data(args.batch_size, args.num_bits, seed=rng_seed + i)
         x, y = torch.from_numpy(x), torch.from_numpy(y)
         out = model(x)
-        nll = -torch.log(out["probs"].gather(1, y[:, None])[:, 0].clamp_min(1e-8)).mean()
-        loss = nll + args.ponder_cost * out["ponder_cost"].mean()
+        loss, nll = act.act_loss(out, y, args.ponder_cost)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -125,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     card = {
         "model_id": args.model_id,
-        "title": f"ACT on {args.num_bits}-bit parity (Graves 2016)",
+        "title": f"ACT on {args.num_bits}-bit parity (Graves 2016), τ = {args.ponder_cost:g}",
         "family": FAMILY,
         "module": "engine.models.act",
         "config": config.to_dict(),

@@ -23,7 +23,7 @@ import torch
 from engine.data import images
 from engine.models import act, act_cnn
 from engine.registry import MODELS_DIR
-from engine.training.common import command_line, save_model, seed_everything
+from engine.training.common import command_line, cosine_lr, save_model, seed_everything
 
 FAMILY = "act_cnn"
 
@@ -70,9 +70,7 @@ def train(model: act_cnn.ACTConvNet, x: torch.Tensor, y: torch.Tensor, args) -> 
     if args.max_steps_train is not None:
         total = min(total, args.max_steps_train)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, total))))
-    )
+    sched = cosine_lr(opt, total)
     gen = torch.Generator().manual_seed(args.seed)
     model.train()
     step = 0
@@ -84,8 +82,7 @@ def train(model: act_cnn.ACTConvNet, x: torch.Tensor, y: torch.Tensor, args) -> 
                 break
             b = perm[i * args.batch_size : (i + 1) * args.batch_size]
             out = model(x[b])
-            nll = -torch.log(out["probs"].gather(1, y[b][:, None])[:, 0].clamp_min(1e-8)).mean()
-            loss = nll + args.ponder_cost * out["ponder_cost"].mean()
+            loss, nll = act.act_loss(out, y[b], args.ponder_cost)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

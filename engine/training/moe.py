@@ -30,7 +30,7 @@ from engine import moe_analysis
 from engine.data import images
 from engine.models.moe import Config, MoEViT, default_routing, patchify
 from engine.registry import MODELS_DIR
-from engine.training.common import command_line, save_model, seed_everything
+from engine.training.common import command_line, cosine_lr, save_model, seed_everything
 
 FAMILY = "moe"
 
@@ -78,14 +78,7 @@ def subset(data: images.ImageSet, limit: int | None, seed: int) -> images.ImageS
 
 
 def cosine(opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    warm = max(1, min(100, total // 10))
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+    return cosine_lr(opt, total, warmup=max(1, min(100, total // 10)))
 
 
 def train_loop(params, loss_fn, n: int, args, epochs: int, label: str) -> None:

@@ -33,7 +33,7 @@ from torch import nn
 from engine.data import images
 from engine.registry import MODELS_DIR
 from engine.trace_build import exit_flops
-from engine.training.common import command_line, save_model, seed_everything
+from engine.training.common import command_line, cosine_lr, save_model, seed_everything
 
 FAMILY = "multi_exit_cnn"
 
@@ -72,15 +72,7 @@ def load_split(dataset: str, split: str, limit: int | None, seed: int):
 
 def cosine_schedule(opt: torch.optim.Optimizer, total_steps: int, warmup: int = 50):
     """Linear warm-up then cosine decay to zero, per step."""
-    warmup = min(warmup, max(1, total_steps // 10))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return cosine_lr(opt, total_steps, warmup=min(warmup, max(1, total_steps // 10)))
 
 
 def run_epochs(

@@ -34,7 +34,7 @@ from engine.costs import count_flops
 from engine.data import images
 from engine.models import skipnet
 from engine.registry import MODELS_DIR
-from engine.training.common import command_line, save_model, seed_everything
+from engine.training.common import command_line, cosine_lr, save_model, seed_everything
 
 FAMILY = "skipnet"
 
@@ -94,9 +94,7 @@ def train_phase(model, x, y, args, epochs: int, gated: bool, weights: torch.Tens
     total_steps = epochs * steps_per_epoch
     if args.max_steps_train is not None:
         total_steps = min(total_steps, args.max_steps_train)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, total_steps))))
-    )
+    sched = cosine_lr(opt, total_steps)
     gen = torch.Generator().manual_seed(seed)
     share = weights / weights.sum()
     step = 0
