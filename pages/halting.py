@@ -6,7 +6,7 @@ import numpy as np
 import streamlit as st
 
 from app import figures_dynamic as figs
-from app import palette
+from app import loaders, palette
 from app.query import choice_param, float_param
 from engine import halting
 
@@ -37,21 +37,45 @@ def at_eps(model_id: str, eps: float) -> halting.AtEps:
     return halting.at_eps(records(model_id), eps)
 
 
-@st.cache_data(show_spinner=False)
-def test_images(dataset: str):
-    from engine.data import images
-
-    try:
-        return images.load(dataset, "test").images
-    except images.DatasetUnavailable:
-        return None
-
-
 @st.cache_resource(show_spinner=False)
 def model(model_id: str):
     from engine.registry import load_model
 
     return load_model(model_id)
+
+
+@st.cache_data(show_spinner=False)
+def siblings(model_id: str) -> list[str]:
+    """Bundled ACT models of the same family on the same data, by ponder cost τ."""
+    from engine.registry import get_card
+
+    me = get_card(model_id)
+    same = [
+        m
+        for m in halting.available_models()
+        if (c := get_card(m)).family == me.family and c.dataset == me.dataset
+    ]
+    return sorted(same, key=lambda m: records(m).meta.get("tau") or 0.0)
+
+
+@st.cache_data(show_spinner=False)
+def tau_table(models: tuple[str, ...]):
+    import polars as pl
+
+    rows = []
+    for m in models:
+        rec = records(m)
+        r = halting.at_eps(rec, rec.eps)
+        rows.append(
+            {
+                "model": m,
+                "τ": rec.meta.get("tau"),
+                "accuracy": round(r.accuracy, 4),
+                "mean steps": round(float(r.steps.mean()), 3),
+                "Spearman(steps, difficulty)": round(halting.spearman(r.steps, rec.difficulty), 3),
+            }
+        )
+    return pl.DataFrame(rows)
 
 
 def one_input_text(rec: halting.HaltRecords, r: halting.AtEps, i: int, names: list[str]) -> str:
@@ -192,11 +216,9 @@ with show:
         if rec.bits is not None:
             st.code(rec.bits[i], language=None)
         else:
-            imgs = test_images(rec.meta.get("dataset", "mnist"))
-            if imgs is not None and rec.image_index is not None:
-                st.image(
-                    imgs[rec.image_index[i]], width=140, caption=f"test image {rec.image_index[i]}"
-                )
+            img = loaders.test_image(rec.meta.get("dataset", "mnist"), rec.image_index[i])
+            if img is not None:
+                st.image(img, width=140, caption=f"test image {rec.image_index[i]}")
             else:
                 st.info("The test images are not installed here; showing the stored record only.")
         st.markdown(
@@ -232,25 +254,36 @@ else:
 classes, mean_c, acc_c = halting.steps_by_class(rec, r.steps, r.correct)
 st.plotly_chart(figs.steps_by_class([names[c] for c in classes], mean_c, acc_c), width="stretch")
 
-st.subheader("Accuracy vs compute over ε")
-sw = sweep(model_id)
+st.subheader("Accuracy vs compute over ε, and over the ponder cost τ")
+family = siblings(model_id)
+curves = []
+for k, other in enumerate(family):
+    o_sw, o_tau = sweep(other), records(other).meta.get("tau")
+    tau_txt = "τ = ?" if o_tau is None else f"τ = {o_tau:g}"
+    curves.append(
+        figs.CurveSpec(
+            tau_txt + (" (this model)" if other == model_id else ""),
+            o_sw.mean_steps,
+            o_sw.accuracy,
+            palette.exit_color(k),
+            labels=[f"{tau_txt}, ε = {e:g}" for e in o_sw.eps],
+        )
+    )
 st.plotly_chart(
     figs.tradeoff_figure(
-        [
-            figs.CurveSpec(
-                "ACT, ε swept",
-                sw.mean_steps,
-                sw.accuracy,
-                palette.exit_color(0),
-                labels=[f"ε = {e:g}" for e in sw.eps],
-            )
-        ],
+        curves,
         current=(float(r.steps.mean()), r.accuracy),
         x_title="mean ponder steps per input",
-        title="Accuracy vs mean ponder steps (one point per ε)",
+        title="Accuracy vs mean ponder steps (a curve per τ, a point per ε)",
     ),
     width="stretch",
 )
+if len(family) > 1:
+    st.caption(
+        "The same network trained with different ponder-cost weights τ (`--ponder-cost`), each "
+        "at its trained ε. A larger τ pushes the halting units to stop sooner during training."
+    )
+    st.dataframe(tau_table(tuple(family)), hide_index=True)
 st.caption(
     f"One ponder step costs {rec.meta.get('flops_per_step', float('nan')):,.0f} FLOPs and the "
     f"part that runs once {rec.meta.get('encode_flops', 0.0):,.0f} (counted by torch). The "

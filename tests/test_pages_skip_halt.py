@@ -65,6 +65,21 @@ def test_halting_page_shows_engine_numbers_and_reacts_to_eps(model_id):
     assert m5["Mean ponder steps"] == f"{r5.steps.mean():.2f}"
     assert m5["Mean ponder steps"] != m["Mean ponder steps"]
 
+    # one curve per ponder cost tau on the same task, and a table comparing them
+    from engine.registry import get_card
+
+    same = [
+        o
+        for o in HALT_MODELS
+        if get_card(o).dataset == get_card(model_id).dataset
+        and get_card(o).family == get_card(model_id).family
+    ]
+    if len(same) > 1:
+        table = at.dataframe[0].value
+        assert sorted(table["model"]) == sorted(same)
+        steps_of = dict(zip(table["model"], table["mean steps"], strict=True))
+        assert steps_of[model_id] == pytest.approx(r.steps.mean(), abs=1e-3)
+
     # browse from the input that pondered longest
     at.radio(key="act_order").set_value("most steps first").run()
     assert f"steps N = **{r5.steps.max()}**" in " ".join(md.value for md in at.markdown)
