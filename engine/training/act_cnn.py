@@ -23,7 +23,13 @@ import torch
 from engine.data import images
 from engine.models import act, act_cnn
 from engine.registry import MODELS_DIR
-from engine.training.common import command_line, cosine_lr, save_model, seed_everything
+from engine.training.common import (
+    command_line,
+    cosine_lr,
+    image_split,
+    save_model,
+    seed_everything,
+)
 
 FAMILY = "act_cnn"
 
@@ -56,12 +62,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model-id", default=None, help="default: <dataset>_act")
     p.add_argument("--quiet", action="store_true")
     return p
-
-
-def subset(n: int, limit: int | None, seed: int) -> np.ndarray:
-    if limit is None or limit >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
 
 
 def train(model: act_cnn.ACTConvNet, x: torch.Tensor, y: torch.Tensor, args) -> None:
@@ -109,17 +109,12 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     model_id = args.model_id or f"{args.dataset}_act"
-    train_set = images.load(args.dataset, "train")
-    test_set = images.load(args.dataset, "test")
-    tr = subset(len(train_set), args.max_train, args.seed)
-    te = subset(len(test_set), args.max_test, args.seed)
-    x = images.to_model_input(train_set.images[tr])
-    y = torch.as_tensor(train_set.labels[tr])
-    xt = images.to_model_input(test_set.images[te])
-    yt = test_set.labels[te]
+    x, y, class_names, _ = image_split(args.dataset, "train", args.max_train, args.seed)
+    xt, yt, _, te = image_split(args.dataset, "test", args.max_test, args.seed)
+    yt = yt.numpy()
 
     config = act_cnn.Config(
-        num_classes=len(train_set.class_names),
+        num_classes=len(class_names),
         width=args.width,
         readout=args.readout,
         max_steps=args.max_steps,
@@ -162,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config": config.to_dict(),
         "dataset": args.dataset,
         "split": "train",
-        "class_names": list(train_set.class_names),
+        "class_names": list(class_names),
         "seed": args.seed,
         "epochs": args.epochs,
         "training": {
@@ -193,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
             args.traces_dir,
             tau=args.ponder_cost,
             dataset=args.dataset,
-            class_names=list(train_set.class_names),
+            class_names=list(class_names),
             difficulty_model=difficulty_model,
         )
     if not args.quiet:

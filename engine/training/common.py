@@ -24,6 +24,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def image_split(dataset: str, split: str, limit: int | None, seed: int):
+    """(x float [N,1,28,28], y int64 [N], class_names, rows of the split); a seeded random
+    subset of ``limit`` rows (in split order) if given."""
+    from engine.data import images
+
+    data = images.load(dataset, split)
+    idx = np.arange(len(data))
+    if limit is not None and limit < len(idx):
+        idx = np.sort(np.random.default_rng(seed).permutation(len(idx))[:limit])
+    x = images.to_model_input(data.images[idx])
+    y = torch.as_tensor(data.labels[idx], dtype=torch.int64)
+    return x, y, data.class_names, idx
+
+
 def cosine_lr(opt: torch.optim.Optimizer, total: int, warmup: int = 0):
     """Per-step learning-rate factor: linear warm-up over ``warmup`` steps, then cosine to 0."""
 

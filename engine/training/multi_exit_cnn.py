@@ -33,7 +33,13 @@ from torch import nn
 from engine.data import images
 from engine.registry import MODELS_DIR
 from engine.trace_build import exit_flops
-from engine.training.common import command_line, cosine_lr, save_model, seed_everything
+from engine.training.common import (
+    command_line,
+    cosine_lr,
+    image_split,
+    save_model,
+    seed_everything,
+)
 
 FAMILY = "multi_exit_cnn"
 
@@ -57,17 +63,6 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-train", type=int, default=None, help="use only N training images")
     p.add_argument("--max-test", type=int, default=None, help="evaluate on N test images")
     p.add_argument("--quiet", action="store_true")
-
-
-def load_split(dataset: str, split: str, limit: int | None, seed: int):
-    """(x float [N,1,28,28], y int64 [N], class_names); a seeded random subset if ``limit``."""
-    data = images.load(dataset, split)
-    idx = np.arange(len(data))
-    if limit is not None and limit < len(idx):
-        idx = np.sort(np.random.default_rng(seed).permutation(len(idx))[:limit])
-    x = images.to_model_input(data.images[idx])
-    y = torch.as_tensor(data.labels[idx], dtype=torch.int64)
-    return x, y, data.class_names
 
 
 def cosine_schedule(opt: torch.optim.Optimizer, total_steps: int, warmup: int = 50):
@@ -332,8 +327,8 @@ def train_and_save(
     seed_everything(args.seed)
     model_id = args.model_id or f"{args.dataset}_{family}"
 
-    x, y, class_names = load_split(args.dataset, "train", args.max_train, args.seed)
-    xt, yt, _ = load_split(args.dataset, "test", args.max_test, args.seed)
+    x, y, class_names, _ = image_split(args.dataset, "train", args.max_train, args.seed)
+    xt, yt, _, _ = image_split(args.dataset, "test", args.max_test, args.seed)
     config = make_config(len(class_names))
     model = build(config)
     if card_config is not None:

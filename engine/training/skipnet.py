@@ -26,7 +26,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -34,7 +33,13 @@ from engine.costs import count_flops
 from engine.data import images
 from engine.models import skipnet
 from engine.registry import MODELS_DIR
-from engine.training.common import command_line, cosine_lr, save_model, seed_everything
+from engine.training.common import (
+    command_line,
+    cosine_lr,
+    image_split,
+    save_model,
+    seed_everything,
+)
 
 FAMILY = "skipnet"
 
@@ -66,16 +71,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model-id", default=None, help="default: <dataset>_skipnet")
     p.add_argument("--quiet", action="store_true")
     return p
-
-
-def load_split(dataset: str, split: str, limit: int | None, seed: int):
-    data = images.load(dataset, split)
-    idx = np.arange(len(data))
-    if limit is not None and limit < len(idx):
-        idx = np.sort(np.random.default_rng(seed).permutation(len(idx))[:limit])
-    x = images.to_model_input(data.images[idx])
-    y = torch.as_tensor(data.labels[idx], dtype=torch.int64)
-    return x, y, data.class_names, idx
 
 
 def block_flops(model: skipnet.SkipNet) -> torch.Tensor:
@@ -140,8 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     model_id = args.model_id or f"{args.dataset}_skipnet"
-    x, y, class_names, _ = load_split(args.dataset, "train", args.max_train, args.seed)
-    xt, yt, _, test_idx = load_split(args.dataset, "test", args.max_test, args.seed)
+    x, y, class_names, _ = image_split(args.dataset, "train", args.max_train, args.seed)
+    xt, yt, _, test_idx = image_split(args.dataset, "test", args.max_test, args.seed)
 
     config = skipnet.Config(num_classes=len(class_names))
     model = skipnet.SkipNet(config)
