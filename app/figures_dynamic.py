@@ -229,7 +229,13 @@ def steps_vs_difficulty(
     )
     fig.update_layout(
         yaxis2=dict(
-            title="accuracy", overlaying="y", side="right", range=[0, 1.05], tickformat=".0%"
+            title="accuracy",
+            overlaying="y",
+            side="right",
+            range=[0, 1.05],
+            tickvals=[0, 0.25, 0.5, 0.75, 1.0],
+            tickformat=".0%",
+            showgrid=False,
         )
     )
     fig.update_xaxes(dtick=1)

@@ -284,9 +284,10 @@ if len(family) > 1:
         "at its trained ε. A larger τ pushes the halting units to stop sooner during training."
     )
     st.dataframe(tau_table(tuple(family)), hide_index=True)
+encode = float(rec.meta.get("encode_flops", 0.0))
 st.caption(
-    f"One ponder step costs {rec.meta.get('flops_per_step', float('nan')):,.0f} FLOPs and the "
-    f"part that runs once {rec.meta.get('encode_flops', 0.0):,.0f} (counted by torch). The "
-    "halting scores do not depend on ε, so every ε is evaluated from one stored unroll of the "
-    "test set."
+    f"One ponder step costs {rec.meta.get('flops_per_step', float('nan')):,.0f} FLOPs"
+    + (f", and the part that runs once {encode:,.0f}" if encode else "")
+    + " (counted by torch). The halting scores do not depend on ε, so every ε is evaluated "
+    "from one stored unroll of the test set."
 )

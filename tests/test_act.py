@@ -11,7 +11,7 @@ from hypothesis.extra.numpy import arrays
 
 from engine import halting
 from engine.models import act
-from engine.registry import MODELS_DIR, load_model
+from engine.registry import MODELS_DIR, list_cards, load_model
 
 scores = arrays(
     np.float64, st.tuples(st.integers(1, 6), st.integers(1, 10)), elements=st.floats(0, 1)
@@ -132,18 +132,21 @@ def test_quick_training_writes_loadable_card_and_records(tmp_path):
     assert (np.diff(sw.mean_steps) <= 0).all()  # a larger eps never takes more steps
 
 
-SHIPPED = MODELS_DIR / "parity_act.json"
+SHIPPED = [c.model_id for c in list_cards("act")]
 
 
-@pytest.mark.skipif(not SHIPPED.exists(), reason="parity_act not bundled yet")
-def test_shipped_weights_load_and_reach_the_cards_accuracy():
-    card = json.loads(SHIPPED.read_text())
-    m = load_model("parity_act")  # checks the SHA-256
+@pytest.mark.skipif(not SHIPPED, reason="no ACT parity model bundled")
+@pytest.mark.parametrize("model_id", SHIPPED)
+def test_shipped_weights_load_and_reach_the_cards_accuracy(model_id):
+    card = json.loads((MODELS_DIR / f"{model_id}.json").read_text())
+    m = load_model(model_id)  # checks the SHA-256
     n = card["metrics"]["test_samples"]
     x, y, length = act.parity_data(n, m.config.num_bits, seed=card["training"]["test_seed"])
     rec = act.run_act(m, x)
     assert (rec["pred"] == y).mean() == pytest.approx(card["metrics"]["accuracy"], abs=1e-5)
     assert rec["steps"].mean() == pytest.approx(card["metrics"]["mean_steps"], abs=1e-4)
-    stored = halting.load_records("parity_act")
+    rho = halting.spearman(rec["steps"], length)
+    assert rho == pytest.approx(card["metrics"]["spearman_steps_vs_length"], abs=1e-4)
+    stored = halting.load_records(model_id)
     np.testing.assert_array_equal(stored.steps, rec["steps"])
     np.testing.assert_array_equal(stored.difficulty, length)

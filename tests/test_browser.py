@@ -204,13 +204,16 @@ def test_halting_page_ponders_an_uploaded_digit(server, browser):
         pytest.skip("mnist_act is not bundled")
     img = tmp / "digit_act.png"
     img.write_bytes(_digit_png())
-    page = _open(browser, f"{base}/halting?model=mnist_act&eps=0.05", 2600)
+    page = _open(browser, f"{base}/halting?model=mnist_act&eps=0.05", 2300)
     page.get_by_text("Ponder your own image").first.wait_for(timeout=60_000)
     assert _metric_value(page, "Mean ponder steps")
     page.locator('input[type="file"]').first.set_input_files(str(img))
     page.get_by_text("counted by torch on the steps that ran").first.wait_for(timeout=60_000)
     page.get_by_text("were not computed for this image").first.wait_for(timeout=30_000)
     assert not page.get_by_text("Traceback").count()
-    page.wait_for_timeout(800)
+    # the README's screenshot: parity, where difficulty is known exactly
+    page.goto(f"{base}/halting?model=parity_act", timeout=60_000)
+    page.get_by_text("Accuracy vs compute over").first.wait_for(timeout=60_000)
+    page.wait_for_timeout(1500)
     page.screenshot(path=str(_shots_dir(tmp) / "halting.png"))
     page.close()

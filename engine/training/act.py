@@ -34,7 +34,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cell", choices=("gru", "rnn", "mlp"), default="rnn")
     p.add_argument("--max-steps", type=int, default=12, help="M, the most ponder steps")
     p.add_argument("--eps", type=float, default=0.01, help="halt when cum. halting >= 1 - eps")
-    p.add_argument("--ponder-cost", type=float, default=1e-3, help="tau, weight of N + R")
+    p.add_argument("--ponder-cost", type=float, default=1e-4, help="tau, weight of N + R")
     p.add_argument("--steps", type=int, default=60000, help="training steps (batches)")
     p.add_argument("--max-steps-train", type=int, default=None, help="cap --steps (quick runs)")
     p.add_argument("--batch-size", type=int, default=128)
