@@ -43,7 +43,9 @@ def main() -> None:
     ref = median_ms(lambda: reference_exit_index(sub, policy), 1) * n / m
     points = len(curve(t, "max_prob"))
     loop_per_threshold = median_ms(lambda: evaluate(t, exit_index(t, policy)), 5)
-    print(f"trace: {n:,} samples x {k} exits x {c} classes; torch threads {torch.get_num_threads()}")
+    print(
+        f"trace: {n:,} samples x {k} exits x {c} classes; torch threads {torch.get_num_threads()}"
+    )
     print(f"derived scores, computed once per trace (cached):  {warm:8.1f} ms")
     print(f"one max-prob policy evaluation (median of 21):     {one:8.2f} ms  (target < 5)")
     print(f"one patience policy evaluation (median of 21):     {patience:8.2f} ms")
