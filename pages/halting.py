@@ -157,7 +157,7 @@ model_id = st.selectbox(
 )
 try:
     rec = records(model_id)
-except (FileNotFoundError, OSError, KeyError, ValueError) as e:
+except Exception as e:  # a missing or damaged file must not show a stack trace
     st.error(f"The halting records of {model_id} cannot be read ({e}); retrain the model.")
     st.stop()
 kind = rec.meta.get("input", "bits")

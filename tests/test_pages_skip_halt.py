@@ -127,3 +127,25 @@ def test_pages_fail_gracefully_without_records(monkeypatch, tmp_path):
         at = AppTest.from_file(str(ROOT / page), default_timeout=60).run()
         assert not at.exception
         assert "missing" in at.error[0].value
+
+
+def test_halting_page_explains_damaged_records(monkeypatch, tmp_path):
+    """A truncated records file gives a message naming the model, not a stack trace."""
+    import shutil
+
+    import streamlit as st
+
+    if not HALT_OK:
+        pytest.skip("no ACT records bundled")
+    for m in HALT_MODELS:
+        shutil.copy(halting.records_file(m), tmp_path / halting.records_file(m).name)
+    first = HALT_MODELS[0]
+    path = tmp_path / halting.records_file(first).name
+    path.write_bytes(path.read_bytes()[:1000])
+    monkeypatch.setattr(halting, "RECORDS_DIR", tmp_path)
+    st.cache_data.clear()
+    at = AppTest.from_file(str(ROOT / "pages/halting.py"), default_timeout=60)
+    at.query_params["model"] = first
+    at.run()
+    assert not at.exception
+    assert any(first in e.value and "cannot be read" in e.value for e in at.error)
