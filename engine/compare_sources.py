@@ -1,7 +1,7 @@
 """The methods the comparison page puts side by side, per data set, as ``MethodSweep``s.
 
 Early exit and cascades come from their traces; layer skipping from its skip records (the
-network re-run at every gate threshold); dynamic-k MoE from per-sample FLOPs at every tau, which
+network re-run at every gate threshold); ACT from its halting records (any eps, from one unroll); dynamic-k MoE from per-sample FLOPs at every tau, which
 needs the model to be re-run and is therefore built once and shipped:
 
     python -m engine.compare_sources build        # writes assets/traces/records/*__compare*.parquet
@@ -18,7 +18,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from engine import skipping
+from engine import halting, skipping
 from engine.compare import MethodSweep, oracle_fraction, relu_zero_fraction, sweep_from_trace
 from engine.data import images
 from engine.registry import load_model
@@ -34,6 +34,7 @@ METHODS = {
         ("early exit (CNN)", "trace", "mnist_multi_exit_cnn"),
         ("cascade", "trace", "mnist_cascade"),
         ("skip gates (SkipNet)", "skip", "mnist_skipnet"),
+        ("pondering (ACT)", "act", "mnist_act"),
     ],
     "fashion_mnist": [
         ("early exit (CNN)", "trace", "fashion_multi_exit_cnn"),
@@ -75,6 +76,26 @@ def _skip_sweep(name: str, model_id: str) -> MethodSweep:
     )
 
 
+def _act_sweep(name: str, model_id: str) -> MethodSweep:
+    """ACT as a sweep over eps, from its halting records; the full model is all M steps."""
+    rec = halting.load_records(model_id)
+    if rec.image_index is None:
+        raise FileNotFoundError(f"{model_id} is not an image model")
+    full = float(rec.meta.get("encode_flops", 0.0)) + rec.max_steps * float(
+        rec.meta["flops_per_step"]
+    )
+    runs = [halting.at_eps(rec, e) for e in halting.EPS_GRID]
+    return MethodSweep(
+        name,
+        "eps",
+        rec.image_index,
+        rec.label,
+        halting.EPS_GRID.astype(np.float64),
+        np.stack([r.flops for r in runs]) / full,
+        np.stack([r.correct for r in runs]),
+    )
+
+
 def _moe_sweep(name: str, model_id: str) -> MethodSweep:
     path = moe_file(model_id)
     if not path.exists():
@@ -109,6 +130,8 @@ def load_sweeps(dataset: str) -> tuple[list[MethodSweep], list[str]]:
                 sweeps.append(sweep_from_trace(load_trace(model_id, build_if_missing=False), name))
             elif kind == "skip":
                 sweeps.append(_skip_sweep(name, model_id))
+            elif kind == "act":
+                sweeps.append(_act_sweep(name, model_id))
             else:
                 sweeps.append(_moe_sweep(name, model_id))
         except FileNotFoundError as e:
