@@ -93,10 +93,30 @@ def one_input_text(rec: halting.HaltRecords, r: halting.AtEps, i: int, names: li
     )
 
 
-def upload_panel(model_id: str, dataset: str, eps: float, names: list[str]) -> None:
-    """Ponder an uploaded image live (real halting: the steps after N are never computed)."""
-    from engine import inspection
+def live_panel(model_id: str, x: np.ndarray, eps: float, names: list[str], show_input) -> None:
+    """Ponder one input live (real halting: the steps after N are never computed)."""
     from engine.models import act
+
+    out = act.run_act(model(model_id), x, eps=eps)
+    steps, rem = int(out["steps"][0]), float(out["remainder"][0])
+    left, right = st.columns([1, 2])
+    with left:
+        show_input()
+        st.markdown(
+            f"answer **{names[int(out['pred'][0])]}** (confidence {out['probs'][0].max():.3f})  \n"
+            f"steps N = **{steps}**, remainder R = **{rem:.3f}**, "
+            f"FLOPs **{out['flops'][0]:,.0f}** (counted by torch on the steps that ran)"
+        )
+    h = np.nan_to_num(out["h"][0], nan=0.0)
+    right.plotly_chart(
+        figs.halting_curve(h, out["cum_halt"][0], steps, eps), width="stretch", key="act_live_fig"
+    )
+    st.caption("Bars after N are 0: those steps were not computed for this input.")
+
+
+def upload_panel(model_id: str, dataset: str, eps: float, names: list[str]) -> None:
+    from engine import inspection
+    from engine.data.images import to_model_input
 
     up = st.file_uploader(
         "Ponder your own image (PNG, JPEG, …; up to 10 MB)",
@@ -113,22 +133,41 @@ def upload_panel(model_id: str, dataset: str, eps: float, names: list[str]) -> N
     except Exception as e:  # a decoder bug must not take the page down
         st.error(f"This file cannot be used: {up.name} could not be decoded ({type(e).__name__})")
         return
-    from engine.data.images import to_model_input
+    live_panel(
+        model_id,
+        to_model_input(prep.model_input).numpy(),
+        eps,
+        names,
+        lambda: st.image(prep.model_input, caption="what the model sees (28×28)", width=140),
+    )
 
-    out = act.run_act(model(model_id), to_model_input(prep.model_input).numpy(), eps=eps)
-    steps, rem = int(out["steps"][0]), float(out["remainder"][0])
-    left, right = st.columns([1, 2])
-    left.image(prep.model_input, caption="what the model sees (28×28)", width=140)
-    left.markdown(
-        f"answer **{names[int(out['pred'][0])]}** (confidence {out['probs'][0].max():.3f})  \n"
-        f"steps N = **{steps}**, remainder R = **{rem:.3f}**, "
-        f"FLOPs **{out['flops'][0]:,.0f}** (counted by torch on the steps that ran)"
+
+def bits_panel(model_id: str, num_bits: int, eps: float, names: list[str]) -> None:
+    from engine.models import act
+
+    text = st.text_input(
+        f"Ponder your own string: {num_bits} entries of +, - or 0",
+        key="act_bits",
+        placeholder="+-0" * (num_bits // 3) + "+" * (num_bits % 3),
     )
-    h = np.nan_to_num(out["h"][0], nan=0.0)
-    right.plotly_chart(
-        figs.halting_curve(h, out["cum_halt"][0], steps, eps), width="stretch", key="act_up_fig"
+    if not text.strip():
+        return
+    try:
+        x = act.parse_bits(text, num_bits)
+    except ValueError as e:
+        st.error(f"This string cannot be used: {e}.")
+        return
+    ones = int((x == 1).sum())
+    live_panel(
+        model_id,
+        x,
+        eps,
+        names,
+        lambda: st.markdown(
+            f"length **{int((x != 0).sum())}**, number of +1: **{ones}** → target "
+            f"**{names[ones % 2]}**"
+        ),
     )
-    st.caption("Bars after N are 0: those steps were not computed for this image.")
 
 
 st.title("Halting: adaptive computation time")
@@ -230,6 +269,8 @@ with show:
 
 if kind == "image":
     upload_panel(model_id, rec.meta.get("dataset", "mnist"), eps, names)
+elif rec.bits is not None:
+    bits_panel(model_id, len(rec.bits[0]), eps, names)
 
 st.subheader("The whole test set")
 a, b = st.columns(2)

@@ -209,7 +209,7 @@ def test_halting_page_ponders_an_uploaded_digit(server, browser):
     assert _metric_value(page, "Mean ponder steps")
     page.locator('input[type="file"]').first.set_input_files(str(img))
     page.get_by_text("counted by torch on the steps that ran").first.wait_for(timeout=60_000)
-    page.get_by_text("were not computed for this image").first.wait_for(timeout=30_000)
+    page.get_by_text("were not computed for this input").first.wait_for(timeout=30_000)
     assert not page.get_by_text("Traceback").count()
     # the README's screenshot: parity, where difficulty is known exactly
     page.goto(f"{base}/halting?model=parity_act", timeout=60_000)

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -149,3 +150,35 @@ def test_halting_page_explains_damaged_records(monkeypatch, tmp_path):
     at.run()
     assert not at.exception
     assert any(first in e.value and "cannot be read" in e.value for e in at.error)
+
+
+@pytest.mark.skipif("parity_act" not in HALT_MODELS, reason="parity_act not bundled")
+def test_halting_page_ponders_a_typed_string_and_explains_a_bad_one():
+    from engine.models import act
+    from engine.registry import load_model
+
+    at = AppTest.from_file(str(ROOT / "pages/halting.py"), default_timeout=60)
+    at.query_params["model"] = "parity_act"
+    at.run()
+    m = load_model("parity_act")
+    text = "+-0+0-0++0-0"[: m.config.num_bits].ljust(m.config.num_bits, "0")
+    at.text_input(key="act_bits").input(text).run()
+    assert not at.exception, at.exception
+    out = act.run_act(m, act.parse_bits(text, m.config.num_bits))
+    shown = " ".join(md.value for md in at.markdown)
+    assert f"steps N = **{int(out['steps'][0])}**" in shown
+    assert f"FLOPs **{out['flops'][0]:,.0f}**" in shown
+    for bad, why in (("+-x", "only"), ("+-", "exactly")):
+        at.text_input(key="act_bits").input(bad).run()
+        assert not at.exception
+        assert any(why in e.value for e in at.error)
+
+
+def test_parse_bits():
+    from engine.models import act
+
+    np.testing.assert_array_equal(act.parse_bits("+ - 0", 3), [[1.0, -1.0, 0.0]])
+    with pytest.raises(ValueError, match="only"):
+        act.parse_bits("+-1", 3)
+    with pytest.raises(ValueError, match="exactly 4"):
+        act.parse_bits("+-0", 4)

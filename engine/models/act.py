@@ -220,6 +220,19 @@ def parity_data(n: int, num_bits: int, seed: int, min_len: int = 1, max_len: int
     return x, y, length.astype(np.int64)
 
 
+def parse_bits(text: str, num_bits: int) -> np.ndarray:
+    """A typed string of '+', '-' and '0' (spaces ignored) -> one input [1, L]; ValueError says
+    what is wrong, so a page can show it."""
+    chars = "".join(str(text).split())
+    bad = sorted(set(chars) - set("+-0"))
+    if bad:
+        raise ValueError(f"use only '+', '-' and '0' (found {', '.join(map(repr, bad))})")
+    if len(chars) != num_bits:
+        raise ValueError(f"the model reads exactly {num_bits} entries; this has {len(chars)}")
+    table = {"+": 1.0, "-": -1.0, "0": 0.0}
+    return np.array([[table[c] for c in chars]], dtype=np.float32)
+
+
 # --- inference that really stops -------------------------------------------------------------
 
 
