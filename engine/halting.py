@@ -169,17 +169,13 @@ def early_exit_difficulty(model_id: str, sample_ids: np.ndarray) -> np.ndarray |
 
 def difficulty_summary(steps: np.ndarray, difficulty: np.ndarray, correct: np.ndarray) -> dict:
     """For the model card: rank correlation and per-difficulty steps/accuracy."""
-    levels = np.unique(difficulty)
+    levels, mean, _, acc, count = steps_by_difficulty(difficulty, steps, correct)
     return {
         "spearman_steps_vs_difficulty": round(spearman(steps, difficulty), 4),
         "levels": [int(v) for v in levels],
-        "count_by_difficulty": [int((difficulty == v).sum()) for v in levels],
-        "mean_steps_by_difficulty": [
-            round(float(steps[difficulty == v].mean()), 3) for v in levels
-        ],
-        "accuracy_by_difficulty": [
-            round(float(correct[difficulty == v].mean()), 4) for v in levels
-        ],
+        "count_by_difficulty": [int(c) for c in count],
+        "mean_steps_by_difficulty": [round(float(v), 3) for v in mean],
+        "accuracy_by_difficulty": [round(float(v), 4) for v in acc],
     }
 
 
@@ -303,14 +299,13 @@ def eps_sweep(rec: HaltRecords, eps_grid: np.ndarray = EPS_GRID) -> EpsSweep:
     )
 
 
-def steps_by_difficulty(rec: HaltRecords, steps: np.ndarray, correct: np.ndarray):
+def steps_by_difficulty(difficulty: np.ndarray, steps: np.ndarray, correct: np.ndarray):
     """Per difficulty level: (levels, mean steps, std of steps, accuracy, count)."""
-    d = rec.difficulty
-    levels = np.unique(d)
-    mean = np.array([steps[d == k].mean() for k in levels])
-    std = np.array([steps[d == k].std() for k in levels])
-    acc = np.array([correct[d == k].mean() for k in levels])
-    count = np.array([(d == k).sum() for k in levels])
+    levels = np.unique(difficulty)
+    mean = np.array([steps[difficulty == k].mean() for k in levels])
+    std = np.array([steps[difficulty == k].std() for k in levels])
+    acc = np.array([correct[difficulty == k].mean() for k in levels])
+    count = np.array([(difficulty == k).sum() for k in levels])
     return levels, mean, std, acc, count
 
 

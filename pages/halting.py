@@ -276,7 +276,7 @@ st.subheader("The whole test set")
 a, b = st.columns(2)
 a.plotly_chart(figs.steps_histogram(r.steps, rec.max_steps), width="stretch")
 if rec.has_difficulty:
-    levels, mean, std, acc, count = halting.steps_by_difficulty(rec, r.steps, r.correct)
+    levels, mean, std, acc, count = halting.steps_by_difficulty(rec.difficulty, r.steps, r.correct)
     b.plotly_chart(
         figs.steps_vs_difficulty(
             levels, mean, std, acc, x_title=rec.meta.get("difficulty_label", "difficulty")
