@@ -47,6 +47,35 @@ def available_models(root: Path | None = None) -> list[str]:
     return sorted(c.model_id for c in cards if records_file(c.model_id, root=root).exists())
 
 
+def siblings(model_id: str, root: Path | None = None) -> list[str]:
+    """Bundled ACT models of the same family on the same data (e.g. other ponder costs τ),
+    ``model_id`` included, by τ."""
+    from engine.registry import get_card
+
+    me = get_card(model_id)
+    cards = [get_card(m) for m in available_models(root)]
+    same = [c for c in cards if c.family == me.family and c.dataset == me.dataset]
+    same.sort(key=lambda c: c.raw.get("training", {}).get("ponder_cost_weight_tau") or 0.0)
+    return [c.model_id for c in same]
+
+
+def tau_table(recs: list[HaltRecords]) -> pl.DataFrame:
+    """One row per model at its trained eps: tau, accuracy, mean steps, Spearman with difficulty."""
+    rows = []
+    for rec in recs:
+        r = at_eps(rec, rec.eps)
+        rows.append(
+            {
+                "model": rec.model_id,
+                "τ": rec.meta.get("tau"),
+                "accuracy": round(r.accuracy, 4),
+                "mean steps": round(float(r.steps.mean()), 3),
+                "Spearman(steps, difficulty)": round(spearman(r.steps, rec.difficulty), 3),
+            }
+        )
+    return pl.DataFrame(rows)
+
+
 def _bits_string(x: np.ndarray) -> list[str]:
     table = np.array(["-", "0", "+"])
     return ["".join(row) for row in table[(np.sign(x).astype(int) + 1)]]

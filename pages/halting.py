@@ -46,36 +46,12 @@ def model(model_id: str):
 
 @st.cache_data(show_spinner=False)
 def siblings(model_id: str) -> list[str]:
-    """Bundled ACT models of the same family on the same data, by ponder cost τ."""
-    from engine.registry import get_card
-
-    me = get_card(model_id)
-    same = [
-        m
-        for m in halting.available_models()
-        if (c := get_card(m)).family == me.family and c.dataset == me.dataset
-    ]
-    return sorted(same, key=lambda m: records(m).meta.get("tau") or 0.0)
+    return halting.siblings(model_id)
 
 
 @st.cache_data(show_spinner=False)
 def tau_table(models: tuple[str, ...]):
-    import polars as pl
-
-    rows = []
-    for m in models:
-        rec = records(m)
-        r = halting.at_eps(rec, rec.eps)
-        rows.append(
-            {
-                "model": m,
-                "τ": rec.meta.get("tau"),
-                "accuracy": round(r.accuracy, 4),
-                "mean steps": round(float(r.steps.mean()), 3),
-                "Spearman(steps, difficulty)": round(halting.spearman(r.steps, rec.difficulty), 3),
-            }
-        )
-    return pl.DataFrame(rows)
+    return halting.tau_table([records(m) for m in models])
 
 
 def one_input_text(rec: halting.HaltRecords, r: halting.AtEps, i: int, names: list[str]) -> str:
