@@ -13,7 +13,6 @@ its difficulty: the earliest exit of ``--difficulty-model`` that gets it right) 
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from engine.registry import MODELS_DIR
 from engine.training.common import (
     command_line,
     cosine_lr,
+    epoch_batches,
     image_split,
     save_model,
     seed_everything,
@@ -65,22 +65,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def train(model: act_cnn.ACTConvNet, x: torch.Tensor, y: torch.Tensor, args) -> None:
-    steps_per_epoch = math.ceil(len(y) / args.batch_size)
-    total = args.epochs * steps_per_epoch
-    if args.max_steps_train is not None:
-        total = min(total, args.max_steps_train)
+    total, epochs = epoch_batches(
+        len(y), args.batch_size, args.epochs, args.seed, args.max_steps_train
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     sched = cosine_lr(opt, total)
-    gen = torch.Generator().manual_seed(args.seed)
     model.train()
-    step = 0
-    for epoch in range(args.epochs):
-        perm = torch.randperm(len(y), generator=gen)
+    for epoch, batches in enumerate(epochs):
         t0, tot_nll, tot_acc, tot_steps, seen = time.perf_counter(), 0.0, 0.0, 0.0, 0
-        for i in range(steps_per_epoch):
-            if step >= total:
-                break
-            b = perm[i * args.batch_size : (i + 1) * args.batch_size]
+        for b in batches:
             out = model(x[b])
             loss, nll = act.act_loss(out, y[b], args.ponder_cost)
             opt.zero_grad(set_to_none=True)
@@ -88,7 +81,6 @@ def train(model: act_cnn.ACTConvNet, x: torch.Tensor, y: torch.Tensor, args) -> 
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            step += 1
             seen += len(b)
             tot_nll += nll.item() * len(b)
             tot_acc += (out["probs"].argmax(1) == y[b]).float().sum().item()

@@ -38,6 +38,26 @@ def image_split(dataset: str, split: str, limit: int | None, seed: int):
     return x, y, data.class_names, idx
 
 
+def epoch_batches(n: int, batch_size: int, epochs: int, seed: int, max_steps: int | None = None):
+    """The mini-batch schedule of the image trainers: (total steps, and per epoch the list of
+    that epoch's shuffled index batches). A seeded generator of its own draws one permutation per
+    epoch; ``max_steps`` cuts the schedule short (quick runs), later epochs then come out empty.
+    """
+    per_epoch = math.ceil(n / batch_size)
+    total = epochs * per_epoch if max_steps is None else min(epochs * per_epoch, max_steps)
+
+    def epochs_iter():
+        gen = torch.Generator().manual_seed(seed)
+        left = total
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=gen)
+            k = min(per_epoch, left)
+            left -= k
+            yield [perm[i * batch_size : (i + 1) * batch_size] for i in range(k)]
+
+    return total, epochs_iter()
+
+
 def cosine_lr(opt: torch.optim.Optimizer, total: int, warmup: int = 0):
     """Per-step learning-rate factor: linear warm-up over ``warmup`` steps, then cosine to 0."""
 

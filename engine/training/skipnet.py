@@ -22,7 +22,6 @@ Afterwards the test split is measured with *real* skipping (``run_skipnet``), an
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from engine.registry import MODELS_DIR
 from engine.training.common import (
     command_line,
     cosine_lr,
+    epoch_batches,
     image_split,
     save_model,
     seed_everything,
@@ -85,22 +85,15 @@ def block_flops(model: skipnet.SkipNet) -> torch.Tensor:
 
 def train_phase(model, x, y, args, epochs: int, gated: bool, weights: torch.Tensor, seed: int):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    steps_per_epoch = math.ceil(len(y) / args.batch_size)
-    total_steps = epochs * steps_per_epoch
-    if args.max_steps_train is not None:
-        total_steps = min(total_steps, args.max_steps_train)
+    total_steps, batches_per_epoch = epoch_batches(
+        len(y), args.batch_size, epochs, seed, args.max_steps_train
+    )
     sched = cosine_lr(opt, total_steps)
-    gen = torch.Generator().manual_seed(seed)
     share = weights / weights.sum()
-    step = 0
     model.train()
-    for epoch in range(epochs):
-        perm = torch.randperm(len(y), generator=gen)
+    for epoch, batches in enumerate(batches_per_epoch):
         t0, tot, tot_exec = time.perf_counter(), 0.0, 0.0
-        for i in range(steps_per_epoch):
-            if step >= total_steps:
-                break
-            b = perm[i * args.batch_size : (i + 1) * args.batch_size]
+        for b in batches:
             logits, probs, applied = model(x[b], tau=args.gumbel_tau, all_on=not gated)
             ce = [F.cross_entropy(z, y[b]) for z in logits]
             if gated:
@@ -116,7 +109,6 @@ def train_phase(model, x, y, args, epochs: int, gated: bool, weights: torch.Tens
             loss.backward()
             opt.step()
             sched.step()
-            step += 1
             tot += loss.item() * len(b)
             tot_exec += applied.detach().mean().item() * len(b)
         if not args.quiet:
