@@ -43,7 +43,7 @@ def available_models(root: Path | None = None) -> list[str]:
     """Bundled ACT models (cards of the act / act_cnn families) whose records exist."""
     from engine.registry import list_cards
 
-    cards = [c for fam in ("act", "act_cnn") for c in list_cards(fam)]
+    cards = [c for c in list_cards() if c.family in ("act", "act_cnn")]
     return sorted(c.model_id for c in cards if records_file(c.model_id, root=root).exists())
 
 
