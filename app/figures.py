@@ -23,8 +23,8 @@ from app.palette import (
     WRONG,
     exit_color,
 )
-from engine.calibration import Reliability
-from engine.tradeoff import PolicyStats
+from engine.core.calibration import Reliability
+from engine.core.tradeoff import PolicyStats
 
 # Client-side PNG export from the mode bar (the camera icon) for every chart.
 PLOT_CONFIG = {

@@ -111,7 +111,7 @@ def budget_curves(sweeps, matched) -> go.Figure:
             mode="markers",
             showlegend=False,
             marker=dict(size=12, color=color, line=dict(color="black", width=1)),
-            hovertemplate=f"{s.name}: {s.param_name} {m.param:.3g}<extra></extra>",
+            hovertemplate=f"{s.name}: {s.setting} {m.param:.3g}<extra></extra>",
         )
     fig.update_layout(
         xaxis_title="mean compute (fraction of each method's full model)",

@@ -238,7 +238,7 @@ def accuracy_compute(
 ) -> go.Figure:
     """Accuracy against FLOPs (relative to the dense-equivalent model) for a routing sweep.
 
-    points: ``engine.moe_analysis.stats`` dicts; ``current`` is the index of the point in use,
+    points: ``engine.families.moe.analysis.stats`` dicts; ``current`` is the index of the point in use,
     drawn larger; ``others`` (e.g. the top-k model's settings) are drawn as separate markers.
     """
     fig = go.Figure()

@@ -16,10 +16,10 @@ import numpy as np
 import streamlit as st
 
 from app.figures import thin
-from engine import calibration, tradeoff
-from engine.policies import oracle_correct
-from engine.trace import Trace, TraceError
-from engine.trace import read as read_trace
+from engine.core import calibration, tradeoff
+from engine.core.policies import oracle_correct
+from engine.core.trace import Trace, TraceError
+from engine.core.trace import read as read_trace
 
 UPLOAD_PREFIX = "upload:"
 UPLOADS_KEY = "aie.uploaded_traces"  # session_state: name -> (bytes, filename)
@@ -186,7 +186,7 @@ def oracle_exits(key: str, _trace: Trace) -> np.ndarray:
 @st.cache_resource(show_spinner="Loading the model…", max_entries=8)
 def load_model(model_id: str):
     """The bundled network (weights checked against the card). Shared: never mutate it."""
-    from engine.registry import load_model as _load
+    from engine.families import load_model as _load
 
     return _load(model_id)
 

@@ -32,8 +32,8 @@ import math
 import streamlit as st
 
 from app import figures, loaders
-from engine.policies import POLICY_LABELS, Policy
-from engine.trace import Trace
+from engine.core.policies import POLICY_LABELS, Policy
+from engine.core.trace import Trace
 
 QP_MODEL = "model"
 QP_POLICY = "policy"

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from engine.core.policies import Policy, exit_index  # noqa: E402
 from engine.data.images import load, to_model_input  # noqa: E402
-from engine.policies import Policy, exit_index  # noqa: E402
-from engine.registry import load_model  # noqa: E402
-from engine.runtime import EarlyExitRunner  # noqa: E402
+from engine.families import load_model  # noqa: E402
+from engine.run.runtime import EarlyExitRunner  # noqa: E402
 from engine.trace_store import load_trace  # noqa: E402
 
 

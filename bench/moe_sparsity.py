@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from engine import moe_analysis as moe
 from engine.data import images
-from engine.models.moe import FlopMeter, Routing
-from engine.registry import load_model
+from engine.families import load_model
+from engine.families.moe import analysis as moe
+from engine.families.moe.model import FlopMeter, Routing
 
 
 def median_ms(fn, reps: int) -> float:

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from engine.data import gallery, images
-from engine.registry import load_model
-from engine.trace_build import exit_flops
+from engine.families import load_model
+from engine.run.trace_build import exit_flops
 
 REPEATS = {256: 7, 1: 200}
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine.policies import Policy, exit_index, reference_exit_index  # noqa: E402
-from engine.tradeoff import curve, evaluate  # noqa: E402
+from engine.core.policies import Policy, exit_index, reference_exit_index  # noqa: E402
+from engine.core.tradeoff import curve, evaluate  # noqa: E402
 from tests.traces_strategy import make_trace  # noqa: E402
 
 

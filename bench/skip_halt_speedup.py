@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from engine.data import images
-from engine.models import act
-from engine.models.skipnet import run_skipnet
-from engine.registry import get_card, load_model
+from engine.families import load_model
+from engine.families.act import model as act
+from engine.families.skipnet.model import run_skipnet
+from engine.registry import get_card
 
 
 def timed(fn, repeats: int) -> tuple[float, dict]:

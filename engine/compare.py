@@ -1,8 +1,8 @@
 """Do dynamic methods agree on which inputs are hard?
 
 Each method (early exit, cascade, layer skipping, dynamic-k MoE, halting) is summarised as a
-``MethodSweep``: the per-sample compute it spends, as a fraction of its own full model, at every
-setting of its knob. Matching all methods to one mean budget makes their per-sample compute
+``Results`` (engine.core.results): the per-sample compute it spends, as a fraction of its own full
+model, at every setting of its knob. Matching all methods to one mean budget makes their per-sample compute
 comparable; rank correlations (Spearman, Kendall's tau-b, both tie-aware because early-exit costs
 take only K values), top-k overlaps and agreement with the oracle exit then answer the question.
 """
@@ -16,67 +16,9 @@ import polars as pl
 import torch
 from scipy import stats
 
-from engine.policies import Policy, exit_index, oracle_correct
-from engine.trace import Trace
-from engine.tradeoff import curve
-
-
-@dataclass(frozen=True)
-class MethodSweep:
-    """Per-sample compute of one method at each of P knob settings, on N shared samples."""
-
-    name: str
-    param_name: str
-    sample_id: np.ndarray  # [N]
-    label: np.ndarray  # [N]
-    params: np.ndarray  # [P]
-    cost_fraction: np.ndarray  # [P, N] compute spent / the full model's compute for that sample
-    correct: np.ndarray  # [P, N] bool
-
-    def __post_init__(self):
-        p, n = self.cost_fraction.shape
-        if (
-            self.correct.shape != (p, n)
-            or self.params.shape != (p,)
-            or self.sample_id.shape != (n,)
-        ):
-            raise ValueError(f"{self.name}: inconsistent sweep shapes")
-
-    @property
-    def mean_fraction(self) -> np.ndarray:
-        return self.cost_fraction.mean(axis=1)
-
-    @property
-    def accuracy(self) -> np.ndarray:
-        return self.correct.mean(axis=1)
-
-
-def sweep_from_trace(
-    trace: Trace, name: str, kind: str = "max_prob", points: int = 101
-) -> MethodSweep:
-    """Early exit (or a cascade) as a sweep over its threshold; ``points`` settings spread evenly
-    over the attainable budgets, taken from the exact curve."""
-    c = curve(trace, kind)
-    targets = np.linspace(c.mean_cost.min(), c.mean_cost.max(), points)
-    # the curve point whose mean cost is closest to each evenly spaced budget
-    pick = np.unique(np.abs(c.mean_cost[None, :] - targets[:, None]).argmin(axis=1))
-    full = trace.cost[:, -1]
-    rows = np.arange(trace.num_samples)
-    fracs, correct, params = [], [], []
-    for i in pick:
-        exits = exit_index(trace, c.policy(int(i)))
-        fracs.append(trace.cost[rows, exits] / np.where(full > 0, full, 1.0))
-        correct.append(trace.correct[rows, exits])
-        params.append(c.params[i])
-    return MethodSweep(
-        name,
-        f"{kind} threshold",
-        trace.sample_id,
-        trace.label,
-        np.array(params),
-        np.array(fracs),
-        np.array(correct),
-    )
+from engine.core.policies import oracle_correct
+from engine.core.results import Results
+from engine.core.trace import Trace
 
 
 def oracle_fraction(trace: Trace) -> np.ndarray:
@@ -86,26 +28,15 @@ def oracle_fraction(trace: Trace) -> np.ndarray:
     return trace.cost[rows, exits] / trace.cost[:, -1]
 
 
-def align(sweeps: list[MethodSweep]) -> list[MethodSweep]:
-    """Restrict every sweep to the samples all of them share, in one common order."""
+def align(sweeps: list[Results]) -> list[Results]:
+    """Restrict every method's results to the samples all of them share, in one common order."""
     common = sweeps[0].sample_id
     for s in sweeps[1:]:
         common = np.intersect1d(common, s.sample_id)
     out = []
     for s in sweeps:
         pos = {v: i for i, v in enumerate(s.sample_id.tolist())}
-        idx = np.array([pos[v] for v in common.tolist()], dtype=np.int64)
-        out.append(
-            MethodSweep(
-                s.name,
-                s.param_name,
-                s.sample_id[idx],
-                s.label[idx],
-                s.params,
-                s.cost_fraction[:, idx],
-                s.correct[:, idx],
-            )
-        )
+        out.append(s.take(np.array([pos[v] for v in common.tolist()], dtype=np.int64)))
     return out
 
 
@@ -120,7 +51,7 @@ class Matched:
     correct: np.ndarray  # [N]
 
 
-def match_budget(sweep: MethodSweep, target: float) -> Matched:
+def match_budget(sweep: Results, target: float) -> Matched:
     """The setting whose mean compute fraction is closest to ``target`` (ties: more accurate)."""
     gap = np.abs(sweep.mean_fraction - target)
     best = np.flatnonzero(gap <= gap.min() + 1e-12)
@@ -128,7 +59,7 @@ def match_budget(sweep: MethodSweep, target: float) -> Matched:
     return Matched(
         sweep.name,
         i,
-        float(sweep.params[i]),
+        float(sweep.settings[i]),
         float(sweep.mean_fraction[i]),
         float(sweep.accuracy[i]),
         sweep.cost_fraction[i],
@@ -224,9 +155,3 @@ def relu_zero_fraction(fn, x: torch.Tensor, batch_size: int = 512) -> tuple[list
         raise ValueError("the number of ReLU calls changed between batches (dynamic model?)")
     z = np.concatenate(out)
     return [f"ReLU {i + 1}" for i in range(z.shape[1])], z
-
-
-def policy_exit_fraction(trace: Trace, policy: Policy) -> np.ndarray:
-    """[N] cost fraction of one early-exit policy (the per-sample compute of early exit)."""
-    exits = exit_index(trace, policy)
-    return trace.cost[np.arange(trace.num_samples), exits] / trace.cost[:, -1]

@@ -1,160 +1,121 @@
-"""The methods the comparison page puts side by side, per data set, as ``MethodSweep``s.
+"""The methods the comparison page puts side by side, per data set, read from the families.
 
-Early exit and cascades come from their traces; layer skipping from its skip records (the
-network re-run at every gate threshold); ACT from its halting records (any eps, from one unroll); dynamic-k MoE from per-sample FLOPs at every tau, which
-needs the model to be re-run and is therefore built once and shipped:
+Every bundled model whose family produces per-sample results (``Family.results``) on a data set
+is one method there; nothing here names a family. Early exit and cascades come from their
+traces, skipping and halting from their records, dynamic-k MoE from per-sample FLOPs at every
+tau, which needs the model to be re-run and is therefore built once and shipped:
 
     python -m engine.compare_sources build        # writes assets/traces/records/*__compare*.parquet
 
-Activation sparsity (exactly-zero ReLU outputs per layer and input) is built the same way.
+Activation sparsity (exactly-zero ReLU outputs per layer and input) is built the same way, for
+each data set's first early-exit model.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import replace
 
 import numpy as np
 import polars as pl
-import torch
 
-from engine import halting, skipping
-from engine.compare import MethodSweep, oracle_fraction, relu_zero_fraction, sweep_from_trace
+from engine import families
+from engine.compare import oracle_fraction, relu_zero_fraction
+from engine.core.results import Results
+from engine.core.stats import seeded_subset
 from engine.data import images
-from engine.registry import load_model
-from engine.trace_store import TRACES_DIR, load_trace
+from engine.paths import RECORDS_DIR
+from engine.registry import ModelCard, list_cards
+from engine.trace_store import load_trace
 
-RECORDS = TRACES_DIR / "records"
 SUBSET = 2000  # test images (seeded subset) for what must be re-run: MoE sweep, ReLU sparsity
 SEED = 0
-
-# data set -> (method name, source kind, model id); the order is the display order
-METHODS = {
-    "mnist": [
-        ("early exit (CNN)", "trace", "mnist_multi_exit_cnn"),
-        ("cascade", "trace", "mnist_cascade"),
-        ("skip gates (SkipNet)", "skip", "mnist_skipnet"),
-        ("pondering (ACT)", "act", "mnist_act"),
-    ],
-    "fashion_mnist": [
-        ("early exit (CNN)", "trace", "fashion_multi_exit_cnn"),
-        ("dynamic-k MoE (D2DMoE)", "moe", "fashion_d2dmoe_vit"),
-    ],
-}
-ORACLE_MODEL = {"mnist": "mnist_multi_exit_cnn", "fashion_mnist": "fashion_multi_exit_cnn"}
-SPARSITY_MODELS = {"mnist": "mnist_multi_exit_cnn", "fashion_mnist": "fashion_multi_exit_cnn"}
-
-
-def subset_ids(n_total: int, n: int = SUBSET, seed: int = SEED) -> np.ndarray:
-    if n >= n_total:
-        return np.arange(n_total)
-    return np.sort(np.random.default_rng(seed).permutation(n_total)[:n])
-
-
-def moe_file(model_id: str):
-    return RECORDS / f"{model_id}__compare__test.parquet"
+KIND_ORDER = ("exit", "cascade", "skip", "halt", "route", "lm")
 
 
 def sparsity_file(model_id: str):
-    return RECORDS / f"{model_id}__relu_zeros__test.parquet"
+    return RECORDS_DIR / f"{model_id}__relu_zeros__test.parquet"
 
 
-# --- loading (pure numpy on shipped files) ------------------------------------------------------
-
-
-def _skip_sweep(name: str, model_id: str) -> MethodSweep:
-    rec = skipping.load_records(model_id)
-    full = float(rec.meta.get("full_flops", rec.flops.max()))
-    return MethodSweep(
-        name,
-        "gate threshold",
-        rec.sample_id,
-        rec.label,
-        rec.thresholds,
-        rec.flops / full,
-        rec.correct,
-    )
-
-
-def _act_sweep(name: str, model_id: str) -> MethodSweep:
-    """ACT as a sweep over eps, from its halting records; the full model is all M steps."""
-    rec = halting.load_records(model_id)
-    if rec.image_index is None:
-        raise FileNotFoundError(f"{model_id} is not an image model")
-    full = float(rec.meta.get("encode_flops", 0.0)) + rec.max_steps * float(
-        rec.meta["flops_per_step"]
-    )
-    runs = [halting.at_eps(rec, e) for e in halting.EPS_GRID]
-    return MethodSweep(
-        name,
-        "eps",
-        rec.image_index,
-        rec.label,
-        halting.EPS_GRID.astype(np.float64),
-        np.stack([r.flops for r in runs]) / full,
-        np.stack([r.correct for r in runs]),
-    )
-
-
-def _moe_sweep(name: str, model_id: str) -> MethodSweep:
-    path = moe_file(model_id)
-    if not path.exists():
-        raise FileNotFoundError(f"{path.name} missing: run python -m engine.compare_sources build")
-    df = pl.read_parquet(path).sort(["tau", "sample_id"])
-    taus = np.unique(df["tau"].to_numpy())
-    t = len(taus)
-    n = df.height // t
-
-    def grid(col):
-        return df[col].to_numpy().reshape(t, n)
-
-    flops = grid("flops").astype(np.float64)
-    full = flops[np.argmin(taus)]  # tau = 0 runs every expert: the full model
-    return MethodSweep(
-        name,
-        "tau",
-        grid("sample_id")[0],
-        grid("label")[0],
-        taus,
-        flops / full[None, :],
-        grid("correct").astype(bool),
-    )
-
-
-def load_sweeps(dataset: str) -> tuple[list[MethodSweep], list[str]]:
-    """The methods available for a data set, and a note for each one that is missing."""
-    sweeps, missing = [], []
-    for name, kind, model_id in METHODS.get(dataset, []):
+def _cards(dataset: str) -> list[tuple[ModelCard, families.Family]]:
+    """The data set's models, in display order: by kind, then by family, then the family's own
+    order (e.g. ACT by ponder cost)."""
+    out = []
+    for card in list_cards():
+        if card.dataset != dataset:
+            continue
         try:
-            if kind == "trace":
-                sweeps.append(sweep_from_trace(load_trace(model_id, build_if_missing=False), name))
-            elif kind == "skip":
-                sweeps.append(_skip_sweep(name, model_id))
-            elif kind == "act":
-                sweeps.append(_act_sweep(name, model_id))
-            else:
-                sweeps.append(_moe_sweep(name, model_id))
+            fam = families.get(card.family)
+        except families.FamilyError:
+            continue
+        out.append((card, fam))
+    out.sort(key=lambda cf: (KIND_ORDER.index(cf[1].kind), cf[1].name, cf[1].sort_key(cf[0])))
+    return out
+
+
+def datasets() -> list[str]:
+    """Data sets with at least two bundled models, those with the most models first."""
+    seen: dict[str, int] = {}
+    for card in list_cards():
+        seen[card.dataset] = seen.get(card.dataset, 0) + 1
+    return sorted((d for d, n in seen.items() if n >= 2), key=lambda d: (-seen[d], d))
+
+
+def load_sweeps(dataset: str) -> tuple[list[Results], list[str]]:
+    """The methods available for a data set, and a note for each one that is missing."""
+    found, missing = [], []
+    for card, fam in _cards(dataset):
+        try:
+            r = fam.results(card)
         except FileNotFoundError as e:
-            missing.append(f"{name}: {e}")
+            missing.append(f"{fam.label(card)}: {e}")
+            continue
+        if r is not None:
+            found.append((card, fam, r))
+    per_family: dict[str, int] = {}
+    for _, fam, _ in found:
+        per_family[fam.name] = per_family.get(fam.name, 0) + 1
+    # several models of one family (ACT at three ponder costs): name each by its model id
+    sweeps = [replace(r, name=fam.label(card, per_family[fam.name])) for card, fam, r in found]
     return sweeps, missing
 
 
-@dataclass(frozen=True)
-class Oracle:
-    sample_id: np.ndarray
-    fraction: np.ndarray  # [N] oracle exit's cost fraction (never-correct: 1)
+def sparsity_model(dataset: str) -> str | None:
+    """The data set's first early-exit model: the oracle and ReLU sparsity are measured on it."""
+    for card, fam in _cards(dataset):
+        if fam.kind == "exit":
+            return card.model_id
+    return None
 
 
-def load_oracle(dataset: str) -> Oracle:
-    trace = load_trace(ORACLE_MODEL[dataset], build_if_missing=False)
-    return Oracle(trace.sample_id, oracle_fraction(trace))
+def load_oracle(dataset: str) -> Results:
+    """The oracle exit of the data set's first early-exit model, as one more method: each
+    input's cost fraction at its earliest correct exit (never-correct inputs: 1)."""
+    model_id = sparsity_model(dataset)
+    if model_id is None:
+        raise FileNotFoundError(f"no early-exit model on {dataset} to take the oracle from")
+    trace = load_trace(model_id, build_if_missing=False)
+    fraction = oracle_fraction(trace)
+    return Results.from_fractions(
+        "oracle exit",
+        "-",
+        trace.sample_id,
+        np.zeros_like(trace.sample_id),
+        np.array([0.0]),
+        fraction[None, :],
+        np.ones((1, len(fraction)), bool),
+    )
 
 
 def load_sparsity(dataset: str) -> tuple[np.ndarray, list[str], np.ndarray]:
     """(sample_id [N], layer names, zero fraction [N, L]) for the data set's ReLU model."""
-    path = sparsity_file(SPARSITY_MODELS[dataset])
-    if not path.exists():
-        raise FileNotFoundError(f"{path.name} missing: run python -m engine.compare_sources build")
+    model_id = sparsity_model(dataset)
+    path = sparsity_file(model_id) if model_id else None
+    if path is None or not path.exists():
+        raise FileNotFoundError(
+            f"{'sparsity records' if path is None else path.name} missing: run "
+            "python -m engine.compare_sources build"
+        )
     df = pl.read_parquet(path).sort("sample_id")
     layers = [c for c in df.columns if c.startswith("ReLU ")]
     return df["sample_id"].to_numpy(), layers, df.select(layers).to_numpy()
@@ -163,38 +124,12 @@ def load_sparsity(dataset: str) -> tuple[np.ndarray, list[str], np.ndarray]:
 # --- building (runs models; needs the data sets installed) --------------------------------------
 
 
-@torch.no_grad()
-def build_moe(model_id: str, dataset: str) -> None:
-    from engine.models.moe import Routing
-    from engine.moe_analysis import TAU_GRID, run
-
-    model = load_model(model_id)
-    test = images.load(dataset, "test")
-    ids = subset_ids(len(test))
-    rows = []
-    for tau in TAU_GRID:
-        rec = run(model, test.images[ids], Routing(tau=tau))
-        rows.append(
-            pl.DataFrame(
-                {
-                    "tau": np.full(len(ids), tau),
-                    "sample_id": ids,
-                    "label": test.labels[ids],
-                    "flops": rec.flops.astype(np.float64),
-                    "correct": rec.pred == test.labels[ids],
-                }
-            )
-        )
-        print(f"{model_id} tau={tau}: mean FLOPs {rec.flops.mean():,.0f}", flush=True)
-    path = moe_file(model_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pl.concat(rows).write_parquet(path)
-
-
 def build_sparsity(model_id: str, dataset: str) -> None:
+    from engine.families import load_model
+
     model = load_model(model_id)
     test = images.load(dataset, "test")
-    ids = subset_ids(len(test))
+    ids = seeded_subset(len(test), SUBSET, SEED)
     names, z = relu_zero_fraction(model, images.to_model_input(test.images[ids]))
     df = pl.DataFrame(
         {"sample_id": ids, **{n: z[:, i].astype(np.float32) for i, n in enumerate(names)}}
@@ -208,11 +143,13 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] != ["build"]:
         print("usage: python -m engine.compare_sources build")
         sys.exit(2)
-    for dataset, methods in METHODS.items():
-        for _, kind, model_id in methods:
-            if kind == "moe":
-                build_moe(model_id, dataset)
-        build_sparsity(SPARSITY_MODELS[dataset], dataset)
+    for dataset in ("mnist", "fashion_mnist"):
+        for card, fam in _cards(dataset):
+            if fam.rebuilt_for_compare(card):
+                print(f"wrote {fam.build_results(card)}", flush=True)
+        model_id = sparsity_model(dataset)
+        if model_id:
+            build_sparsity(model_id, dataset)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.policies import Policy, PolicyError
+from engine.core.policies import Policy, PolicyError
+from engine.paths import data_dir
 
 FORMAT_VERSION = 1
 FILENAME = "policies.json"
@@ -34,16 +35,6 @@ _NAME_RE = re.compile(r"^[\w .,:+()\-]+$")
 
 class PolicyStoreError(ValueError):
     """A name, a file or an imported document is not a valid saved policy."""
-
-
-def data_dir() -> Path:
-    d = Path(
-        os.environ.get(
-            "AIE_DATA_DIR", Path.home() / ".local" / "share" / "adaptive-inference-explorer"
-        )
-    )
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Bundled models: each is ``assets/models/<model_id>.safetensors`` plus a JSON model card.
 
 The card says which model family builds the network (``module``, always under
-``engine.models``), with what ``config``, on which data, how it was trained, and the SHA-256 of
+``engine.families``), with what ``config``, on which data, how it was trained, and the SHA-256 of
 the weights file, which is checked on every load. Adding a model means adding two files; no code
 here changes.
 """
@@ -9,17 +9,14 @@ here changes.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-MODELS_DIR = ASSETS / "models"
+from engine.paths import MODELS_DIR
 
 
 class RegistryError(RuntimeError):
@@ -60,8 +57,10 @@ def _read_card(path: Path) -> ModelCard:
     try:
         raw = json.loads(path.read_text())
         module = raw["module"]
-        if not module.startswith("engine.models."):
-            raise RegistryError(f"{path.name}: module must live under engine.models, got {module}")
+        if not module.startswith("engine.families."):
+            raise RegistryError(
+                f"{path.name}: module must live under engine.families, got {module}"
+            )
         return ModelCard(raw["model_id"], raw["family"], module, raw.get("config", {}), raw, path)
     except (KeyError, json.JSONDecodeError) as e:
         raise RegistryError(f"{path.name}: malformed model card ({e})") from None
@@ -81,14 +80,8 @@ def get_card(model_id: str, models_dir: Path = MODELS_DIR) -> ModelCard:
     return _read_card(path)
 
 
-def build(card: ModelCard) -> torch.nn.Module:
-    """An untrained network of the card's family and config."""
-    return importlib.import_module(card.module).build(card.config)
-
-
-def load_model(model_id: str, models_dir: Path = MODELS_DIR) -> torch.nn.Module:
-    """Build the network, verify the weights' SHA-256 against the card, load them, eval mode."""
-    card = get_card(model_id, models_dir)
+def verified_weights(card: ModelCard) -> dict[str, torch.Tensor]:
+    """The card's weights, after checking their SHA-256 against the card (safetensors only)."""
     expected = card.raw.get("weights_sha256")
     if not card.weights_path.exists():
         raise RegistryError(f"{card.weights_path.name} is missing")
@@ -98,12 +91,4 @@ def load_model(model_id: str, models_dir: Path = MODELS_DIR) -> torch.nn.Module:
             f"{card.weights_path.name}: SHA-256 {actual[:12]}… does not match the card's "
             f"{str(expected)[:12]}… (weights changed without retraining the card)"
         )
-    model = build(card)
-    model.load_state_dict(load_file(card.weights_path))
-    return model.eval()
-
-
-@cache
-def cached_model(model_id: str) -> torch.nn.Module:
-    """Process-wide cache for scripts and benchmarks (the app uses st.cache_resource)."""
-    return load_model(model_id)
+    return load_file(card.weights_path)

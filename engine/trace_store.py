@@ -6,14 +6,12 @@ go to the cache directory (``AIE_CACHE_DIR``, default ``.cache/``) and are reuse
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
-from engine.data.images import cache_dir
-from engine.registry import ASSETS, get_card
-from engine.trace import Trace, read_parquet
-
-TRACES_DIR = ASSETS / "traces"
+from engine import families
+from engine.core.trace import Trace, read_parquet
+from engine.paths import TRACES_DIR, cache_dir
+from engine.registry import get_card
 
 
 def trace_file(model_id: str, split: str = "test") -> Path:
@@ -35,20 +33,17 @@ def available_traces() -> list[tuple[str, str]]:
 
 
 def load_trace(model_id: str, split: str = "test", build_if_missing: bool = True) -> Trace:
-    """The bundled trace, else the cached one, else build it with the family's trace builder.
-
-    A family that can build traces exposes ``build_trace(model_id, split) -> Trace`` in its
-    model module (``engine.models.<family>``).
-    """
+    """The bundled trace, else the cached one, else build it with the model's family (the
+    families whose results are traces implement ``trace(card, split)``)."""
     for path in (trace_file(model_id, split), cached_trace_file(model_id, split)):
         if path.exists():
             return read_parquet(path, model_id)
     if not build_if_missing:
         raise FileNotFoundError(f"no trace for {model_id} ({split})")
     card = get_card(model_id)
-    module = importlib.import_module(card.module)
-    if not hasattr(module, "build_trace"):
+    fam = families.get(card.family)
+    if not getattr(fam, "traces", False):
         raise FileNotFoundError(f"no trace for {model_id} and its family cannot build one")
-    trace = module.build_trace(model_id, split)
+    trace = fam.trace(card, split)
     trace.write_parquet(cached_trace_file(model_id, split))
     return trace

@@ -10,7 +10,7 @@ from engine import compare, compare_sources
 from engine.data import images
 from engine.data.gallery import test_images
 
-DATASETS = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
+NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "parity12": "12-bit parity"}
 
 
 @st.cache_data(show_spinner="Loading every method's per-sample compute…")
@@ -18,17 +18,7 @@ def sweeps(dataset: str):
     found, missing = compare_sources.load_sweeps(dataset)
     if len(found) < 2:
         return None, missing
-    oracle = compare_sources.load_oracle(dataset)
-    oracle_sweep = compare.MethodSweep(
-        "oracle exit",
-        "-",
-        oracle.sample_id,
-        np.zeros_like(oracle.sample_id),
-        np.array([0.0]),
-        oracle.fraction[None, :],
-        np.ones((1, len(oracle.fraction)), bool),
-    )
-    aligned = compare.align([*found, oracle_sweep])
+    aligned = compare.align([*found, compare_sources.load_oracle(dataset)])
     return aligned, missing
 
 
@@ -58,7 +48,12 @@ st.caption(
 )
 
 c1, c2 = st.columns([1, 2])
-dataset = c1.selectbox("Data set", list(DATASETS), format_func=DATASETS.get, key="cmp_dataset")
+dataset = c1.selectbox(
+    "Data set",
+    compare_sources.datasets(),
+    format_func=lambda d: NAMES.get(d, d),
+    key="cmp_dataset",
+)
 data, missing = sweeps(dataset)
 for note in missing:
     st.warning(f"Not available: {note}")
@@ -91,7 +86,7 @@ st.dataframe(
     {
         "method": [m.name for m in matched],
         "setting": [
-            f"{s.param_name} = {m.param:.3g}" for s, m in zip(methods, matched, strict=True)
+            f"{s.setting} = {m.param:.3g}" for s, m in zip(methods, matched, strict=True)
         ],
         "mean compute": [round(m.mean_fraction, 3) for m in matched],
         "accuracy": [round(m.accuracy, 4) for m in matched],
@@ -192,7 +187,7 @@ else:
     }
     st.markdown(
         f"Mean exactly-zero fraction over all ReLUs: **{zeros.mean():.1%}** "
-        f"({compare_sources.SPARSITY_MODELS[dataset]}, {len(sp_ids):,} test inputs). "
+        f"({compare_sources.sparsity_model(dataset)}, {len(sp_ids):,} test inputs). "
         "Spearman ρ between an input's zero fraction and each method's compute on it: "
         + ", ".join(f"{n} {v:+.2f}" for n, v in corr.items())
     )

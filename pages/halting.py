@@ -8,7 +8,8 @@ import streamlit as st
 from app import figures_dynamic as figs
 from app import loaders, palette
 from app.query import choice_param, float_param
-from engine import halting
+from engine.core import stats
+from engine.families.act import records as halting
 
 DEFAULT_MODEL = "parity_act"
 INTRO = {
@@ -39,7 +40,7 @@ def at_eps(model_id: str, eps: float) -> halting.AtEps:
 
 @st.cache_resource(show_spinner=False)
 def model(model_id: str):
-    from engine.registry import load_model
+    from engine.families import load_model
 
     return load_model(model_id)
 
@@ -71,7 +72,7 @@ def one_input_text(rec: halting.HaltRecords, r: halting.AtEps, i: int, names: li
 
 def live_panel(model_id: str, x: np.ndarray, eps: float, names: list[str], show_input) -> None:
     """Ponder one input live (real halting: the steps after N are never computed)."""
-    from engine.models import act
+    from engine.families.act import model as act
 
     out = act.run_act(model(model_id), x, eps=eps)
     steps, rem = int(out["steps"][0]), float(out["remainder"][0])
@@ -91,8 +92,8 @@ def live_panel(model_id: str, x: np.ndarray, eps: float, names: list[str], show_
 
 
 def upload_panel(model_id: str, dataset: str, eps: float, names: list[str]) -> None:
-    from engine import inspection
     from engine.data.images import to_model_input
+    from engine.run import inspection
 
     up = st.file_uploader(
         "Ponder your own image (PNG, JPEG, …; up to 10 MB)",
@@ -119,7 +120,7 @@ def upload_panel(model_id: str, dataset: str, eps: float, names: list[str]) -> N
 
 
 def bits_panel(model_id: str, num_bits: int, eps: float, names: list[str]) -> None:
-    from engine.models import act
+    from engine.families.act import model as act
 
     text = st.text_input(
         f"Ponder your own string: {num_bits} entries of +, - or 0",
@@ -191,7 +192,7 @@ eps = st.slider(
 )
 r = at_eps(model_id, eps)
 names = rec.meta.get("class_names") or [str(c) for c in range(rec.step_probs.shape[2])]
-rho = halting.spearman(r.steps, rec.difficulty) if rec.has_difficulty else float("nan")
+rho = stats.spearman(r.steps, rec.difficulty) if rec.has_difficulty else float("nan")
 c1, c2, c3, c4 = st.columns(4)
 c1.metric("Accuracy", f"{r.accuracy:.2%}")
 c2.metric("Mean ponder steps", f"{r.steps.mean():.2f}", help=f"maximum {rec.max_steps}")
@@ -259,7 +260,7 @@ if rec.has_difficulty:
         ),
         width="stretch",
     )
-    own = halting.spearman(r.steps, 1.0 - rec.step_probs[:, 0].max(1))
+    own = stats.spearman(r.steps, 1.0 - rec.step_probs[:, 0].max(1))
     b.caption(
         "Inputs per difficulty level: "
         + ", ".join(f"{lv}: {n}" for lv, n in zip(levels, count, strict=True))

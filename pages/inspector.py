@@ -1,7 +1,7 @@
 """Sample inspector: one input through every exit, where the policy stops, and why.
 
 Inputs come from the test split (galleries of the easiest and hardest samples by the oracle's
-exit) or from an uploaded image. A bundled image model is run live (engine.inspection) and can
+exit) or from an uploaded image. A bundled image model is run live (engine.run.inspection) and can
 explain its exits with Captum; a trace without a model (an uploaded external trace, or a model
 whose inputs are not images) shows the trace's recorded outputs only.
 """
@@ -15,11 +15,11 @@ import polars as pl
 import streamlit as st
 
 from app import figures, loaders, widgets
-from engine import inspection
+from engine.core.policies import Policy, exit_index
+from engine.core.trace import Trace, TraceError
 from engine.data.images import DATASETS, INSTALL_HINT, DatasetUnavailable
-from engine.policies import Policy, exit_index
 from engine.registry import RegistryError
-from engine.trace import Trace, TraceError
+from engine.run import inspection
 
 PINNED = "aie.insp.pinned"
 UPLOAD = "aie.insp.upload"
@@ -74,7 +74,7 @@ def live_setup(source: str):
 
 @st.cache_resource(show_spinner=False)
 def cumulative_flops(model_id: str) -> np.ndarray:
-    from engine.runtime import exit_costs
+    from engine.run.runtime import exit_costs
 
     return exit_costs(loaders.load_model(model_id)).cumulative
 

@@ -21,8 +21,8 @@ import polars as pl
 import streamlit as st
 
 from app import figures_text as ft
-from engine import language
-from engine.policies import POLICY_LABELS, Policy, exit_index, oracle_correct
+from engine.core.policies import POLICY_LABELS, Policy, exit_index, oracle_correct
+from engine.families.multi_exit_bert import analysis as language
 from engine.registry import RegistryError, list_cards
 
 ATTR = "aie.lang.attributions"
@@ -49,14 +49,14 @@ st.caption(
 
 @st.cache_resource(show_spinner="Loading the multi-exit MiniLM…")
 def load_classifier(model_id: str):
-    from engine.registry import load_model
+    from engine.families import load_model
 
     return load_model(model_id)
 
 
 @st.cache_resource(show_spinner="Loading the early-exit LM…")
 def load_lm(model_id: str):
-    from engine.registry import load_model
+    from engine.families import load_model
 
     return load_model(model_id)
 
@@ -76,7 +76,7 @@ def classify_cached(model_id: str, items: tuple[str, ...]):
 
 @st.cache_data(show_spinner="Generating…", max_entries=64)
 def generate_cached(model_id, prompt, n, measure, mode, threshold):
-    from engine.models import early_exit_lm as lm
+    from engine.families.early_exit_lm import model as lm
 
     model = load_lm(model_id)
     policy = lm.ExitPolicy(measure=measure, threshold=threshold, mode=mode)
@@ -97,7 +97,7 @@ def cum_cost(card, num_tokens: np.ndarray) -> np.ndarray | None:
     coef = card.raw.get("metrics", {}).get("flops_coefficients")
     if not coef:
         return None
-    from engine.training.multi_exit_bert import cumulative_cost
+    from engine.families.multi_exit_bert.train import cumulative_cost
 
     return cumulative_cost(np.asarray(coef, dtype=np.float64), np.asarray(num_tokens))
 
@@ -139,7 +139,7 @@ def read_items() -> list[str] | None:
 
 
 def live_classifier(card, policy: Policy):
-    from engine.models.multi_exit_bert import BackboneUnavailable, exit_names
+    from engine.families.multi_exit_bert.model import BackboneUnavailable, exit_names
 
     try:
         model = load_classifier(card.model_id)
@@ -290,7 +290,7 @@ def classifier_tab():
 
 
 def lm_tab():
-    from engine.models import early_exit_lm as lm
+    from engine.families.early_exit_lm import model as lm
 
     try:
         cards = list_cards("early_exit_lm")

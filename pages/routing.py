@@ -7,10 +7,11 @@ import streamlit as st
 
 from app import figures_moe as figs
 from app.query import choice_param, float_param
-from engine import moe_analysis as moe
 from engine.data import images as image_data
-from engine.models.moe import Routing
-from engine.registry import RegistryError, list_cards, load_model
+from engine.families import load_model
+from engine.families.moe import analysis as moe
+from engine.families.moe.model import Routing
+from engine.registry import RegistryError, list_cards
 
 NONE_LABEL = "no limit"
 

@@ -8,7 +8,7 @@ import streamlit as st
 from app import figures_dynamic as figs
 from app import loaders, palette
 from app.query import float_param
-from engine import skipping
+from engine.families.skipnet import records as skipping
 
 MODEL_ID = "mnist_skipnet"
 EARLY_EXIT_BASELINE = "mnist_multi_exit_cnn"
@@ -32,8 +32,8 @@ def variants(model_id: str):
 @st.cache_data(show_spinner=False)
 def exit_curve(model_id: str):
     """(mean cost, accuracy, thresholds) of max-prob early exit on a bundled trace, or None."""
+    from engine.core.tradeoff import curve
     from engine.trace_store import load_trace
-    from engine.tradeoff import curve
 
     try:
         trace = load_trace(model_id, "test", build_if_missing=False)

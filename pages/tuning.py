@@ -15,10 +15,10 @@ import polars as pl
 import streamlit as st
 
 from app import figures, loaders, widgets
-from engine import calibration, tradeoff
-from engine.policies import POLICY_LABELS, Policy, exit_index
+from engine.core import calibration, tradeoff
+from engine.core.policies import POLICY_LABELS, Policy, exit_index
+from engine.core.trace import Trace, TraceError
 from engine.policy_store import PolicyStore, PolicyStoreError, SavedPolicy
-from engine.trace import Trace, TraceError
 
 TIMING_KEY = "aie.tuning_fragment_ms"  # server-side time of the last fragment run (bench)
 MSG_KEY = "aie.tuning_msg"

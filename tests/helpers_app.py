@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from engine.trace import Trace, TraceMeta
+from engine.core.trace import Trace, TraceMeta
 
 SYNTH_ID = "synthetic_app_test"
 
@@ -88,9 +88,10 @@ def install_fake_image_model(monkeypatch, tmp_path, model_id: str = "fake_digits
     import torch
 
     import engine.registry as registry
+    from engine import families
+    from engine.core.training import save_model
     from engine.data.images import load
-    from engine.models import multi_exit_cnn
-    from engine.training.common import save_model
+    from engine.families.multi_exit_cnn import model as multi_exit_cnn
 
     models = tmp_path / "models"
     torch.manual_seed(0)
@@ -100,14 +101,14 @@ def install_fake_image_model(monkeypatch, tmp_path, model_id: str = "fake_digits
         "model_id": model_id,
         "title": "Fake digits CNN",
         "family": "multi_exit_cnn",
-        "module": "engine.models.multi_exit_cnn",
+        "module": "engine.families.multi_exit_cnn.model",
         "config": config,
         "dataset": "digits",
         "split": "test",
         "class_names": [str(i) for i in range(10)],
     }
     save_model(model, card, models)
-    get_card, load_model = registry.get_card, registry.load_model
+    get_card, load_model = registry.get_card, families.load_model
     monkeypatch.setattr(registry, "get_card", lambda mid, models_dir=models: get_card(mid, models))
     monkeypatch.setattr(
         registry, "load_model", lambda mid, models_dir=models: load_model(mid, models)

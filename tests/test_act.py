@@ -9,9 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from engine import halting
-from engine.models import act
-from engine.registry import MODELS_DIR, list_cards, load_model
+from engine.core import stats
+from engine.families import load_model
+from engine.families.act import model as act
+from engine.families.act import records as halting
+from engine.paths import MODELS_DIR
+from engine.registry import list_cards
 
 scores = arrays(
     np.float64, st.tuples(st.integers(1, 6), st.integers(1, 10)), elements=st.floats(0, 1)
@@ -105,13 +108,13 @@ def test_parity_data():
 
 
 def test_spearman():
-    assert halting.spearman(np.arange(10), np.arange(10) ** 2) == pytest.approx(1.0)
-    assert halting.spearman(np.arange(10), -np.arange(10)) == pytest.approx(-1.0)
-    assert np.isnan(halting.spearman(np.ones(5), np.arange(5)))
+    assert stats.spearman(np.arange(10), np.arange(10) ** 2) == pytest.approx(1.0)
+    assert stats.spearman(np.arange(10), -np.arange(10)) == pytest.approx(-1.0)
+    assert np.isnan(stats.spearman(np.ones(5), np.arange(5)))
 
 
 def test_quick_training_writes_loadable_card_and_records(tmp_path):
-    from engine.training import act as trainer
+    from engine.families.act import train as trainer
 
     trainer.main(
         [
@@ -145,7 +148,7 @@ def test_shipped_weights_load_and_reach_the_cards_accuracy(model_id):
     rec = act.run_act(m, x)
     assert (rec["pred"] == y).mean() == pytest.approx(card["metrics"]["accuracy"], abs=1e-5)
     assert rec["steps"].mean() == pytest.approx(card["metrics"]["mean_steps"], abs=1e-4)
-    rho = halting.spearman(rec["steps"], length)
+    rho = stats.spearman(rec["steps"], length)
     assert rho == pytest.approx(card["metrics"]["spearman_steps_vs_length"], abs=1e-4)
     stored = halting.load_records(model_id)
     np.testing.assert_array_equal(stored.steps, rec["steps"])

@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine import halting
+from engine.core import stats
 from engine.data import images
-from engine.models import act, act_cnn
-from engine.registry import MODELS_DIR, load_model
+from engine.families import load_model
+from engine.families.act import model as act
+from engine.families.act import records as halting
+from engine.families.act_cnn import model as act_cnn
+from engine.paths import MODELS_DIR
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +68,7 @@ def test_max_steps_caps_the_steps(small_model, x):
 
 
 def test_quick_training_writes_card_and_records(tmp_path):
-    from engine.training import act_cnn as trainer
+    from engine.families.act_cnn import train as trainer
 
     if not images.available("mnist"):
         pytest.skip("MNIST is not installed")
@@ -107,7 +110,7 @@ def test_shipped_weights_load_and_reach_the_cards_numbers():
     stored = halting.load_records("mnist_act")
     np.testing.assert_array_equal(stored.image_index, np.arange(len(test.labels)))
     assert (stored.steps != rec["steps"]).mean() < 1e-3  # float noise may flip a tie
-    rho = halting.spearman(stored.steps, stored.difficulty)
+    rho = stats.spearman(stored.steps, stored.difficulty)
     assert rho == pytest.approx(
         card["metrics"]["difficulty"]["spearman_steps_vs_difficulty"], abs=1e-3
     )

@@ -197,7 +197,7 @@ def test_inspector_upload(server, browser):
 
 def test_halting_page_ponders_an_uploaded_digit(server, browser):
     """Pick the image ACT model by URL, upload a digit, see its live halting curve."""
-    from engine.halting import available_models
+    from engine.families.act.records import available_models
 
     base, _, tmp = server
     if "mnist_act" not in available_models():

@@ -5,16 +5,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.compare import (
-    MethodSweep,
     align,
     match_budget,
     oracle_fraction,
     per_sample_table,
     rank_correlations,
     relu_zero_fraction,
-    sweep_from_trace,
     top_k_overlap,
 )
+from engine.core.results import Results, from_trace
 from tests.traces_strategy import make_trace
 
 
@@ -48,7 +47,7 @@ def test_top_k_overlap():
 @given(st.floats(0.05, 1.0), st.integers(0, 1000))
 def test_budget_matching_lands_within_tolerance(target, seed):
     t = make_trace(400, 6, 4, seed=seed)
-    sweep = sweep_from_trace(t, "early exit", points=201)
+    sweep = from_trace(t, "early exit", points=201)
     m = match_budget(sweep, target)
     lo = sweep.mean_fraction.min()
     # reachable budgets are matched closely; below the cheapest setting we get the cheapest
@@ -62,7 +61,7 @@ def test_budget_matching_lands_within_tolerance(target, seed):
 
 def test_sweep_from_trace_matches_the_trace():
     t = make_trace(300, 4, 3, seed=5)
-    s = sweep_from_trace(t, "ee")
+    s = from_trace(t, "ee")
     assert s.cost_fraction.shape[1] == 300
     assert s.cost_fraction.max() == pytest.approx(1.0)
     assert (np.diff(np.sort(s.mean_fraction)) >= 0).all()
@@ -72,8 +71,8 @@ def test_sweep_from_trace_matches_the_trace():
 
 def test_align_and_table():
     t = make_trace(50, 3, 3)
-    a = sweep_from_trace(t, "a")
-    b = MethodSweep(
+    a = from_trace(t, "a")
+    b = Results.from_fractions(
         "b",
         "tau",
         a.sample_id[::-1][:30],

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.models import early_exit_lm as lm
+from engine.families.early_exit_lm import model as lm
 
 SMALL = {"n_layer": 4, "n_head": 2, "d_model": 32, "block_size": 48}
 
@@ -165,7 +165,7 @@ def test_vocab_roundtrip():
 
 
 def test_training_step_and_evaluation_small(model):
-    from engine.training import early_exit_lm as tr
+    from engine.families.early_exit_lm import train as tr
 
     m = lm.build(SMALL)
     data = tr.encode_array("the cat sat on the mat. " * 200, m.config.vocab)
@@ -195,7 +195,8 @@ def test_exit_weights_layerskip_shape():
     reason="the bundled early-exit LM has not been trained yet",
 )
 def test_bundled_model_card_and_generation():
-    from engine.registry import get_card, load_model
+    from engine.families import load_model
+    from engine.registry import get_card
 
     card = get_card("bbc_char_early_exit_lm")
     m = load_model("bbc_char_early_exit_lm")

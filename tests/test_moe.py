@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from engine import moe_analysis as moe
-from engine.costs import count_flops
+from engine.core.costs import count_flops
 from engine.data import images as image_data
-from engine.models.moe import (
+from engine.families.moe import analysis as moe
+from engine.families.moe.model import (
     Experts,
     FlopMeter,
     Routing,
@@ -182,7 +182,7 @@ def test_fewer_experts_fewer_flops():
 
 
 def test_regroup_keeps_the_dense_mlp():
-    from engine.training.moe import balanced_clusters
+    from engine.families.moe.train import balanced_clusters
 
     torch.manual_seed(0)
     ex = Experts(16, 4, 6)
@@ -215,8 +215,8 @@ def test_sweep_progress_and_compute_score():
 
 @pytest.mark.parametrize("variant", ["topk", "dynamic"])
 def test_trainer_quick_run_writes_a_loadable_card(tmp_path, variant):
-    from engine.registry import load_model
-    from engine.training.moe import main
+    from engine.families import load_model
+    from engine.families.moe.train import main
 
     main([
         "--variant", variant, "--dataset", "digits", "--max-train", "128", "--max-test", "64",
@@ -242,7 +242,8 @@ BUNDLED = ["fashion_moe_vit", "fashion_d2dmoe_vit"]
 
 @pytest.mark.parametrize("model_id", BUNDLED)
 def test_bundled_model_and_sweep(model_id):
-    from engine.registry import get_card, load_model
+    from engine.families import load_model
+    from engine.registry import get_card
 
     card = get_card(model_id)
     model = load_model(model_id)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine import language
-from engine.models import multi_exit_bert as meb
+from engine.core import stats
+from engine.families.multi_exit_bert import analysis as language
+from engine.families.multi_exit_bert import model as meb
 
 needs_backbone = pytest.mark.skipif(
     not meb.backbone_available(),
@@ -85,7 +86,7 @@ def test_state_dict_is_heads_only(model):
 
 @needs_backbone
 def test_flops_fit_is_exact(model):
-    from engine.training.multi_exit_bert import cumulative_cost
+    from engine.families.multi_exit_bert.train import cumulative_cost
 
     coef = np.array([[1.0, 2.0, 3.0]] * 6)
     cost = cumulative_cost(coef, np.array([1, 2]))
@@ -133,12 +134,12 @@ def test_depth_by_confidence_and_spearman():
     assert d.n == 7 and d.count.sum() == 7
     assert d.mean_exit[0] == 5 and d.mean_exit[-1] == 0
     assert d.spearman < -0.9
-    assert language.spearman(np.arange(10), np.arange(10)) == pytest.approx(1.0)
-    assert np.isnan(language.spearman(np.ones(5), np.arange(5)))
+    assert stats.spearman(np.arange(10), np.arange(10)) == pytest.approx(1.0)
+    assert np.isnan(stats.spearman(np.ones(5), np.arange(5)))
 
 
 def test_exits_for_matches_policies():
-    from engine.policies import Policy
+    from engine.core.policies import Policy
 
     probs = np.array([[[0.5, 0.3, 0.2], [0.9, 0.05, 0.05], [0.1, 0.1, 0.8]]])
     assert language.exits_for(probs, Policy("max_prob", threshold=0.85))[0] == 1
@@ -155,7 +156,8 @@ bundled = pytest.mark.skipif(
 @needs_backbone
 @bundled
 def test_bundled_heads_reproduce_the_trace():
-    from engine.registry import get_card, load_model
+    from engine.families import load_model
+    from engine.registry import get_card
     from engine.trace_store import load_trace
 
     card = get_card(MODEL_ID)
@@ -176,7 +178,7 @@ def test_bundled_heads_reproduce_the_trace():
 @needs_backbone
 @bundled
 def test_token_attributions():
-    from engine.registry import load_model
+    from engine.families import load_model
 
     m = load_model(MODEL_ID)
     text = "I absolutely love this airline, best flight ever"

@@ -13,12 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from engine import registry, trace_store
+from engine import families, registry, trace_store
+from engine.core.trace import read_parquet
 from engine.data import gallery, images
-from engine.models import cascade, multi_exit_cnn
-from engine.trace import read_parquet
-from engine.trace_build import build_trace, exit_flops
-from engine.training import multi_exit_cnn as trainer
+from engine.families.cascade import model as cascade
+from engine.families.multi_exit_cnn import model as multi_exit_cnn
+from engine.families.multi_exit_cnn import train as trainer
+from engine.run.trace_build import build_trace, exit_flops
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = {
@@ -140,7 +141,7 @@ def _train(tmp_path: Path, family: str, extra: list[str]) -> dict:
     card = json.loads((tmp_path / f"tiny_{family}.json").read_text())
     assert card["training_command"].startswith(f"python -m engine.train {family} --dataset digits")
     assert card["weights_sha256"] == registry.sha256_file(tmp_path / f"tiny_{family}.safetensors")
-    model = registry.load_model(f"tiny_{family}", models_dir=tmp_path)
+    model = families.load_model(f"tiny_{family}", models_dir=tmp_path)
     check_contract(model)
     m = card["metrics"]
     k = len(model.heads)
@@ -157,7 +158,7 @@ def test_training_cli_writes_loadable_card(tmp_path):
     w = tmp_path / "tiny_multi_exit_cnn.safetensors"
     w.write_bytes(w.read_bytes()[:-1] + b"\0")
     with pytest.raises(registry.RegistryError, match="SHA-256"):
-        registry.load_model("tiny_multi_exit_cnn", models_dir=tmp_path)
+        families.load_model("tiny_multi_exit_cnn", models_dir=tmp_path)
 
 
 def test_cascade_training_cli(tmp_path):
@@ -173,7 +174,7 @@ def test_shipped_model_matches_card(model_id):
     assert card.dataset == dataset and card.raw["train_seconds"] < 600
     assert acc[-1] >= min_last and acc[-1] - acc[0] >= min_gap
     assert len(card.raw["class_names"]) == 10 and len(card.raw["exit_names"]) == len(acc)
-    model = registry.load_model(model_id)  # checks the SHA-256
+    model = families.load_model(model_id)  # checks the SHA-256
     test = gallery.test_images(dataset) if dataset != "digits" else None
     if test is None or test.is_full:
         data = images.load(dataset, "test")
@@ -216,7 +217,7 @@ def test_gallery_lines_up_with_test_split_and_trace(dataset):
     # the bundled trace's rows at the gallery indices are the model's outputs on those images
     model_id = {"mnist": "mnist_multi_exit_cnn", "fashion_mnist": "fashion_multi_exit_cnn"}[dataset]
     bundled = trace_store.load_trace(model_id, "test", build_if_missing=False).subset(idx)
-    fresh = build_trace(registry.load_model(model_id), data, "test", model_id, sample_ids=idx)
+    fresh = build_trace(families.load_model(model_id), data, "test", model_id, sample_ids=idx)
     np.testing.assert_array_equal(fresh.sample_id, bundled.sample_id)
     np.testing.assert_allclose(fresh.probs, bundled.probs, atol=1e-4)
 
@@ -236,8 +237,7 @@ def test_trace_build_cli_on_digits(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "engine.trace",
-        "build",
+        "engine.build",
         "digits_multi_exit_cnn",
         "--dataset",
         "digits",
@@ -254,7 +254,7 @@ def test_trace_build_cli_on_digits(tmp_path):
     assert t.probs.shape == (450, 4, 10)
     np.testing.assert_allclose(t.correct.mean(axis=0), card["metrics"]["test_accuracy"], atol=1e-4)
     bad = subprocess.run(
-        [*cmd[:4], "no_such_model", "--out", str(out)],
+        [*cmd[:3], "no_such_model", "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,

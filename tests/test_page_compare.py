@@ -3,28 +3,18 @@ re-matches every method."""
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from engine import compare, compare_sources, halting
+from engine import compare, compare_sources
+from engine.families.act import records as halting
 
 PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "compare.py")
 
 
 def engine_matched(dataset: str, budget: float):
     found, _ = compare_sources.load_sweeps(dataset)
-    oracle = compare_sources.load_oracle(dataset)
-    o = compare.MethodSweep(
-        "oracle exit",
-        "-",
-        oracle.sample_id,
-        np.zeros_like(oracle.sample_id),
-        np.array([0.0]),
-        oracle.fraction[None],
-        np.ones((1, len(oracle.fraction)), bool),
-    )
-    aligned = compare.align([*found, o])
+    aligned = compare.align([*found, compare_sources.load_oracle(dataset)])
     return [compare.match_budget(s, budget) for s in aligned[:-1]]
 
 

@@ -11,8 +11,8 @@ import streamlit as st
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from engine import inspection
-from engine.policies import Policy, exit_index
+from engine.core.policies import Policy, exit_index
+from engine.run import inspection
 from engine.trace_store import load_trace
 from tests.helpers_app import (
     SYNTH_ID,

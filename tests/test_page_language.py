@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from engine.models.multi_exit_bert import backbone_available
+from engine.families.multi_exit_bert.model import backbone_available
 
 ROOT = Path(__file__).resolve().parent.parent
 HAVE_MODELS = (ROOT / "assets/models/tweets_multi_exit_minilm.json").exists() and (

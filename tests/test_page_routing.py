@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from engine import moe_analysis as moe
+from engine.families.moe import analysis as moe
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "routing.py")
 

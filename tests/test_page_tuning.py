@@ -11,8 +11,8 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from app import figures
-from engine import calibration, tradeoff
-from engine.policies import Policy, exit_index
+from engine.core import calibration, tradeoff
+from engine.core.policies import Policy, exit_index
 from engine.policy_store import PolicyStore
 from engine.trace_store import available_traces, load_trace
 from tests.helpers_app import SYNTH_ID, make_trace
@@ -87,7 +87,7 @@ def test_renders_with_engine_values(env):
     trace = load_trace(env)
     _assert_shows(at, trace, Policy("max_prob", threshold=0.9))
     assert len(at.get("plotly_chart")) == 4  # curve, histogram, per-class, reliability
-    # ECE caption: per exit and for the policy's outputs, from engine.calibration
+    # ECE caption: per exit and for the policy's outputs, from engine.core.calibration
     rel = calibration.of_policy(trace, exit_index(trace, Policy("max_prob", threshold=0.9)))
     assert any(f"policy's outputs {rel.ece:.3f}" in c.value for c in at.caption)
     table = at.dataframe[0].value
@@ -189,7 +189,7 @@ def test_uploaded_trace_is_tuned_like_a_bundled_one(env):
     assert not at.exception
     assert at.selectbox(key="w.model").value == "upload:external"
     at.slider(key="w.t.max_prob").set_value(0.6).run()
-    from engine.trace import read
+    from engine.core.trace import read
 
     _assert_shows(at, read(ext.to_csv_bytes(), "external.csv"), Policy("max_prob", threshold=0.6))
 

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from engine import halting, skipping
-from engine.skipping import records_file
+from engine.core import stats
+from engine.families.act import records as halting
+from engine.families.skipnet import records as skipping
+from engine.families.skipnet.records import records_file
 
 ROOT = Path(__file__).resolve().parent.parent
 SKIP_OK = records_file("mnist_skipnet").exists()
@@ -54,7 +56,7 @@ def test_halting_page_shows_engine_numbers_and_reacts_to_eps(model_id):
     m = metrics(at)
     assert m["Accuracy"] == f"{r.accuracy:.2%}"
     assert m["Mean ponder steps"] == f"{r.steps.mean():.2f}"
-    rho = halting.spearman(r.steps, rec.difficulty)
+    rho = stats.spearman(r.steps, rec.difficulty)
     assert m["Spearman(steps, difficulty)"] == f"{rho:.3f}"
     # at the trained eps the stored unroll reproduces the real run's steps
     assert (r.steps != rec.steps).mean() < 1e-3
@@ -92,8 +94,8 @@ def test_halting_page_ponders_an_uploaded_image_and_rejects_a_corrupt_one():
 
     from PIL import Image, ImageDraw
 
-    from engine.models import act
-    from engine.registry import load_model
+    from engine.families import load_model
+    from engine.families.act import model as act
 
     img = Image.new("L", (120, 120), 255)
     ImageDraw.Draw(img).line([(60, 15), (60, 105)], fill=0, width=12)  # a hand-drawn "1"
@@ -106,8 +108,8 @@ def test_halting_page_ponders_an_uploaded_image_and_rejects_a_corrupt_one():
     text = " ".join(md.value for md in at.markdown)
     assert "FLOPs" in text and "steps N" in text
     # the live run is the engine's
-    from engine import inspection
     from engine.data.images import to_model_input
+    from engine.run import inspection
 
     prep = inspection.prepare_image(buf.getvalue(), "mnist", "one.png")
     out = act.run_act(load_model("mnist_act"), to_model_input(prep.model_input).numpy())
@@ -154,8 +156,8 @@ def test_halting_page_explains_damaged_records(monkeypatch, tmp_path):
 
 @pytest.mark.skipif("parity_act" not in HALT_MODELS, reason="parity_act not bundled")
 def test_halting_page_ponders_a_typed_string_and_explains_a_bad_one():
-    from engine.models import act
-    from engine.registry import load_model
+    from engine.families import load_model
+    from engine.families.act import model as act
 
     at = AppTest.from_file(str(ROOT / "pages/halting.py"), default_timeout=60)
     at.query_params["model"] = "parity_act"
@@ -175,7 +177,7 @@ def test_halting_page_ponders_a_typed_string_and_explains_a_bad_one():
 
 
 def test_parse_bits():
-    from engine.models import act
+    from engine.families.act import model as act
 
     np.testing.assert_array_equal(act.parse_bits("+ - 0", 3), [[1.0, -1.0, 0.0]])
     with pytest.raises(ValueError, match="only"):

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.policies import (
+from engine.core.policies import (
     Policy,
     PolicyError,
     exit_index,
@@ -11,7 +11,7 @@ from engine.policies import (
     oracle_stable,
     reference_exit_index,
 )
-from engine.tradeoff import evaluate
+from engine.core.tradeoff import evaluate
 from tests.traces_strategy import make_trace, traces
 
 
@@ -26,7 +26,9 @@ def policies_for(t, draw):
         Policy("entropy", threshold=float(ent)),
         Policy("margin", threshold=float(th)),
         Policy("patience", patience=draw(st.integers(0, k))),
-        Policy("per_exit", thresholds=tuple(draw(st.lists(st.floats(0, 1), min_size=k, max_size=k)))),
+        Policy(
+            "per_exit", thresholds=tuple(draw(st.lists(st.floats(0, 1), min_size=k, max_size=k)))
+        ),
         Policy("gate", threshold=float(draw(st.floats(0, 1)))),
         Policy("fixed", exit=draw(st.integers(0, k - 1))),
     ]
@@ -36,7 +38,9 @@ def policies_for(t, draw):
 @given(traces(), st.data())
 def test_vectorised_equals_per_sample_reference(t, data):
     for policy in policies_for(t, data.draw):
-        np.testing.assert_array_equal(exit_index(t, policy), reference_exit_index(t, policy), err_msg=str(policy))
+        np.testing.assert_array_equal(
+            exit_index(t, policy), reference_exit_index(t, policy), err_msg=str(policy)
+        )
 
 
 @settings(max_examples=40, deadline=None)
@@ -101,7 +105,15 @@ def test_policy_json_round_trip_and_errors():
         Policy("fixed", exit=1),
     ):
         assert Policy.from_dict(p.to_dict()) == p
-    for bad in ({"kind": "nope"}, {"kind": "max_prob"}, {"kind": "patience", "patience": -1}, {"threshold": 1}, [1], {"kind": "max_prob", "threshold": "x"}, {"kind": "max_prob", "threshold": 0.5, "evil": 1}):
+    for bad in (
+        {"kind": "nope"},
+        {"kind": "max_prob"},
+        {"kind": "patience", "patience": -1},
+        {"threshold": 1},
+        [1],
+        {"kind": "max_prob", "threshold": "x"},
+        {"kind": "max_prob", "threshold": 0.5, "evil": 1},
+    ):
         with pytest.raises(PolicyError):
             Policy.from_dict(bad)
 

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from engine.policies import Policy
-from engine.policy_store import PolicyStore, PolicyStoreError, SavedPolicy, data_dir
+from engine.core.policies import Policy
+from engine.paths import data_dir
+from engine.policy_store import PolicyStore, PolicyStoreError, SavedPolicy
 
 
 def test_save_list_get_delete_round_trip(tmp_path):

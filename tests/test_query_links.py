@@ -35,7 +35,7 @@ def test_halting_eps_from_url():
 
 
 def test_halting_model_from_url():
-    from engine.halting import available_models
+    from engine.families.act.records import available_models
 
     models = available_models()
     if not models:

@@ -1,4 +1,4 @@
-"""Real early exit (engine.runtime): compaction skips work, decisions equal the cached trace.
+"""Real early exit (engine.run.runtime): compaction skips work, decisions equal the cached trace.
 
 Two models: a tiny stand-in with the multi-exit contract (always available, fast) and the
 bundled ``mnist_multi_exit_cnn`` with its bundled trace on the full MNIST test split (10k).
@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+from engine.core.policies import Policy, PolicyError, exit_index
+from engine.core.trace import Trace, TraceMeta
 from engine.data.images import load, to_model_input
-from engine.policies import Policy, PolicyError, exit_index
-from engine.runtime import EarlyExitRunner, exit_costs, run
-from engine.trace import Trace, TraceMeta
+from engine.run.runtime import EarlyExitRunner, exit_costs, run
 
 BUNDLED = "mnist_multi_exit_cnn"
 
@@ -103,7 +103,8 @@ def standin():
 
 @pytest.fixture(scope="module")
 def bundled():
-    from engine.registry import RegistryError, load_model
+    from engine.families import load_model
+    from engine.registry import RegistryError
     from engine.trace_store import load_trace
 
     try:

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine import skipping
-from engine.models import skipnet
-from engine.registry import MODELS_DIR, load_model
+from engine.families import load_model
+from engine.families.skipnet import model as skipnet
+from engine.families.skipnet import records as skipping
+from engine.paths import MODELS_DIR
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_training_free_variants(model, x):
 
 
 def test_quick_training_writes_loadable_card_and_records(tmp_path):
-    from engine.training import skipnet as trainer
+    from engine.families.skipnet import train as trainer
 
     card = trainer.main(
         [
@@ -127,7 +128,7 @@ def test_quick_training_writes_loadable_card_and_records(tmp_path):
     assert sw.mean_flops[0] >= sw.mean_flops[-1]
     var = skipping.load_variants("tiny_skipnet", root=tmp_path / "traces" / "records")
     assert set(var["method"].to_list()) == {"fixed", "lowest"}
-    from engine.trace import read_parquet
+    from engine.core.trace import read_parquet
 
     trace = read_parquet(tmp_path / "traces" / "tiny_skipnet__test.parquet")
     assert trace.num_exits == 6 and trace.num_samples == 32

@@ -12,10 +12,10 @@ from streamlit.testing.v1 import AppTest
 from app.tour import draw
 from app.tour.chapters import CHAPTERS, QUIZ_SAMPLE
 from app.tour.frame import W_PRESENT
+from engine.core.policies import Policy, exit_index
 from engine.data import images
 from engine.data.drawing import to_canvas_rgba, to_mnist
-from engine.policies import Policy, exit_index
-from engine.registry import MODELS_DIR
+from engine.paths import MODELS_DIR
 from engine.trace_store import trace_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ def test_unknown_chapter_falls_back_to_the_first():
 @pytest.fixture(scope="module")
 def engine_side():
     from app.tour.live import make_runner
-    from engine.registry import load_model
+    from engine.families import load_model
     from engine.trace_store import load_trace
 
     trace = load_trace(MODEL, "test", build_if_missing=False)
@@ -149,8 +149,8 @@ def test_draw_path_matches_the_engine_on_test_digits(engine_side):
 
     trace, data, runner = engine_side
     if ACT_BUNDLED:
-        from engine.models.act import run_act
-        from engine.registry import load_model
+        from engine.families import load_model
+        from engine.families.act.model import run_act
 
         act_model = load_model("mnist_act")
     t = 0.9

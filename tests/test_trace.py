@@ -5,7 +5,7 @@ import polars as pl
 import pytest
 from hypothesis import given, settings
 
-from engine.trace import Trace, TraceError, TraceMeta, from_frame, read
+from engine.core.trace import Trace, TraceError, TraceMeta, from_frame, read
 from tests.traces_strategy import make_trace, traces
 
 
@@ -33,12 +33,17 @@ def test_parquet_file_round_trip_with_latency_and_extra(tmp_path):
     t = dataclasses.replace(
         t,
         latency_ms=np.cumsum(np.ones((50, 3)), axis=1),
-        extra={"annotator_confidence": np.linspace(0, 1, 50), "text": np.array([f"s{i}" for i in range(50)], dtype=object)},
+        extra={
+            "annotator_confidence": np.linspace(0, 1, 50),
+            "text": np.array([f"s{i}" for i in range(50)], dtype=object),
+        },
     )
     t.write_parquet(tmp_path / "x.parquet")
     back = read(tmp_path / "x.parquet")
     assert_same(t, back)
-    np.testing.assert_array_equal(back.extra["annotator_confidence"], t.extra["annotator_confidence"])
+    np.testing.assert_array_equal(
+        back.extra["annotator_confidence"], t.extra["annotator_confidence"]
+    )
     assert list(back.extra["text"]) == list(t.extra["text"])
 
 
@@ -54,7 +59,13 @@ def test_csv_round_trip_and_inferred_metadata():
 
 def test_logit_columns_are_softmaxed():
     df = pl.DataFrame(
-        {"sample_id": [0, 1], "label": [1, 0], "logit_e0_c0": [0.0, 2.0], "logit_e0_c1": [0.0, 0.0], "cost_e0": [10.0, 10.0]}
+        {
+            "sample_id": [0, 1],
+            "label": [1, 0],
+            "logit_e0_c0": [0.0, 2.0],
+            "logit_e0_c1": [0.0, 0.0],
+            "cost_e0": [10.0, 10.0],
+        }
     )
     t = from_frame(df)
     np.testing.assert_allclose(t.probs[0, 0], [0.5, 0.5])
@@ -109,7 +120,16 @@ def test_metadata_must_match_shapes():
         dataclasses.replace(t, meta=dataclasses.replace(t.meta, class_names=("a",)))
 
 
-@pytest.mark.parametrize("data, name", [(b"\x00\x01garbage", "x.parquet"), (b"PAR1xxxx", "x.parquet"), (b"a,b\n1,2\n", "x.csv"), (b"", "x.csv"), (b"{}", "x.json")])
+@pytest.mark.parametrize(
+    "data, name",
+    [
+        (b"\x00\x01garbage", "x.parquet"),
+        (b"PAR1xxxx", "x.parquet"),
+        (b"a,b\n1,2\n", "x.csv"),
+        (b"", "x.csv"),
+        (b"{}", "x.json"),
+    ],
+)
 def test_corrupt_files_raise_trace_error(data, name):
     with pytest.raises(TraceError):
         read(data, name)

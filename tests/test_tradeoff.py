@@ -2,9 +2,9 @@ import numpy as np
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from engine import calibration
-from engine.policies import exit_index
-from engine.tradeoff import (
+from engine.core import calibration
+from engine.core.policies import exit_index
+from engine.core.tradeoff import (
     best_within_budget,
     cheapest_with_accuracy,
     curve,
@@ -65,7 +65,9 @@ def test_pareto_front_is_exactly_the_undominated_points(points):
     acc = np.array([p[1] for p in points])
     front = set(pareto_front(cost, acc).tolist())
     for i in range(len(points)):
-        dominated = ((cost <= cost[i]) & (acc >= acc[i]) & ((cost < cost[i]) | (acc > acc[i]))).any()
+        dominated = (
+            (cost <= cost[i]) & (acc >= acc[i]) & ((cost < cost[i]) | (acc > acc[i]))
+        ).any()
         if dominated:
             assert i not in front
     # every undominated (cost, acc) value is represented

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
-from engine.trace import Trace, TraceMeta
+from engine.core.trace import Trace, TraceMeta
 
 
 def make_trace(

@@ -18,6 +18,7 @@ import streamlit as st
 from app import figures_tour as ft
 from app.palette import CORRECT, exit_color
 from app.tour import data
+from engine.core import stats
 from engine.registry import ModelCard
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -413,7 +414,7 @@ def skipping(ctx: Ctx, card: ModelCard) -> None:
             value=float(rec.thresholds[rec.index_of(0.5)]),
             key="tour.w.skip_t",
         )
-    from engine import skipping as sk
+    from engine.families.skipnet import records as sk
 
     i = rec.index_of(t)
     summ = sk.summary(rec, i)
@@ -442,7 +443,7 @@ def skipping(ctx: Ctx, card: ModelCard) -> None:
 
 
 def halting(ctx: Ctx, card: ModelCard) -> None:
-    from engine import halting as hl
+    from engine.families.act import records as hl
 
     rec = data.halt_records(card.model_id)
     left, right = text_and_figure(
@@ -470,7 +471,7 @@ def halting(ctx: Ctx, card: ModelCard) -> None:
             f"At ε = **{eps:g}**: **{pct(float(r.correct.mean()), 1)}** correct, "
             f"**{r.steps.mean():.2f}** steps on average (from {r.steps.min()} to "
             f"{r.steps.max()}); rank correlation between steps and length "
-            f"**{hl.spearman(r.steps, rec.difficulty):.2f}**."
+            f"**{stats.spearman(r.steps, rec.difficulty):.2f}**."
         )
         deeper(
             "pages/halting.py",

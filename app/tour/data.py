@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
+from engine.core.trace import Trace, TraceError
 from engine.data import images
-from engine.registry import ModelCard, RegistryError, list_cards, load_model
-from engine.trace import Trace, TraceError
+from engine.families import load_model
+from engine.registry import ModelCard, RegistryError, list_cards
 from engine.trace_store import load_trace
 
 MULTI_EXIT_ID = "mnist_multi_exit_cnn"
@@ -107,7 +108,7 @@ def get_runner(model_id: str):
 
 
 def _policy(kind: str, value):
-    from engine.policies import Policy
+    from engine.core.policies import Policy
 
     if kind == "patience":
         return Policy("patience", patience=int(value))
@@ -118,22 +119,22 @@ def _policy(kind: str, value):
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def exits_at(model_id: str, threshold: float) -> np.ndarray:
-    from engine.policies import exit_index
+    from engine.core.policies import exit_index
 
     return exit_index(get_trace(model_id), _policy("max_prob", threshold))
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def policy_stats(model_id: str, kind: str, value):
-    from engine.tradeoff import evaluate_policy
+    from engine.core.tradeoff import evaluate_policy
 
     return evaluate_policy(get_trace(model_id), _policy(kind, value))
 
 
 @st.cache_data(show_spinner=False)
 def oracle_stats(model_id: str):
-    from engine.policies import oracle_correct
-    from engine.tradeoff import evaluate
+    from engine.core.policies import oracle_correct
+    from engine.core.tradeoff import evaluate
 
     trace = get_trace(model_id)
     return evaluate(trace, oracle_correct(trace))
@@ -142,7 +143,7 @@ def oracle_stats(model_id: str):
 @st.cache_data(show_spinner=False)
 def curve_points(model_id: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """(cost as a share of the full network [M], accuracy [M]) of every setting of ``kind``."""
-    from engine.tradeoff import curve
+    from engine.core.tradeoff import curve
 
     trace = get_trace(model_id)
     c = curve(trace, kind)
@@ -168,7 +169,7 @@ def card_if(model_id: str, family: str) -> ModelCard | None:
 
 @st.cache_data(show_spinner=False)
 def skip_records(model_id: str):
-    from engine import skipping
+    from engine.families.skipnet import records as skipping
 
     try:
         return skipping.load_records(model_id)
@@ -178,7 +179,7 @@ def skip_records(model_id: str):
 
 @st.cache_data(show_spinner=False)
 def halt_records(model_id: str):
-    from engine import halting
+    from engine.families.act import records as halting
 
     try:
         return halting.load_records(model_id)
@@ -188,7 +189,7 @@ def halt_records(model_id: str):
 
 @st.cache_data(show_spinner=False)
 def moe_sweep(model_id: str) -> dict | None:
-    from engine import moe_analysis
+    from engine.families.moe import analysis as moe_analysis
 
     try:
         return moe_analysis.load_sweep(moe_analysis.sweep_file(model_id))
@@ -209,7 +210,7 @@ def skip_card() -> ModelCard | None:
 @st.cache_resource(show_spinner=False)
 def act_live(model_id: str, img28: bytes) -> dict:
     """One drawn image pondered by the image ACT model (real halting at its trained eps)."""
-    from engine.models.act import run_act
+    from engine.families.act.model import run_act
 
     img = np.frombuffer(img28, dtype=np.uint8).reshape(28, 28).copy()
     return run_act(get_model(model_id), images.to_model_input(img[None]).numpy())
@@ -240,7 +241,7 @@ def lm_card() -> ModelCard | None:
 @st.cache_resource(show_spinner=False)
 def skip_live(model_id: str, img28: bytes, threshold: float) -> dict:
     """One drawn image through the skip model (gates decide per block); img28: raw bytes."""
-    from engine.models.skipnet import run_skipnet
+    from engine.families.skipnet.model import run_skipnet
 
     img = np.frombuffer(img28, dtype=np.uint8).reshape(28, 28).copy()
     return run_skipnet(get_model(model_id), images.to_model_input(img[None]), threshold)

@@ -1,10 +1,10 @@
 """Running a bundled model live on one image for the tour (pure: no streamlit here).
 
-The decision rule is the engine's (``engine.policies.exit_mask`` + ``first_true``), the
+The decision rule is the engine's (``engine.core.policies.exit_mask`` + ``first_true``), the
 preprocessing is the engine's (``engine.data.drawing.to_mnist`` for drawings, then
 ``engine.data.images.to_model_input``), and FLOPs are counted by torch on the modules as
-executed (``engine.runtime.exit_costs``), and the stop is decided by the engine's
-runtime (``engine.runtime.EarlyExitRunner``), so what the tour shows for a drawing is what the
+executed (``engine.run.runtime.exit_costs``), and the stop is decided by the engine's
+runtime (``engine.run.runtime.EarlyExitRunner``), so what the tour shows for a drawing is what the
 rest of the app computes for a test image.
 """
 
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.core.policies import Policy, exit_mask, first_true
 from engine.data.images import to_model_input
-from engine.policies import Policy, exit_mask, first_true
-from engine.runtime import EarlyExitRunner, softmax32
+from engine.run.runtime import EarlyExitRunner, softmax32
 
 
 @dataclass(frozen=True)
@@ -78,5 +78,5 @@ def run_multi_exit(runner: EarlyExitRunner, img28: np.ndarray, threshold: float)
 
 
 def run(runner: EarlyExitRunner, img28: np.ndarray, policy: Policy):
-    """The engine's runtime on one uint8 [28, 28] image (``engine.runtime.RuntimeResult``)."""
+    """The engine's runtime on one uint8 [28, 28] image (``engine.run.runtime.RuntimeResult``)."""
     return runner.run(to_model_input(np.asarray(img28)[None]), policy)

@@ -8,7 +8,6 @@ by training, traces, the runtime and uploaded images, so they all see the same t
 from __future__ import annotations
 
 import gzip
-import os
 import pickle
 from dataclasses import dataclass
 from importlib import resources
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from engine.paths import cache_dir
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 SIZE = 28
@@ -59,12 +60,6 @@ class ImageSet:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-
-def cache_dir() -> Path:
-    d = Path(os.environ.get("AIE_CACHE_DIR", Path(__file__).resolve().parents[2] / ".cache"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):

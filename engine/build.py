@@ -1,0 +1,90 @@
+"""``python -m engine.build MODEL``: build a bundled model's per-sample results, any family.
+
+Early-exit models and cascades get their trace (every exit's probabilities on the split);
+the other families write their per-sample results over their setting (``Results``, Parquet).
+A model is refused on a data set it was not trained on unless ``--force``; a family that cannot
+build results says why in one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from engine import families
+from engine.core.family import FamilyError
+from engine.data.images import DatasetUnavailable
+from engine.registry import RegistryError, get_card
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.build", description=__doc__.split("\n")[0])
+    p.add_argument("model", help="bundled model id (assets/models/<id>.json)")
+    p.add_argument("--dataset", default=None, help="default: the data set in the model's card")
+    p.add_argument("--split", default="test", choices=("train", "test"))
+    p.add_argument("--out", type=Path, default=None, help="output .parquet (traces: or .csv)")
+    p.add_argument("--force", action="store_true", help="allow a data set the model never saw")
+    p.add_argument("--threads", type=int, default=1)
+    return p
+
+
+def build(model_id: str, out: Path | None, split: str, dataset: str | None, force: bool) -> str:
+    """Build and write; returns the line to print. Raises FamilyError/RegistryError/... with
+    a one-line reason."""
+    card = get_card(model_id)
+    fam = families.get(card.family)
+    if getattr(fam, "traces", False):
+        if dataset not in (None, card.dataset) and not force:
+            fam.build_results(card, force=False, split=split, dataset=dataset)  # raises
+        trace = (
+            fam.trace(card, split)
+            if dataset in (None, card.dataset)
+            else fam.trace_on(card, split, dataset)
+        )
+        out = out or Path(f"{model_id}__{split}.parquet")
+        if out.suffix.lower() == ".csv":
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(trace.to_csv_bytes())
+        else:
+            trace.write_parquet(out)
+        acc = " ".join(f"{a:.4f}" for a in trace.correct.mean(axis=0))
+        return (
+            f"{out}: trace, {trace.num_samples} samples x {trace.num_exits} exits; accuracy {acc}"
+        )
+    if dataset not in (None, card.dataset) and not force:
+        raise FamilyError(
+            f"{model_id} was trained on {card.dataset}, not {dataset} (add --force to try)"
+        )
+    if dataset not in (None, card.dataset):
+        raise FamilyError(f"{model_id}: its results are recorded on {card.dataset} only")
+    try:
+        results = fam.results(card)
+    except FileNotFoundError:
+        fam.build_results(card)
+        results = fam.results(card)
+    if results is None:
+        raise FamilyError(f"{model_id}: {fam.title} has no setting to sweep, so no results")
+    out = out or Path(f"{model_id}__results__{split}.parquet")
+    results.write_parquet(out)
+    best = results.accuracy.max()
+    return (
+        f"{out}: results, {results.num_samples} samples x {results.num_settings} settings of "
+        f"{results.setting}; best accuracy {best:.4f}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    torch.set_num_threads(args.threads)
+    try:
+        print(build(args.model, args.out, args.split, args.dataset, args.force))
+    except (FamilyError, RegistryError, DatasetUnavailable, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

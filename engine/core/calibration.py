@@ -1,0 +1,57 @@
+"""Calibration of exits: reliability diagrams and expected calibration error (ECE).
+
+Thresholded exits are known to be over-confident on the samples they let through (the
+"positive confidence bias" JEI-DNN points out), so ECE is reported per exit and for the outputs a
+policy actually returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.core.trace import Trace
+
+
+@dataclass(frozen=True)
+class Reliability:
+    """Equal-width confidence bins; empty bins have count 0 and NaN accuracy/confidence."""
+
+    edges: np.ndarray  # [B + 1]
+    accuracy: np.ndarray  # [B]
+    confidence: np.ndarray  # [B]
+    count: np.ndarray  # [B]
+    ece: float  # sum over bins of (count / N) * |accuracy - confidence|
+
+
+def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> Reliability:
+    conf = np.asarray(confidence, dtype=np.float64)
+    ok = np.asarray(correct, dtype=np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    count = np.bincount(which, minlength=bins).astype(np.int64)
+    acc_sum = np.bincount(which, weights=ok, minlength=bins)
+    conf_sum = np.bincount(which, weights=conf, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = np.where(count > 0, acc_sum / count, np.nan)
+        mean_conf = np.where(count > 0, conf_sum / count, np.nan)
+    n = max(1, conf.size)
+    gap = np.abs(np.nan_to_num(acc) - np.nan_to_num(mean_conf))
+    return Reliability(edges, acc, mean_conf, count, float((count / n * gap).sum()))
+
+
+def per_exit(trace: Trace, bins: int = 15) -> list[Reliability]:
+    """One reliability diagram per exit, over the labelled samples."""
+    lab = trace.label != -1
+    return [
+        reliability(trace.max_prob[lab, k], trace.correct[lab, k], bins)
+        for k in range(trace.num_exits)
+    ]
+
+
+def of_policy(trace: Trace, exits: np.ndarray, bins: int = 15) -> Reliability:
+    """Reliability of the outputs the policy returns (each sample's confidence at its exit)."""
+    lab = trace.label != -1
+    rows = np.arange(trace.num_samples)
+    return reliability(trace.max_prob[rows, exits][lab], trace.correct[rows, exits][lab], bins)

@@ -1,0 +1,260 @@
+"""Exit policies as pure, vectorised functions: (trace, parameters) -> exit index per sample.
+
+Every policy stops at the *first* exit whose criterion holds and falls back to the last exit.
+The same decision rules are used by the runtime (``engine.run.runtime``) on live activations, via
+``exit_mask``, so the cached-trace answer and the real early-exit run agree exactly.
+
+Conventions (named as in the literature, see shared/FIELD.md):
+- ``max_prob``: exit when max softmax probability >= threshold (BranchyNet, MSDNet).
+  threshold 0 exits everything at the first exit; a threshold above 1 sends everything to the last.
+- ``entropy``: exit when entropy / log(C) <= threshold (DeeBERT, normalised so one slider range
+  [0, 1] fits every class count). threshold 1 exits everything at the first exit.
+- ``margin``: exit when top-1 minus top-2 probability >= threshold.
+- ``patience``: PABEE; exit at exit k when the prediction has stayed unchanged for ``patience``
+  consecutive exits (k-patience .. k agree). Patience 0 exits at the first exit.
+- ``per_exit``: max-prob with one threshold per exit (the last one is never consulted).
+- ``gate``: exit when the trace's learned gate score >= threshold (JEI-DNN style gates).
+- ``fixed``: every sample leaves at one exit (static truncation, and the "last exit" baseline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+
+from engine.core.trace import Trace, entropy_norm_of, margin_of, max_prob_of
+
+PolicyKind = Literal["max_prob", "entropy", "margin", "patience", "per_exit", "gate", "fixed"]
+POLICY_KINDS: tuple[str, ...] = (
+    "max_prob",
+    "entropy",
+    "margin",
+    "patience",
+    "per_exit",
+    "gate",
+    "fixed",
+)
+POLICY_LABELS = {
+    "max_prob": "Max probability (BranchyNet / MSDNet)",
+    "entropy": "Entropy (DeeBERT)",
+    "margin": "Top-2 margin",
+    "patience": "Patience (PABEE)",
+    "per_exit": "Per-exit thresholds",
+    "gate": "Learned gate (JEI-DNN)",
+    "fixed": "Fixed exit (static truncation)",
+}
+
+
+class PolicyError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One exit policy with its parameters; serialisable to JSON via ``to_dict``."""
+
+    kind: PolicyKind
+    threshold: float | None = None  # max_prob, entropy, margin, gate
+    patience: int | None = None  # patience
+    thresholds: tuple[float, ...] | None = None  # per_exit
+    exit: int | None = None  # fixed
+
+    def __post_init__(self):
+        if self.kind not in POLICY_KINDS:
+            raise PolicyError(f"unknown policy kind {self.kind!r}; choose one of {POLICY_KINDS}")
+        need = {
+            "max_prob": "threshold",
+            "entropy": "threshold",
+            "margin": "threshold",
+            "gate": "threshold",
+            "patience": "patience",
+            "per_exit": "thresholds",
+            "fixed": "exit",
+        }[self.kind]
+        value = getattr(self, need)
+        if value is None:
+            raise PolicyError(f"policy {self.kind!r} needs {need!r}")
+        if need == "threshold" and not np.isfinite(value):
+            raise PolicyError("threshold must be a finite number")
+        if need in ("patience", "exit") and (int(value) != value or value < 0):
+            raise PolicyError(f"{need} must be a non-negative integer")
+        if need == "thresholds" and not all(np.isfinite(v) for v in value):
+            raise PolicyError("thresholds must be finite numbers")
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if v is not None}
+        if "thresholds" in d:
+            d["thresholds"] = list(d["thresholds"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Policy:
+        if not isinstance(d, dict) or "kind" not in d:
+            raise PolicyError("a policy is a JSON object with a 'kind' field")
+        unknown = set(d) - {"kind", "threshold", "patience", "thresholds", "exit"}
+        if unknown:
+            raise PolicyError(f"unknown policy field(s): {sorted(unknown)}")
+        try:
+            return cls(
+                kind=d["kind"],
+                threshold=None if d.get("threshold") is None else float(d["threshold"]),
+                patience=None if d.get("patience") is None else int(d["patience"]),
+                thresholds=None
+                if d.get("thresholds") is None
+                else tuple(float(v) for v in d["thresholds"]),
+                exit=None if d.get("exit") is None else int(d["exit"]),
+            )
+        except (TypeError, ValueError) as e:
+            if isinstance(e, PolicyError):
+                raise
+            raise PolicyError(f"bad policy value: {e}") from None
+
+    def describe(self) -> str:
+        if self.kind == "per_exit":
+            return "per-exit max-prob " + ", ".join(f"{t:.3f}" for t in self.thresholds)
+        if self.kind == "patience":
+            return f"patience {self.patience}"
+        if self.kind == "fixed":
+            return f"fixed exit {self.exit}"
+        return f"{self.kind.replace('_', '-')} {self.threshold:.4g}"
+
+
+# --- the decision rule, shared with the runtime -----------------------------------------------
+
+
+def exit_mask(policy: Policy, probs: np.ndarray, gate: np.ndarray | None = None) -> np.ndarray:
+    """Whether each sample may stop at each exit, from that exit's outputs alone.
+
+    probs: [..., K, C] probabilities; returns bool [..., K]. Patience depends on the history of
+    predictions and is handled by ``first_exit``; this covers the memoryless criteria.
+    """
+    k = probs.shape[-2]
+    if policy.kind == "max_prob":
+        return max_prob_of(probs) >= policy.threshold
+    if policy.kind == "entropy":
+        return entropy_norm_of(probs) <= policy.threshold
+    if policy.kind == "margin":
+        return margin_of(probs) >= policy.threshold
+    if policy.kind == "per_exit":
+        t = np.asarray(policy.thresholds, dtype=np.float64)
+        if t.shape != (k,):
+            raise PolicyError(f"per-exit thresholds need {k} values, got {t.size}")
+        return max_prob_of(probs) >= t
+    if policy.kind == "gate":
+        if gate is None:
+            raise PolicyError("this trace has no learned gate scores")
+        return gate.astype(np.float64) >= policy.threshold
+    if policy.kind == "fixed":
+        if policy.exit >= k:
+            raise PolicyError(f"exit {policy.exit} does not exist (the model has {k} exits)")
+        mask = np.zeros(probs.shape[:-1], dtype=bool)
+        mask[..., policy.exit] = True
+        return mask
+    raise PolicyError(f"{policy.kind!r} has no memoryless exit mask")
+
+
+def first_true(mask: np.ndarray) -> np.ndarray:
+    """Index of the first True along the last axis; the last index where none is True."""
+    m = mask.copy()
+    m[..., -1] = True
+    return m.argmax(axis=-1)
+
+
+def patience_mask(pred: np.ndarray, patience: int) -> np.ndarray:
+    """[N, K] bool: the prediction at k equals the ones at k-1 .. k-patience (PABEE's counter)."""
+    n, k = pred.shape
+    if patience == 0:
+        return np.ones((n, k), dtype=bool)
+    same = np.zeros((n, k), dtype=bool)
+    same[:, 1:] = pred[:, 1:] == pred[:, :-1]
+    # run length of consecutive "same as previous" ending at k, via cumulative sums with resets
+    idx = np.arange(k)
+    last_break = np.maximum.accumulate(np.where(~same, idx, 0), axis=1)
+    run = idx - last_break
+    return run >= patience
+
+
+def exit_index(trace: Trace, policy: Policy) -> np.ndarray:
+    """[N] int64 exit taken by each sample under the policy."""
+    # the trace caches its confidence scores (same functions as exit_mask, so same values)
+    kind = policy.kind
+    if kind == "patience":
+        mask = patience_mask(trace.pred, policy.patience)
+    elif kind == "max_prob":
+        mask = trace.max_prob >= policy.threshold
+    elif kind == "entropy":
+        mask = trace.entropy_norm <= policy.threshold
+    elif kind == "margin":
+        mask = trace.margin >= policy.threshold
+    else:
+        mask = exit_mask(policy, trace.probs, trace.gate)
+    return first_true(mask).astype(np.int64)
+
+
+# --- oracles ------------------------------------------------------------------------------
+
+
+def oracle_correct(trace: Trace, fallback: Literal["first", "last"] = "first") -> np.ndarray:
+    """Earliest exit that predicts the label.
+
+    fallback="first" sends never-correct samples to the first exit: the cheapest way to be wrong,
+    which makes the oracle's cost a lower bound for every policy at its accuracy. fallback="last"
+    sends them to the last exit: the difficulty ranking ("needs the whole network, and fails").
+    """
+    correct = trace.correct
+    idx = correct.argmax(axis=1)
+    never = ~correct.any(axis=1)
+    idx[never] = 0 if fallback == "first" else trace.num_exits - 1
+    return idx.astype(np.int64)
+
+
+def oracle_stable(trace: Trace) -> np.ndarray:
+    """Earliest exit from which the prediction no longer changes (label-free)."""
+    pred = trace.pred
+    differs = pred != pred[:, -1:]
+    # last exit whose prediction differs from the final one; the stable exit is the one after it
+    k = trace.num_exits
+    last_diff = np.where(differs.any(axis=1), k - 1 - differs[:, ::-1].argmax(axis=1), -1)
+    return (last_diff + 1).astype(np.int64)
+
+
+# --- plain per-sample reference (tests compare the vectorised code against it) ---------------
+
+
+def reference_exit_index(trace: Trace, policy: Policy) -> np.ndarray:
+    """Loop over samples and exits exactly as a batch-size-1 runtime would."""
+    out = np.empty(trace.num_samples, dtype=np.int64)
+    k_last = trace.num_exits - 1
+    for n in range(trace.num_samples):
+        chosen = k_last
+        run = 0
+        for k in range(trace.num_exits):
+            p = trace.probs[n, k].astype(np.float64)
+            top = sorted(p, reverse=True)
+            if policy.kind == "max_prob":
+                ok = p.max() >= policy.threshold
+            elif policy.kind == "entropy":
+                ok = float(entropy_norm_of(p)) <= policy.threshold
+            elif policy.kind == "margin":
+                ok = top[0] - top[1] >= policy.threshold
+            elif policy.kind == "per_exit":
+                ok = p.max() >= policy.thresholds[k]
+            elif policy.kind == "gate":
+                ok = float(trace.gate[n, k]) >= policy.threshold
+            elif policy.kind == "fixed":
+                ok = k == policy.exit
+            elif policy.kind == "patience":
+                if k > 0 and trace.pred[n, k] == trace.pred[n, k - 1]:
+                    run += 1
+                else:
+                    run = 0
+                ok = run >= policy.patience
+            else:
+                raise PolicyError(policy.kind)
+            if ok:
+                chosen = k
+                break
+        out[n] = chosen
+    return out

@@ -1,0 +1,246 @@
+"""Accuracy–compute trade-off: statistics of one policy, whole curves, Pareto fronts, solvers.
+
+``curve`` computes accuracy and mean cost at *every distinct threshold* in one sort-based pass:
+for a score-threshold policy ("exit at the first exit whose score >= t") a sample can only leave
+at a *record* exit, one whose score beats every earlier exit's. Lowering t past a record's score
+moves the sample from the next record (or the last-exit fallback) to that record, so each record
+is one event with a change in cost and correctness; sorting the events by score and taking
+cumulative sums gives the whole curve, with no loop over thresholds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.core.policies import Policy, PolicyError, exit_index, oracle_correct
+from engine.core.trace import Trace
+
+SCORE_KINDS = ("max_prob", "entropy", "margin", "gate")
+CURVE_KINDS = SCORE_KINDS + ("patience", "fixed")
+
+
+@dataclass(frozen=True)
+class PolicyStats:
+    """What one policy does on one trace (accuracy is over labelled samples only)."""
+
+    accuracy: float
+    mean_cost: float
+    p95_cost: float
+    full_cost: float  # mean cost of running every sample to the last exit
+    speedup: float  # full_cost / mean_cost
+    exit_counts: np.ndarray  # [K] samples leaving at each exit
+    n: int
+    n_labelled: int
+
+    @property
+    def exit_fraction(self) -> np.ndarray:
+        return self.exit_counts / max(1, self.n)
+
+    @property
+    def cost_fraction(self) -> float:
+        return self.mean_cost / self.full_cost if self.full_cost > 0 else 1.0
+
+
+def chosen(trace: Trace, exits: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Pick ``values[n, exits[n]]`` for every sample of an [N, K] array."""
+    return values[np.arange(trace.num_samples), exits]
+
+
+def evaluate(trace: Trace, exits: np.ndarray) -> PolicyStats:
+    """Statistics of a per-sample exit assignment (from any policy or oracle)."""
+    exits = np.asarray(exits)
+    if exits.shape != (trace.num_samples,):
+        raise PolicyError(
+            f"need one exit per sample ({trace.num_samples}), got shape {exits.shape}"
+        )
+    cost = chosen(trace, exits, trace.cost)
+    labelled = trace.label != -1
+    n_lab = int(labelled.sum())
+    correct = chosen(trace, exits, trace.correct)
+    full = float(trace.cost[:, -1].mean())
+    mean = float(cost.mean())
+    return PolicyStats(
+        accuracy=float(correct[labelled].mean()) if n_lab else float("nan"),
+        mean_cost=mean,
+        p95_cost=float(np.percentile(cost, 95)),
+        full_cost=full,
+        speedup=full / mean if mean > 0 else float("inf"),
+        exit_counts=np.bincount(exits, minlength=trace.num_exits),
+        n=trace.num_samples,
+        n_labelled=n_lab,
+    )
+
+
+def evaluate_policy(trace: Trace, policy: Policy) -> PolicyStats:
+    return evaluate(trace, exit_index(trace, policy))
+
+
+def per_class_exit_rates(trace: Trace, exits: np.ndarray) -> np.ndarray:
+    """[C, K]: fraction of each (labelled) class's samples leaving at each exit."""
+    c, k = trace.num_classes, trace.num_exits
+    lab = trace.label != -1
+    counts = np.zeros((c, k))
+    np.add.at(counts, (trace.label[lab], exits[lab]), 1)
+    totals = counts.sum(axis=1, keepdims=True)
+    return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+
+
+# --- curves -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Accuracy and cost at every distinct parameter value of one policy kind.
+
+    Points are ordered from the most expensive (everything to the last exit) to the cheapest.
+    ``params`` are in the policy's own units (a threshold, or a patience / exit index).
+    """
+
+    kind: str
+    params: np.ndarray  # [M]
+    accuracy: np.ndarray  # [M]
+    mean_cost: np.ndarray  # [M]
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def policy(self, i: int) -> Policy:
+        p = self.params[i]
+        if self.kind == "patience":
+            return Policy("patience", patience=int(p))
+        if self.kind == "fixed":
+            return Policy("fixed", exit=int(p))
+        return Policy(self.kind, threshold=float(p))
+
+
+def _score(trace: Trace, kind: str) -> np.ndarray:
+    """[N, K] score such that the policy exits at the first exit with score >= t'."""
+    if kind == "max_prob":
+        return trace.max_prob
+    if kind == "margin":
+        return trace.margin
+    if kind == "entropy":
+        return -trace.entropy_norm  # entropy <= t  <=>  -entropy >= -t (negation is exact)
+    if kind == "gate":
+        if trace.gate is None:
+            raise PolicyError("this trace has no learned gate scores")
+        return trace.gate.astype(np.float64)
+    raise PolicyError(f"no score for policy kind {kind!r}")
+
+
+def _score_curve(trace: Trace, kind: str) -> Curve:
+    s = _score(trace, kind)
+    n, k = s.shape
+    correct = trace.correct.astype(np.int32)
+    cost = trace.cost
+    # records: exits whose score beats every earlier exit's (only they can be the first to pass)
+    rec = np.ones((n, k), dtype=bool)
+    if k > 1:
+        rec[:, 1:] = s[:, 1:] > np.maximum.accumulate(s, axis=1)[:, :-1]
+    # for each record, where the sample goes when the threshold is just above its score:
+    # the next record, or the last exit when no later record exists
+    idx = np.where(rec, np.arange(k), k)
+    after = np.full((n, k), k)
+    if k > 1:
+        after[:, :-1] = np.minimum.accumulate(idx[:, ::-1], axis=1)[:, ::-1][:, 1:]
+    after = np.minimum(after, k - 1)
+    flat = np.flatnonzero(rec)  # row-major positions n * k + exit
+    src = flat - flat % k + after.ravel()[flat]
+    value = s.ravel()[flat]
+    d_cost = cost.ravel()[flat] - cost.ravel()[src]
+    d_correct = correct.ravel()[flat] - correct.ravel()[src]
+
+    # order within a group of equal scores does not matter: only group ends are read
+    order = np.argsort(value)[::-1]
+    value = value[order]
+    cum_cost = np.cumsum(d_cost[order])
+    cum_correct = np.cumsum(d_correct[order], dtype=np.int64)
+    # one point per distinct score: the state after all events with score >= that value
+    last_of_group = np.nonzero(np.r_[value[1:] != value[:-1], True])[0]
+    thresholds = value[last_of_group]
+
+    n_lab = int((trace.label != -1).sum()) or np.nan  # no labels: accuracy is undefined
+    base_cost = cost[:, -1].sum()
+    base_correct = correct[:, -1].sum()
+    top = np.nextafter(thresholds[0], np.inf)  # above every score: nobody leaves early
+    params = np.r_[top, thresholds]
+    accuracy = np.r_[base_correct, base_correct + cum_correct[last_of_group]] / n_lab
+    mean_cost = np.r_[base_cost, base_cost + cum_cost[last_of_group]] / n
+    if kind == "entropy":
+        params = -params
+    return Curve(kind, params, accuracy, mean_cost)
+
+
+def curve(trace: Trace, kind: str) -> Curve:
+    """The whole accuracy–cost curve of one policy kind."""
+    if kind in SCORE_KINDS:
+        return _score_curve(trace, kind)
+    if kind in ("patience", "fixed"):
+        k = trace.num_exits
+        values = range(k - 1, -1, -1)  # most expensive first
+        pols = [
+            Policy(kind, patience=v) if kind == "patience" else Policy(kind, exit=v) for v in values
+        ]
+        stats = [evaluate_policy(trace, p) for p in pols]
+        return Curve(
+            kind,
+            np.array(list(values)),
+            np.array([s.accuracy for s in stats]),
+            np.array([s.mean_cost for s in stats]),
+        )
+    raise PolicyError(f"no curve for policy kind {kind!r}; choose one of {CURVE_KINDS}")
+
+
+def pareto_front(mean_cost: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
+    """Indices of the points no other point beats (cheaper and at least as accurate), by cost."""
+    order = np.lexsort((-accuracy, mean_cost))
+    best = np.maximum.accumulate(accuracy[order])
+    keep = np.r_[True, accuracy[order][1:] > best[:-1]]
+    return order[keep]
+
+
+# --- solvers ------------------------------------------------------------------------------------
+
+
+def cheapest_with_accuracy(c: Curve, target: float) -> int | None:
+    """Index of the cheapest point with accuracy >= target (ties: the more accurate); None if none."""
+    ok = np.nonzero(c.accuracy >= target - 1e-12)[0]
+    if ok.size == 0:
+        return None
+    order = np.lexsort((-c.accuracy[ok], c.mean_cost[ok]))
+    return int(ok[order[0]])
+
+
+def best_within_budget(c: Curve, budget: float) -> int | None:
+    """Index of the most accurate point with mean cost <= budget (ties: the cheaper); None if none."""
+    ok = np.nonzero(c.mean_cost <= budget * (1 + 1e-12))[0]
+    if ok.size == 0:
+        return None
+    order = np.lexsort((c.mean_cost[ok], -c.accuracy[ok]))
+    return int(ok[order[0]])
+
+
+def accuracy_target(trace: Trace, target: float, relative: bool) -> float:
+    """An absolute accuracy target, or a fraction of the last exit's accuracy."""
+    if not relative:
+        return target
+    return target * float(trace.correct[trace.label != -1, -1].mean())
+
+
+def budget_target(trace: Trace, budget: float, relative: bool) -> float:
+    """An absolute mean-cost budget, or a fraction of the full model's mean cost."""
+    return budget * float(trace.cost[:, -1].mean()) if relative else budget
+
+
+# --- reference points ---------------------------------------------------------------------------
+
+
+def oracle_stats(trace: Trace) -> PolicyStats:
+    """The per-sample lower bound: earliest correct exit, never-correct samples at the first."""
+    return evaluate(trace, oracle_correct(trace, fallback="first"))
+
+
+def last_exit_stats(trace: Trace) -> PolicyStats:
+    return evaluate(trace, np.full(trace.num_samples, trace.num_exits - 1))

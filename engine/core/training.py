@@ -1,0 +1,103 @@
+"""What every trainer shares: seeding, and writing weights + model card atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from engine.core.stats import seeded_subset
+from engine.paths import MODELS_DIR
+from engine.registry import sha256_file
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def image_split(dataset: str, split: str, limit: int | None, seed: int):
+    """(x float [N,1,28,28], y int64 [N], class_names, rows of the split); a seeded random
+    subset of ``limit`` rows (in split order) if given."""
+    from engine.data import images
+
+    data = images.load(dataset, split)
+    idx = seeded_subset(len(data), limit, seed)
+    x = images.to_model_input(data.images[idx])
+    y = torch.as_tensor(data.labels[idx], dtype=torch.int64)
+    return x, y, data.class_names, idx
+
+
+def epoch_batches(n: int, batch_size: int, epochs: int, seed: int, max_steps: int | None = None):
+    """The mini-batch schedule of the image trainers: (total steps, and per epoch the list of
+    that epoch's shuffled index batches). A seeded generator of its own draws one permutation per
+    epoch; ``max_steps`` cuts the schedule short (quick runs), later epochs then come out empty.
+    """
+    per_epoch = math.ceil(n / batch_size)
+    total = epochs * per_epoch if max_steps is None else min(epochs * per_epoch, max_steps)
+
+    def epochs_iter():
+        gen = torch.Generator().manual_seed(seed)
+        left = total
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=gen)
+            k = min(per_epoch, left)
+            left -= k
+            yield [perm[i * batch_size : (i + 1) * batch_size] for i in range(k)]
+
+    return total, epochs_iter()
+
+
+def cosine_lr(opt: torch.optim.Optimizer, total: int, warmup: int = 0):
+    """Per-step learning-rate factor: linear warm-up over ``warmup`` steps, then cosine to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def command_line(family: str, argv: list[str]) -> str:
+    """The exact command that reproduces a run, for the model card."""
+    return "python -m engine.train " + shlex.join([family, *argv])
+
+
+def save_model(model: torch.nn.Module, card: dict, out_dir: Path = MODELS_DIR) -> Path:
+    """Write ``<model_id>.safetensors`` and ``<model_id>.json`` (with the weights' SHA-256).
+
+    ``card`` must hold model_id, family, module and config; metrics, data set, seed, epochs,
+    training_command and train_seconds are expected by the app and the card test.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_id = card["model_id"]
+    weights = out_dir / f"{model_id}.safetensors"
+    tmp = weights.with_suffix(".safetensors.tmp")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp))
+    os.replace(tmp, weights)
+    card = {
+        **card,
+        "weights_sha256": sha256_file(weights),
+        "weights_bytes": weights.stat().st_size,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+    }
+    path = out_dir / f"{model_id}.json"
+    tmp_card = path.with_suffix(".json.tmp")
+    tmp_card.write_text(json.dumps(card, indent=2) + "\n")
+    os.replace(tmp_card, path)
+    return path

@@ -1,0 +1,160 @@
+"""Train Graves' ACT on parity: ``python -m engine.train act``.
+
+Every step draws a fresh batch of parity strings from a seeded generator (as in the ACT paper,
+where the training data is unlimited), so ``--steps`` sets the amount of data. Loss:
+
+    -log( sum_n p^n y^n[target] )  +  tau * (N + R)          (tau = --ponder-cost)
+
+Afterwards a fixed test set (``--test-size`` strings, seed ``--test-seed``) is evaluated with
+real halting (``run_act``), and unless ``--no-traces`` its records (halting score and step output
+of every ponder step, length, label) are written to ``<traces-dir>/records/<model_id>__test.parquet``
+for the halting page (see ``engine.families.act.records``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from engine.core.stats import spearman
+from engine.core.training import command_line, cosine_lr, save_model, seed_everything
+from engine.families.act import model as act
+from engine.paths import MODELS_DIR
+
+FAMILY = "act"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.train act", description=__doc__)
+    p.add_argument("--num-bits", type=int, default=12)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--cell", choices=("gru", "rnn", "mlp"), default="rnn")
+    p.add_argument("--max-steps", type=int, default=12, help="M, the most ponder steps")
+    p.add_argument("--eps", type=float, default=0.01, help="halt when cum. halting >= 1 - eps")
+    p.add_argument("--ponder-cost", type=float, default=1e-4, help="tau, weight of N + R")
+    p.add_argument("--steps", type=int, default=60000, help="training steps (batches)")
+    p.add_argument("--max-steps-train", type=int, default=None, help="cap --steps (quick runs)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-size", type=int, default=4000)
+    p.add_argument("--test-seed", type=int, default=12345)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--out-dir", type=Path, default=MODELS_DIR)
+    p.add_argument("--traces-dir", type=Path, default=None, help="default: assets/traces")
+    p.add_argument("--no-traces", action="store_true")
+    p.add_argument("--model-id", default="parity_act")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def train(model: act.ACTNet, args) -> None:
+    steps = args.steps if args.max_steps_train is None else min(args.steps, args.max_steps_train)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    sched = cosine_lr(opt, steps)
+    rng_seed = args.seed * 1_000_003
+    model.train()
+    t0, run_loss, run_acc, run_steps = time.perf_counter(), 0.0, 0.0, 0.0
+    for i in range(steps):
+        x, y, _ = act.parity_data(args.batch_size, args.num_bits, seed=rng_seed + i)
+        x, y = torch.from_numpy(x), torch.from_numpy(y)
+        out = model(x)
+        loss, nll = act.act_loss(out, y, args.ponder_cost)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        run_loss += nll.item()
+        run_acc += (out["probs"].argmax(1) == y).float().mean().item()
+        run_steps += out["steps"].float().mean().item()
+        if not args.quiet and (i + 1) % 500 == 0:
+            print(
+                f"step {i + 1}/{steps}  nll {run_loss / 500:.4f}  acc {run_acc / 500:.3f}  "
+                f"ponder steps {run_steps / 500:.2f}  {time.perf_counter() - t0:.0f}s",
+                flush=True,
+            )
+            run_loss, run_acc, run_steps = 0.0, 0.0, 0.0
+    model.eval()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(argv or [])
+    args = parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    config = act.Config(
+        num_bits=args.num_bits,
+        hidden=args.hidden,
+        cell=args.cell,
+        max_steps=args.max_steps,
+        eps=args.eps,
+    )
+    model = act.ACTNet(config)
+    t0 = time.perf_counter()
+    train(model, args)
+    train_seconds = time.perf_counter() - t0
+
+    x, y, length = act.parity_data(args.test_size, args.num_bits, seed=args.test_seed)
+    rec = act.run_act(model, x)
+    steps = rec["steps"]
+    by_len = [float(steps[length == k].mean()) for k in range(1, args.num_bits + 1)]
+    acc_by_len = [
+        float((rec["pred"] == y)[length == k].mean()) for k in range(1, args.num_bits + 1)
+    ]
+    metrics = {
+        "test_samples": int(args.test_size),
+        "accuracy": round(float((rec["pred"] == y).mean()), 5),
+        "mean_steps": round(float(steps.mean()), 4),
+        "max_steps_taken": int(steps.max()),
+        "min_steps_taken": int(steps.min()),
+        "mean_ponder_cost": round(float(rec["ponder_cost"].mean()), 4),
+        "mean_flops": float(rec["flops"].mean()),
+        "flops_per_step": act.step_flops(model),
+        "spearman_steps_vs_length": round(spearman(steps, length), 4),
+        "mean_steps_by_length": [round(v, 3) for v in by_len],
+        "accuracy_by_length": [round(v, 4) for v in acc_by_len],
+        "params": int(sum(p.numel() for p in model.parameters())),
+    }
+    card = {
+        "model_id": args.model_id,
+        "title": f"ACT on {args.num_bits}-bit parity (Graves 2016), τ = {args.ponder_cost:g}",
+        "family": FAMILY,
+        "module": "engine.families.act.model",
+        "config": config.to_dict(),
+        "dataset": f"parity{args.num_bits}",
+        "split": "generated",
+        "class_names": ["even", "odd"],
+        "seed": args.seed,
+        "epochs": 1,
+        "training": {
+            "method": "ACT (Graves 2016): halting unit, N(t), remainder R(t), ponder cost N+R",
+            "ponder_cost_weight_tau": args.ponder_cost,
+            "eps": args.eps,
+            "max_steps": args.max_steps,
+            "train_steps": args.steps,
+            "max_steps_train": args.max_steps_train,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "threads": args.threads,
+            "test_seed": args.test_seed,
+        },
+        "training_command": command_line(FAMILY, argv),
+        "train_seconds": round(train_seconds, 1),
+        "metrics": metrics,
+    }
+    path = save_model(model, card, args.out_dir)
+    if not args.no_traces:
+        from engine.families.act import records as halting
+
+        halting.write_records(
+            model, args.model_id, x, y, length, args.traces_dir, tau=args.ponder_cost
+        )
+    if not args.quiet:
+        print(f"wrote {path}  ({train_seconds:.0f}s training)")
+        for k, v in metrics.items():
+            print(f"  {k}: {v}")
+    return card

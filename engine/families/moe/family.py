@@ -1,0 +1,102 @@
+"""Mixture of experts (top-k softmax routing, and D2DMoE's dynamic-k) in a small ViT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from engine.core.family import Family, FamilyError
+from engine.core.results import Results
+from engine.data import images
+from engine.families import load_model
+from engine.families.moe import analysis
+from engine.families.moe import model as moe
+
+
+class MoE(Family):
+    name = "moe"
+    kind = "route"
+    title = "dynamic-k MoE (D2DMoE)"
+    paper = "Shazeer 2017; Fedus 2021 (Switch); Szatkowski 2024 (D2DMoE)"
+    setting = "tau"
+    step_name = "expert"
+    about = "A router picks experts per token; D2DMoE runs the experts above a fraction τ."
+    setting_help = "τ: run the experts whose predicted norm ≥ τ × the largest"
+
+    def build(self, config: dict):
+        return moe.build(config)
+
+    def results(self, card) -> Results | None:
+        """The dynamic-k sweep over τ (re-run per τ, so built once and shipped); a top-k model
+        has no setting to sweep."""
+        path = analysis.compare_file(card.model_id)
+        if not path.exists():
+            if card.raw.get("variant") != "dynamic":
+                return None
+            raise FileNotFoundError(
+                f"{path.name} missing: run python -m engine.compare_sources build"
+            )
+        df = pl.read_parquet(path).sort(["tau", "sample_id"])
+        taus = np.unique(df["tau"].to_numpy())
+        t = len(taus)
+        n = df.height // t
+
+        def grid(col):
+            return df[col].to_numpy().reshape(t, n)
+
+        flops = grid("flops").astype(np.float64)
+        return Results(
+            self.label(card),
+            "tau",
+            taus.astype(np.float64),
+            grid("sample_id")[0],
+            grid("label")[0].astype(np.int64),
+            flops,
+            flops[np.argmin(taus)],  # tau = 0 runs every expert: the full model
+            grid("correct").astype(bool),
+            meta={
+                "model_id": card.model_id,
+                "family": self.name,
+                "dataset": card.dataset,
+                "split": "test",
+                "cost_unit": "FLOPs",
+            },
+        )
+
+    def rebuilt_for_compare(self, card) -> bool:
+        return card.raw.get("variant") == "dynamic"
+
+    def build_results(self, card, force: bool = False) -> Path:
+        """Re-run the dynamic-k model at every tau on the seeded test subset; write the file
+        ``results`` reads."""
+        if card.raw.get("variant") != "dynamic":
+            raise FamilyError(f"{card.model_id} routes top-k: it has no setting to sweep")
+        model = load_model(card.model_id)
+        test = images.load(card.dataset, "test")
+        ids = analysis.sweep_subset(len(test))
+        rows = []
+        with torch.no_grad():
+            for tau in analysis.TAU_GRID:
+                rec = analysis.run(model, test.images[ids], moe.Routing(tau=tau))
+                rows.append(
+                    pl.DataFrame(
+                        {
+                            "tau": np.full(len(ids), tau),
+                            "sample_id": ids,
+                            "label": test.labels[ids],
+                            "flops": rec.flops.astype(np.float64),
+                            "correct": rec.pred == test.labels[ids],
+                        }
+                    )
+                )
+                print(f"{card.model_id} tau={tau}: mean FLOPs {rec.flops.mean():,.0f}", flush=True)
+        path = analysis.compare_file(card.model_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pl.concat(rows).write_parquet(path)
+        return path
+
+
+FAMILY = MoE()

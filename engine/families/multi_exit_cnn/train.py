@@ -1,0 +1,385 @@
+"""Train a multi-exit residual CNN: ``python -m engine.train multi_exit_cnn --dataset mnist``.
+
+Two training modes, both from the early-exit literature:
+
+* ``joint`` (SDN / BranchyNet): backbone and all exits trained together on the weighted sum of
+  the exits' losses, ``sum_k w_k * loss_k / sum_k w_k`` (``--exit-weights``, default all 1).
+* ``heads_only`` (SDN's "IC-only", FastBERT's second stage): first the backbone and the last
+  exit are trained alone (``--epochs``), then the backbone and the last exit are frozen and only
+  the earlier heads are trained (``--head-epochs``). The backbone is then exactly a plain CNN,
+  and the early exits cannot make it worse.
+
+``--distill`` adds FastBERT-style self-distillation: each earlier exit also matches the last
+exit's (detached) softened distribution, ``loss_k = (1 - a) CE + a T^2 KL(p_last^T || p_k^T)``
+with ``a = --distill-alpha`` and ``T = --temperature``.
+
+The per-exit test accuracy and the FLOPs of every stage and head are measured after training
+and written to the model card with the weights (engine.core.training.save_model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.core.training import (
+    command_line,
+    cosine_lr,
+    image_split,
+    save_model,
+    seed_everything,
+)
+from engine.data import images
+from engine.paths import MODELS_DIR
+from engine.run.trace_build import exit_flops
+
+FAMILY = "multi_exit_cnn"
+
+
+# --- shared by the image trainers (the cascade trainer imports these) ---------------------
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="mnist", choices=images.DATASETS)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (results depend on it)"
+    )
+    p.add_argument("--out-dir", type=Path, default=MODELS_DIR)
+    p.add_argument("--model-id", default=None, help="default: <dataset>_<family>")
+    p.add_argument("--title", default=None)
+    p.add_argument("--max-train", type=int, default=None, help="use only N training images")
+    p.add_argument("--max-test", type=int, default=None, help="evaluate on N test images")
+    p.add_argument("--quiet", action="store_true")
+
+
+def cosine_schedule(opt: torch.optim.Optimizer, total_steps: int, warmup: int = 50):
+    """Linear warm-up then cosine decay to zero, per step."""
+    return cosine_lr(opt, total_steps, warmup=min(warmup, max(1, total_steps // 10)))
+
+
+def run_epochs(
+    params: list[nn.Parameter],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    train_modules: list[nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    args: argparse.Namespace,
+    epochs: int,
+    seed: int,
+    label: str = "",
+) -> None:
+    """Minibatch AdamW over (x, y) for ``epochs``; order from a generator seeded by ``seed``."""
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = math.ceil(len(y) / args.batch_size)
+    sched = cosine_schedule(opt, epochs * steps_per_epoch)
+    gen = torch.Generator().manual_seed(seed)
+    for m in train_modules:
+        m.train()
+    for epoch in range(epochs):
+        perm = torch.randperm(len(y), generator=gen)
+        total, t0 = 0.0, time.perf_counter()
+        for i in range(steps_per_epoch):
+            b = perm[i * args.batch_size : (i + 1) * args.batch_size]
+            loss = loss_fn(x[b], y[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(b)
+        if not args.quiet:
+            print(
+                f"{label}epoch {epoch + 1}/{epochs}  loss {total / len(y):.4f}  "
+                f"{time.perf_counter() - t0:.1f}s",
+                flush=True,
+            )
+
+
+@torch.no_grad()
+def exit_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500):
+    """Per-exit accuracy of a contract model (``forward`` returns K logits) on (x, y)."""
+    model.eval()
+    correct = None
+    for i in range(0, len(y), batch):
+        logits = model(x[i : i + batch])
+        hits = torch.stack([(z.argmax(1) == y[i : i + batch]).sum() for z in logits])
+        correct = hits if correct is None else correct + hits
+    return [float(c) / len(y) for c in correct]
+
+
+def exit_metrics(model: nn.Module, acc: list[float], n_test: int, names: list[str]) -> dict:
+    stage_f, head_f = exit_flops(model)
+    cumulative = np.cumsum(np.array(stage_f) + np.array(head_f)).tolist()
+    return {
+        "exit_names": names,
+        "test_accuracy": [round(a, 5) for a in acc],
+        "test_samples": n_test,
+        "flops_stage": stage_f,
+        "flops_head": head_f,
+        # cost of reaching exit k and evaluating every head on the way (what early exit pays)
+        "flops_cumulative": [int(c) for c in cumulative],
+        # the same network run to the end without the intermediate heads
+        "flops_backbone_last_exit": int(sum(stage_f) + head_f[-1]),
+        "params": int(sum(p.numel() for p in model.parameters())),
+    }
+
+
+# --- the multi-exit CNN ------------------------------------------------------------------
+
+
+def split_description(args: argparse.Namespace, n_train: int, n_test: int) -> dict:
+    origin = (
+        "scikit-learn digits, fixed 75/25 split (seed 0) from engine.data.images"
+        if args.dataset == "digits"
+        else "the official train/test split"
+    )
+    train = f"train split, {n_train} images"
+    if args.max_train:
+        train += f" (seeded subset, --max-train {args.max_train})"
+    return {
+        "source": origin,
+        "train": train,
+        "test": f"test split, {n_test} images (all metrics)",
+        "validation": "none; hyper-parameters fixed in advance, no early stopping",
+    }
+
+
+def parse_weights(text: str | None, k: int) -> list[float]:
+    if not text:
+        return [1.0] * k
+    w = [float(v) for v in text.split(",")]
+    if len(w) != k or any(v < 0 for v in w) or sum(w) <= 0:
+        raise SystemExit(f"--exit-weights needs {k} non-negative numbers, not all zero")
+    return w
+
+
+def multi_exit_loss(
+    logits: list[torch.Tensor],
+    y: torch.Tensor,
+    weights: list[float],
+    distill_alpha: float = 0.0,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Weighted sum of per-exit losses; optional self-distillation from the last exit."""
+    teacher = None
+    if distill_alpha > 0:
+        teacher = F.softmax(logits[-1].detach() / temperature, dim=1)
+    total = logits[0].new_zeros(())
+    for k, (z, w) in enumerate(zip(logits, weights, strict=True)):
+        if w == 0:
+            continue
+        loss = F.cross_entropy(z, y)
+        if teacher is not None and k < len(logits) - 1:
+            kd = F.kl_div(F.log_softmax(z / temperature, dim=1), teacher, reduction="batchmean")
+            loss = (1 - distill_alpha) * loss + distill_alpha * temperature**2 * kd
+        total = total + w * loss
+    return total / sum(weights)
+
+
+def fit(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    args: argparse.Namespace,
+    weights: list[float],
+    alpha: float,
+) -> float:
+    """Train any multi-exit model (stages + heads) by ``args.mode``; returns the seconds spent."""
+    k = len(model.heads)
+    t0 = time.perf_counter()
+    if args.mode == "joint":
+
+        def loss_fn(xb, yb):
+            return multi_exit_loss(model(xb), yb, weights, alpha, args.temperature)
+
+        run_epochs(list(model.parameters()), loss_fn, [model], x, y, args, args.epochs, args.seed)
+    else:
+        # phase 1: a plain CNN (backbone + last exit only)
+        last_only = [0.0] * (k - 1) + [1.0]
+
+        def loss_backbone(xb, yb):
+            return multi_exit_loss(model(xb), yb, last_only)
+
+        backbone = [*model.stages.parameters(), *model.heads[-1].parameters()]
+        run_epochs(
+            backbone, loss_backbone, [model], x, y, args, args.epochs, args.seed, "backbone "
+        )
+        # phase 2: freeze it (batch-norm statistics included), train the earlier heads
+        model.eval()
+        for prm in backbone:
+            prm.requires_grad_(False)
+        early = list(model.heads[:-1])
+        head_weights = weights[:-1] + [0.0]
+
+        def loss_heads(xb, yb):
+            with torch.no_grad():
+                hs, h = [], xb
+                for stage in model.stages:
+                    h = stage(h)
+                    hs.append(h)
+            logits = [head(h) for head, h in zip(model.heads, hs, strict=True)]
+            return multi_exit_loss(logits, yb, head_weights, alpha, args.temperature)
+
+        head_params = [prm for head in early for prm in head.parameters()]
+        run_epochs(
+            head_params, loss_heads, early, x, y, args, args.head_epochs, args.seed + 1, "heads "
+        )
+        for prm in backbone:
+            prm.requires_grad_(True)
+    train_seconds = time.perf_counter() - t0
+    return train_seconds
+
+
+def save_with_card(
+    model: nn.Module,
+    args: argparse.Namespace,
+    argv: list[str],
+    *,
+    family: str,
+    model_id: str,
+    title: str,
+    config: dict,
+    n_train: int,
+    n_test: int,
+    class_names,
+    exit_names: list[str],
+    weights: list[float],
+    alpha: float,
+    train_seconds: float,
+    metrics: dict,
+) -> Path:
+    """Weights + model card for the image multi-exit families (CNN and cascade) share one shape."""
+    card = {
+        "model_id": model_id,
+        "title": args.title or title,
+        "family": family,
+        "module": f"engine.families.{family}.model",
+        "config": config,
+        "dataset": args.dataset,
+        "split": split_description(args, n_train, n_test),
+        "class_names": list(class_names),
+        "exit_names": exit_names,
+        "seed": args.seed,
+        "epochs": args.epochs,
+        "training": {
+            "mode": args.mode,
+            "head_epochs": args.head_epochs if args.mode == "heads_only" else 0,
+            "exit_weights": weights,
+            "distill": args.distill,
+            "distill_alpha": alpha,
+            "temperature": args.temperature,
+            "optimizer": f"AdamW lr={args.lr} wd={args.weight_decay}, warm-up + cosine",
+            "batch_size": args.batch_size,
+            "threads": args.threads,
+            "preprocessing": "engine.data.images.to_model_input, no augmentation",
+        },
+        "training_command": command_line(family, argv),
+        "train_seconds": round(train_seconds, 1),
+        "metrics": metrics,
+    }
+    return save_model(model, card, args.out_dir)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.train multi_exit_cnn", description=__doc__)
+    add_common_args(p)
+    p.add_argument("--mode", choices=("joint", "heads_only"), default="joint")
+    p.add_argument("--head-epochs", type=int, default=1, help="heads_only: epochs for the heads")
+    p.add_argument("--exit-weights", default=None, help="comma-separated, one per exit")
+    p.add_argument("--distill", action="store_true", help="self-distil from the last exit")
+    p.add_argument("--distill-alpha", type=float, default=0.5)
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--widths", default="16,32,64,64")
+    p.add_argument("--strides", default="2,2,2,1")
+    p.add_argument("--head-pool", type=int, default=1)
+    return p
+
+
+def train_and_save(
+    argv: list[str],
+    args: argparse.Namespace,
+    *,
+    family: str,
+    build: Callable[[dict], nn.Module],
+    exit_names: Callable[[dict], list[str]],
+    make_config: Callable[[int], dict],
+    title: Callable[[int], str],
+    card_config: Callable[[nn.Module, dict], dict] | None = None,
+) -> Path:
+    """Train an image multi-exit family (CNN or cascade), evaluate every exit, write the card.
+
+    ``make_config(num_classes)`` builds the network's config; ``card_config(model, config)``
+    may add what the built model decided (the cascade's members); ``title(num_exits)``.
+    """
+    torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    model_id = args.model_id or f"{args.dataset}_{family}"
+
+    x, y, class_names, _ = image_split(args.dataset, "train", args.max_train, args.seed)
+    xt, yt, _, _ = image_split(args.dataset, "test", args.max_test, args.seed)
+    config = make_config(len(class_names))
+    model = build(config)
+    if card_config is not None:
+        config = card_config(model, config)
+    k = model.num_exits
+    weights = parse_weights(args.exit_weights, k)
+    alpha = args.distill_alpha if args.distill else 0.0
+
+    train_seconds = fit(model, x, y, args, weights, alpha)
+
+    acc = exit_accuracy(model, xt, yt)
+    names = exit_names(config)
+    metrics = exit_metrics(model, acc, len(yt), names)
+    if not args.quiet:
+        print("per-exit test accuracy:", " ".join(f"{a:.4f}" for a in acc))
+        print("cumulative FLOPs:", metrics["flops_cumulative"])
+        print(f"trained in {train_seconds:.1f}s")
+    return save_with_card(
+        model,
+        args,
+        argv,
+        family=family,
+        model_id=model_id,
+        title=title(k),
+        config=config,
+        n_train=len(y),
+        n_test=len(yt),
+        class_names=class_names,
+        exit_names=names,
+        weights=weights,
+        alpha=alpha,
+        train_seconds=train_seconds,
+        metrics=metrics,
+    )
+
+
+def main(argv: list[str]) -> Path:
+    from engine.families.multi_exit_cnn.model import build, exit_names
+
+    args = parser().parse_args(argv)
+    return train_and_save(
+        argv,
+        args,
+        family=FAMILY,
+        build=build,
+        exit_names=exit_names,
+        make_config=lambda num_classes: {
+            "num_classes": num_classes,
+            "widths": [int(v) for v in args.widths.split(",")],
+            "strides": [int(v) for v in args.strides.split(",")],
+            "head_pool": args.head_pool,
+        },
+        title=lambda k: f"Multi-exit residual CNN ({args.dataset}, {k} exits, {args.mode})",
+    )

@@ -1,0 +1,55 @@
+"""SkipNet (Wang 2018): a gate per residual block decides, per input, whether it runs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.core.family import Family
+from engine.core.results import Results
+from engine.families.skipnet import model as skipnet
+from engine.families.skipnet import records as skipping
+
+
+class SkipNet(Family):
+    name = "skipnet"
+    kind = "skip"
+    title = "skip gates (SkipNet)"
+    paper = "Wang et al. 2018, SkipNet"
+    setting = "gate threshold"
+    step_name = "block"
+    about = "A gate per residual block decides, per input, whether the block runs."
+    setting_help = "a block runs when its gate's execute probability ≥ this"
+
+    def build(self, config: dict):
+        return skipnet.build(config)
+
+    def results(self, card) -> Results:
+        rec = skipping.load_records(card.model_id)
+        full = float(rec.meta.get("full_flops", rec.flops.max()))
+        return Results(
+            self.label(card),
+            "gate threshold",
+            rec.thresholds,
+            rec.sample_id,
+            rec.label,
+            rec.flops,
+            np.full(len(rec.label), full),
+            rec.correct,
+            rec.pred,
+            None,
+            {"blocks run": rec.executed.sum(axis=2)},
+            {},
+            {
+                "model_id": card.model_id,
+                "family": self.name,
+                "dataset": card.dataset,
+                "split": rec.meta.get("split", "test"),
+                "cost_unit": "FLOPs",
+            },
+        )
+
+    def default_setting(self, card) -> float:
+        return skipping.DEFAULT_THRESHOLD
+
+
+FAMILY = SkipNet()

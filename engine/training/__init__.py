@@ -1,1 +1,0 @@
-"""One trainer per model family; ``engine.train`` dispatches to them by name."""
