@@ -261,3 +261,60 @@ def test_image(dataset: str, sid) -> np.ndarray | None:
         return None
     pos = ti.position(sid)
     return None if pos is None else ti.images[pos]
+
+
+# --- families and their results ----------------------------------------------------------------
+
+
+@st.cache_data(show_spinner=False)
+def halting_models() -> list[str]:
+    """Bundled models of the halting kind (ACT, PonderNet, ...) whose results can be read."""
+    from engine import families
+
+    out = []
+    for card, fam in families.cards_of_kind("halt"):
+        try:
+            fam.results(card)
+        except FileNotFoundError:
+            continue  # not built here: the page says how to make them when none is left
+        except Exception:  # noqa: BLE001 - a damaged file stays listed; the page explains it
+            pass
+        out.append(card.model_id)
+    return out
+
+
+def family_of(model_id: str):
+    """(card, family) of a bundled model."""
+    from engine import families
+    from engine.registry import get_card
+
+    card = get_card(model_id)
+    return card, families.get(card.family)
+
+
+@st.cache_data(show_spinner="Loading the per-sample results…", max_entries=16)
+def results(model_id: str):
+    """The family's per-sample results of a bundled model (engine.core.results.Results)."""
+    card, fam = family_of(model_id)
+    return fam.results(card)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def record(model_id: str, i: int, value: float):
+    """Stored sample ``i`` at setting ``value``, as a ``LiveRun``."""
+    card, fam = family_of(model_id)
+    return fam.record(card, i, value)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def siblings(model_id: str) -> list[str]:
+    """Models of the same kind on the same data set (ACT at other ponder costs, PonderNet)."""
+    from engine import families
+
+    card, fam = family_of(model_id)
+    ok = set(halting_models()) if fam.kind == "halt" else None
+    return [
+        c.model_id
+        for c, _ in families.cards_of_kind(fam.kind, dataset=card.dataset)
+        if ok is None or c.model_id in ok
+    ]

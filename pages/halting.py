@@ -1,4 +1,9 @@
-"""Adaptive computation time (Graves 2016): halting scores, steps taken and the eps trade-off."""
+"""Halting: every model of the "halt" kind (ACT, PonderNet, ...) through the Family interface.
+
+Which steps ran, how many steps each input took at the chosen setting, whether harder inputs
+get more steps, and the accuracy-compute curves of every halting model on the same data set
+side by side. Nothing here names a family: a new halting family appears by itself.
+"""
 
 from __future__ import annotations
 
@@ -9,101 +14,45 @@ from app import figures_dynamic as figs
 from app import loaders, palette
 from app.query import choice_param, float_param
 from engine.core import stats
-from engine.families.act import records as halting
+from engine.core.results import at, summary_table
+from engine.run import inspection
 
-DEFAULT_MODEL = "parity_act"
-INTRO = {
-    "bits": "Parity, as in the ACT paper: a bit string with a random number of ±1 entries; the "
-    "answer is whether the number of +1 is odd. Longer strings (more non-zero entries) are "
-    "harder.",
-    "image": "Images: one weight-shared residual conv block is applied again and again to the "
-    "same image. Each step sees a wider neighbourhood, so an unusual digit may need more "
-    "steps. Difficulty is rated by a second model on the same test images: the first exit "
-    "of the early-exit CNN that gets the image right.",
-}
+PREFERRED = "parity_act"  # the clean difficulty (string length) makes the best first view
 
 
-@st.cache_data(show_spinner=False)
-def records(model_id: str) -> halting.HaltRecords:
-    return halting.load_records(model_id)
-
-
-@st.cache_data(show_spinner=False)
-def sweep(model_id: str) -> halting.EpsSweep:
-    return halting.eps_sweep(records(model_id))
-
-
-@st.cache_data(show_spinner=False)
-def at_eps(model_id: str, eps: float) -> halting.AtEps:
-    return halting.at_eps(records(model_id), eps)
-
-
-@st.cache_resource(show_spinner=False)
-def model(model_id: str):
-    from engine.families import load_model
-
-    return load_model(model_id)
-
-
-@st.cache_data(show_spinner=False)
-def siblings(model_id: str) -> list[str]:
-    return halting.siblings(model_id)
-
-
-@st.cache_data(show_spinner=False)
-def tau_table(models: tuple[str, ...]):
-    return halting.tau_table([records(m) for m in models])
-
-
-def one_input_text(rec: halting.HaltRecords, r: halting.AtEps, i: int, names: list[str]) -> str:
-    ok = r.pred[i] == rec.label[i]
-    what = (
-        f"length (non-zero entries): **{rec.difficulty[i]}**  \n"
-        f"number of +1: **{rec.bits[i].count('+')}** → target **{names[rec.label[i]]}**  \n"
-        if rec.bits is not None
-        else f"label **{names[rec.label[i]]}**, difficulty (early-exit oracle exit): "
-        f"**{rec.difficulty[i]}**  \n"
-    )
-    return (
-        f"{what}answer **{names[r.pred[i]]}** ({'correct' if ok else 'wrong'}), "
-        f"confidence {r.probs[i].max():.3f}"
+def show_run(run, key: str) -> None:
+    st.plotly_chart(
+        figs.halting_curve(
+            run.steps, run.detail["cumulative"], run.detail["halt_at"], 1 - run.detail["threshold"]
+        ),
+        width="stretch",
+        key=key,
     )
 
 
-def live_panel(model_id: str, x: np.ndarray, eps: float, names: list[str], show_input) -> None:
-    """Ponder one input live (real halting: the steps after N are never computed)."""
-    from engine.families.act import model as act
-
-    out = act.run_act(model(model_id), x, eps=eps)
-    steps, rem = int(out["steps"][0]), float(out["remainder"][0])
+def live_panel(card, fam, x, value: float, names: list[str], show_input) -> None:
+    """Run one input for real (the steps after halting are never computed)."""
+    run = fam.run_one(loaders.load_model(card.model_id), card, x, value)
     left, right = st.columns([1, 2])
     with left:
         show_input()
         st.markdown(
-            f"answer **{names[int(out['pred'][0])]}** (confidence {out['probs'][0].max():.3f})  \n"
-            f"steps N = **{steps}**, remainder R = **{rem:.3f}**, "
-            f"FLOPs **{out['flops'][0]:,.0f}** (counted by torch on the steps that ran)"
+            f"answer **{names[run.prediction]}** (confidence {run.confidence:.3f})  \n"
+            f"{run.decision}, FLOPs **{run.cost:,.0f}** (counted by torch on what ran)"
         )
-    h = np.nan_to_num(out["h"][0], nan=0.0)
-    right.plotly_chart(
-        figs.halting_curve(h, out["cum_halt"][0], steps, eps), width="stretch", key="act_live_fig"
-    )
-    st.caption("Bars after N are 0: those steps were not computed for this input.")
+    with right:
+        show_run(run, "halt_live_fig")
+    st.caption("Bars after the halting step are 0: those steps were not computed for this input.")
 
 
-def upload_panel(model_id: str, dataset: str, eps: float, names: list[str]) -> None:
-    from engine.data.images import to_model_input
-    from engine.run import inspection
-
+def upload_panel(card, fam, value: float, names: list[str]) -> None:
     up = st.file_uploader(
-        "Ponder your own image (PNG, JPEG, …; up to 10 MB)",
-        key="act_upload",
-        max_upload_size=10,
+        "Ponder your own image (PNG, JPEG, …; up to 10 MB)", key="act_upload", max_upload_size=10
     )
     if up is None:
         return
     try:
-        prep = inspection.prepare_image(up.getvalue(), dataset, up.name)
+        prep = inspection.prepare_image(up.getvalue(), card.dataset, up.name)
     except inspection.ImageInputError as e:
         st.error(f"This file cannot be used: {e}")
         return
@@ -111,34 +60,35 @@ def upload_panel(model_id: str, dataset: str, eps: float, names: list[str]) -> N
         st.error(f"This file cannot be used: {up.name} could not be decoded ({type(e).__name__})")
         return
     live_panel(
-        model_id,
-        to_model_input(prep.model_input).numpy(),
-        eps,
+        card,
+        fam,
+        prep.model_input,
+        value,
         names,
         lambda: st.image(prep.model_input, caption="what the model sees (28×28)", width=140),
     )
 
 
-def bits_panel(model_id: str, num_bits: int, eps: float, names: list[str]) -> None:
-    from engine.families.act import model as act
-
+def typed_panel(card, fam, value: float, names: list[str]) -> None:
+    n = int(card.config.get("num_bits", 12))
     text = st.text_input(
-        f"Ponder your own string: {num_bits} entries of +, - or 0",
+        f"Ponder your own string: {n} entries of +, - or 0",
         key="act_bits",
-        placeholder="+-0" * (num_bits // 3) + "+" * (num_bits % 3),
+        placeholder="+-0" * (n // 3) + "+" * (n % 3),
     )
     if not text.strip():
         return
     try:
-        x = act.parse_bits(text, num_bits)
+        x = fam.parse_live(card, text)
     except ValueError as e:
         st.error(f"This string cannot be used: {e}.")
         return
     ones = int((x == 1).sum())
     live_panel(
-        model_id,
+        card,
+        fam,
         x,
-        eps,
+        value,
         names,
         lambda: st.markdown(
             f"length **{int((x != 0).sum())}**, number of +1: **{ones}** → target "
@@ -148,59 +98,59 @@ def bits_panel(model_id: str, num_bits: int, eps: float, names: list[str]) -> No
 
 
 st.title("Halting: adaptive computation time")
-st.caption(
-    "Graves' ACT (2016): a network is applied again and again to the same input; after each "
-    "ponder step n a halting unit outputs h^n. It stops at the first step N where the "
-    "cumulative halting reaches 1 − ε (or at the maximum), the last step gets the *remainder* "
-    "R = 1 − Σ_{n<N} h^n, and the answer is the mix Σ p^n y^n. Training adds τ·(N + R), the "
-    "ponder cost. This page shows whether harder inputs get more steps."
-)
-
-models = halting.available_models()
+models = loaders.halting_models()
 if not models:
     st.error(
-        "The halting records are missing: none is bundled. Train a model with `python -m engine.train act_cnn` "
-        "(images) or `python -m engine.train act` (parity) to create them."
+        "The halting records are missing: none is bundled. Train a model with `python -m engine.train act` "
+        "(parity) or `python -m engine.train act_cnn` (images) to create them."
     )
     st.stop()
+default = PREFERRED if PREFERRED in models else models[0]
 model_id = st.selectbox(
-    "ACT model",
+    "Halting model",
     models,
-    index=models.index(
-        choice_param("model", DEFAULT_MODEL if DEFAULT_MODEL in models else models[0], models)
-    ),
+    index=models.index(choice_param("model", default, models)),
     key="act_model",
 )
+card, fam = loaders.family_of(model_id)
+st.caption(
+    f"**{fam.title}** — {fam.paper}. {fam.about} This page shows whether harder inputs "
+    "get more steps."
+)
 try:
-    rec = records(model_id)
+    res = loaders.results(model_id)
 except Exception as e:  # a missing or damaged file must not show a stack trace
     st.error(f"The halting records of {model_id} cannot be read ({e}); retrain the model.")
     st.stop()
-kind = rec.meta.get("input", "bits")
-st.caption(INTRO.get(kind, ""))
 
-trained_eps = rec.eps
-eps = st.slider(
-    "ε (halt when the cumulative halting score ≥ 1 − ε)",
-    min_value=0.0,
-    max_value=0.5,
-    value=round(float_param("eps", float(trained_eps), lo=0.0, hi=0.5), 2),
-    step=0.01,
-    key="act_eps",
-    help=f"The model was trained with ε = {trained_eps:g} and ponder-cost weight "
-    f"τ = {rec.meta.get('tau', 'see the model card')}.",
+settings = [float(s) for s in res.settings]
+trained = fam.default_setting(card)
+start = float_param(fam.setting, trained, options=settings)
+value = st.select_slider(
+    fam.setting_help or fam.setting,
+    options=settings,
+    value=min(settings, key=lambda s: abs(s - start)),
+    format_func=lambda s: f"{s:g}",
+    key=f"halt_{fam.setting}",
+    help=f"{model_id} was trained at {fam.setting} = {trained:g}.",
 )
-r = at_eps(model_id, eps)
-names = rec.meta.get("class_names") or [str(c) for c in range(rec.step_probs.shape[2])]
-rho = stats.spearman(r.steps, rec.difficulty) if rec.has_difficulty else float("nan")
-c1, c2, c3, c4 = st.columns(4)
-c1.metric("Accuracy", f"{r.accuracy:.2%}")
-c2.metric("Mean ponder steps", f"{r.steps.mean():.2f}", help=f"maximum {rec.max_steps}")
-c3.metric("Mean ponder cost N + R", f"{r.ponder_cost.mean():.3f}")
-c4.metric(
+r = at(res, value)
+steps = r.detail["steps"]
+names = card.raw.get("class_names") or [str(c) for c in range(int(res.label.max()) + 1)]
+difficulty = res.extra.get("difficulty")
+rho = stats.spearman(steps, difficulty) if difficulty is not None else float("nan")
+max_steps = int(res.meta.get("max_steps", steps.max()))
+cols = st.columns(3 + len(r.detail) - 1)
+cols[0].metric("Accuracy", f"{r.accuracy:.2%}")
+cols[1].metric("Mean steps", f"{steps.mean():.2f}", help=f"maximum {max_steps}")
+for c, (k, v) in zip(
+    cols[2:-1], ((k, v) for k, v in r.detail.items() if k != "steps"), strict=False
+):
+    c.metric(f"Mean {k}", f"{v.mean():.3f}")
+cols[-1].metric(
     "Spearman(steps, difficulty)",
     "n/a" if np.isnan(rho) else f"{rho:.3f}",
-    help=f"rank correlation between steps taken and {rec.meta.get('difficulty', 'difficulty')}",
+    help=f"rank correlation between steps taken and {res.meta.get('difficulty', 'difficulty')}",
 )
 
 st.subheader("One input")
@@ -209,11 +159,11 @@ order = pick.radio(
     "Browse",
     ["test order", "most steps first", "fewest steps first"],
     key="act_order",
-    help="Sort the test set by the steps taken at this ε.",
+    help="Sort the test set by the steps taken at this setting.",
 )
-rows = np.arange(len(rec.label))
+rows = np.arange(res.num_samples)
 if order != "test order":
-    rows = np.argsort(-r.steps if order == "most steps first" else r.steps, kind="stable")
+    rows = np.argsort(-steps if order == "most steps first" else steps, kind="stable")
 pos = int(
     pick.number_input(
         f"Position (0 – {len(rows) - 1})",
@@ -225,87 +175,89 @@ pos = int(
     )
 )
 i = int(rows[pos])
-cum, steps_i, rem_i = halting.cumulative_halting(rec, i, eps)
+run = loaders.record(model_id, i, value)
 with show:
     left, right = st.columns([1, 2])
     with left:
-        if rec.bits is not None:
-            st.code(rec.bits[i], language=None)
-        else:
-            img = loaders.test_image(rec.meta.get("dataset", "mnist"), rec.image_index[i])
+        if "bits" in res.extra:
+            st.code(res.extra["bits"][i], language=None)
+        elif "image_index" in res.extra:
+            img = loaders.test_image(card.dataset, res.extra["image_index"][i])
             if img is not None:
-                st.image(img, width=140, caption=f"test image {rec.image_index[i]}")
+                st.image(img, width=140, caption=f"test image {res.extra['image_index'][i]}")
             else:
                 st.info("The test images are not installed here; showing the stored record only.")
+        what = f"label **{names[res.label[i]]}**"
+        if difficulty is not None:
+            what += f", {res.meta.get('difficulty', 'difficulty')}: **{difficulty[i]}**"
+        ok = "correct" if r.correct[i] else "wrong"
         st.markdown(
-            one_input_text(rec, r, i, names)
-            + f"  \nsteps N = **{steps_i}**, remainder R = **{rem_i:.3f}**, ponder cost = "
-            f"**{steps_i + rem_i:.3f}**"
+            f"{what}  \nanswer **{names[run.prediction]}** ({ok}), confidence "
+            f"{run.confidence:.3f}  \n{run.decision}"
         )
-    right.plotly_chart(figs.halting_curve(rec.h[i], cum, steps_i, eps), width="stretch")
+    with right:
+        show_run(run, "halt_record_fig")
 
-if kind == "image":
-    upload_panel(model_id, rec.meta.get("dataset", "mnist"), eps, names)
-elif rec.bits is not None:
-    bits_panel(model_id, len(rec.bits[0]), eps, names)
+if fam.live_input(card) == "image":
+    upload_panel(card, fam, value, names)
+elif fam.live_input(card) == "bits":
+    typed_panel(card, fam, value, names)
 
 st.subheader("The whole test set")
 a, b = st.columns(2)
-a.plotly_chart(figs.steps_histogram(r.steps, rec.max_steps), width="stretch")
-if rec.has_difficulty:
-    levels, mean, std, acc, count = halting.steps_by_difficulty(rec.difficulty, r.steps, r.correct)
+a.plotly_chart(figs.steps_histogram(steps, max_steps), width="stretch")
+if difficulty is not None:
+    levels, mean, std, acc, count = stats.by_level(difficulty, steps, r.correct)
     b.plotly_chart(
         figs.steps_vs_difficulty(
-            levels, mean, std, acc, x_title=rec.meta.get("difficulty_label", "difficulty")
+            levels, mean, std, acc, x_title=res.meta.get("difficulty") or "difficulty"
         ),
         width="stretch",
     )
-    own = stats.spearman(r.steps, 1.0 - rec.step_probs[:, 0].max(1))
     b.caption(
         "Inputs per difficulty level: "
         + ", ".join(f"{lv}: {n}" for lv, n in zip(levels, count, strict=True))
-        + f". For comparison, steps against the model's *own* uncertainty after its first "
-        f"step (1 − its top probability): Spearman {own:.2f}."
     )
 else:
     b.info("These records carry no difficulty rating.")
-classes, mean_c, acc_c = halting.steps_by_class(rec, r.steps, r.correct)
+classes, mean_c, _, acc_c, _ = stats.by_level(res.label, steps, r.correct)
 st.plotly_chart(figs.steps_by_class([names[c] for c in classes], mean_c, acc_c), width="stretch")
 
-st.subheader("Accuracy vs compute over ε, and over the ponder cost τ")
-family = siblings(model_id)
-curves = []
-for k, other in enumerate(family):
-    o_sw, o_tau = sweep(other), records(other).meta.get("tau")
-    tau_txt = "τ = ?" if o_tau is None else f"τ = {o_tau:g}"
+st.subheader("Accuracy vs mean steps: every halting model on this data set")
+others = loaders.siblings(model_id)
+curves, table_rows = [], []
+for k, other in enumerate(others):
+    o_card, o_fam = loaders.family_of(other)
+    o = loaders.results(other)
+    o_steps = o.detail["steps"].mean(axis=1)
+    tag = o.meta.get("trained_with") or ""
+    label = f"{o_fam.title} {tag}".strip() + (" (this model)" if other == model_id else "")
     curves.append(
         figs.CurveSpec(
-            tau_txt + (" (this model)" if other == model_id else ""),
-            o_sw.mean_steps,
-            o_sw.accuracy,
+            label,
+            o_steps,
+            o.accuracy,
             palette.exit_color(k),
-            labels=[f"{tau_txt}, ε = {e:g}" for e in o_sw.eps],
+            labels=[f"{other}, {o.setting} = {s:g}" for s in o.settings],
         )
     )
+    table_rows.append((o, value if other == model_id else o_fam.default_setting(o_card)))
 st.plotly_chart(
     figs.tradeoff_figure(
         curves,
-        current=(float(r.steps.mean()), r.accuracy),
-        x_title="mean ponder steps per input",
-        title="Accuracy vs mean ponder steps (a curve per τ, a point per ε)",
+        current=(float(steps.mean()), r.accuracy),
+        x_title="mean steps per input",
+        title="Accuracy vs mean steps (a curve per model, a point per setting)",
     ),
     width="stretch",
 )
-if len(family) > 1:
+if len(others) > 1:
     st.caption(
-        "The same network trained with different ponder-cost weights τ (`--ponder-cost`), each "
-        "at its trained ε. A larger τ pushes the halting units to stop sooner during training."
+        "Each model at its trained setting (this one at the slider's). Different ponder costs "
+        "or halting rules trade accuracy for steps differently."
     )
-    st.dataframe(tau_table(tuple(family)), hide_index=True)
-encode = float(rec.meta.get("encode_flops", 0.0))
+    st.dataframe(summary_table(table_rows), hide_index=True)
 st.caption(
-    f"One ponder step costs {rec.meta.get('flops_per_step', float('nan')):,.0f} FLOPs"
-    + (f", and the part that runs once {encode:,.0f}" if encode else "")
-    + " (counted by torch). The halting scores do not depend on ε, so every ε is evaluated "
-    "from one stored unroll of the test set."
+    "FLOPs are counted by torch on the steps that ran; every setting is evaluated from one "
+    "stored unroll of the test set, and the live runs above really stop."
 )

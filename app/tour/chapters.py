@@ -465,7 +465,7 @@ def halting(ctx: Ctx, card: ModelCard) -> None:
             key="tour.w.eps",
         )
     r = hl.at_eps(rec, eps)
-    lengths, mean, _, acc, _ = hl.steps_by_difficulty(rec.difficulty, r.steps, r.correct)
+    lengths, mean, _, acc, _ = stats.by_level(rec.difficulty, r.steps, r.correct)
     with left:
         st.markdown(
             f"At ε = **{eps:g}**: **{pct(float(r.correct.mean()), 1)}** correct, "

@@ -257,3 +257,55 @@ def from_trace(trace: Trace, name: str, kind: str = "max_prob", points: int = 10
             "cost_unit": trace.meta.cost_unit,
         },
     )
+
+
+@dataclass(frozen=True)
+class At:
+    """One setting's per-sample view of ``Results``."""
+
+    value: float
+    cost: np.ndarray  # [N]
+    correct: np.ndarray  # [N]
+    pred: np.ndarray | None  # [N]
+    detail: dict[str, np.ndarray]  # [N] each
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.mean())
+
+
+def at(r: Results, value: float) -> At:
+    """The results at the setting nearest ``value``."""
+    i = r.index_of(value)
+    return At(
+        float(r.settings[i]),
+        r.cost[i],
+        r.correct[i],
+        None if r.pred is None else r.pred[i],
+        {k: v[i] for k, v in r.detail.items()},
+    )
+
+
+def summary_table(rows: list[tuple[Results, float]], steps: str = "steps") -> pl.DataFrame:
+    """One row per model at one setting each: accuracy, mean of the ``steps`` detail and its
+    Spearman correlation with the results' difficulty (where they have one)."""
+    from engine.core.stats import spearman
+
+    out = []
+    for r, value in rows:
+        a = at(r, value)
+        diff = r.extra.get("difficulty")
+        out.append(
+            {
+                "model": r.meta.get("model_id", r.name),
+                "method": r.name,
+                "trained with": r.meta.get("trained_with", ""),
+                "setting": f"{r.setting} = {a.value:g}",
+                "accuracy": round(a.accuracy, 4),
+                f"mean {steps}": round(float(a.detail[steps].mean()), 3),
+                f"Spearman({steps}, difficulty)": None
+                if diff is None
+                else round(spearman(a.detail[steps], diff), 3),
+            }
+        )
+    return pl.DataFrame(out)

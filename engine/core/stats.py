@@ -25,3 +25,15 @@ def seeded_subset(n_total: int, n: int | None, seed: int) -> np.ndarray:
     if n is None or n >= n_total:
         return np.arange(n_total)
     return np.sort(np.random.default_rng(seed).permutation(n_total)[:n])
+
+
+def by_level(level: np.ndarray, values: np.ndarray, correct: np.ndarray):
+    """Per distinct ``level`` (a difficulty, a class): (levels, mean value, std of value,
+    accuracy, count) — e.g. ponder steps by string length."""
+    level = np.asarray(level)
+    levels = np.unique(level)
+    mean = np.array([values[level == k].mean() for k in levels])
+    std = np.array([values[level == k].std() for k in levels])
+    acc = np.array([correct[level == k].mean() for k in levels])
+    count = np.array([(level == k).sum() for k in levels])
+    return levels, mean, std, acc, count

@@ -14,7 +14,7 @@ from torch import nn
 
 from engine.core.family import Family, FamilyError
 from engine.paths import MODELS_DIR
-from engine.registry import ModelCard, get_card, verified_weights
+from engine.registry import ModelCard, get_card, list_cards, verified_weights
 
 
 @cache
@@ -64,3 +64,19 @@ def load_model(model_id: str, models_dir=MODELS_DIR) -> nn.Module:
     model = build(card)
     model.load_state_dict(weights)
     return model.eval()
+
+
+def cards_of_kind(*kinds: str, dataset: str | None = None) -> list[tuple[ModelCard, Family]]:
+    """Bundled models whose family is of one of ``kinds`` (optionally on one data set), by
+    family and then the family's own order (e.g. ACT by ponder cost)."""
+
+    out = []
+    for card in list_cards():
+        try:
+            fam = get(card.family)
+        except FamilyError:
+            continue
+        if fam.kind in kinds and (dataset is None or card.dataset == dataset):
+            out.append((card, fam))
+    out.sort(key=lambda cf: (cf[1].name, cf[1].sort_key(cf[0]), cf[0].model_id))
+    return out

@@ -18,9 +18,11 @@ def halting_results(fam: Family, card) -> Results:
         rec.meta["flops_per_step"]
     )
     images = rec.image_index is not None
-    extra = {"difficulty": rec.difficulty}
+    extra = {"difficulty": rec.difficulty} if rec.has_difficulty else {}
     if images:
         extra["image_index"] = rec.image_index
+    if rec.bits is not None:
+        extra["bits"] = rec.bits
     return Results(
         fam.label(card),
         "eps",
@@ -45,6 +47,7 @@ def halting_results(fam: Family, card) -> Results:
             "cost_unit": "FLOPs",
             "max_steps": rec.max_steps,
             "difficulty": rec.meta.get("difficulty_label", rec.meta.get("difficulty")),
+            "trained_with": "" if rec.meta.get("tau") is None else f"τ = {rec.meta['tau']:g}",
         },
     )
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from engine.core.stats import spearman
+from engine.core.stats import by_level, spearman
 from engine.families.act.model import halting_distribution, outputs_at
 from engine.paths import RECORDS_DIR, TRACES_DIR
 
@@ -198,7 +198,7 @@ def early_exit_difficulty(model_id: str, sample_ids: np.ndarray) -> np.ndarray |
 
 def difficulty_summary(steps: np.ndarray, difficulty: np.ndarray, correct: np.ndarray) -> dict:
     """For the model card: rank correlation and per-difficulty steps/accuracy."""
-    levels, mean, _, acc, count = steps_by_difficulty(difficulty, steps, correct)
+    levels, mean, _, acc, count = by_level(difficulty, steps, correct)
     return {
         "spearman_steps_vs_difficulty": round(spearman(steps, difficulty), 4),
         "levels": [int(v) for v in levels],
@@ -326,21 +326,3 @@ def eps_sweep(rec: HaltRecords, eps_grid: np.ndarray = EPS_GRID) -> EpsSweep:
         mean_ponder_cost=np.array([r.ponder_cost.mean() for r in rows]),
         mean_flops=np.array([r.flops.mean() for r in rows]),
     )
-
-
-def steps_by_difficulty(difficulty: np.ndarray, steps: np.ndarray, correct: np.ndarray):
-    """Per difficulty level: (levels, mean steps, std of steps, accuracy, count)."""
-    levels = np.unique(difficulty)
-    mean = np.array([steps[difficulty == k].mean() for k in levels])
-    std = np.array([steps[difficulty == k].std() for k in levels])
-    acc = np.array([correct[difficulty == k].mean() for k in levels])
-    count = np.array([(difficulty == k).sum() for k in levels])
-    return levels, mean, std, acc, count
-
-
-def steps_by_class(rec: HaltRecords, steps: np.ndarray, correct: np.ndarray):
-    """Per true class: (classes, mean steps, accuracy); classes absent from the test set dropped."""
-    classes = np.unique(rec.label)
-    mean = np.array([steps[rec.label == c].mean() for c in classes])
-    acc = np.array([correct[rec.label == c].mean() for c in classes])
-    return classes, mean, acc
