@@ -16,7 +16,7 @@ import polars as pl
 import torch
 from scipy import stats
 
-from engine.policies import Policy, exit_index, oracle_correct
+from engine.policies import NeverCorrect, Policy, exit_index, oracle_correct
 from engine.trace import Trace
 from engine.tradeoff import curve
 
@@ -79,9 +79,13 @@ def sweep_from_trace(
     )
 
 
-def oracle_fraction(trace: Trace) -> np.ndarray:
-    """[N] cost fraction of the oracle exit (never-correct samples count as needing everything)."""
-    exits = oracle_correct(trace, fallback="last")
+def oracle_fraction(trace: Trace, never_correct: NeverCorrect = "last") -> np.ndarray:
+    """[N] cost fraction of the oracle exit.
+
+    By default never-correct samples count as needing everything ("last"): here the oracle is a
+    difficulty ranking, and a sample no exit gets right is the hardest there is.
+    """
+    exits = oracle_correct(trace, fallback=never_correct)
     rows = np.arange(trace.num_samples)
     return trace.cost[rows, exits] / trace.cost[:, -1]
 

@@ -33,12 +33,17 @@ def test_parquet_file_round_trip_with_latency_and_extra(tmp_path):
     t = dataclasses.replace(
         t,
         latency_ms=np.cumsum(np.ones((50, 3)), axis=1),
-        extra={"annotator_confidence": np.linspace(0, 1, 50), "text": np.array([f"s{i}" for i in range(50)], dtype=object)},
+        extra={
+            "annotator_confidence": np.linspace(0, 1, 50),
+            "text": np.array([f"s{i}" for i in range(50)], dtype=object),
+        },
     )
     t.write_parquet(tmp_path / "x.parquet")
     back = read(tmp_path / "x.parquet")
     assert_same(t, back)
-    np.testing.assert_array_equal(back.extra["annotator_confidence"], t.extra["annotator_confidence"])
+    np.testing.assert_array_equal(
+        back.extra["annotator_confidence"], t.extra["annotator_confidence"]
+    )
     assert list(back.extra["text"]) == list(t.extra["text"])
 
 
@@ -54,7 +59,13 @@ def test_csv_round_trip_and_inferred_metadata():
 
 def test_logit_columns_are_softmaxed():
     df = pl.DataFrame(
-        {"sample_id": [0, 1], "label": [1, 0], "logit_e0_c0": [0.0, 2.0], "logit_e0_c1": [0.0, 0.0], "cost_e0": [10.0, 10.0]}
+        {
+            "sample_id": [0, 1],
+            "label": [1, 0],
+            "logit_e0_c0": [0.0, 2.0],
+            "logit_e0_c1": [0.0, 0.0],
+            "cost_e0": [10.0, 10.0],
+        }
     )
     t = from_frame(df)
     np.testing.assert_allclose(t.probs[0, 0], [0.5, 0.5])
@@ -109,7 +120,16 @@ def test_metadata_must_match_shapes():
         dataclasses.replace(t, meta=dataclasses.replace(t.meta, class_names=("a",)))
 
 
-@pytest.mark.parametrize("data, name", [(b"\x00\x01garbage", "x.parquet"), (b"PAR1xxxx", "x.parquet"), (b"a,b\n1,2\n", "x.csv"), (b"", "x.csv"), (b"{}", "x.json")])
+@pytest.mark.parametrize(
+    "data, name",
+    [
+        (b"\x00\x01garbage", "x.parquet"),
+        (b"PAR1xxxx", "x.parquet"),
+        (b"a,b\n1,2\n", "x.csv"),
+        (b"", "x.csv"),
+        (b"{}", "x.json"),
+    ],
+)
 def test_corrupt_files_raise_trace_error(data, name):
     with pytest.raises(TraceError):
         read(data, name)
@@ -128,3 +148,64 @@ def test_subset_keeps_alignment():
     assert (s.label == 1).all()
     np.testing.assert_array_equal(s.probs, t.probs[t.label == 1])
     np.testing.assert_array_equal(s.gate, t.gate[t.label == 1])
+
+
+# --- CSV header lines (metadata a single CSV upload can carry) -------------------------------
+
+
+def _with_header(t: Trace, *lines: str) -> bytes:
+    return ("".join(line + "\n" for line in lines)).encode() + t.to_csv_bytes()
+
+
+def test_csv_header_comments_are_the_metadata():
+    t = make_trace(20, 3, 2)
+    data = _with_header(
+        t,
+        "# exported by a gradient-boosting script",  # free text: ignored
+        "# cost_unit: trees",
+        "# aie.exit_names: 10 trees, 50 trees, 200 trees",
+        '# class_names: ["no, never", "yes"]',
+        "# model_id: gbm",
+        "# dataset: churn",
+        "# split: valid",
+    )
+    back = read(data, "gbm.csv")
+    assert back.meta.cost_unit == "trees"
+    assert back.meta.exit_names == ("10 trees", "50 trees", "200 trees")
+    assert back.meta.class_names == ("no, never", "yes")
+    assert (back.meta.model_id, back.meta.dataset, back.meta.split) == ("gbm", "churn", "valid")
+    np.testing.assert_allclose(back.probs, t.probs, atol=1e-7)
+    np.testing.assert_array_equal(back.sample_id, t.sample_id)
+
+
+def test_csv_header_comments_from_a_path(tmp_path):
+    t = make_trace(10, 2, 2)
+    (tmp_path / "x.csv").write_bytes(_with_header(t, "# cost_unit: ms"))
+    assert read(tmp_path / "x.csv").meta.cost_unit == "ms"
+
+
+@pytest.mark.parametrize(
+    "line, field",
+    [
+        ("# exit_names: a, b", "exit_names"),  # 3 exits in the columns
+        ("# class_names: a, b, c, d", "class_names"),  # 2 classes
+        ("# exit_names: a, a, b", "exit_names"),
+        ("# class_names: [1, 2]", "class_names"),
+        ("# cost_unit:", "cost_unit"),
+        ("# cost-unit: trees", "# cost-unit"),
+    ],
+)
+def test_bad_csv_header_names_the_field(line, field):
+    t = make_trace(10, 3, 2)
+    with pytest.raises(TraceError) as err:
+        read(_with_header(t, line), "x.csv")
+    assert err.value.field == field
+
+
+def test_nan_error_names_the_column_family_and_the_column():
+    df = make_trace(10, 3, 3).to_frame()
+    df = df.with_columns(pl.Series("prob_e1_c2", [0.1] * 4 + [float("nan")] + [0.1] * 5))
+    with pytest.raises(TraceError) as err:
+        from_frame(df)
+    assert err.value.field == "prob_e*_c*"
+    assert "column prob_e1_c2, row 4" in str(err.value)
