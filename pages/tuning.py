@@ -348,8 +348,8 @@ def tuning_panel(source: str) -> None:
         f"{policy.describe()} · {trace.num_samples} samples ({stats.n_labelled} labelled) · "
         f"full model {figures.fmt_flops(stats.full_cost)}{unit} · oracle "
         f"{oracle.accuracy:.4f} at {figures.fmt_flops(oracle.mean_cost)}{unit} "
-        f"(**{oracle.speedup:.2f}×**; {n_never} samples no exit gets right, charged at the "
-        f"{never} exit)"
+        f"(**{oracle.speedup:.2f}×**; {n_never} sample{'' if n_never == 1 else 's'} that no "
+        f"exit gets right, charged at the {never} exit)"
     )
 
     # linked selection: bars picked in the charts below filter the metrics and the table
