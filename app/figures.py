@@ -89,6 +89,7 @@ def tradeoff_figure(
     *,
     kind_label: str = "policy",
     cost_unit: str = "FLOPs",
+    oracle_name: str = "oracle",
 ) -> go.Figure:
     """The accuracy–compute curve of one policy kind, its Pareto front and reference points.
 
@@ -135,7 +136,7 @@ def tradeoff_figure(
             )
         )
     for s, name, symbol, color in (
-        (oracle, "oracle", "diamond", CORRECT),
+        (oracle, oracle_name, "diamond", CORRECT),
         (last, "last exit", "circle-open", "#000000"),
         (current, "current setting", "star", HIGHLIGHT),
     ):

@@ -17,7 +17,7 @@ import streamlit as st
 
 from app.figures import thin
 from engine.core import calibration, tradeoff
-from engine.core.policies import oracle_correct
+from engine.core.policies import NeverCorrect, oracle_correct
 from engine.core.trace import Trace, TraceError
 from engine.core.trace import read as read_trace
 
@@ -138,7 +138,6 @@ def get_trace(source: str) -> Trace:
 class CurveSummary:
     curve: tradeoff.Curve  # every distinct setting of the kind
     front: np.ndarray  # indices into curve, the Pareto front by cost
-    oracle: tradeoff.PolicyStats
     last: tradeoff.PolicyStats
     fixed: list  # [K] PolicyStats of "every sample leaves at exit k"
     plot_cost: np.ndarray  # a few hundred points of the curve, for drawing
@@ -163,10 +162,15 @@ def curve_summary(key: str, kind: str, _trace: Trace) -> CurveSummary:
         plot_cost=c.mean_cost[idx],
         plot_accuracy=c.accuracy[idx],
         plot_front=plot_front,
-        oracle=tradeoff.oracle_stats(_trace),
         last=tradeoff.last_exit_stats(_trace),
         fixed=fixed_stats,
     )
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def oracle_stats(key: str, never_correct: NeverCorrect, _trace: Trace) -> tradeoff.PolicyStats:
+    """The oracle under one convention for samples no exit gets right (both are cheap)."""
+    return tradeoff.oracle_stats(_trace, never_correct)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

@@ -28,12 +28,13 @@ across pages in ``st.session_state`` under ``aie.*`` keys.
 from __future__ import annotations
 
 import math
+import re
 
 import streamlit as st
 
 from app import figures, loaders
 from engine.core.policies import POLICY_LABELS, Policy
-from engine.core.trace import Trace
+from engine.core.trace import Trace, TraceError
 
 QP_MODEL = "model"
 QP_POLICY = "policy"
@@ -349,3 +350,33 @@ def chart(fig, key: str, name: str, select: bool = False):
         help="Interactive chart as a stand-alone HTML file (PNG: camera icon on the chart).",
     )
     return state
+
+
+# --- text for messages and metrics -------------------------------------------------------------
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~:$])")
+
+
+def literal(text: str) -> str:
+    """``text`` escaped so Markdown shows it as typed (``prob_e*_c*`` is no longer italics)."""
+    return _MD_SPECIAL.sub(r"\\\1", str(text))
+
+
+def trace_error(e: TraceError) -> str:
+    """A rejected trace as Markdown: the offending field in code style, the reason as typed."""
+    return f"`{e.field}`: {literal(e.detail)}"
+
+
+def cost_delta(spent: float, full: float, versus: str = "the full model") -> dict:
+    """``st.metric`` keyword arguments comparing a cost with the full model's.
+
+    Lower cost is the good direction, so a saving is a green down-arrow (``delta_color=
+    "inverse"``) and an overspend a red up-arrow; the same cost is grey without an arrow.
+    """
+    if not full > 0:
+        return {}
+    change = spent / full - 1
+    if round(change, 2) == 0:
+        return dict(delta=f"same as {versus}", delta_color="off", delta_arrow="off")
+    return dict(delta=f"{change:+.0%}", delta_color="inverse", delta_description=f"vs {versus}")

@@ -16,14 +16,18 @@ import polars as pl
 import torch
 from scipy import stats
 
-from engine.core.policies import oracle_correct
+from engine.core.policies import NeverCorrect, oracle_correct
 from engine.core.results import Results
 from engine.core.trace import Trace
 
 
-def oracle_fraction(trace: Trace) -> np.ndarray:
-    """[N] cost fraction of the oracle exit (never-correct samples count as needing everything)."""
-    exits = oracle_correct(trace, fallback="last")
+def oracle_fraction(trace: Trace, never_correct: NeverCorrect = "last") -> np.ndarray:
+    """[N] cost fraction of the oracle exit.
+
+    By default never-correct samples count as needing everything ("last"): here the oracle is a
+    difficulty ranking, and a sample no exit gets right is the hardest there is.
+    """
+    exits = oracle_correct(trace, fallback=never_correct)
     rows = np.arange(trace.num_samples)
     return trace.cost[rows, exits] / trace.cost[:, -1]
 

@@ -82,12 +82,15 @@ compute["oracle exit"] = oracle_sweep.cost_fraction[0]
 names, rho, tau = compare.rank_correlations(compute)
 
 st.subheader(f"Matched at a mean budget of {budget:.2f} on {len(sample_id):,} shared test inputs")
+st.caption(
+    "**oracle exit**: each input's earliest correct exit of the multi-exit CNN, as a fraction of "
+    "its full cost. Inputs that no exit gets right are charged at the last exit (they needed the "
+    "whole network and still failed): here the oracle ranks difficulty, and they are the hardest."
+)
 st.dataframe(
     {
         "method": [m.name for m in matched],
-        "setting": [
-            f"{s.setting} = {m.param:.3g}" for s, m in zip(methods, matched, strict=True)
-        ],
+        "setting": [f"{s.setting} = {m.param:.3g}" for s, m in zip(methods, matched, strict=True)],
         "mean compute": [round(m.mean_fraction, 3) for m in matched],
         "accuracy": [round(m.accuracy, 4) for m in matched],
     },

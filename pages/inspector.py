@@ -157,8 +157,7 @@ def show_item(item: dict, trace: Trace, model, policy: Policy, prefix: str) -> N
     m[2].metric(
         f"{unit} spent",
         f"{figures.fmt_flops(spent)}{unit}",
-        delta=f"{spent / full:.0%} of the full model" if full > 0 else None,
-        delta_color="off",
+        **widgets.cost_delta(spent, full),
     )
     widgets.chart(
         figures.anytime_figure(probs, classes, names, exit_taken, cum_cost, label),
@@ -235,7 +234,10 @@ def _pick(sid) -> None:
 
 def gallery(trace: Trace, images, card) -> None:
     easiest, hardest = loaders_difficulty(loaders.source_key(source), trace)
-    for title, rows in (("Easiest (oracle exits first)", easiest), ("Hardest", hardest)):
+    for title, rows in (
+        ("Easiest (the earliest correct exit is early)", easiest),
+        ("Hardest (no exit gets them right, or only the last)", hardest),
+    ):
         if images is not None:  # only samples whose image is at hand (a gallery may be partial)
             rows = [r for r in rows if images.position(trace.sample_id[r]) is not None]
         st.markdown(f"**{title}**")

@@ -6,6 +6,7 @@ import numpy as np
 import streamlit as st
 
 from app import figures_moe as figs
+from app import widgets
 from app.query import choice_param, float_param
 from engine.data import images as image_data
 from engine.families import load_model
@@ -163,8 +164,7 @@ if image is not None:
     m[2].metric(
         "FLOPs (counted)",
         f"{rec.flops[0] / 1e6:.2f} M",
-        f"{rec.flops[0] / dense:.0%} of dense",
-        delta_color="off",
+        **widgets.cost_delta(rec.flops[0], dense, "dense"),
     )
     m[3].metric("Dropped token choices", int(rec.dropped.sum()))
     layer = st.radio(
@@ -251,8 +251,7 @@ m[0].metric("Test accuracy", f"{point['accuracy']:.2%}" if point["accuracy"] is 
 m[1].metric(
     "FLOPs per sample",
     f"{point['flops_mean'] / 1e6:.2f} M",
-    f"{point['flops_mean'] / dense:.0%} of dense",
-    delta_color="off",
+    **widgets.cost_delta(point["flops_mean"], dense, "dense"),
 )
 m[2].metric("Experts per token", f"{point['experts_per_token_mean']:.2f}")
 m[3].metric("Tokens dropped (any layer)", f"{max(point['dropped_fraction']):.1%}")

@@ -22,6 +22,12 @@ from engine.policy_store import PolicyStore, PolicyStoreError, SavedPolicy
 
 TIMING_KEY = "aie.tuning_fragment_ms"  # server-side time of the last fragment run (bench)
 MSG_KEY = "aie.tuning_msg"
+SOLVE_FOR = "aie.solve_acc_for"  # the trace the accuracy target's default was set for
+W_NEVER = "w.oracle_never_correct"
+NEVER_LABELS = {
+    "first": "the first exit (the cheapest way to be wrong: a lower bound)",
+    "last": "the last exit (they ran the whole network)",
+}
 MAX_TABLE_ROWS = 5000
 
 st.title("Threshold tuning")
@@ -48,13 +54,37 @@ def _model_id(source: str) -> str:
 # --- sidebar: upload a trace, saved policies ---------------------------------------------------
 
 
+TRACE_FORMAT = """
+One row per sample, Parquet or CSV, with these columns (exits `k = 0 … K−1` ordered by depth,
+classes `c = 0 … C−1`):
+
+- `sample_id`: a unique id, integer or text
+- `label`: the class index; empty or `-1` when unknown
+- `prob_e{k}_c{c}`: probability of class c at exit k, or `logit_e{k}_c{c}` (soft-maxed on load)
+- `cost_e{k}`: cumulative cost of reaching exit k (must not decrease over k)
+- optional: `latency_e{k}` (cumulative ms), `gate_e{k}` (a learned exit score in [0, 1]),
+  `extra.<name>` (any per-sample column)
+
+A CSV may start with `# key: value` lines that say what the columns cannot: `cost_unit`
+(default FLOPs), `exit_names` and `class_names` (comma-separated, or a JSON list), `model_id`,
+`dataset`, `split`. A Parquet file carries the same fields as JSON in its file metadata under
+the key `aie.trace`. For example:
+"""
+
+TRACE_EXAMPLE = """\
+# cost_unit: trees
+# exit_names: 10 trees, 100 trees
+# class_names: stays, leaves
+sample_id,label,prob_e0_c0,prob_e0_c1,prob_e1_c0,prob_e1_c1,cost_e0,cost_e1
+0,1,0.40,0.60,0.10,0.90,10,100
+1,0,0.95,0.05,0.97,0.03,10,100
+"""
+
+
 def upload_section() -> None:
     with st.sidebar.expander("Upload a trace", expanded=False):
-        st.caption(
-            "Parquet or CSV, one row per sample: `sample_id`, `label`, `prob_e{k}_c{c}` (or "
-            "`logit_e{k}_c{c}`), `cost_e{k}` (cumulative cost of reaching exit k). "
-            "See engine/trace.py for the full format."
-        )
+        st.markdown(TRACE_FORMAT)
+        st.code(TRACE_EXAMPLE, language=None)
         up = st.file_uploader(
             "Trace file",
             type=["parquet", "pq", "csv"],
@@ -66,15 +96,23 @@ def upload_section() -> None:
         try:
             source = loaders.add_upload(up.getvalue(), up.name)
         except TraceError as e:
-            st.error(f"This trace was rejected: {e}")
+            st.error(f"This trace was rejected: {widgets.trace_error(e)}")
             return
         except Exception as e:  # anything else a malformed file can trigger
-            st.error(f"This trace could not be read ({type(e).__name__}: {e})")
+            st.error(
+                f"This trace could not be read ({widgets.literal(f'{type(e).__name__}: {e}')})"
+            )
             return
         if st.session_state.get("aie.last_upload") != up.file_id:
             st.session_state["aie.last_upload"] = up.file_id
             st.session_state[widgets.W_MODEL] = source  # select it (picker renders next)
-        st.success(f"Loaded {up.name}: choose it as {source!r} above.")
+        label = widgets.literal(loaders.source_label(source))
+        if st.session_state.get(widgets.W_MODEL) == source:
+            st.success(f"Loaded {widgets.literal(up.name)}: it is the selected trace now.")
+        else:
+            st.success(
+                f"Loaded {widgets.literal(up.name)}: pick **{label}** in the model picker below."
+            )
 
 
 def _apply_saved(name: str, num_exits: int) -> None:
@@ -225,7 +263,15 @@ def _metrics_row(stats: tradeoff.PolicyStats, last: tradeoff.PolicyStats, unit: 
         if np.isfinite(stats.accuracy) and not label
         else None,
     )
-    c[1].metric(f"Mean {unit}{label}", figures.fmt_flops(stats.mean_cost) + unit)
+    c[1].metric(
+        f"Mean {unit}{label}",
+        figures.fmt_flops(stats.mean_cost) + unit,
+        **(
+            widgets.cost_delta(stats.mean_cost, last.mean_cost, "the last exit")
+            if not label
+            else {}
+        ),
+    )
     c[2].metric(f"p95 {unit}{label}", figures.fmt_flops(stats.p95_cost) + unit)
     c[3].metric(f"Speed-up vs last exit{label}", f"{stats.speedup:.2f}×")
 
@@ -235,8 +281,11 @@ def tuning_panel(source: str) -> None:
     t0 = time.perf_counter()
     try:
         trace = loaders.get_trace(source)
-    except (FileNotFoundError, TraceError) as e:
-        st.error(str(e))
+    except FileNotFoundError as e:
+        st.error(widgets.literal(e))
+        return
+    except TraceError as e:
+        st.error(widgets.trace_error(e))
         return
     key = loaders.source_key(source)
     unit = trace.meta.cost_unit
@@ -248,10 +297,13 @@ def tuning_panel(source: str) -> None:
     curve_kind = "max_prob" if kind == "per_exit" else kind
     summary = loaders.curve_summary(key, curve_kind, trace)
     with right:
-        acc_default = (
-            round(100 * float(summary.last.accuracy) - 0.5, 2) if trace.has_labels else 90.0
-        )
-        st.session_state.setdefault("w.solve_acc", max(0.0, acc_default))
+        # the accuracy target starts half a point below this trace's last exit, and starts
+        # there again when another trace is chosen (the previous trace's value means nothing)
+        if st.session_state.get(SOLVE_FOR) != key or "w.solve_acc" not in st.session_state:
+            last_acc = float(summary.last.accuracy)
+            acc_default = round(100 * last_acc - 0.5, 2) if trace.has_labels else 90.0
+            st.session_state["w.solve_acc"] = max(0.0, acc_default)
+            st.session_state[SOLVE_FOR] = key
         st.session_state.setdefault("w.solve_budget", 50.0)
         s1, s2 = st.columns(2)
         s1.number_input("Accuracy at least (%)", 0.0, 100.0, step=0.1, key="w.solve_acc")
@@ -279,10 +331,25 @@ def tuning_panel(source: str) -> None:
     exits = exit_index(trace, policy)
     stats = tradeoff.evaluate(trace, exits)
     _metrics_row(stats, summary.last, unit)
+    never = st.radio(
+        "Oracle: samples no exit gets right are charged at",
+        list(NEVER_LABELS),
+        format_func=NEVER_LABELS.get,
+        key=W_NEVER,
+        horizontal=True,
+        help="The oracle stops every sample at its earliest correct exit. Work on early exit "
+        "charges the samples that no exit gets right either at the first exit (so the oracle "
+        "is a lower bound on cost) or at the last (they needed everything and still failed); "
+        "on a trace with many such samples the oracle's speed-up differs a lot.",
+    )
+    oracle = loaders.oracle_stats(key, never, trace)
+    n_never = int((~trace.correct[trace.label != -1].any(axis=1)).sum())
     st.caption(
         f"{policy.describe()} · {trace.num_samples} samples ({stats.n_labelled} labelled) · "
         f"full model {figures.fmt_flops(stats.full_cost)}{unit} · oracle "
-        f"{summary.oracle.accuracy:.4f} at {figures.fmt_flops(summary.oracle.mean_cost)}{unit}"
+        f"{oracle.accuracy:.4f} at {figures.fmt_flops(oracle.mean_cost)}{unit} "
+        f"(**{oracle.speedup:.2f}×**; {n_never} sample{'' if n_never == 1 else 's'} that no "
+        f"exit gets right, charged at the {never} exit)"
     )
 
     # linked selection: bars picked in the charts below filter the metrics and the table
@@ -308,11 +375,12 @@ def tuning_panel(source: str) -> None:
                 summary.plot_accuracy,
                 summary.plot_front,
                 stats,
-                summary.oracle,
+                oracle,
                 summary.last,
                 summary.fixed,
                 kind_label=POLICY_LABELS[curve_kind],
                 cost_unit=unit,
+                oracle_name=f"oracle (never-right at the {never} exit)",
             ),
             "chart.tradeoff",
             "tradeoff",
@@ -428,7 +496,8 @@ if source is None:
 try:
     trace = loaders.get_trace(source)
 except (FileNotFoundError, TraceError) as e:
-    st.error(f"Could not load {source!r}: {e}")
+    why = widgets.trace_error(e) if isinstance(e, TraceError) else widgets.literal(e)
+    st.error(f"Could not load {widgets.literal(repr(source))}: {why}")
     st.stop()
 st.sidebar.caption(
     f"{trace.num_samples} samples · {trace.num_exits} exits · {trace.num_classes} classes · "

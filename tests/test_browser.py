@@ -217,3 +217,33 @@ def test_halting_page_ponders_an_uploaded_digit(server, browser):
     page.wait_for_timeout(1500)
     page.screenshot(path=str(_shots_dir(tmp) / "halting.png"))
     page.close()
+
+
+def test_tuning_trace_upload_shows_field_names_and_cost_unit_as_typed(server, browser):
+    """What a user reads after uploading: the NaN field as typed (Markdown once rendered
+    ``prob_e*_c*`` as "prob_e_c" in italics), and a CSV header's cost unit on the metrics."""
+    base, model_id, tmp = server
+    ext = make_trace(n=200, k=3, c=4, seed=3, model_id="gbm")
+    df = ext.to_frame()
+    (tmp / "nan.csv").write_bytes(
+        df.with_columns(df["prob_e1_c2"].scatter(7, float("nan"))).write_csv().encode()
+    )
+    (tmp / "gbm.csv").write_bytes(b"# cost_unit: trees\n" + ext.to_csv_bytes())
+    page = _open(browser, f"{base}/tuning?model={model_id}", 2300)
+    page.get_by_text("Accuracy vs compute").first.wait_for(timeout=60_000)
+    panel = page.locator('[data-testid="stExpander"]').filter(has_text="Upload a trace").first
+    panel.get_by_text("Upload a trace").first.click()
+    panel.get_by_text("aie.trace").first.wait_for(timeout=30_000)  # the format, in the app
+    assert not panel.get_by_text("engine/trace.py").count()
+    panel.locator('input[type="file"]').first.set_input_files(str(tmp / "nan.csv"))
+    alert = page.locator('[data-testid="stAlert"]').filter(has_text="rejected").first
+    alert.wait_for(timeout=60_000)
+    assert "prob_e*_c*" in alert.inner_text() and "prob_e1_c2" in alert.inner_text()
+    panel.locator('input[type="file"]').first.set_input_files(str(tmp / "gbm.csv"))
+    page.get_by_text("it is the selected trace now").first.wait_for(timeout=60_000)
+    page.locator('[data-testid="stMetric"]').filter(has_text="Mean trees").first.wait_for(
+        timeout=60_000
+    )
+    assert _metric_value(page, "Mean trees").endswith("trees")
+    assert not page.get_by_text("Traceback").count()
+    page.close()

@@ -194,6 +194,110 @@ def test_uploaded_trace_is_tuned_like_a_bundled_one(env):
     _assert_shows(at, read(ext.to_csv_bytes(), "external.csv"), Policy("max_prob", threshold=0.6))
 
 
+def test_oracle_convention_widget_changes_the_shown_speedup(env):
+    trace = load_trace(env)
+    first, last = tradeoff.oracle_stats(trace, "first"), tradeoff.oracle_stats(trace, "last")
+    assert first.speedup != last.speedup  # the bundled trace has samples no exit gets right
+
+    def oracle_caption(at):
+        return next(c.value for c in at.caption if "oracle" in c.value and "×" in c.value)
+
+    at = _app(env)
+    radio = at.radio(key="w.oracle_never_correct")
+    assert radio.value == "first"  # the default, so numbers quoted elsewhere are unchanged
+    assert f"**{first.speedup:.2f}×**" in oracle_caption(at)
+    assert "charged at the first exit" in oracle_caption(at)
+    radio.set_value("last").run()
+    assert not at.exception
+    assert f"**{last.speedup:.2f}×**" in oracle_caption(at)
+    assert "charged at the last exit" in oracle_caption(at)
+    # the chart's oracle point moves with it
+    fig = at.get("plotly_chart")[0].proto.spec
+    assert "never-right at the last exit" in fig
+
+
+def test_upload_message_says_the_trace_is_selected(env):
+    ext = make_trace(n=300, k=3, c=4, seed=3, model_id="external")
+    at = _app(env)
+    at.file_uploader(key="w.trace_upload").upload("external.csv", ext.to_csv_bytes(), "text/csv")
+    at.run()
+    assert at.selectbox(key="w.model").value == "upload:external"
+    msgs = [s.value for s in at.success]
+    assert any("it is the selected trace now" in m for m in msgs), msgs
+    assert not any("choose it" in m for m in msgs)
+    # once another trace is picked, the message says where to find the upload
+    at.selectbox(key="w.model").set_value(env).run()
+    msgs = [s.value for s in at.success]
+    assert any("in the model picker below" in m for m in msgs), msgs
+
+
+def test_accuracy_target_default_follows_the_chosen_trace(env):
+    trace = load_trace(env)
+    at = _app(env)
+    want = round(100 * float(tradeoff.last_exit_stats(trace).accuracy) - 0.5, 2)
+    assert at.number_input(key="w.solve_acc").value == pytest.approx(want)
+    ext = make_trace(n=300, k=3, c=4, seed=3, model_id="external")
+    at.file_uploader(key="w.trace_upload").upload("external.csv", ext.to_csv_bytes(), "text/csv")
+    at.run()
+    assert at.selectbox(key="w.model").value == "upload:external"
+    want_ext = round(100 * float(tradeoff.last_exit_stats(ext).accuracy) - 0.5, 2)
+    assert want_ext != pytest.approx(want)
+    assert at.number_input(key="w.solve_acc").value == pytest.approx(want_ext, abs=0.01)
+    # a value the user typed stays while the trace stays
+    at.number_input(key="w.solve_acc").set_value(42.0).run()
+    at.slider(key="w.t.max_prob").set_value(0.5).run()
+    assert at.number_input(key="w.solve_acc").value == pytest.approx(42.0)
+
+
+def test_csv_header_cost_unit_and_names_show_on_the_page(env):
+    ext = make_trace(n=300, k=3, c=4, seed=3, model_id="gbm")
+    header = (
+        "# cost_unit: trees\n"
+        "# exit_names: 10 trees, 50 trees, 200 trees\n"
+        "# class_names: north, east, south, west\n"
+    )
+    at = _app(env)
+    at.file_uploader(key="w.trace_upload").upload(
+        "gbm.csv", header.encode() + ext.to_csv_bytes(), "text/csv"
+    )
+    at.run()
+    assert not at.exception
+    shown = _metrics(at)
+    assert "Mean trees" in shown and shown["Mean trees"].endswith("trees"), shown
+    assert "p95 trees" in shown
+    table = at.dataframe[0].value
+    assert "conf 50 trees" in table.columns
+    assert set(table["label"]) <= {"north", "east", "south", "west"}
+    # a header that disagrees with the columns is refused, naming the field
+    bad = b"# exit_names: a, b\n" + ext.to_csv_bytes()
+    at.file_uploader(key="w.trace_upload").upload("bad.csv", bad, "text/csv")
+    at.run()
+    assert not at.exception
+    assert any("rejected: `exit_names`" in e.value for e in at.error), [e.value for e in at.error]
+
+
+def test_nan_upload_names_the_field_as_typed(env):
+    df = make_trace(n=50, k=3, c=4, seed=3).to_frame()
+    df = df.with_columns(df["prob_e1_c2"].scatter(7, float("nan")))
+    at = _app(env)
+    at.file_uploader(key="w.trace_upload").upload("nan.csv", df.write_csv().encode(), "text/csv")
+    at.run()
+    assert not at.exception
+    errors = [e.value for e in at.error]
+    # in code style, so Markdown does not turn `*_c*` into italics ("prob_e_c" on screen)
+    assert any("`prob_e*_c*`" in e and "prob\\_e1\\_c2" in e for e in errors), errors
+
+
+def test_cost_delta_is_green_when_cheaper(env):
+    at = _app(env, policy="max_prob", t="0.5")
+    trace = load_trace(env)
+    mean = next(m for m in at.metric if m.label == f"Mean {trace.meta.cost_unit}")
+    assert mean.delta.startswith("-")  # cheaper than the last exit
+    assert mean.proto.direction == mean.proto.MetricDirection.Value("DOWN")
+    assert mean.proto.color == mean.proto.MetricColor.Value("GREEN")  # lower cost is good
+    assert mean.proto.delta_description == "vs the last exit"
+
+
 # --- pure parts ------------------------------------------------------------------------------
 
 

@@ -148,3 +148,64 @@ def test_subset_keeps_alignment():
     assert (s.label == 1).all()
     np.testing.assert_array_equal(s.probs, t.probs[t.label == 1])
     np.testing.assert_array_equal(s.gate, t.gate[t.label == 1])
+
+
+# --- CSV header lines (metadata a single CSV upload can carry) -------------------------------
+
+
+def _with_header(t: Trace, *lines: str) -> bytes:
+    return ("".join(line + "\n" for line in lines)).encode() + t.to_csv_bytes()
+
+
+def test_csv_header_comments_are_the_metadata():
+    t = make_trace(20, 3, 2)
+    data = _with_header(
+        t,
+        "# exported by a gradient-boosting script",  # free text: ignored
+        "# cost_unit: trees",
+        "# aie.exit_names: 10 trees, 50 trees, 200 trees",
+        '# class_names: ["no, never", "yes"]',
+        "# model_id: gbm",
+        "# dataset: churn",
+        "# split: valid",
+    )
+    back = read(data, "gbm.csv")
+    assert back.meta.cost_unit == "trees"
+    assert back.meta.exit_names == ("10 trees", "50 trees", "200 trees")
+    assert back.meta.class_names == ("no, never", "yes")
+    assert (back.meta.model_id, back.meta.dataset, back.meta.split) == ("gbm", "churn", "valid")
+    np.testing.assert_allclose(back.probs, t.probs, atol=1e-7)
+    np.testing.assert_array_equal(back.sample_id, t.sample_id)
+
+
+def test_csv_header_comments_from_a_path(tmp_path):
+    t = make_trace(10, 2, 2)
+    (tmp_path / "x.csv").write_bytes(_with_header(t, "# cost_unit: ms"))
+    assert read(tmp_path / "x.csv").meta.cost_unit == "ms"
+
+
+@pytest.mark.parametrize(
+    "line, field",
+    [
+        ("# exit_names: a, b", "exit_names"),  # 3 exits in the columns
+        ("# class_names: a, b, c, d", "class_names"),  # 2 classes
+        ("# exit_names: a, a, b", "exit_names"),
+        ("# class_names: [1, 2]", "class_names"),
+        ("# cost_unit:", "cost_unit"),
+        ("# cost-unit: trees", "# cost-unit"),
+    ],
+)
+def test_bad_csv_header_names_the_field(line, field):
+    t = make_trace(10, 3, 2)
+    with pytest.raises(TraceError) as err:
+        read(_with_header(t, line), "x.csv")
+    assert err.value.field == field
+
+
+def test_nan_error_names_the_column_family_and_the_column():
+    df = make_trace(10, 3, 3).to_frame()
+    df = df.with_columns(pl.Series("prob_e1_c2", [0.1] * 4 + [float("nan")] + [0.1] * 5))
+    with pytest.raises(TraceError) as err:
+        from_frame(df)
+    assert err.value.field == "prob_e*_c*"
+    assert "column prob_e1_c2, row 4" in str(err.value)

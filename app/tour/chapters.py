@@ -114,7 +114,8 @@ EARLY_EXIT_TEXT = (
     "*threshold* — and skips the rest. Clean, easy digits stop early; odd ones go deeper. The "
     "price: a confident exit can still be wrong, so a lower threshold saves compute and loses "
     "some accuracy. The **oracle** knows the answer and stops every input at the first exit "
-    "that gets it right: no real policy can do better."
+    "that gets it right (inputs that no exit gets right are charged at the first exit): no "
+    "real policy can do better."
 )
 EARLY_EXIT_PAPER = (
     "BranchyNet (Teerapittayanon et al., 2016); Shallow-Deep Networks (Kaya et al., 2019): "

@@ -13,8 +13,15 @@ any external model can produce without this package::
     [extra.{name} ...]
 
 ``logit_e{k}_c{c}`` columns may replace the ``prob_`` ones (they are soft-maxed on load). Parquet
-files also carry the metadata (model id, exit and class names, data set, split) as JSON under the
-``aie.trace`` key; for CSV, and Parquet without it, metadata is inferred from the columns.
+files also carry the metadata (model id, exit and class names, data set, split, cost unit) as
+JSON under the ``aie.trace`` key. A CSV file may carry the same fields as ``# key: value`` lines
+before its header row, so that one uploaded file says everything::
+
+    # cost_unit: trees
+    # exit_names: 10 trees, 50 trees, 200 trees
+    sample_id,label,prob_e0_c0,...
+
+Whatever neither gives is inferred from the columns (``exit 0``…, classes ``0``…, FLOPs).
 """
 
 from __future__ import annotations
@@ -64,6 +71,7 @@ class TraceError(ValueError):
 
     def __init__(self, field: str, message: str):
         self.field = field
+        self.detail = message
         super().__init__(f"{field}: {message}")
 
 
@@ -328,8 +336,16 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
-def from_frame(df: pl.DataFrame, meta: TraceMeta | None = None, name: str = "uploaded") -> Trace:
-    """Build and validate a trace from a wide table (see the module docstring)."""
+def from_frame(
+    df: pl.DataFrame,
+    meta: TraceMeta | None = None,
+    name: str = "uploaded",
+    header: dict | None = None,
+) -> Trace:
+    """Build and validate a trace from a wide table (see the module docstring).
+
+    Without ``meta``, metadata comes from ``header`` (``parse_header``) and the columns.
+    """
     cols = set(df.columns)
     if "sample_id" not in cols:
         raise TraceError("sample_id", "column missing")
@@ -364,7 +380,12 @@ def from_frame(df: pl.DataFrame, meta: TraceMeta | None = None, name: str = "upl
     raw = np.empty((n, k, c), dtype=np.float64)
     for (e, j), col in grid.items():
         raw[:, e, j] = numeric(col, np.float64)
-    _finite(kind + "_e*_c*", raw)
+    if not np.isfinite(raw).all():
+        i, e, j = (int(v) for v in np.argwhere(~np.isfinite(raw))[0])
+        raise TraceError(
+            f"{kind}_e*_c*",
+            f"contains NaN or infinity (first in column {kind}_e{e}_c{j}, row {i})",
+        )
     probs = raw.astype(np.float32) if kind == "prob" else _softmax(raw)
 
     def stack(prefix: str, dtype, required: bool) -> np.ndarray | None:
@@ -406,12 +427,90 @@ def from_frame(df: pl.DataFrame, meta: TraceMeta | None = None, name: str = "upl
         col[len("extra.") :]: df[col].to_numpy() for col in df.columns if col.startswith("extra.")
     }
     if meta is None:
-        meta = TraceMeta(
-            model_id=name,
-            exit_names=tuple(f"exit {e}" for e in range(k)),
-            class_names=tuple(str(j) for j in range(c)),
-        )
+        meta = _meta_from_header(header or {}, name, k, c)
     return Trace(meta, sample_id, label, probs, cost, latency, gate, extra)
+
+
+# --- CSV header lines ------------------------------------------------------------------------
+
+HEADER_KEYS = ("model_id", "dataset", "split", "cost_unit", "exit_names", "class_names")
+_HEADER_RE = re.compile(r"^#\s*(?:aie\.)?([A-Za-z][\w.-]*)\s*:\s*(.*?)\s*$")
+
+
+def parse_header(lines: list[str]) -> dict[str, str | tuple[str, ...]]:
+    """Metadata from ``# key: value`` comment lines (``aie.`` before the key is allowed).
+
+    Names are comma-separated, or a JSON list when a name holds a comma. Comment lines that are
+    not ``# word: value`` are free text and ignored; an unknown key is refused, so that a typo
+    (``# cost-unit: trees``) does not silently fall back to FLOPs.
+    """
+    out: dict[str, str | tuple[str, ...]] = {}
+    for line in lines:
+        m = _HEADER_RE.match(line.strip())
+        if m is None:
+            continue
+        key, value = m[1], m[2]
+        if key not in HEADER_KEYS:
+            raise TraceError(
+                f"# {key}", f"unknown CSV header key; the known ones are {', '.join(HEADER_KEYS)}"
+            )
+        if key in out:
+            raise TraceError(key, "given twice in the CSV header")
+        if key.endswith("_names"):
+            out[key] = _names(key, value)
+        elif not value:
+            raise TraceError(key, "empty in the CSV header")
+        else:
+            out[key] = value
+    return out
+
+
+def _names(key: str, value: str) -> tuple[str, ...]:
+    if value.startswith("["):
+        try:
+            names = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise TraceError(key, f"not a valid JSON list ({e.msg})") from None
+        if not isinstance(names, list) or not all(isinstance(x, str) for x in names):
+            raise TraceError(key, "must be a JSON list of strings")
+    else:
+        names = [x.strip() for x in value.split(",")]
+    if any(not x.strip() for x in names):
+        raise TraceError(key, "has an empty name")
+    if len(set(names)) != len(names):
+        raise TraceError(key, "names must be unique")
+    return tuple(names)
+
+
+def _meta_from_header(header: dict, name: str, k: int, c: int) -> TraceMeta:
+    """Metadata from the header, the rest inferred; name counts checked against the columns."""
+    for key, count, what in (("exit_names", k, "exits"), ("class_names", c, "classes")):
+        if key in header and len(header[key]) != count:
+            raise TraceError(
+                key,
+                f"the header gives {len(header[key])} names for the {count} {what} in the columns",
+            )
+    return TraceMeta(
+        model_id=header.get("model_id", name),
+        exit_names=header.get("exit_names", tuple(f"exit {e}" for e in range(k))),
+        class_names=header.get("class_names", tuple(str(j) for j in range(c))),
+        dataset=header.get("dataset", "unknown"),
+        split=header.get("split", "unknown"),
+        cost_unit=header.get("cost_unit", "FLOPs"),
+    )
+
+
+def _leading_comments(data: bytes) -> list[str]:
+    """The ``#`` lines before the CSV header row."""
+    lines = []
+    for raw in io.BytesIO(data):
+        if not raw.lstrip().startswith(b"#"):
+            break
+        try:
+            lines.append(raw.decode("utf-8").rstrip("\r\n"))
+        except UnicodeDecodeError:
+            raise TraceError("file", f"CSV header line {len(lines) + 1} is not UTF-8") from None
+    return lines
 
 
 def read_parquet(source: str | Path | bytes, name: str = "uploaded") -> Trace:
@@ -429,12 +528,15 @@ def read_parquet(source: str | Path | bytes, name: str = "uploaded") -> Trace:
 
 
 def read_csv(source: str | Path | bytes, name: str = "uploaded") -> Trace:
-    src = io.BytesIO(source) if isinstance(source, bytes) else source
+    """Read a CSV trace; leading ``# key: value`` lines are its metadata (``parse_header``)."""
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    comments = _leading_comments(data)
+    header = parse_header(comments)
     try:
-        df = pl.read_csv(src, infer_schema_length=10_000)
+        df = pl.read_csv(io.BytesIO(data), infer_schema_length=10_000, skip_lines=len(comments))
     except Exception as e:
         raise TraceError("file", f"not a readable CSV file ({type(e).__name__})") from None
-    return from_frame(df, None, name)
+    return from_frame(df, None, name, header)
 
 
 def read(path_or_bytes: str | Path | bytes, filename: str | None = None) -> Trace:

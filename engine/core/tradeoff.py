@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.core.policies import Policy, PolicyError, exit_index, oracle_correct
+from engine.core.policies import NeverCorrect, Policy, PolicyError, exit_index, oracle_correct
 from engine.core.trace import Trace
 
 SCORE_KINDS = ("max_prob", "entropy", "margin", "gate")
@@ -237,9 +237,14 @@ def budget_target(trace: Trace, budget: float, relative: bool) -> float:
 # --- reference points ---------------------------------------------------------------------------
 
 
-def oracle_stats(trace: Trace) -> PolicyStats:
-    """The per-sample lower bound: earliest correct exit, never-correct samples at the first."""
-    return evaluate(trace, oracle_correct(trace, fallback="first"))
+def oracle_stats(trace: Trace, never_correct: NeverCorrect = "first") -> PolicyStats:
+    """The oracle: every sample leaves at its earliest correct exit.
+
+    ``never_correct`` says where samples no exit gets right are charged: "first" (the cheapest
+    way to be wrong, a lower bound for every policy) or "last" (they ran the whole network).
+    Accuracy is the same under both; cost and speed-up are not.
+    """
+    return evaluate(trace, oracle_correct(trace, fallback=never_correct))
 
 
 def last_exit_stats(trace: Trace) -> PolicyStats:
