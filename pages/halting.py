@@ -83,11 +83,12 @@ def live_panel(model_id: str, x: np.ndarray, eps: float, names: list[str], show_
             f"steps N = **{steps}**, remainder R = **{rem:.3f}**, "
             f"FLOPs **{out['flops'][0]:,.0f}** (counted by torch on the steps that ran)"
         )
-    h = np.nan_to_num(out["h"][0], nan=0.0)
     right.plotly_chart(
-        figs.halting_curve(h, out["cum_halt"][0], steps, eps), width="stretch", key="act_live_fig"
+        figs.halting_curve(out["h"][0], out["cum_halt"][0], steps, eps),
+        width="stretch",
+        key="act_live_fig",
     )
-    st.caption("Bars after N are 0: those steps were not computed for this input.")
+    st.caption("No bars after N: this run halted there and never computed those steps.")
 
 
 def upload_panel(model_id: str, dataset: str, eps: float, names: list[str]) -> None:
@@ -242,6 +243,11 @@ with show:
             f"**{steps_i + rem_i:.3f}**"
         )
     right.plotly_chart(figs.halting_curve(rec.h[i], cum, steps_i, eps), width="stretch")
+    right.caption(
+        "Grey bars: the steps after N. Real halting at this ε stops at N and never computes "
+        "them; they are the stored scores of the full unroll (all steps, run once for the test "
+        "set), shown so you can see where a smaller ε would stop."
+    )
 
 if kind == "image":
     upload_panel(model_id, rec.meta.get("dataset", "mnist"), eps, names)

@@ -112,3 +112,35 @@ def test_captum_button(app):
     assert not app.exception
     html = " ".join(m.value for m in app.markdown)
     assert "exit taken" in html and "last exit" in html and "<span title=" in html
+
+
+def test_language_chart_legends_leave_the_labels_uncovered():
+    """Legends sit below the plot (under the x-axis title), so no label or line runs under
+    them; the oracle's labels near the right edge point left, into the plot."""
+    import numpy as np
+
+    from app import figures_text as ft
+
+    def below(legend) -> bool:
+        return legend.orientation == "h" and legend.yanchor == "top" and legend.y < 0
+
+    probs = np.full((6, 3), 1 / 3)
+    fig = ft.exit_probs_figure(probs, ["neg", "neu", "pos"], [f"layer {k}" for k in range(6)], 2)
+    assert below(fig.layout.legend)
+    assert fig.layout.yaxis.range[1] >= 1.1  # room above p = 1 for the "exits here" label
+
+    sweep = [
+        {"measure": "max_prob", "mode": "exit", "threshold": t, "fraction": f, "agreement": a}
+        for t, f, a in [(0.5, 0.4, 0.9), (0.9, 0.9, 0.99)]
+    ]
+    oracles = [
+        {"criterion": "agreement", "target": t, "fraction": f, "agreement": a}
+        for t, f, a in [(0.8, 0.25, 0.85), (0.99, 0.95, 0.995)]
+    ]
+    per_layer = {"agreement": [0.7, 0.8, 0.9, 1.0]}
+    fig = ft.quality_vs_layers_figure(sweep, oracles, per_layer, "agreement")
+    assert below(fig.layout.legend)
+    oracle = next(t for t in fig.data if t.name == "per-sequence oracle")
+    positions = dict(zip(oracle.x, oracle.textposition, strict=True))
+    assert "right" in positions[0.25] and "left" in positions[0.95]
+    assert oracle.cliponaxis is False
