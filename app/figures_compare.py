@@ -30,27 +30,55 @@ def correlation_heatmap(names: list[str], matrix: np.ndarray, title: str) -> go.
 
 
 def compute_scatter(
-    x: np.ndarray, y: np.ndarray, x_name: str, y_name: str, sample_id: np.ndarray, label: np.ndarray
+    x: np.ndarray,
+    y: np.ndarray,
+    x_name: str,
+    y_name: str,
+    sample_id: np.ndarray,
+    label: np.ndarray,
+    class_names: list[str] | None = None,
 ) -> go.Figure:
-    """Per-input compute of two methods; jitter separates the few distinct early-exit costs."""
+    """Per-input compute of two methods, coloured by true class, with a legend of the classes.
+
+    One trace in input order, so no class is drawn over the others; the legend entries are
+    key-only traces. Jitter separates the few distinct early-exit costs; the subtitle says so.
+    """
     rng = np.random.default_rng(0)
     jitter = 0.02
+    names = [class_names[int(c)] if class_names is not None else f"class {int(c)}" for c in label]
     fig = go.Figure(
         go.Scattergl(
             x=x + rng.uniform(-jitter, jitter, len(x)),
             y=y + rng.uniform(-jitter, jitter, len(y)),
             mode="markers",
+            showlegend=False,
             marker=dict(size=5, opacity=0.45, color=[palette.exit_color(int(v)) for v in label]),
-            customdata=np.stack([sample_id, label], axis=1),
-            hovertemplate="sample %{customdata[0]} (label %{customdata[1]})<br>"
+            customdata=np.stack([sample_id, names], axis=1),
+            hovertemplate="sample %{customdata[0]} (%{customdata[1]})<br>"
             f"{x_name}: %{{x:.2f}}<br>{y_name}: %{{y:.2f}}<extra></extra>",
         )
     )
+    for c in np.unique(label):
+        fig.add_scatter(
+            x=[None],
+            y=[None],
+            mode="markers",
+            name=names[int(np.flatnonzero(label == c)[0])],
+            marker=dict(size=9, color=palette.exit_color(int(c))),
+        )
     fig.update_layout(
+        title=dict(
+            text=f"Compute per test input: {x_name} against {y_name}",
+            subtitle=dict(
+                text="one point per input, coloured by its true class; "
+                f"jittered by up to ±{jitter} so equal costs do not hide each other"
+            ),
+        ),
         xaxis_title=f"{x_name}: compute (fraction of full)",
         yaxis_title=f"{y_name}: compute (fraction of full)",
-        height=420,
-        margin=dict(l=10, r=10, t=30, b=10),
+        legend=dict(title=dict(text="true class")),
+        height=460,
+        margin=dict(l=10, r=10, t=80, b=10),
     )
     return fig
 

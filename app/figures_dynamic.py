@@ -152,14 +152,23 @@ def halting_curve(h: np.ndarray, cum: np.ndarray, steps: int, eps: float) -> go.
     """One input: halting score per ponder step, cumulative halting and the 1 - eps line.
 
     Steps 1..N-1 are blue (weight p^n = h^n), step N is orange (its weight is the remainder R),
-    steps after N are grey: not computed at this eps (their scores come from the full unroll).
+    steps after N are grey: a real run at this eps halts at N and never computes them; their
+    scores come from the stored unroll of all M steps, so a smaller eps (a later N) can be
+    read off the same bars. NaN scores (a live run: not computed) draw no bar and no legend.
+    Each colour has its own legend entry, below the plot where it cannot cover the title.
     """
     h = np.asarray(h, dtype=float)
-    m = len(h)
-    n_idx = np.arange(1, m + 1)
-    colours = [RAN if n < steps else REMAINDER if n == steps else SKIPPED for n in n_idx]
+    n_idx = np.arange(1, len(h) + 1)
     fig = go.Figure()
-    fig.add_bar(x=n_idx, y=h, marker_color=colours, name="halting score h^n")
+    groups = (
+        (n_idx < steps, RAN, "steps before N (weight h^n)"),
+        (n_idx == steps, REMAINDER, "halting step N (weight: remainder R)"),
+        (n_idx > steps, SKIPPED, "after N: not computed when halting at this ε (stored unroll)"),
+    )
+    for sel, colour, name in groups:
+        sel = sel & np.isfinite(h)
+        if sel.any():
+            fig.add_bar(x=n_idx[sel], y=h[sel], marker_color=colour, name=name)
     cum = np.asarray(cum, dtype=float)
     fig.add_scatter(
         x=n_idx[:steps],
@@ -173,8 +182,10 @@ def halting_curve(h: np.ndarray, cum: np.ndarray, steps: int, eps: float) -> go.
     )
     fig.add_vline(x=steps, line_dash="dot", line_color=REMAINDER, annotation_text=f"N = {steps}")
     fig.update_yaxes(range=[0, 1.1])
-    fig.update_xaxes(dtick=1)
-    return _layout(fig, "Halting score per ponder step", "ponder step n", "probability")
+    fig.update_xaxes(dtick=1, range=[0.4, len(h) + 0.6])
+    _layout(fig, "Halting score per ponder step", "ponder step n", "probability", height=380)
+    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.22, x=0))
+    return fig
 
 
 def steps_histogram(steps: np.ndarray, max_steps: int) -> go.Figure:

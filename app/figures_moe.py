@@ -30,11 +30,14 @@ def routing_heatmap(
     score_name: str = "router probability",
     dropped: np.ndarray | None = None,
     title: str = "",
+    subtitle: str = "",
 ) -> go.Figure:
-    """Tokens x experts for one layer: colour = router score, circle = the expert ran.
+    """Tokens x experts for one layer: colour = router score, dot = the expert ran.
 
     scores, chosen [T, E]; dropped [T] (router choices dropped by capacity) adds a cross at
-    the token's row label.
+    the token's row label. The dot is the expert's colour with a black outline inside a white
+    ring, so it shows on the darkest and on the brightest cell. The title sits in the
+    container's top margin (automargin), above the expert labels on the top axis.
     """
     t, e = scores.shape
     names = token_names(grid)
@@ -54,28 +57,55 @@ def routing_heatmap(
         )
     )
     rows, cols = np.nonzero(chosen)
+    x, y = [experts[c] for c in cols], [names[r] for r in rows]
     fig.add_trace(
         go.Scatter(
-            x=[experts[c] for c in cols],
-            y=[names[r] for r in rows],
+            x=x,
+            y=y,
             mode="markers",
             marker={
-                "symbol": "circle-open",
-                "size": 13,
-                "line": {"width": 2.5},
+                "symbol": "circle",
+                "size": 10,
+                "line": {"width": 1.5, "color": palette.OUTLINE_DARK},
                 "color": [palette.expert_color(int(c)) for c in cols],
             },
             name="expert ran",
+            legendgroup="ran",
             hoverinfo="skip",
             showlegend=True,
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=x,
+            y=y,
+            mode="markers",
+            marker={
+                "symbol": "circle-open",  # an open symbol strokes in marker.color
+                "size": 16,
+                "color": palette.OUTLINE_LIGHT,
+                "line": {"width": 2},
+            },
+            name="expert ran (ring)",
+            legendgroup="ran",
+            hoverinfo="skip",
+            showlegend=False,
         )
     )
     fig.update_yaxes(autorange="reversed", title=None)
     fig.update_xaxes(title=None, side="top")
     fig.update_layout(
-        title=title or None,
-        height=max(320, 24 * t + 120),
-        margin={"l": 10, "r": 10, "t": 80 if title else 40, "b": 10},
+        title={
+            "text": title or None,
+            "subtitle": {"text": subtitle or None},
+            "yref": "container",
+            "y": 1,
+            "yanchor": "top",
+            "pad": {"t": 8},
+            "automargin": True,
+        },
+        height=max(320, 24 * t + 160),
+        margin={"l": 10, "r": 10, "t": 40, "b": 10},
         legend={"orientation": "h", "y": -0.02, "yanchor": "top"},
     )
     return fig

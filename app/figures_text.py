@@ -16,6 +16,8 @@ import plotly.graph_objects as go
 from app.palette import CORRECT, NEUTRAL, WRONG, exit_color
 
 _FONT = dict(family="sans-serif", size=13)
+# Below the x-axis title (plotly grows the bottom margin to fit), so it covers no label.
+_LEGEND_BELOW = dict(orientation="h", yanchor="top", y=-0.22, x=0)
 
 
 def _layout(title: str, height: int = 340, **extra) -> dict:
@@ -58,10 +60,11 @@ def exit_probs_figure(
             annotation_position="top left",
         )
     fig.update_layout(
-        **_layout("Class probabilities at every exit"),
-        yaxis=dict(title="probability", range=[0, 1.02]),
+        **_layout("Class probabilities at every exit", height=360),
+        # headroom above p = 1 for the "exits here" label, so no line runs through it
+        yaxis=dict(title="probability", range=[0, 1.15], tickvals=[0, 0.2, 0.4, 0.6, 0.8, 1]),
         xaxis=dict(title="exit"),
-        legend=dict(orientation="h", y=-0.25),
+        legend=_LEGEND_BELOW,
     )
     return fig
 
@@ -223,7 +226,9 @@ def quality_vs_layers_figure(
                     else f"oracle ppl+{o['target']:.0%}"
                     for o in orc
                 ],
-                textposition="bottom right",
+                # labels near the right edge go up and left, inside the plot, clear of the legend
+                textposition=["top left" if o["fraction"] > 0.75 else "bottom right" for o in orc],
+                cliponaxis=False,
                 marker=dict(color="#000000", symbol="star", size=14),
                 hovertemplate="oracle<br>layers %{x:.1%}<br>" + metric + " %{y:.4g}<extra></extra>",
             )
@@ -241,7 +246,7 @@ def quality_vs_layers_figure(
     fig.update_layout(
         **_layout(
             "Quality vs layers used (held-out BBC text)",
-            height=430,
+            height=520,
             xaxis=dict(title="mean fraction of layers run", tickformat=".0%", range=[0, 1.04]),
             yaxis=dict(
                 title="agreement with full-model tokens"
@@ -249,7 +254,7 @@ def quality_vs_layers_figure(
                 else "perplexity (lower is better)",
                 tickformat=".0%" if metric == "agreement" else None,
             ),
-            legend=dict(font=dict(size=11)),
+            legend=dict(_LEGEND_BELOW, y=-0.15, font=dict(size=11)),
         )
     )
     return fig

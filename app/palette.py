@@ -25,6 +25,9 @@ NEUTRAL = "#7F7F7F"
 HIGHLIGHT = "#E69F00"
 SEQUENTIAL = "Viridis"  # perceptually uniform and colour-blind safe, for heatmaps
 DIVERGING = "RdBu"
+# A marker outlined in both shows on any cell of a heatmap, from darkest to brightest.
+OUTLINE_DARK = "#000000"
+OUTLINE_LIGHT = "#FFFFFF"
 
 
 def exit_color(k: int) -> str:

@@ -131,7 +131,9 @@ s1, s2 = st.columns(2)
 x_name = s1.selectbox("x axis", names, index=0, key="cmp_x")
 y_name = s2.selectbox("y axis", names, index=1, key="cmp_y")
 st.plotly_chart(
-    figs.compute_scatter(compute[x_name], compute[y_name], x_name, y_name, sample_id, label),
+    figs.compute_scatter(
+        compute[x_name], compute[y_name], x_name, y_name, sample_id, label, class_names
+    ),
     key="cmp_scatter",
 )
 

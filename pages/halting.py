@@ -42,7 +42,9 @@ def live_panel(card, fam, x, value: float, names: list[str], show_input) -> None
         )
     with right:
         show_run(run, "halt_live_fig")
-    st.caption("Bars after the halting step are 0: those steps were not computed for this input.")
+    st.caption(
+        "No bars after the halting step: this run halted there and never computed those steps."
+    )
 
 
 def upload_panel(card, fam, value: float, names: list[str]) -> None:
@@ -197,6 +199,12 @@ with show:
         )
     with right:
         show_run(run, "halt_record_fig")
+        st.caption(
+            "Grey bars: the steps after the halting step. Real halting at this setting stops "
+            "there and never computes them; they are the stored scores of the full unroll (all "
+            "steps, run once for the test set), shown so you can see where another setting "
+            "would stop."
+        )
 
 if fam.live_input(card) == "image":
     upload_panel(card, fam, value, names)

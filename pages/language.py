@@ -26,6 +26,8 @@ from engine.families.multi_exit_bert import analysis as language
 from engine.registry import RegistryError, list_cards
 
 ATTR = "aie.lang.attributions"
+# The browser counts 1 MB as 10^6 bytes (outside Windows), the unit of language.MAX_UPLOAD_BYTES.
+UPLOAD_MB = language.MAX_UPLOAD_BYTES // 1_000_000
 KINDS = ("entropy", "max_prob", "margin", "patience")
 DEFAULT_T = {"entropy": 0.5, "max_prob": 0.8, "margin": 0.6}
 EXAMPLES = "\n".join(
@@ -125,7 +127,10 @@ def policy_controls(num_exits: int) -> Policy:
 def read_items() -> list[str] | None:
     text = st.text_area("Texts to classify, one per line", EXAMPLES, height=130, key="lang.text")
     up = st.file_uploader(
-        "…or upload a plain-text file (.txt, one item per line)", type=["txt"], key="lang.upload"
+        "…or upload a plain-text file (.txt, one item per line)",
+        type=["txt"],
+        key="lang.upload",
+        max_upload_size=UPLOAD_MB,  # the uploader shows this limit: the one parse_lines enforces
     )
     try:
         if up is not None:
@@ -185,11 +190,14 @@ def live_classifier(card, policy: Policy):
         column_config={"compute saved": st.column_config.NumberColumn(format="%.1f%%")},
     )
 
+    # Keyed by the texts: a keyed widget keeps its identity when its options change, and the
+    # browser then goes on showing the old first text; a new text set is a new widget.
+    texts_key = hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
     i = st.selectbox(
         "Inspect one text",
         list(range(n)),
         format_func=lambda j: f"{j + 1}: {items[j][:80]}",
-        key="lang.item",
+        key=f"lang.item.{texts_key}",
     )
     i = min(int(i or 0), n - 1)
     st.plotly_chart(

@@ -183,7 +183,8 @@ if image is not None:
             cfg.grid,
             score_name,
             rec.dropped[0, layer],
-            title=f"Layer {layer + 1}: tokens × experts<br><sup>colour: {score_name}; circle: the expert ran</sup>",
+            title=f"Layer {layer + 1}: tokens × experts",
+            subtitle=f"colour: {score_name}; dot: the expert ran",
         ),
         key="moe.heatmap",
     )

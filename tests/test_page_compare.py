@@ -3,6 +3,7 @@ re-matches every method."""
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -58,3 +59,36 @@ def test_fashion_includes_dynamic_k_moe(at):
     at.selectbox(key="cmp_dataset").set_value("fashion_mnist").run()
     assert not at.exception
     assert "dynamic-k MoE (D2DMoE)" in table(at)["method"].tolist()
+
+
+def test_compute_scatter_says_what_points_and_colours_are():
+    from app import figures_compare as figs
+
+    rng = np.random.default_rng(1)
+    label = np.array([0, 1, 2, 1, 0, 2, 2])
+    fig = figs.compute_scatter(
+        rng.random(7), rng.random(7), "cascade", "early exit", np.arange(7), label, ["a", "b", "c"]
+    )
+    assert "cascade" in fig.layout.title.text and "early exit" in fig.layout.title.text
+    assert "true class" in fig.layout.title.subtitle.text
+    assert fig.layout.legend.title.text == "true class"
+    points, *keys = fig.data
+    assert len(points.x) == 7  # every input, in one trace: no class hides another
+    colour = {k.name: k.marker.color for k in keys if k.showlegend is not False}
+    assert list(colour) == ["a", "b", "c"]
+    # each legend key has the colour of that class's points
+    assert [colour["abc"[c]] for c in label] == list(points.marker.color)
+    assert "compute" in fig.layout.xaxis.title.text and "compute" in fig.layout.yaxis.title.text
+
+
+def test_page_scatter_has_a_title_and_one_legend_entry_per_class(at):
+    import json
+
+    from engine.data import images
+
+    at.selectbox(key="cmp_dataset").set_value("mnist").run()
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    scatter = next(s for s in specs if "against" in s["layout"].get("title", {}).get("text", ""))
+    assert scatter["layout"]["title"]["text"].startswith("Compute per test input")
+    names = [t["name"] for t in scatter["data"] if t.get("showlegend", True)]
+    assert set(names) <= set(images.CLASS_NAMES["mnist"]) and len(names) >= 2

@@ -81,6 +81,8 @@ def test_page_shows_the_family_results_and_reacts_to_the_setting(model_id):
         table = app.dataframe[0].value
         assert sorted(table["model"]) == sorted(same)
 
+    # the grey bars after the halting step are explained next to the chart
+    assert any("Grey bars" in c.value and "never computes" in c.value for c in app.caption)
     # browse from the input that took the most steps: its record says so
     app.radio(key="act_order").set_value("most steps first").run()
     most = int(r2.detail["steps"].max())
@@ -162,3 +164,23 @@ def test_parse_bits():
     np.testing.assert_array_equal(act.parse_bits("+ - 0", 3), [[1.0, -1.0, 0.0]])
     with pytest.raises(ValueError, match="only"):
         act.parse_bits("+-1", 3)
+
+
+def test_halting_curve_legend_names_every_bar_colour():
+    """One legend entry per bar colour; the grey one says those steps are not computed, and a
+    live run (NaN after N: really not computed) has no grey bars and no such entry."""
+    from app import figures_dynamic as figs
+
+    h = np.array([0.1, 0.2, 0.8, 0.5, 0.9])
+    cum = np.array([0.1, 0.3, 1.0, 1.0, 1.0])
+    fig = figs.halting_curve(h, cum, steps=3, eps=0.01)
+    bars = {t.marker.color: (t.name, list(t.x)) for t in fig.data if t.type == "bar"}
+    assert bars[figs.RAN][1] == [1, 2]
+    assert bars[figs.REMAINDER][1] == [3] and "remainder" in bars[figs.REMAINDER][0]
+    grey_name, grey_x = bars[figs.SKIPPED]
+    assert grey_x == [4, 5] and "not computed" in grey_name
+    assert all(t.showlegend is not False for t in fig.data)
+    assert fig.layout.legend.y < 0  # below the plot, clear of the title
+
+    live = figs.halting_curve(np.array([0.1, 0.2, 0.8, np.nan, np.nan]), cum, 3, 0.01)
+    assert [t.marker.color for t in live.data if t.type == "bar"] == [figs.RAN, figs.REMAINDER]

@@ -96,6 +96,42 @@ def test_upload_good_and_bad(at):
     assert "Prediction" not in metrics(at)
 
 
+def _luminance(colour: str) -> float:
+    from plotly.colors import hex_to_rgb
+
+    r, g, b = (v / 255 for v in hex_to_rgb(colour))
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def test_ran_markers_show_on_dark_and_bright_cells_and_title_clears_the_labels():
+    """Every 'expert ran' position is outlined in a dark and in a light colour (the cells run
+    from Viridis's dark purple to its yellow), and the two-line title pushes the plot down
+    rather than overlapping the expert labels on the top axis."""
+    from app import figures_moe as figs
+
+    scores = np.linspace(0, 1, 16 * 8).reshape(16, 8)  # the darkest to the brightest cell
+    chosen = np.zeros((16, 8), bool)
+    chosen[0, 0] = chosen[15, 7] = chosen[7, 3] = True
+    fig = figs.routing_heatmap(scores, chosen, 4, title="Layer 1", subtitle="colour: score")
+    at = {(x, y) for x, y in zip(fig.data[1].x, fig.data[1].y, strict=True)}
+    # the colour each trace strokes: an open symbol strokes in marker.color, not line.color
+    outlines = [
+        tr.marker.color if str(tr.marker.symbol).endswith("-open") else tr.marker.line.color
+        for tr in fig.data[1:]
+        if {(x, y) for x, y in zip(tr.x, tr.y, strict=True)} == at
+    ]
+    assert None not in outlines and len(outlines) >= 2
+    lum = [_luminance(c) for c in outlines]
+    assert min(lum) <= 0.1 and max(lum) >= 0.9
+    assert sum(tr.showlegend is not False for tr in fig.data[1:]) == 1  # one legend entry
+    title = fig.layout.title
+    assert fig.layout.xaxis.side == "top"
+    assert title.text == "Layer 1" and title.subtitle.text == "colour: score"
+    assert "<br>" not in title.text
+    # in the container's margin, which plotly grows until title and tick labels do not meet
+    assert title.yref == "container" and title.automargin is True and title.yanchor == "top"
+
+
 def test_figures_mark_what_ran():
     from app import figures_moe as figs
     from app.palette import expert_color

@@ -80,7 +80,7 @@ def live_act(model, x: np.ndarray, eps: float) -> LiveRun:
         cost=float(out["flops"][0]),
         full_cost=float("nan"),
         decision=f"halted after {steps} of {m} steps (remainder R = {rem:.3f})",
-        steps=np.nan_to_num(out["h"][0], nan=0.0),
+        steps=out["h"][0],  # NaN after the halting step: never computed
         ran=np.arange(m) < steps,
         detail={"cumulative": out["cum_halt"][0], "halt_at": steps, "threshold": 1.0 - eps},
     )
