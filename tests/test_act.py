@@ -62,6 +62,47 @@ def test_ponder_cost_gradient_flows_through_the_remainder_only():
     np.testing.assert_allclose(h.grad.numpy(), [[-1.0, -1.0, 0.0, 0.0]])
 
 
+def test_the_ponder_cost_pushes_the_halting_unit_towards_stopping():
+    """Graves' loss on a real mean-field pass: the tau * (N + R) term's gradient on the halting
+    unit's bias is negative, so gradient descent raises the halting scores (fewer steps)."""
+    torch.manual_seed(0)
+    model = act.build({"num_bits": 6, "hidden": 16, "max_steps": 7, "halt_bias_init": -1.5})
+    x, y, _ = act.parity_data(64, 6, seed=4)
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    grads = {}
+    for tau in (0.0, 0.5):
+        model.zero_grad()
+        act.act_loss(model(x), y, tau)[0].backward()
+        grads[tau] = float(model.halt.bias.grad[0])
+    assert grads[0.5] - grads[0.0] < 0
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: the test machine is shared, and oversubscribed threads crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_higher_ponder_cost_trains_a_model_that_ponders_less(one_thread):
+    """Short seeded runs of the real trainer from the same start with three ponder weights:
+    the mean number of steps on a fixed test set falls as tau grows."""
+    from engine.families.act.train import parser, train
+
+    x, _, _ = act.parity_data(512, 4, seed=99)
+    mean_steps = []
+    for tau in (0.0, 0.01, 0.1):
+        argv = ["--num-bits", "4", "--hidden", "16", "--max-steps", "8", "--steps", "150"]
+        args = parser().parse_args([*argv, "--batch-size", "32", "--ponder-cost", str(tau)])
+        torch.manual_seed(0)
+        model = act.ACTNet(act.Config(num_bits=4, hidden=16, max_steps=8))
+        train(model, args)
+        mean_steps.append(float(act.run_act(model, x)["steps"].mean()))
+    assert mean_steps[0] > mean_steps[1] + 0.5 > mean_steps[2] + 1.0, mean_steps
+
+
 @pytest.fixture(scope="module")
 def small_model():
     torch.manual_seed(0)

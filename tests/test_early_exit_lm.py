@@ -135,6 +135,68 @@ def test_exit_and_skip_layer_counts(model):
     assert s.layers_run[1:] == [expected] * 19
 
 
+def _tokens_into_layers(model, fn):
+    """Run fn() with hooks on every layer: (tokens each layer's MLP processed, tokens each
+    layer's K/V projection processed). A layer "computes" a token when its attention output
+    and MLP run on it; the K/V projection runs on every token at every layer (above the exit
+    it is CALM's state propagation: K/V from the exit state, nothing else of the layer)."""
+    n = model.n_layer
+    mlp, qkv = [0] * n, [0] * n
+
+    def counter(box, i):
+        def see(module, args):
+            box[i] += args[0].shape[0] * args[0].shape[1]  # [B, T, D]: rows x positions
+
+        return see
+
+    handles = []
+    for i, blk in enumerate(model.blocks):
+        handles.append(blk.mlp.register_forward_pre_hook(counter(mlp, i)))
+        handles.append(blk.qkv.register_forward_pre_hook(counter(qkv, i)))
+    try:
+        out = fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return out, mlp, qkv
+
+
+def _mixed_threshold(model, prompt: str, new: int, measure: str) -> float:
+    """A confidence threshold at which generation exits at several depths."""
+    g = lm.generate(model, prompt, new, lm.ExitPolicy(measure, threshold=1.0))
+    c = np.array(g.confidence[1:])[:, :-1]
+    return float(np.nanmedian(c))
+
+
+@pytest.mark.parametrize("measure", lm.MEASURES)
+def test_layers_above_a_tokens_exit_do_not_process_it(model, measure):
+    prompt, new = "The minister said", 16
+    n, t0 = model.n_layer, len(prompt)
+    thr = _mixed_threshold(model, prompt, new, measure)
+    g, mlp, qkv = _tokens_into_layers(
+        model, lambda: lm.generate(model, prompt, new, lm.ExitPolicy(measure, threshold=thr))
+    )
+    exits = np.array(g.exit_layer[1:])  # tokens decoded step by step (the first: prefill)
+    assert len(set(exits.tolist())) > 1, "the threshold should give several exit depths"
+    # layer i computes the prompt (full-depth prefill) and the tokens whose exit is >= i
+    assert mlp == [t0 + int((exits >= i).sum()) for i in range(n)]
+    assert sum(mlp) == n * t0 + sum(g.layers_run[1:])
+    assert qkv == [t0 + len(exits)] * n  # K/V at every layer for every token (propagation)
+
+
+def test_skipped_layers_do_not_process_the_token(model):
+    prompt, new = "The minister said", 16
+    n, t0 = model.n_layer, len(prompt)
+    thr = _mixed_threshold(model, prompt, new, "max_prob")
+    policy = lm.ExitPolicy("max_prob", threshold=thr, mode="skip")
+    g, mlp, qkv = _tokens_into_layers(model, lambda: lm.generate(model, prompt, new, policy))
+    run = g.layers_run[1:]
+    assert min(run) < max(run), "some tokens skip more layers than others"
+    assert sum(mlp) == n * t0 + sum(run)
+    assert mlp[0] == mlp[-1] == t0 + len(run)  # the first and the last layer always run
+    assert qkv == [t0 + len(run)] * n
+
+
 def test_static_skip_matches_parallel_plan(model):
     idx = torch.randint(
         0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3)

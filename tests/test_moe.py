@@ -235,6 +235,50 @@ def test_trainer_quick_run_writes_a_loadable_card(tmp_path, variant):
     assert len(sweep["points"]) == n_settings and sweep["points"][0]["samples"] == 32
 
 
+def _expert_imbalance(model, x) -> float:
+    """Coefficient of variation of the tokens each expert receives (top-1, no capacity limit),
+    averaged over layers: 0 when every expert gets the same share."""
+    with torch.no_grad():
+        out = model(x, Routing(k=1, capacity_factor=None))
+    loads = torch.stack([layer.chosen.sum((0, 1)) for layer in out.layers]).double()
+    return float((loads.std(1, unbiased=False) / loads.mean(1)).mean())
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: the test machine is shared, and oversubscribed threads crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_load_balancing_loss_evens_out_the_experts_in_training(one_thread):
+    """A short seeded run of the real trainer with aux weight 0 and 1 from the same start:
+    the Switch loss must leave the experts more evenly loaded (and actually change the run)."""
+    from engine.families.moe.train import parse, train_topk
+
+    gen = torch.Generator().manual_seed(0)
+    templates = torch.rand(4, 1, 28, 28, generator=gen)
+    y = torch.randint(0, 4, (256,), generator=gen)
+    x = templates[y] + 0.3 * torch.randn(256, 1, 28, 28, generator=gen)
+    cfg = {"depth": 2, "dim": 32, "expert_hidden": 8, "num_experts": 4, "num_classes": 4}
+    cfg["capacity_factor"] = None  # no drops: only the loss can balance the experts
+    imbalance = {}
+    for seed in (0, 1, 2):
+        for w in (0.0, 1.0):
+            torch.manual_seed(seed)
+            model = build(cfg)
+            argv = ["--aux-weight", str(w), "--epochs", "2", "--batch-size", "32", "--lr", "3e-3"]
+            args = parse([*argv, "--weight-decay", "0", "--quiet"])
+            train_topk(model, x, y, args)
+            imbalance[seed, w] = _expert_imbalance(model.eval(), x)
+    for seed in (0, 1, 2):
+        assert imbalance[seed, 1.0] < imbalance[seed, 0.0], imbalance
+    mean = {w: np.mean([imbalance[s, w] for s in (0, 1, 2)]) for w in (0.0, 1.0)}
+    assert mean[1.0] < 0.75 * mean[0.0], imbalance
+
+
 # --- the bundled models -------------------------------------------------------------------
 
 BUNDLED = ["fashion_moe_vit", "fashion_d2dmoe_vit"]

@@ -58,6 +58,46 @@ def test_real_skipping_matches_the_dense_gated_forward(model, x):
     assert 0 < rec["executed"].mean() < 1  # the fixture really mixes ran and skipped
 
 
+def _rows_into_blocks(model, fn):
+    """Run fn() with a hook on every block's branch: (rows each block processed, gate scores
+    of the rows it processed, recomputed from the block's own input)."""
+    rows = [0] * model.num_blocks
+    gates = [[] for _ in range(model.num_blocks)]
+
+    def hook(b):
+        def see(module, args):
+            (h,) = args
+            rows[b] += h.shape[0]
+            gates[b].append(torch.sigmoid(model.gates[b](h)))
+
+        return see
+
+    handles = [br.register_forward_pre_hook(hook(b)) for b, br in enumerate(model.branches)]
+    try:
+        rec = fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return rec, rows, [torch.cat(g) if g else torch.zeros(0) for g in gates]
+
+
+def test_a_skipped_block_does_not_process_the_sample(model, x):
+    """Each block sees only the rows whose gate says execute (not the batch, masked after)."""
+    for thr in (0.3, 0.7):
+        rec, rows, gates = _rows_into_blocks(
+            model, lambda thr=thr: skipnet.run_skipnet(model, x, threshold=thr, batch_size=7)
+        )
+        assert rows == rec["executed"].sum(0).tolist(), thr
+        for b in range(model.num_blocks):
+            assert (gates[b] >= thr - 1e-6).all(), (thr, b)  # only rows whose gate said run
+    assert sum(rows) < len(x) * model.num_blocks  # the fixture really skips something
+    mask = np.zeros((len(x), model.num_blocks), bool)
+    mask[::3, 2] = True
+    mask[:, 4] = True
+    _, rows, _ = _rows_into_blocks(model, lambda: skipnet.run_skipnet(model, x, execute=mask))
+    assert rows == mask.sum(0).tolist()
+
+
 def test_flops_count_only_what_ran(model, x):
     n, nb = len(x), model.num_blocks
     all_on = skipnet.run_skipnet(model, x, execute=np.ones((n, nb), bool))

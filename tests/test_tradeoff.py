@@ -8,6 +8,8 @@ from engine.core import calibration
 from engine.core.policies import PolicyError, exit_index
 from engine.core.trace import Trace, TraceMeta
 from engine.core.tradeoff import (
+    TOL,
+    Curve,
     best_within_budget,
     cheapest_with_accuracy,
     curve,
@@ -39,26 +41,72 @@ def test_curve_equals_evaluating_every_point(t):
 @settings(max_examples=50, deadline=None)
 @given(traces(), st.floats(0, 1), st.floats(0, 1))
 def test_solvers_satisfy_constraints_and_are_optimal(t, acc_target, budget_frac):
+    """The feasible sets are the solvers' own (the shared TOL), so an answer always has one."""
     assume(t.has_labels)
     budget = budget_frac * t.cost[:, -1].mean()
     for kind in ("max_prob", "entropy", "patience"):
         c = curve(t, kind)
         i = cheapest_with_accuracy(c, acc_target)
-        feasible = c.accuracy >= acc_target - 1e-12  # the solver's own tolerance
+        feasible = c.accuracy >= acc_target - TOL
         if i is None:
             assert not feasible.any()
         else:
+            assert feasible[i]
             s = evaluate_policy(t, c.policy(i))
-            assert s.accuracy >= acc_target - 1e-12
+            assert s.accuracy >= acc_target - TOL
             assert c.mean_cost[i] <= c.mean_cost[feasible].min() + 1e-9
+            tied = feasible & (c.mean_cost == c.mean_cost[i])
+            assert c.accuracy[i] == c.accuracy[tied].max()  # a cost tie goes to the accurate
         j = best_within_budget(c, budget)
-        affordable = c.mean_cost <= budget * (1 + 1e-12)
+        affordable = c.mean_cost <= budget * (1 + TOL)
         if j is None:
             assert not affordable.any()
         else:
+            assert affordable[j]
             s = evaluate_policy(t, c.policy(j))
-            assert s.mean_cost <= budget * (1 + 1e-12) + 1e-12
-            assert c.accuracy[j] >= c.accuracy[affordable].max() - 1e-12
+            assert s.mean_cost <= budget * (1 + TOL) + 1e-12
+            assert c.accuracy[j] >= c.accuracy[affordable].max() - TOL
+            tied = affordable & (c.accuracy == c.accuracy[j])
+            assert c.mean_cost[j] == c.mean_cost[tied].min()  # an accuracy tie goes to the cheap
+
+
+def test_solvers_break_ties_on_a_hand_made_curve():
+    #           0     1     2     3     4
+    acc = np.array([0.9, 0.8, 0.85, 0.7, 0.85])
+    cost = np.array([10.0, 4.0, 4.0, 2.0, 6.0])
+    c = Curve("fixed", np.arange(5), acc, cost)
+    # cost 4 reaches 0.8 twice over: the tie goes to the more accurate point (2, not 1)
+    assert cheapest_with_accuracy(c, 0.8) == 2
+    assert cheapest_with_accuracy(c, 0.75) == 2
+    assert cheapest_with_accuracy(c, 0.7) == 3
+    assert cheapest_with_accuracy(c, 0.95) is None
+    # 0.85 within budget 6 twice over: the tie goes to the cheaper point (2, not 4)
+    assert best_within_budget(c, 6.0) == 2
+    assert best_within_budget(c, 4.0) == 2
+    assert best_within_budget(c, 1.0) is None
+    assert best_within_budget(c, 10.0) == 0
+    # the shared tolerance: a target a rounding error away from a point still reaches it
+    assert cheapest_with_accuracy(c, 0.85 + TOL / 2) == 2
+    assert best_within_budget(c, 4.0 * (1 - TOL / 2)) == 2
+
+
+def test_speedup_against_a_hand_computed_trace():
+    # 4 samples, 3 exits; cumulative cost of reaching each exit
+    cost = np.array([[1.0, 3.0, 6.0], [1.0, 3.0, 6.0], [2.0, 4.0, 8.0], [2.0, 4.0, 8.0]])
+    label = np.array([0, 1, 0, 1])
+    probs = np.zeros((4, 3, 2), np.float32)
+    probs[:, :, 0] = 1.0  # every exit says class 0
+    meta = TraceMeta("hand", ("a", "b", "c"), ("x", "y"), "synthetic", "test")
+    t = Trace(meta, np.arange(4), label, probs, cost)
+    s = evaluate(t, np.array([0, 1, 2, 0]))
+    # costs taken 1, 3, 8, 2 -> mean 3.5; everything to the last exit: (6+6+8+8)/4 = 7
+    assert s.mean_cost == 3.5 and s.full_cost == 7.0
+    assert s.speedup == 2.0  # full / mean: twice as fast, not half
+    assert s.cost_fraction == 0.5
+    assert s.accuracy == 0.5  # samples 0 and 2 have label 0
+    assert s.p95_cost == np.percentile([1.0, 3.0, 8.0, 2.0], 95)
+    np.testing.assert_array_equal(s.exit_counts, [2, 1, 1])
+    assert last_exit_stats(t).speedup == 1.0
 
 
 @settings(max_examples=50, deadline=None)

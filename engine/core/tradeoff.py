@@ -18,6 +18,10 @@ from engine.core.policies import NeverCorrect, Policy, PolicyError, exit_index, 
 from engine.core.trace import Trace
 
 SCORE_KINDS = ("max_prob", "entropy", "margin", "gate")
+# Slack of the solvers' constraints: absolute on accuracy, relative on a cost budget. Accuracies
+# and mean costs are sums divided by counts, so a target typed as the same number can miss by
+# rounding; tests import this so that they check exactly what the solvers allow.
+TOL = 1e-12
 CURVE_KINDS = SCORE_KINDS + ("patience", "fixed")
 
 
@@ -206,7 +210,7 @@ def pareto_front(mean_cost: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
 
 def cheapest_with_accuracy(c: Curve, target: float) -> int | None:
     """Index of the cheapest point with accuracy >= target (ties: the more accurate); None if none."""
-    ok = np.nonzero(c.accuracy >= target - 1e-12)[0]
+    ok = np.nonzero(c.accuracy >= target - TOL)[0]
     if ok.size == 0:
         return None
     order = np.lexsort((-c.accuracy[ok], c.mean_cost[ok]))
@@ -215,7 +219,7 @@ def cheapest_with_accuracy(c: Curve, target: float) -> int | None:
 
 def best_within_budget(c: Curve, budget: float) -> int | None:
     """Index of the most accurate point with mean cost <= budget (ties: the cheaper); None if none."""
-    ok = np.nonzero(c.mean_cost <= budget * (1 + 1e-12))[0]
+    ok = np.nonzero(c.mean_cost <= budget * (1 + TOL))[0]
     if ok.size == 0:
         return None
     order = np.lexsort((c.mean_cost[ok], -c.accuracy[ok]))
