@@ -1,6 +1,6 @@
 """Train ACT on images: ``python -m engine.train act_cnn`` (MNIST by default).
 
-Loss, as in Graves (2016) and ``engine/training/act.py``:
+Loss, as in Graves (2016) and ``engine/families/act/train.py``:
 
     -log( sum_n p^n y^n[label] )  +  tau * (N + R)          (tau = --ponder-cost)
 

@@ -15,7 +15,7 @@ supervised pre-training and REINFORCE. We use the *relaxed* alternative of ConvN
 Belongie 2018): a Gumbel-sigmoid sample of the gate with a straight-through estimator (hard 0/1
 decision forward, sigmoid gradient backward), plus a compute penalty lambda * (expected fraction
 of block FLOPs executed). It trains in minutes on a CPU, where REINFORCE needs many more steps.
-See ``engine/training/skipnet.py``.
+See ``engine/families/skipnet/train.py``.
 
 **Exit heads.** A linear classifier after every block (global average pool + linear), trained
 jointly, so that the same backbone can also do early exit (stop after block k). The skipping page
