@@ -91,7 +91,7 @@ def live_panel(model_id: str, x: np.ndarray, eps: float, names: list[str], show_
 
 
 def upload_panel(model_id: str, dataset: str, eps: float, names: list[str]) -> None:
-    from engine import inspection
+    from engine.data import photo
     from engine.data.images import to_model_input
 
     up = st.file_uploader(
@@ -102,8 +102,8 @@ def upload_panel(model_id: str, dataset: str, eps: float, names: list[str]) -> N
     if up is None:
         return
     try:
-        prep = inspection.prepare_image(up.getvalue(), dataset, up.name)
-    except inspection.ImageInputError as e:
+        prep = photo.prepare_image(up.getvalue(), dataset, up.name)
+    except photo.ImageInputError as e:
         st.error(f"This file cannot be used: {e}")
         return
     except Exception as e:  # a decoder bug must not take the page down
@@ -114,7 +114,11 @@ def upload_panel(model_id: str, dataset: str, eps: float, names: list[str]) -> N
         to_model_input(prep.model_input).numpy(),
         eps,
         names,
-        lambda: st.image(prep.model_input, caption="what the model sees (28×28)", width=140),
+        lambda: st.image(
+            [prep.original, prep.model_input],
+            caption=["before: as uploaded", "after: what the model sees (28×28)"],
+            width=140,
+        ),
     )
 
 

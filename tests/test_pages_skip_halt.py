@@ -106,10 +106,10 @@ def test_halting_page_ponders_an_uploaded_image_and_rejects_a_corrupt_one():
     text = " ".join(md.value for md in at.markdown)
     assert "FLOPs" in text and "steps N" in text
     # the live run is the engine's
-    from engine import inspection
+    from engine.data import photo
     from engine.data.images import to_model_input
 
-    prep = inspection.prepare_image(buf.getvalue(), "mnist", "one.png")
+    prep = photo.prepare_image(buf.getvalue(), "mnist", "one.png")
     out = act.run_act(load_model("mnist_act"), to_model_input(prep.model_input).numpy())
     assert f"FLOPs **{out['flops'][0]:,.0f}**" in text
 
