@@ -168,3 +168,19 @@ def test_fashion_item_is_cropped_and_fills_the_field():
     assert prep.inverted and x[14, 14] > 200 and x[14, 0] < 30
     rows = np.flatnonzero((x > 100).any(1))
     assert rows[0] <= 1 and rows[-1] >= 26  # the longer side spans the field
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        (b"", "empty"),
+        (b"this is not an image at all", "not an image Pillow can read"),
+        (_png(np.random.default_rng(1).integers(0, 255, (64, 64), np.uint8))[:900], "corrupt"),
+        (b"\x89PNG" + bytes(10 * 2**20), "images up to 10 MB"),
+        (_png(np.zeros((4000, 7000), np.uint8)), "megapixels"),
+    ],
+    ids=["empty", "text", "truncated", "too-many-bytes", "too-many-pixels"],
+)
+def test_unreadable_files_raise_the_same_error(data, message):
+    with pytest.raises(ImageInputError, match=message):
+        prepare_image(data, "mnist", "x.png")
