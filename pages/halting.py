@@ -15,7 +15,7 @@ from app import loaders, palette
 from app.query import choice_param, float_param
 from engine.core import stats
 from engine.core.results import at, summary_table
-from engine.run import inspection
+from engine.data import photo
 
 PREFERRED = "parity_act"  # the clean difficulty (string length) makes the best first view
 
@@ -54,8 +54,8 @@ def upload_panel(card, fam, value: float, names: list[str]) -> None:
     if up is None:
         return
     try:
-        prep = inspection.prepare_image(up.getvalue(), card.dataset, up.name)
-    except inspection.ImageInputError as e:
+        prep = photo.prepare_image(up.getvalue(), card.dataset, up.name)
+    except photo.ImageInputError as e:
         st.error(f"This file cannot be used: {e}")
         return
     except Exception as e:  # a decoder bug must not take the page down
@@ -67,7 +67,11 @@ def upload_panel(card, fam, value: float, names: list[str]) -> None:
         prep.model_input,
         value,
         names,
-        lambda: st.image(prep.model_input, caption="what the model sees (28×28)", width=140),
+        lambda: st.image(
+            [prep.original, prep.model_input],
+            caption=["before: as uploaded", "after: what the model sees (28×28)"],
+            width=140,
+        ),
     )
 
 

@@ -17,6 +17,7 @@ import streamlit as st
 from app import figures, loaders, widgets
 from engine.core.policies import Policy, exit_index
 from engine.core.trace import Trace, TraceError
+from engine.data import photo
 from engine.data.images import DATASETS, INSTALL_HINT, DatasetUnavailable
 from engine.registry import RegistryError
 from engine.run import inspection
@@ -121,12 +122,13 @@ def show_item(item: dict, trace: Trace, model, policy: Policy, prefix: str) -> N
     k_last = trace.num_exits - 1
     st.markdown(f"#### {item['title']}")
     if item.get("original") is not None:
-        c1, c2 = st.columns(2)
-        c1.image(item["original"], caption="as uploaded", width=200)
-        c2.image(
+        c1, c2, c3 = st.columns(3)
+        c1.image(item["original"], caption="before: as uploaded", width=200)
+        c2.image(item["ink"], caption="background removed, cropped to the ink", width=160)
+        c3.image(
             np.kron(item["image"], np.ones((6, 6), dtype=np.uint8)),
-            caption="what the model sees (28×28)",
-            width=200,
+            caption="after: what the model sees (28×28)",
+            width=168,
         )
     elif item.get("image") is not None:
         st.image(np.kron(item["image"], np.ones((6, 6), dtype=np.uint8)), width=168)
@@ -318,21 +320,26 @@ def upload_item(card: dict) -> dict | None:
     if up is None:
         return None
     try:
-        prep = inspection.prepare_image(up.getvalue(), card["dataset"], up.name)
-    except inspection.ImageInputError as e:
+        prep = photo.prepare_image(up.getvalue(), card["dataset"], up.name)
+    except photo.ImageInputError as e:
         st.error(f"This file cannot be used: {e}")
         return None
     except Exception as e:  # a decoder bug must not take the page down
         st.error(f"This file cannot be used: {up.name} could not be decoded ({type(e).__name__})")
         return None
-    note = " (inverted to white on black)" if prep.inverted else ""
-    st.caption(f"{up.name}: {prep.format}, {prep.original.shape[1]}×{prep.original.shape[0]}{note}")
+    note = "light background: inverted to white on black" if prep.inverted else "dark background"
+    top, bottom, left, right = prep.box
+    st.caption(
+        f"{up.name}: {prep.format}, {prep.original.shape[1]}×{prep.original.shape[0]}; {note}; "
+        f"cropped to {right - left}×{bottom - top} at ({left}, {top})"
+    )
     return {
         "title": f"Upload · {up.name}",
         "row": None,
         "label": None,
         "image": prep.model_input,
         "original": prep.original,
+        "ink": prep.ink,
         "model_id": card["model_id"],
     }
 

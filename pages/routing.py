@@ -9,6 +9,7 @@ from app import figures_moe as figs
 from app import widgets
 from app.query import choice_param, float_param
 from engine.data import images as image_data
+from engine.data import photo
 from engine.families import load_model
 from engine.families.moe import analysis as moe
 from engine.families.moe.model import Routing
@@ -124,15 +125,27 @@ source = st.radio("Input", ["Test image", "Upload"], horizontal=True, key="moe.s
 image = label = None
 if source == "Upload":
     up = st.file_uploader(
-        "An image (PNG, JPEG, …), converted to 28×28 grey, light object on dark",
-        type=["png", "jpg", "jpeg", "bmp", "gif", "webp"],
+        "An image (PNG, JPEG, or anything else Pillow reads; up to 10 MB), prepared as "
+        "Fashion-MNIST was: background removed, cropped to the object, 28×28 grey, light on dark",
         key="moe.upload",
+        max_upload_size=10,
     )
     if up is not None:
         try:
-            image = moe.decode_upload(up.getvalue())
-        except moe.UploadError as e:
-            st.error(f"Could not use {up.name!r}: {e}.")
+            prep = photo.prepare_image(up.getvalue(), dataset, up.name)
+        except photo.ImageInputError as e:
+            st.error(f"This file cannot be used: {e}")
+        except Exception as e:  # a decoder bug must not take the page down
+            st.error(
+                f"This file cannot be used: {up.name} could not be decoded ({type(e).__name__})"
+            )
+        else:
+            image = prep.model_input
+            st.image(
+                [prep.original, image],
+                caption=["before: as uploaded", "after: what the model sees (28×28)"],
+                width=140,
+            )
     else:
         st.info("Upload an image to see how it is routed.")
 else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 
@@ -11,7 +10,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
 from engine.core.costs import count_flops
 from engine.data import images as image_data
@@ -313,42 +311,3 @@ def test_gallery_falls_back_to_bundled_examples(monkeypatch):
     data, where = moe.gallery("fashion_mnist")
     assert "bundled" in where and data.images.shape[1:] == (28, 28) and len(data) >= 100
     assert set(data.labels.tolist()) == set(range(10))
-
-
-# --- uploads ------------------------------------------------------------------------------
-
-
-def png(arr: np.ndarray, fmt: str = "PNG") -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def test_decode_upload_good_and_inverted():
-    dark_on_light = np.full((100, 80), 250, np.uint8)
-    dark_on_light[30:70, 35:45] = 10
-    out = moe.decode_upload(png(dark_on_light))
-    assert out.shape == (28, 28) and out.dtype == np.uint8
-    assert out[0, 0] < 30 and out[14, 14] > 200  # inverted: light object on dark
-    rgb = np.stack([dark_on_light] * 3, -1)
-    np.testing.assert_array_equal(moe.decode_upload(png(rgb, "JPEG")) > 128, out > 128)
-
-
-@pytest.mark.parametrize(
-    "data,message",
-    [
-        (b"", "empty"),
-        (b"this is not an image at all", "not a readable image"),
-        (png(np.zeros((28, 28), np.uint8))[:40], "not a readable image"),
-        (b"\x89PNG" + b"0" * (moe.MAX_UPLOAD_BYTES + 1), "limit"),
-    ],
-)
-def test_decode_upload_rejects_bad_files(data, message):
-    with pytest.raises(moe.UploadError, match=message):
-        moe.decode_upload(data)
-
-
-def test_decode_upload_rejects_huge_dimensions():
-    big = png(np.zeros((1, 5000 * 4000 // 1), np.uint8).reshape(4000, 5000))
-    with pytest.raises(moe.UploadError, match="pixels"):
-        moe.decode_upload(big)

@@ -93,7 +93,7 @@ def test_page_shows_the_family_results_and_reacts_to_the_setting(model_id):
 def test_page_ponders_an_uploaded_image_and_rejects_a_corrupt_one():
     from PIL import Image, ImageDraw
 
-    from engine.run import inspection
+    from engine.data import photo
 
     img = Image.new("L", (120, 120), 255)
     ImageDraw.Draw(img).line([(60, 15), (60, 105)], fill=0, width=12)  # a hand-drawn "1"
@@ -105,7 +105,7 @@ def test_page_ponders_an_uploaded_image_and_rejects_a_corrupt_one():
     text = " ".join(md.value for md in app.markdown)
     card = get_card("mnist_act")
     fam = families.get(card.family)
-    prep = inspection.prepare_image(buf.getvalue(), "mnist", "one.png")
+    prep = photo.prepare_image(buf.getvalue(), "mnist", "one.png")
     run = fam.run_one(
         families.load_model("mnist_act"), card, prep.model_input, fam.default_setting(card)
     )

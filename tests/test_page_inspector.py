@@ -12,6 +12,7 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from engine.core.policies import Policy, exit_index
+from engine.data import photo
 from engine.run import inspection
 from engine.trace_store import load_trace
 from tests.helpers_app import (
@@ -85,8 +86,9 @@ def test_upload_image_and_attributions(live):
     at.run()
     assert not at.exception, at.exception
     captions = [c for img in at.get("image") for c in img.captions]
-    assert "as uploaded" in captions  # before and after preprocessing
-    assert "what the model sees (28×28)" in captions
+    assert "before: as uploaded" in captions  # before and after preprocessing
+    assert "background removed, cropped to the ink" in captions
+    assert "after: what the model sees (28×28)" in captions
     labels = [m[0] for m in _metrics(at)]
     assert "Policy exits at" in labels and "FLOPs spent" in labels
     at.button(key="current.attr").click().run()
@@ -116,6 +118,8 @@ def test_bad_image_uploads_show_a_message(live):
         ("corrupt.png", png_bytes(32)[:60], "corrupt or truncated"),
         ("notes.txt", b"this is not an image at all", "not an image"),
         ("blank.png", _png(Image.new("L", (40, 40), 0)), "blank"),
+        ("paper.png", _png(Image.new("RGB", (640, 480), (235, 230, 220))), "blank"),
+        ("lit.png", _png(Image.linear_gradient("L").resize((320, 240))), "nothing stands out"),
         ("huge.png", _png(Image.new("1", (6000, 6000), 0)), "megapixels"),  # tiny file
     ]
     at = _app(live)
@@ -134,17 +138,17 @@ def test_bad_image_uploads_show_a_message(live):
 
 
 def test_decode_image_messages():
-    with pytest.raises(inspection.ImageInputError, match="empty"):
-        inspection.decode_image(b"", "x.png")
-    with pytest.raises(inspection.ImageInputError, match="MB"):
-        inspection.decode_image(b"0" * (inspection.MAX_UPLOAD_BYTES + 1), "x.png")
-    prep = inspection.prepare_image(png_bytes(50, mode="RGB"), "fashion_mnist")
+    with pytest.raises(photo.ImageInputError, match="empty"):
+        photo.decode_image(b"", "x.png")
+    with pytest.raises(photo.ImageInputError, match="MB"):
+        photo.decode_image(b"0" * (photo.MAX_UPLOAD_BYTES + 1), "x.png")
+    prep = photo.prepare_image(png_bytes(50, mode="RGB"), "fashion_mnist")
     assert prep.model_input.shape == (28, 28) and prep.model_input.dtype == np.uint8
     assert not prep.inverted
     # dark ink on white paper is inverted to MNIST's white on black
     arr = np.full((60, 40), 255, dtype=np.uint8)
     arr[10:50, 18:22] = 0
-    prep = inspection.prepare_image(_png(Image.fromarray(arr)), "mnist")
+    prep = photo.prepare_image(_png(Image.fromarray(arr)), "mnist")
     assert prep.inverted and prep.model_input.max() == 255 and prep.model_input[0, 0] == 0
 
 
@@ -172,3 +176,30 @@ def test_test_images_position_full_and_gallery():
     assert [full.position(i) for i in (0, 2, 3, -1, "x")] == [0, 2, None, None, None]
     gallery = TestImages(imgs, np.arange(3), np.array([4, 17, 230]), "gallery only")
     assert [gallery.position(i) for i in (4, 17, 230, 5, 0)] == [0, 1, 2, None, None]
+
+
+def test_photo_of_a_digit_is_read_as_the_clean_digit(tmp_path, monkeypatch):
+    """Issue #14: a 640x480 photo of a dark digit on grey paper was called "8" at the first
+    exit. Uploaded, it is now read as the engine reads the clean test digit."""
+    from engine.data.images import load
+    from engine.families import load_model
+    from engine.registry import RegistryError
+    from tests.test_photo import last_exit, render_photo
+
+    monkeypatch.setenv("AIE_CACHE_DIR", str(tmp_path / "cache"))
+    st.cache_data.clear()
+    try:
+        model = load_model("mnist_multi_exit_cnn")
+    except RegistryError as e:
+        pytest.skip(f"bundled mnist_multi_exit_cnn not available: {e}")
+    ts = load("mnist", "test")
+    digit = ts.images[int(np.flatnonzero(ts.labels == 3)[0])]
+    shot = render_photo(digit, np.random.default_rng(3), light_paper=True)
+    at = _app("mnist_multi_exit_cnn", policy="max_prob", t="1.001")  # the last exit's answer
+    at.radio(key="w.input_source").set_value("Upload an image").run()
+    at.file_uploader(key="w.image_upload").upload("three.jpg", shot, "image/jpeg").run()
+    assert not at.exception, at.exception
+    assert not at.error
+    assert dict(_metrics(at))["Prediction"] == str(int(last_exit(model, digit[None])[0])) == "3"
+    assert any("inverted to white on black" in c.value for c in at.caption)
+    st.cache_data.clear()

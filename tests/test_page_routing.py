@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+from engine.data import photo
 from engine.families.moe import analysis as moe
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "routing.py")
@@ -87,12 +88,29 @@ def test_upload_good_and_bad(at):
     assert not at.exception and not at.error
     assert "Prediction" in metrics(at)
     assert len(at.get("plotly_chart")) == 6
+    # the upload is shown before and after preparation, and the model ran on the "after"
+    captions = [c for img in at.get("image") for c in img.captions]
+    assert captions[:2] == ["before: as uploaded", "after: what the model sees (28×28)"]
     at.get("file_uploader")[0].upload("notes.png", b"definitely not a png", "image/png").run()
     assert not at.exception
-    assert any("Could not use 'notes.png'" in e.value for e in at.error)
-    huge = b"\x89PNG" + bytes(moe.MAX_UPLOAD_BYTES + 10)
+    assert any("cannot be used: notes.png is not an image" in e.value for e in at.error)
+    huge = b"\x89PNG" + bytes(photo.MAX_UPLOAD_BYTES + 10)
     at.get("file_uploader")[0].upload("huge.png", huge, "image/png").run()
-    assert any("limit is 5 MB" in e.value for e in at.error)
+    assert any("images up to 10 MB are accepted" in e.value for e in at.error)
+    assert "Prediction" not in metrics(at)
+
+
+@pytest.mark.parametrize("value", [0, 128, 255])
+def test_flat_upload_is_refused_as_on_the_other_pages(at, value):
+    """A blank image used to be routed (and classified) here; the inspector refused it."""
+    at.radio(key="moe.source").set_value("Upload").run()
+    flat = np.full((64, 48), value, np.uint8)
+    at.get("file_uploader")[0].upload("flat.png", png(flat), "image/png").run()
+    assert not at.exception
+    assert [e.value for e in at.error] == [
+        "This file cannot be used: flat.png is blank (a single flat colour): there is nothing "
+        "to read"
+    ]
     assert "Prediction" not in metrics(at)
 
 

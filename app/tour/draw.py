@@ -27,6 +27,8 @@ from engine.data.drawing import DrawingError, to_canvas_rgba, to_mnist
 from engine.registry import ModelCard
 
 CANVAS = 280
+SEEN_WIDTH = 190  # the "what the model sees" box beside the canvas
+TOOLBAR_PX = 32  # streamlit-drawable-canvas pops its toolbar up 2.65rem above the canvas on hover
 CANVAS_N = "tour.draw.n"  # bumped by "Clear" so a fresh, empty canvas is mounted
 LOADED = "tour.draw.rgba"  # RGBA pixels in the canvas's format, loaded instead of drawn
 RESULT = "tour.draw.result"  # {"pred", "exit", "cost_fraction"} of the last run (tests read it)
@@ -82,8 +84,16 @@ def draw_chapter(ctx: Ctx, card: ModelCard) -> None:
         "data: cropped, shrunk to 20×20 pixels and centred in a 28×28 grid. Then watch each "
         "exit guess. A clean digit stops early; a scrawl goes deep."
     )
-    c_draw, c_seen, c_fig = st.columns([1.15, 0.85, 2.4], gap="medium")
+    # A row of fixed-width boxes, not st.columns: a relative column shrinks with the window
+    # (224 px at 1400 px with the sidebar) while the canvas keeps its CANVAS px and was cut off.
+    row = st.container(horizontal=True, gap="medium", key="tour-draw-row")
+    c_draw = row.container(width=CANVAS, key="tour-draw-canvas")
+    c_seen = row.container(width=SEEN_WIDTH)
+    c_fig = row.container(width="stretch")
     with c_draw:
+        # the canvas's toolbar pops up TOOLBAR_PX above it on hover, over whatever is there:
+        # keep that strip empty so it does not cover the intro sentence
+        st.space(TOOLBAR_PX)
         drawn = _canvas()
         st.button("Clear", key="tour.draw.clear", on_click=_clear, icon=":material/delete:")
         if not ctx.present:

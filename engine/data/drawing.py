@@ -5,7 +5,8 @@ anti-aliasing so its longer side is 20 pixels (aspect ratio kept), and placed in
 so that its centre of mass lies at the centre. A freehand drawing on a 280x280 canvas goes
 through the same steps here, so the model sees the drawing as it saw its training data; the
 result is a uint8 [28, 28] image that then goes through ``engine.data.images.to_model_input``
-like every other image.
+like every other image. Uploaded photos find their digit another way (engine/data/photo.py)
+and then share the last steps, ``fit_to_field``.
 
 Pure numpy + Pillow: no streamlit, so it is tested on its own (tests/test_drawing.py).
 """
@@ -79,17 +80,25 @@ def center_of_mass(img: np.ndarray) -> tuple[float, float]:
 def to_mnist(image: np.ndarray) -> np.ndarray | None:
     """A drawing -> uint8 [28, 28] prepared as MNIST was; None when nothing is drawn.
 
-    1. ink intensity (``to_gray``); 2. crop to the ink's bounding box; 3. scale so the longer
-    side is 20 px, aspect ratio kept, with anti-aliasing; 4. stretch to a peak of 255;
-    5. place in a 28x28 field with the centre of mass at (14, 14) (the index mean of MNIST's
-    test images is 14.0 on both axes), kept inside the field.
+    1. ink intensity (``to_gray``); 2. crop to the ink's bounding box; 3.-5. ``fit_to_field``.
+    Photos take another way to the crop (``engine.data.photo``) and then the same ``fit_to_field``.
     """
     gray = to_gray(image)
     box = bounding_box(gray)
     if box is None:
         return None
     top, bottom, left, right = box
-    crop = gray[top:bottom, left:right]
+    return fit_to_field(gray[top:bottom, left:right])
+
+
+def fit_to_field(crop: np.ndarray) -> np.ndarray | None:
+    """Cropped ink (white on black, float) -> uint8 [28, 28] as MNIST was made; None if no ink.
+
+    3. scale so the longer side is 20 px, aspect ratio kept, with anti-aliasing; 4. stretch to
+    a peak of 255; 5. place in a 28x28 field with the centre of mass at (14, 14) (the index
+    mean of MNIST's test images is 14.0 on both axes), kept inside the field.
+    """
+    crop = np.asarray(crop, dtype=np.float32)
     h, w = crop.shape
     scale = BOX / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))

@@ -5,121 +5,19 @@ Used by the sample inspector. The model contract is the runtime's (``engine.run.
 ``engine.data.images.to_model_input``. Probabilities are the float32 softmax of each head's
 logits, as in the traces, and the exit decision is ``engine.core.policies``' rule itself.
 
-Uploaded images are decoded here with Pillow only (never unpickled), checked for size, turned
-into white-on-black grey and prepared as the data set was (MNIST-style centring for digits,
-square padding for Fashion-MNIST) so the model sees what it was trained on.
+Uploaded images are prepared by ``engine.data.photo.prepare_image`` (shared by every page).
 """
 
 from __future__ import annotations
 
-import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from engine.core.policies import Policy, exit_mask, first_true, oracle_correct, patience_mask
 from engine.core.trace import Trace
 from engine.data.images import to_model_input
-
-MAX_UPLOAD_BYTES = 10 * 1024 * 1024
-MAX_PIXELS = 25_000_000  # e.g. 5000 x 5000
-MAX_SIDE = 10_000
-
-
-class ImageInputError(ValueError):
-    """An uploaded file is not an image this page can use; the message says why."""
-
-
-# --- uploads -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PreparedImage:
-    original: np.ndarray  # uint8 [H, W, 3] or [H, W] as decoded (for display)
-    gray: np.ndarray  # uint8 [H, W], white ink on black
-    model_input: np.ndarray  # uint8 [28, 28], what the model sees
-    format: str
-    inverted: bool
-
-
-def decode_image(data: bytes, name: str = "upload") -> tuple[Image.Image, str]:
-    """Decode with Pillow after checking size; raise ImageInputError with a clear reason."""
-    if not data:
-        raise ImageInputError(f"{name} is empty")
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise ImageInputError(
-            f"{name} is {len(data) / 2**20:.1f} MB; images up to "
-            f"{MAX_UPLOAD_BYTES // 2**20} MB are accepted"
-        )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > MAX_PIXELS or max(w, h) > MAX_SIDE:
-                raise ImageInputError(
-                    f"{name} is {w}x{h} pixels; at most {MAX_PIXELS // 1_000_000} megapixels "
-                    f"and {MAX_SIDE} pixels a side are accepted"
-                )
-            fmt = img.format or "unknown"
-            img.load()  # decode now, so a truncated or corrupt file fails here
-    except ImageInputError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageInputError(
-            f"{name} is not an image Pillow can read (PNG, JPEG, GIF, BMP, TIFF, WebP, ...)"
-        ) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageInputError(f"{name} is too large (decompression bomb check)") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise ImageInputError(f"{name} is corrupt or truncated ({e})") from None
-    if w < 1 or h < 1:
-        raise ImageInputError(f"{name} has no pixels")
-    return img, fmt
-
-
-def _square_resize(gray: np.ndarray, size: int = 28) -> np.ndarray:
-    """Pad to a square (background 0) and resize to size x size, anti-aliased."""
-    h, w = gray.shape
-    side = max(h, w)
-    canvas = np.zeros((side, side), dtype=np.float32)
-    canvas[(side - h) // 2 : (side - h) // 2 + h, (side - w) // 2 : (side - w) // 2 + w] = gray
-    img = Image.fromarray(canvas, mode="F").resize((size, size), Image.Resampling.BOX)
-    return np.clip(np.rint(np.asarray(img)), 0, 255).astype(np.uint8)
-
-
-def prepare_image(data: bytes, dataset: str, name: str = "upload") -> PreparedImage:
-    """Bytes of any image Pillow reads -> the 28x28 uint8 input for a model of ``dataset``.
-
-    Dark-on-light images (a pen drawing, a photo of a garment on white) are inverted to the
-    white-on-black of MNIST and Fashion-MNIST, judged by the border pixels.
-    """
-    from engine.data.drawing import to_mnist
-
-    img, fmt = decode_image(data, name)
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(bg, rgba)
-    rgb = np.asarray(img.convert("RGB"))
-    gray = np.asarray(img.convert("L"), dtype=np.uint8)
-    border = np.r_[gray[0], gray[-1], gray[:, 0], gray[:, -1]]
-    inverted = bool(border.mean() > 127)
-    if inverted:
-        gray = 255 - gray
-    if int(gray.max()) - int(gray.min()) < 8:
-        raise ImageInputError(f"{name} is blank (a single flat colour)")
-    if dataset in ("mnist", "digits"):
-        x = to_mnist(gray)
-        if x is None:
-            raise ImageInputError(f"{name} is blank")
-    else:
-        x = _square_resize(gray.astype(np.float32))
-    return PreparedImage(rgb, gray, x, fmt, inverted)
-
 
 # --- one input through every exit ------------------------------------------------------------------
 

@@ -11,7 +11,6 @@ it in ``assets/traces/`` and answer a slider instantly.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,8 +28,6 @@ TAU_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 CAPACITY_GRID = (1.0, 1.25, 2.0, None)
 SWEEP_SAMPLES = 2000  # test images used by the sweep (a seeded subset)
 GALLERY_FILE = GALLERY_DIR / "moe_examples.npz"
-MAX_UPLOAD_BYTES = 5 * 1024 * 1024
-MAX_UPLOAD_PIXELS = 4096 * 4096
 
 
 @dataclass
@@ -206,41 +203,3 @@ def gallery(dataset: str) -> tuple[image_data.ImageSet, str]:
     raise image_data.DatasetUnavailable(
         f"{dataset} is not installed and no bundled examples: {image_data.INSTALL_HINT[dataset]}"
     )
-
-
-class UploadError(ValueError):
-    """An uploaded file that is not a usable image; the message says why."""
-
-
-def decode_upload(data: bytes, max_bytes: int = MAX_UPLOAD_BYTES) -> np.ndarray:
-    """PNG/JPEG/... bytes -> uint8 [28, 28], white object on black like the training data.
-
-    Converted to grey, fitted into 28x28, and inverted when the background (the border) is
-    brighter than the object, so photos of dark ink on paper work. Raises UploadError.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    if len(data) == 0:
-        raise UploadError("the file is empty")
-    if len(data) > max_bytes:
-        raise UploadError(
-            f"the file is {len(data) / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB"
-        )
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > MAX_UPLOAD_PIXELS:
-                raise UploadError(
-                    f"the image is {im.width}x{im.height} pixels; the limit is "
-                    f"{MAX_UPLOAD_PIXELS:,} pixels"
-                )
-            im.load()
-            grey = im.convert("L").resize((image_data.SIZE, image_data.SIZE), Image.BILINEAR)
-    except UploadError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UploadError(f"not a readable image ({type(e).__name__})") from None
-    arr = np.asarray(grey, dtype=np.uint8).copy()
-    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
-    if border.mean() > arr.mean():
-        arr = 255 - arr
-    return arr
