@@ -197,23 +197,23 @@ def test_inspector_upload(server, browser):
 
 def test_halting_page_ponders_an_uploaded_digit(server, browser):
     """Pick the image ACT model by URL, upload a digit, see its live halting curve."""
-    from engine.families.act.records import available_models
+    from engine import families
 
     base, _, tmp = server
-    if "mnist_act" not in available_models():
+    if "mnist_act" not in [c.model_id for c, _ in families.cards_of_kind("halt")]:
         pytest.skip("mnist_act is not bundled")
     img = tmp / "digit_act.png"
     img.write_bytes(_digit_png())
     page = _open(browser, f"{base}/halting?model=mnist_act&eps=0.05", 2300)
     page.get_by_text("Ponder your own image").first.wait_for(timeout=60_000)
-    assert _metric_value(page, "Mean ponder steps")
+    assert _metric_value(page, "Mean steps")
     page.locator('input[type="file"]').first.set_input_files(str(img))
     page.get_by_text("counted by torch on the steps that ran").first.wait_for(timeout=60_000)
-    page.get_by_text("were not computed for this input").first.wait_for(timeout=30_000)
+    page.get_by_text("never computed those steps").first.wait_for(timeout=30_000)
     assert not page.get_by_text("Traceback").count()
     # the README's screenshot: parity, where difficulty is known exactly
     page.goto(f"{base}/halting?model=parity_act", timeout=60_000)
-    page.get_by_text("Accuracy vs compute over").first.wait_for(timeout=60_000)
+    page.get_by_text("every halting model on this data set").first.wait_for(timeout=60_000)
     page.wait_for_timeout(1500)
     page.screenshot(path=str(_shots_dir(tmp) / "halting.png"))
     page.close()

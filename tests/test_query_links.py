@@ -5,6 +5,9 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from engine import families
+from engine.families.act import records as halting
+
 PAGES = Path(__file__).resolve().parent.parent / "pages"
 
 
@@ -30,14 +33,14 @@ def test_skipping_threshold_from_url():
 
 
 def test_halting_eps_from_url():
-    assert run("halting.py", eps="0.2").slider(key="act_eps").value == pytest.approx(0.2)
-    assert run("halting.py", eps="7").slider(key="act_eps").value == pytest.approx(0.5)
+    assert run("halting.py", eps="0.2").select_slider(key="halt_eps").value == pytest.approx(0.2)
+    # out of range snaps to the nearest setting the results hold (the largest eps)
+    largest = float(halting.EPS_GRID.max())
+    assert run("halting.py", eps="7").select_slider(key="halt_eps").value == pytest.approx(largest)
 
 
 def test_halting_model_from_url():
-    from engine.families.act.records import available_models
-
-    models = available_models()
+    models = [c.model_id for c, _ in families.cards_of_kind("halt")]
     if not models:
         pytest.skip("no ACT records bundled")
     for m in models:
