@@ -6,7 +6,7 @@ import numpy as np
 import streamlit as st
 
 from app import figures_dynamic as figs
-from app import loaders, palette
+from app import loaders, navigation, palette
 from app.query import choice_param, float_param
 from engine import halting
 
@@ -146,6 +146,7 @@ def bits_panel(model_id: str, num_bits: int, eps: float, names: list[str]) -> No
     )
 
 
+navigation.require_router()  # first: a deep link may have run this page alone
 st.title("Halting: adaptive computation time")
 st.caption(
     "Graves' ACT (2016): a network is applied again and again to the same input; after each "

@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 import streamlit as st
 
-from app import figures, loaders, widgets
+from app import figures, loaders, navigation, widgets
 from engine import calibration, tradeoff
 from engine.policies import POLICY_LABELS, Policy, exit_index
 from engine.policy_store import PolicyStore, PolicyStoreError, SavedPolicy
@@ -24,6 +24,7 @@ TIMING_KEY = "aie.tuning_fragment_ms"  # server-side time of the last fragment r
 MSG_KEY = "aie.tuning_msg"
 MAX_TABLE_ROWS = 5000
 
+navigation.require_router()  # first: a deep link may have run this page alone
 st.title("Threshold tuning")
 st.caption(
     "Choose when each input may leave the network. Every slider move re-evaluates the policy "
