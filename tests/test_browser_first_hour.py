@@ -101,7 +101,7 @@ def _nav(page) -> str:
     return nav.inner_text()
 
 
-def _wait_idle(page, quiet_s: float = 3.0, timeout_s: float = 180.0) -> None:
+def _wait_idle(page, quiet_s: float = 3.0, timeout_s: float = 120.0) -> None:
     """Until the app has shown no running indicator for quiet_s (a slow box takes a while)."""
     deadline = time.time() + timeout_s
     quiet_since = None
@@ -113,7 +113,7 @@ def _wait_idle(page, quiet_s: float = 3.0, timeout_s: float = 180.0) -> None:
         elif time.time() - quiet_since >= quiet_s:
             return
         page.wait_for_timeout(200)
-    pytest.fail("the app kept running")
+    pytest.fail(f"the app was still rerunning after {timeout_s:.0f} s at {page.url}")
 
 
 def _shown(page) -> dict[str, str]:
