@@ -159,7 +159,7 @@ def _parse_thresholds(text: str, k: int) -> list[float]:
 
 
 def _apply_query_params(trace: Trace, kinds: list[str]) -> None:
-    """Copy changed query params into the widget state (before the widgets are created)."""
+    """Copy a link's query params into the widget state (once per visit, before the widgets)."""
     k = trace.num_exits
     kind = _link_value(QP_POLICY)
     if kind is not None:
