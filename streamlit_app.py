@@ -4,6 +4,8 @@ from pathlib import Path
 
 import streamlit as st
 
+from app import navigation
+
 ROOT = Path(__file__).resolve().parent
 # (file, title, icon) in navigation order; the first existing one is where a newcomer lands.
 PAGES = [
@@ -17,8 +19,11 @@ PAGES = [
     ("pages/compare.py", "Compare methods", ":material/compare_arrows:"),
 ]
 
-st.set_page_config(
-    page_title="Adaptive Inference Explorer", page_icon=":material/bolt:", layout="wide"
-)
+# a file shipped in assets/: a ":material/..." page icon makes the browser fetch it from a font host
+FAVICON = ROOT / "assets" / "favicon.png"
+
+st.set_page_config(page_title="Adaptive Inference Explorer", page_icon=FAVICON, layout="wide")
 pages = [st.Page(f, title=t, icon=i) for f, t, i in PAGES if (ROOT / f).exists()]
-st.navigation(pages).run()
+page = st.navigation(pages)
+navigation.opened(page.url_path)
+page.run()

@@ -20,9 +20,12 @@ the guided tour, link into the tuning and inspector pages with them):
 
 Example: ``/tuning?model=mnist_multi_exit_cnn&policy=max_prob&t=0.9``.
 
-Only the parameters of the current policy are kept in the URL. A value in the URL wins when it
-changes (a link was opened); otherwise widgets keep their state, which is also remembered
-across pages in ``st.session_state`` under ``aie.*`` keys.
+Only the parameters of the current policy are kept in the URL. The URL is read once per page
+visit (a link opened, a page switched to; see ``app/navigation.py``) and wins then; after that
+the widgets own the values and the URL only follows them. Reading it on every rerun made the
+browser and the server fight: during a burst of key presses each rerun request carries the URL
+of a few presses ago, which then moved the slider back. The values are also remembered across
+pages in ``st.session_state`` under ``aie.*`` keys.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import re
 
 import streamlit as st
 
-from app import figures, loaders
+from app import figures, loaders, navigation
 from engine.core.policies import POLICY_LABELS, Policy
 from engine.core.trace import Trace, TraceError
 
@@ -60,7 +63,7 @@ W_MODEL = "w.model"
 W_KIND = "w.kind"
 W_PATIENCE = "w.patience"
 STATE = "aie.state"  # persistent (non-widget) copy of the current choices
-SEEN = "aie.qp_seen"  # last query-param value the page has applied or written, per name
+READ = "aie.qp_read"  # the visit in which each query param was last read
 
 
 def w_threshold(kind: str) -> str:
@@ -75,8 +78,8 @@ def _state() -> dict:
     return st.session_state.setdefault(STATE, {})
 
 
-def _seen() -> dict:
-    return st.session_state.setdefault(SEEN, {})
+def _read() -> dict:
+    return st.session_state.setdefault(READ, {})
 
 
 def fmt_float(x: float) -> str:
@@ -84,24 +87,22 @@ def fmt_float(x: float) -> str:
     return repr(float(x))
 
 
-def _qp_changed(name: str) -> str | None:
-    """The query param's value if it differs from what this session last applied/wrote."""
-    value = st.query_params.get(name)
-    if value is None or _seen().get(name) == value:
+def _link_value(name: str) -> str | None:
+    """The query param's value the first time it is asked for in this page visit, else None."""
+    visit = navigation.visit()
+    if _read().get(name) == visit:
         return None
-    _seen()[name] = value
-    return value
+    _read()[name] = visit
+    return st.query_params.get(name)
 
 
 def _write_qp(name: str, value: str | None) -> None:
+    """Make the URL show the value. Always sent: the request's query string may be stale."""
     if value is None:
         if name in st.query_params:
             del st.query_params[name]
-        _seen().pop(name, None)
         return
-    if st.query_params.get(name) != value:
-        st.query_params[name] = value
-    _seen()[name] = value
+    st.query_params[name] = value
 
 
 def _clamp(kind: str, t: float) -> float:
@@ -116,7 +117,7 @@ def model_picker(container=None, label: str = "Model / trace") -> str | None:
     """Select a bundled trace or an uploaded one; bound to ``?model=``. None when none exist."""
     container = container or st.sidebar
     sources = loaders.all_sources()
-    wanted = _qp_changed(QP_MODEL)
+    wanted = _link_value(QP_MODEL)
     if wanted is not None:
         if wanted in sources:
             st.session_state[W_MODEL] = wanted
@@ -159,28 +160,28 @@ def _parse_thresholds(text: str, k: int) -> list[float]:
 
 
 def _apply_query_params(trace: Trace, kinds: list[str]) -> None:
-    """Copy changed query params into the widget state (before the widgets are created)."""
+    """Copy a link's query params into the widget state (once per visit, before the widgets)."""
     k = trace.num_exits
-    kind = _qp_changed(QP_POLICY)
+    kind = _link_value(QP_POLICY)
     if kind is not None:
         if kind in kinds:
             st.session_state[W_KIND] = kind
         else:
             st.warning(f"Policy {kind!r} from the link is not available for this trace.")
     current = st.session_state.get(W_KIND, _state().get("kind", kinds[0]))
-    t = _qp_changed(QP_THRESHOLD)
+    t = _link_value(QP_THRESHOLD)
     if t is not None and current in THRESHOLD_KINDS:
         try:
             st.session_state[w_threshold(current)] = _clamp(current, float(t))
         except ValueError:
             st.warning(f"Ignoring threshold {t!r} from the link: not a number.")
-    p = _qp_changed(QP_PATIENCE)
+    p = _link_value(QP_PATIENCE)
     if p is not None:
         try:
             st.session_state[W_PATIENCE] = min(max(0, int(p)), max(1, k - 1))
         except ValueError:
             st.warning(f"Ignoring patience {p!r} from the link: not an integer.")
-    ts = _qp_changed(QP_THRESHOLDS)
+    ts = _link_value(QP_THRESHOLDS)
     if ts is not None:
         try:
             for e, v in enumerate(_parse_thresholds(ts, k)):
@@ -199,9 +200,9 @@ def _ensure_defaults(trace: Trace, kinds: list[str]) -> None:
         key = w_threshold(kind)
         if key not in st.session_state:
             st.session_state[key] = s.get(key, DEFAULT_THRESHOLD[kind])
-    if W_PATIENCE not in st.session_state:
-        st.session_state[W_PATIENCE] = min(s.get(W_PATIENCE, 1), max(1, k - 1))
-    st.session_state[W_PATIENCE] = min(st.session_state[W_PATIENCE], max(1, k - 1))
+    patience = min(st.session_state.get(W_PATIENCE, s.get(W_PATIENCE, 1)), max(1, k - 1))
+    if st.session_state.get(W_PATIENCE) != patience:  # a write overrides the browser's value
+        st.session_state[W_PATIENCE] = patience
     for e in range(k):
         key = w_per_exit(e)
         if key not in st.session_state:
@@ -324,8 +325,8 @@ def remember(policy: Policy, k: int) -> None:
 
 
 def query_int(name: str) -> str | None:
-    """A query param for page-specific use (e.g. ``sample``), if it changed since last read."""
-    return _qp_changed(name)
+    """A query param for page-specific use (e.g. ``sample``), once per page visit."""
+    return _link_value(name)
 
 
 def write_query(name: str, value: str | None) -> None:

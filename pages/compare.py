@@ -6,6 +6,7 @@ import numpy as np
 import streamlit as st
 
 from app import figures_compare as figs
+from app import navigation
 from engine import compare, compare_sources
 from engine.data import images
 from engine.data.gallery import test_images
@@ -39,6 +40,7 @@ def pictures(dataset: str):
     return dict(zip(t.indices.tolist(), t.data.images, strict=True)), t.note
 
 
+navigation.require_router()  # first: a deep link may have run this page alone
 st.title("Compare methods")
 st.caption(
     "Early exit, cascades, layer skipping and dynamic-k mixture-of-experts each spend more compute "

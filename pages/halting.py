@@ -11,7 +11,7 @@ import numpy as np
 import streamlit as st
 
 from app import figures_dynamic as figs
-from app import loaders, palette
+from app import loaders, navigation, palette
 from app.query import choice_param, float_param
 from engine.core import stats
 from engine.core.results import at, summary_table
@@ -103,6 +103,7 @@ def typed_panel(card, fam, value: float, names: list[str]) -> None:
     )
 
 
+navigation.require_router()  # first: a deep link may have run this page alone
 st.title("Halting: adaptive computation time")
 models = loaders.halting_models()
 if not models:

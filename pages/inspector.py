@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 import streamlit as st
 
-from app import figures, loaders, widgets
+from app import figures, loaders, navigation, widgets
 from engine.core.policies import Policy, exit_index
 from engine.core.trace import Trace, TraceError
 from engine.data import photo
@@ -29,6 +29,7 @@ W_SAMPLE = "w.sample"
 W_SOURCE = "w.input_source"
 GALLERY = 8
 
+navigation.require_router()  # first: a deep link may have run this page alone
 st.title("Sample inspector")
 st.caption(
     "Follow one input through the network: each exit's belief, where the current policy "

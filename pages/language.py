@@ -21,6 +21,7 @@ import polars as pl
 import streamlit as st
 
 from app import figures_text as ft
+from app import navigation
 from engine.core.policies import POLICY_LABELS, Policy, exit_index, oracle_correct
 from engine.families.multi_exit_bert import analysis as language
 from engine.registry import RegistryError, list_cards
@@ -39,6 +40,7 @@ EXAMPLES = "\n".join(
     ]
 )
 
+navigation.require_router()  # first: a deep link may have run this page alone
 st.title("Language models that exit early")
 st.caption(
     "A pretrained encoder that stops at the first confident layer, and a small language model "

@@ -6,7 +6,7 @@ import numpy as np
 import streamlit as st
 
 from app import figures_moe as figs
-from app import widgets
+from app import navigation, widgets
 from app.query import choice_param, float_param
 from engine.data import images as image_data
 from engine.data import photo
@@ -53,6 +53,7 @@ def dense_flops_of(model_id: str) -> float:
     return moe.dense_flops(model_of(model_id))
 
 
+navigation.require_router()  # first: a deep link may have run this page alone
 st.title("Mixture of experts")
 st.caption(
     "A small Vision Transformer on Fashion-MNIST: each image is cut into 7×7 patches (16 "

@@ -6,7 +6,7 @@ import numpy as np
 import streamlit as st
 
 from app import figures_dynamic as figs
-from app import loaders, palette
+from app import loaders, navigation, palette
 from app.query import float_param
 from engine.families.skipnet import records as skipping
 
@@ -43,6 +43,7 @@ def exit_curve(model_id: str):
     return c.mean_cost, c.accuracy, c.params
 
 
+navigation.require_router()  # first: a deep link may have run this page alone
 st.title("Layer skipping")
 st.caption(
     "A residual network on MNIST with a small **gate** in front of each of its 6 residual blocks "

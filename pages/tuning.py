@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 import streamlit as st
 
-from app import figures, loaders, widgets
+from app import figures, loaders, navigation, widgets
 from engine.core import calibration, tradeoff
 from engine.core.policies import POLICY_LABELS, Policy, exit_index
 from engine.core.trace import Trace, TraceError
@@ -30,6 +30,7 @@ NEVER_LABELS = {
 }
 MAX_TABLE_ROWS = 5000
 
+navigation.require_router()  # first: a deep link may have run this page alone
 st.title("Threshold tuning")
 st.caption(
     "Choose when each input may leave the network. Every slider move re-evaluates the policy "

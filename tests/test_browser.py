@@ -52,8 +52,7 @@ def server(tmp_path_factory):
             "--server.address", "127.0.0.1",
             "--server.port", str(port),
             "--browser.gatherUsageStats", "false",
-            "--server.fileWatcherType", "none",  # a busy checkout floods inotify
-        ],
+        ],  # as `make app` does: .streamlit/config.toml applies (it does not watch .venv)
         cwd=ROOT,
         env=env,
         stdout=log,
@@ -89,21 +88,8 @@ def _shots_dir(tmp: Path) -> Path:
     return d
 
 
-_WARM = []
-
-
 def _open(browser, url: str, height: int):
-    """A new page at url. The first one visits / first: with a pages/ folder beside the entry
-    script, Streamlit 1.67 starts in its legacy folder mode until the entry script has run
-    once (st.navigation switches it off), so a cold deep link would bypass the router."""
     page = browser.new_page(viewport={"width": 1400, "height": height})
-    if not _WARM:
-        base = url.split("/", 3)
-        page.goto("/".join(base[:3]) + "/", timeout=60_000)
-        page.locator('[data-testid="stSidebarNav"]').filter(has_text="Threshold tuning").wait_for(
-            timeout=60_000
-        )
-        _WARM.append(True)
     page.goto(url, timeout=60_000)
     return page
 
