@@ -52,14 +52,6 @@ def get_trace(model_id: str, split: str = "test") -> Trace | None:
 
 
 @st.cache_data(show_spinner=False)
-def get_images(dataset: str, split: str = "test") -> images.ImageSet | None:
-    try:
-        return images.load(dataset, split)
-    except (images.DatasetUnavailable, ValueError):
-        return None
-
-
-@st.cache_data(show_spinner=False)
 def test_set(dataset: str) -> tuple[np.ndarray, np.ndarray] | None:
     """(images uint8 [M, 28, 28], their test-split indices): the full set when installed,
     else the bundled gallery (engine.data.gallery); None when neither exists."""
