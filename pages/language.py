@@ -160,7 +160,7 @@ def live_classifier(card, policy: Policy):
     probs, num_tokens = classify_cached(card.model_id, tuple(items))
     names = exit_names(card.config)
     classes = list(card.raw.get("class_names", ["negative", "neutral", "positive"]))
-    exits = language.exits_for(probs, policy)
+    exits = exit_index(probs, policy)
     n, k = probs.shape[:2]
     rows = np.arange(n)
     pred_exit = probs[rows, exits].argmax(-1)

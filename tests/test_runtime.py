@@ -14,7 +14,8 @@ from torch import nn
 from engine.core.policies import Policy, PolicyError, exit_index
 from engine.core.trace import Trace, TraceMeta
 from engine.data.images import load, to_model_input
-from engine.run.runtime import EarlyExitRunner, exit_costs, run
+from engine.run.exits import exit_costs
+from engine.run.runtime import EarlyExitRunner, run
 
 BUNDLED = "mnist_multi_exit_cnn"
 

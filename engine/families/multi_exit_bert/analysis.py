@@ -1,7 +1,7 @@
 """Language-model analyses behind the language page (no streamlit here).
 
-- ``classify``: run the multi-exit MiniLM on raw texts, every exit's probabilities, and the
-  exit the policy takes (the same rules as the traces: ``engine.core.policies``).
+- ``classify``: run the multi-exit MiniLM on raw texts, every exit's probabilities (the exit
+  a policy takes is ``engine.core.policies.exit_index`` on them, the traces' rule).
 - ``token_attributions``: Captum Layer Integrated Gradients on the word embeddings for one
   exit: which word pieces pushed that exit toward its prediction.
 - ``depth_by_confidence``: exit depth against the annotators' agreement on the test tweets.
@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.core.policies import Policy, exit_mask, first_true, patience_mask
 from engine.core.stats import spearman
 
 MAX_UPLOAD_BYTES = 1_000_000
@@ -56,13 +55,6 @@ def parse_lines(data: bytes | str, max_items: int = MAX_ITEMS) -> list[str]:
             f"{MAX_CHARS} per item"
         )
     return items
-
-
-def exits_for(probs: np.ndarray, policy: Policy) -> np.ndarray:
-    """[N] exit taken for probabilities [N, K, C] under the policy (as ``exit_index``)."""
-    if policy.kind == "patience":
-        return first_true(patience_mask(probs.argmax(-1), policy.patience)).astype(np.int64)
-    return first_true(exit_mask(policy, probs)).astype(np.int64)
 
 
 @dataclass
