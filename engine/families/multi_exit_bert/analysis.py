@@ -6,6 +6,10 @@
   exit: which word pieces pushed that exit toward its prediction.
 - ``depth_by_confidence``: exit depth against the annotators' agreement on the test tweets.
 - ``parse_lines``: the uploaded text file, one item per line, validated.
+
+Pages reach the model module through here only: ``exit_names`` (display names of the layers)
+and ``BackboneUnavailable`` (raised when the pretrained encoder is not installed) are the
+model's, re-exposed for the language page.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import numpy as np
 import torch
 
 from engine.core.stats import spearman
+from engine.families.multi_exit_bert.model import BackboneUnavailable as BackboneUnavailable
+from engine.families.multi_exit_bert.model import encode, tokens
+from engine.families.multi_exit_bert.model import exit_names as exit_names
 
 MAX_UPLOAD_BYTES = 1_000_000
 MAX_ITEMS = 200
@@ -66,8 +73,6 @@ class Classified:
 
 @torch.no_grad()
 def classify(model, texts: list[str]) -> Classified:
-    from engine.families.multi_exit_bert.model import encode
-
     probs, lengths = [], []
     for i in range(0, len(texts), 32):
         ids, mask = encode(texts[i : i + 32], model.config.max_length)
@@ -85,8 +90,6 @@ def token_attributions(model, text: str, exit_k: int, target: int | None = None,
     gradients on (not under inference_mode, where Captum cannot differentiate).
     """
     from captum.attr import LayerIntegratedGradients
-
-    from engine.families.multi_exit_bert.model import encode, tokens
 
     ids, mask = encode([text], model.config.max_length)
     pieces = tokens(text, model.config.max_length)
