@@ -20,7 +20,6 @@ from app.palette import (
     HIGHLIGHT,
     NEUTRAL,
     SEQUENTIAL,
-    WRONG,
     exit_color,
 )
 from engine.core.calibration import Reliability
@@ -329,14 +328,6 @@ def anytime_figure(
     return _layout(fig, "Anytime prediction", 340)
 
 
-def image_figure(image: np.ndarray, title: str = "") -> go.Figure:
-    """A grey image as a heatmap (pixel-exact, with hover values)."""
-    fig = go.Figure(go.Heatmap(z=image[::-1], colorscale="Greys_r", showscale=False))
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False, scaleanchor="x")
-    return _layout(fig, title, 260)
-
-
 def attribution_figure(
     maps: dict[str, np.ndarray], image: np.ndarray | None = None, cols: int = 2
 ) -> go.Figure:
@@ -370,10 +361,6 @@ def attribution_figure(
     fig = _layout(fig, "", 230 * rows)
     fig.update_layout(margin=dict(l=10, r=10, t=30, b=10))
     return fig
-
-
-def correctness_colors(correct: np.ndarray) -> list[str]:
-    return [CORRECT if c else WRONG for c in correct]
 
 
 def figure_html(fig: go.Figure) -> bytes:

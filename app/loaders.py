@@ -17,7 +17,7 @@ import streamlit as st
 
 from app.figures import thin
 from engine.core import calibration, tradeoff
-from engine.core.policies import NeverCorrect, oracle_correct
+from engine.core.policies import NeverCorrect
 from engine.core.trace import Trace, TraceError
 from engine.core.trace import read as read_trace
 
@@ -176,12 +176,6 @@ def oracle_stats(key: str, never_correct: NeverCorrect, _trace: Trace) -> tradeo
 @st.cache_data(show_spinner=False, max_entries=64)
 def per_exit_reliability(key: str, _trace: Trace) -> list[calibration.Reliability]:
     return calibration.per_exit(_trace)
-
-
-@st.cache_data(show_spinner=False, max_entries=16)
-def oracle_exits(key: str, _trace: Trace) -> np.ndarray:
-    """Earliest correct exit per sample, never-correct ones at the last (difficulty ranking)."""
-    return oracle_correct(_trace, fallback="last")
 
 
 # --- models and images -----------------------------------------------------------------------

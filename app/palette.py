@@ -38,7 +38,3 @@ def exit_color(k: int) -> str:
 def expert_color(e: int) -> str:
     """The colour of expert ``e`` on every page."""
     return CATEGORICAL[e % len(CATEGORICAL)]
-
-
-def exit_colors(n: int) -> list[str]:
-    return [exit_color(k) for k in range(n)]

@@ -228,14 +228,6 @@ def set_policy(policy: Policy, num_exits: int) -> None:
             s[w_per_exit(e)] = st.session_state[w_per_exit(e)]
 
 
-def policy_from_state(trace: Trace) -> Policy:
-    """The policy the controls currently hold (no widgets rendered)."""
-    kinds = available_kinds(trace)
-    _apply_query_params(trace, kinds)
-    _ensure_defaults(trace, kinds)
-    return _policy_of(st.session_state[W_KIND], trace.num_exits)
-
-
 def _policy_of(kind: str, k: int) -> Policy:
     ss = st.session_state
     if kind in THRESHOLD_KINDS:

@@ -15,7 +15,7 @@ import torch
 
 from engine.data import gallery, images
 from engine.families import load_model
-from engine.run.trace_build import exit_flops
+from engine.run.exits import exit_costs
 
 REPEATS = {256: 7, 1: 200}
 
@@ -40,8 +40,7 @@ def main() -> None:
     for model_id, dataset in (("mnist_multi_exit_cnn", "mnist"), ("mnist_cascade", "mnist")):
         model = load_model(model_id)
         x = images.to_model_input(gallery.test_images(dataset).data.images[:256])
-        stage_f, head_f = exit_flops(model)
-        flops = np.cumsum(np.add(stage_f, head_f))
+        flops = exit_costs(model).cumulative
         print(f"\n{model_id}: cumulative MFLOPs/sample {np.round(flops / 1e6, 3).tolist()}")
         print(f"  FLOPs / last exit        {np.round(flops / flops[-1], 3).tolist()}")
         for batch, reps in REPEATS.items():

@@ -21,6 +21,7 @@ from engine.data import photo
 from engine.data.images import DATASETS, INSTALL_HINT, DatasetUnavailable
 from engine.registry import RegistryError
 from engine.run import inspection
+from engine.run.exits import image_exits
 
 PINNED = "aie.insp.pinned"
 UPLOAD = "aie.insp.upload"
@@ -76,7 +77,7 @@ def live_setup(source: str):
 
 @st.cache_resource(show_spinner=False)
 def cumulative_flops(model_id: str) -> np.ndarray:
-    from engine.run.runtime import exit_costs
+    from engine.run.exits import exit_costs
 
     return exit_costs(loaders.load_model(model_id)).cumulative
 
@@ -99,7 +100,7 @@ def item_probs(item: dict, trace: Trace, model) -> tuple[np.ndarray, np.ndarray]
     """[K, C] probabilities and [K] cumulative cost for an input."""
     if model is None or item.get("image") is None:  # no live run: the trace's recorded row
         return trace.probs[item["row"]], trace.cost[item["row"]]
-    probs = inspection.all_exits(model, item["image"])
+    probs = image_exits(model, item["image"])
     return probs, cumulative_flops(item["model_id"])
 
 
@@ -140,7 +141,7 @@ def show_item(item: dict, trace: Trace, model, policy: Policy, prefix: str) -> N
     if model is None or item.get("image") is None:
         exit_taken = int(exit_index(trace.subset(np.array([item["row"]])), policy)[0])
     else:
-        exit_taken = inspection.policy_exit(policy, probs)
+        exit_taken = int(exit_index(probs, policy))
     pred = probs.argmax(axis=1)
     label = item.get("label")
     full = float(cum_cost[-1])

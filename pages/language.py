@@ -80,13 +80,9 @@ def classify_cached(model_id: str, items: tuple[str, ...]):
 
 @st.cache_data(show_spinner="Generating…", max_entries=64)
 def generate_cached(model_id, prompt, n, measure, mode, threshold):
-    from engine.families.early_exit_lm import model as lm
+    from engine.families.early_exit_lm import analysis as lm
 
-    model = load_lm(model_id)
-    policy = lm.ExitPolicy(measure=measure, threshold=threshold, mode=mode)
-    g = lm.generate(model, prompt, n, policy)
-    full = lm.generate(model, prompt, n, lm.ExitPolicy(measure=None))
-    return g, full
+    return lm.generate_pair(load_lm(model_id), prompt, n, measure, mode, threshold)
 
 
 def classifier_cards():
@@ -146,11 +142,9 @@ def read_items() -> list[str] | None:
 
 
 def live_classifier(card, policy: Policy):
-    from engine.families.multi_exit_bert.model import BackboneUnavailable, exit_names
-
     try:
         model = load_classifier(card.model_id)
-    except BackboneUnavailable as e:
+    except language.BackboneUnavailable as e:
         st.error(f"The live classifier needs the pretrained encoder: {e}")
         return
     except (RegistryError, RuntimeError, OSError) as e:
@@ -160,9 +154,9 @@ def live_classifier(card, policy: Policy):
     if not items:
         return
     probs, num_tokens = classify_cached(card.model_id, tuple(items))
-    names = exit_names(card.config)
+    names = language.exit_names(card.config)
     classes = list(card.raw.get("class_names", ["negative", "neutral", "positive"]))
-    exits = language.exits_for(probs, policy)
+    exits = exit_index(probs, policy)
     n, k = probs.shape[:2]
     rows = np.arange(n)
     pred_exit = probs[rows, exits].argmax(-1)
@@ -300,7 +294,7 @@ def classifier_tab():
 
 
 def lm_tab():
-    from engine.families.early_exit_lm import model as lm
+    from engine.families.early_exit_lm import analysis as lm
 
     try:
         cards = list_cards("early_exit_lm")

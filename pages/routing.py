@@ -12,7 +12,6 @@ from engine.data import images as image_data
 from engine.data import photo
 from engine.families import load_model
 from engine.families.moe import analysis as moe
-from engine.families.moe.model import Routing
 from engine.registry import RegistryError, list_cards
 
 NONE_LABEL = "no limit"
@@ -45,7 +44,7 @@ def live_sweep(model_id: str, dataset: str, n: int, _progress=None) -> list[dict
 @st.cache_data(show_spinner=False, max_entries=64)
 def route_one(model_id: str, image: bytes, k, cf, tau) -> moe.RoutingRecord:
     img = np.frombuffer(image, dtype=np.uint8).reshape(1, image_data.SIZE, image_data.SIZE).copy()
-    return moe.run(model_of(model_id), img, Routing(k=k, capacity_factor=cf, tau=tau))
+    return moe.run(model_of(model_id), img, moe.routing_setting(k, cf, tau))
 
 
 @st.cache_data(show_spinner=False)
@@ -103,7 +102,7 @@ if dynamic:
         value=float_param("tau", 0.5, options=list(moe.TAU_GRID)),
         key="moe.tau",
     )
-    routing = Routing(tau=float(tau))
+    routing = moe.routing_setting(tau=float(tau))
 else:
     c1, c2 = st.columns(2)
     k = c1.radio("k (experts per token)", [1, 2], index=1, horizontal=True, key="moe.k")
@@ -114,7 +113,7 @@ else:
         horizontal=True,
         key="moe.cf",
     )
-    routing = Routing(k=int(k), capacity_factor=None if cf_label == NONE_LABEL else float(cf_label))
+    routing = moe.routing_setting(int(k), None if cf_label == NONE_LABEL else float(cf_label))
     st.caption(
         "k=1 and k=2 are two routing modes of the same weights (trained with k alternating "
         "between 1 and 2, capacity factor 2); capacity is per image (16 tokens)."

@@ -138,15 +138,6 @@ def test_depth_by_confidence_and_spearman():
     assert np.isnan(stats.spearman(np.ones(5), np.arange(5)))
 
 
-def test_exits_for_matches_policies():
-    from engine.core.policies import Policy
-
-    probs = np.array([[[0.5, 0.3, 0.2], [0.9, 0.05, 0.05], [0.1, 0.1, 0.8]]])
-    assert language.exits_for(probs, Policy("max_prob", threshold=0.85))[0] == 1
-    assert language.exits_for(probs, Policy("max_prob", threshold=0.95))[0] == 2
-    assert language.exits_for(probs, Policy("patience", patience=1))[0] == 1
-
-
 bundled = pytest.mark.skipif(
     not __import__("pathlib").Path(f"assets/models/{MODEL_ID}.json").exists(),
     reason="the bundled multi-exit MiniLM has not been trained",

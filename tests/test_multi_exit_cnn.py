@@ -19,7 +19,8 @@ from engine.data import gallery, images
 from engine.families.cascade import model as cascade
 from engine.families.multi_exit_cnn import model as multi_exit_cnn
 from engine.families.multi_exit_cnn import train as trainer
-from engine.run.trace_build import build_trace, exit_flops
+from engine.run.exits import exit_costs
+from engine.run.trace_build import build_trace
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = {
@@ -60,7 +61,8 @@ def test_multi_exit_cnn_contract_and_shapes():
         h = stage(h)
         shapes.append(tuple(h.shape[1:]))
     assert shapes == [(16, 14, 14), (32, 7, 7), (64, 4, 4), (64, 4, 4)]
-    stage_f, head_f = exit_flops(model)
+    costs = exit_costs(model)
+    stage_f, head_f = costs.stage, costs.head
     assert all(f > 0 for f in stage_f) and all(
         0 < f < s / 50 for f, s in zip(head_f, stage_f, strict=True)
     )
@@ -76,7 +78,8 @@ def test_cascade_contract_identity_stages():
     x = torch.randn(2, 1, 28, 28)
     for stage in model.stages:
         assert torch.equal(stage(x), x)
-    stage_f, head_f = exit_flops(model)
+    costs = exit_costs(model)
+    stage_f, head_f = costs.stage.tolist(), costs.head
     assert stage_f == [0, 0] and head_f[0] * 20 < head_f[1]  # small is much cheaper than large
 
 

@@ -13,7 +13,7 @@ from streamlit.testing.v1 import AppTest
 
 from engine.core.policies import Policy, exit_index
 from engine.data import photo
-from engine.run import inspection
+from engine.run.exits import image_exits
 from engine.trace_store import load_trace
 from tests.helpers_app import (
     SYNTH_ID,
@@ -63,8 +63,8 @@ def test_test_sample_matches_live_engine_run(live):
     from engine.registry import get_card
 
     images = load_images(get_card(live).dataset, "test")
-    probs = inspection.all_exits(model, images.images[sid])
-    k = inspection.policy_exit(Policy("max_prob", threshold=0.6), probs)
+    probs = image_exits(model, images.images[sid])
+    k = int(exit_index(probs, Policy("max_prob", threshold=0.6)))
     shown = dict(_metrics(at))
     assert shown["Policy exits at"] == trace.meta.exit_names[k]
     assert shown["Prediction"] == trace.meta.class_names[int(probs[k].argmax())]

@@ -10,6 +10,7 @@ from engine.core.policies import (
     oracle_correct,
     oracle_stable,
     reference_exit_index,
+    stop_mask,
 )
 from engine.core.tradeoff import evaluate
 from tests.traces_strategy import make_trace, traces
@@ -41,6 +42,44 @@ def test_vectorised_equals_per_sample_reference(t, data):
         np.testing.assert_array_equal(
             exit_index(t, policy), reference_exit_index(t, policy), err_msg=str(policy)
         )
+
+
+@settings(max_examples=40, deadline=None)
+@given(traces(), st.data())
+def test_raw_probabilities_decide_as_the_trace(t, data):
+    """The runtime, inspector, language page and tour pass raw probabilities, not a trace:
+    the same function must give the same exits, for a batch and for one sample."""
+    for policy in policies_for(t, data.draw):
+        want = exit_index(t, policy)
+        np.testing.assert_array_equal(exit_index(t.probs, policy, t.gate), want, str(policy))
+        g = None if t.gate is None else t.gate[0]
+        assert int(exit_index(t.probs[0], policy, g)) == want[0], policy
+
+
+@settings(max_examples=40, deadline=None)
+@given(traces(), st.data())
+def test_decision_at_k_ignores_later_exits(t, data):
+    """The runtime has only exits 0..k when it decides at k and fills the rest with zeros."""
+    k = data.draw(st.integers(0, t.num_exits - 1))
+    seen = t.probs.copy()
+    seen[:, k + 1 :] = 0
+    for policy in policies_for(t, data.draw):
+        if policy.kind == "gate":
+            continue  # gate scores are given per exit, not derived from probabilities
+        np.testing.assert_array_equal(
+            stop_mask(policy, seen)[:, k], stop_mask(policy, t)[:, k], str(policy)
+        )
+
+
+def test_decisions_by_hand():
+    probs = np.array([[0.5, 0.3, 0.2], [0.9, 0.05, 0.05], [0.1, 0.1, 0.8]])
+    assert int(exit_index(probs, Policy("max_prob", threshold=0.85))) == 1
+    assert int(exit_index(probs, Policy("max_prob", threshold=0.95))) == 2
+    assert int(exit_index(probs, Policy("patience", patience=1))) == 1  # 0 and 1 agree
+    assert int(exit_index(probs, Policy("patience", patience=2))) == 2  # the last exit
+    assert int(exit_index(probs, Policy("fixed", exit=1))) == 1
+    with pytest.raises(PolicyError, match="gate"):
+        exit_index(probs, Policy("gate", threshold=0.5))
 
 
 @settings(max_examples=40, deadline=None)

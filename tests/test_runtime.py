@@ -14,7 +14,8 @@ from torch import nn
 from engine.core.policies import Policy, PolicyError, exit_index
 from engine.core.trace import Trace, TraceMeta
 from engine.data.images import load, to_model_input
-from engine.run.runtime import EarlyExitRunner, exit_costs, run
+from engine.run.exits import exit_costs
+from engine.run.runtime import EarlyExitRunner, run
 
 BUNDLED = "mnist_multi_exit_cnn"
 
@@ -161,6 +162,51 @@ def test_standin_torch_equals_trace_for_every_policy(standin):
     for policy in policies_for(trace):
         res = runner.run(x, policy, batch_size=256)
         want = exit_index(trace, policy)
+        assert np.array_equal(res.exit, want), policy
+        assert np.array_equal(res.pred, trace.pred[np.arange(len(x)), want]), policy
+
+
+class Residual(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, h):
+        return h + 0.4 * torch.tanh(self.lin(h))
+
+
+class Sticky(StandIn):
+    """Residual stages on a flattened input: predictions often agree between exits, and
+    change for some samples, so patience stops them at every exit (the StandIn's first two
+    exits never agree, which leaves patience nothing to decide)."""
+
+    def __init__(self, d=12, exits=5, classes=10):
+        nn.Module.__init__(self)
+        self.stages = nn.ModuleList(
+            [nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, d))]
+            + [Residual(d) for _ in range(exits - 1)]
+        )
+        head = nn.Linear(d, classes)  # one head shared by every exit, as in an LM
+        self.heads = nn.ModuleList([head] * exits)
+        with torch.no_grad():
+            for stage in self.stages[1:]:
+                stage.lin.weight.mul_(2)
+
+
+@pytest.mark.parametrize("min_rows", [1, 16])
+def test_patience_history_follows_samples_through_compaction(standin, min_rows):
+    """The runtime keeps each running sample's past predictions in its rows; compaction drops
+    rows at every exit, and a history out of step with them changes patience's exits."""
+    _, x, _ = standin
+    torch.manual_seed(3)
+    model = Sticky().eval()
+    trace = trace_of(model, x, np.zeros(len(x)))
+    runner = EarlyExitRunner(model, "torch", device="cpu")
+    for p in (1, 2, 3):
+        policy = Policy("patience", patience=p)
+        want = exit_index(trace, policy)
+        assert len(np.unique(want)) >= 2, "the test model must stop samples at several exits"
+        res = runner.run(x, policy, batch_size=64, min_rows=min_rows)
         assert np.array_equal(res.exit, want), policy
         assert np.array_equal(res.pred, trace.pred[np.arange(len(x)), want]), policy
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
+from engine.core.family import LiveRun
 from engine.core.trace import Trace, TraceError
-from engine.data import images
+from engine.families import get as get_family
 from engine.families import load_model
-from engine.registry import ModelCard, RegistryError, list_cards
+from engine.registry import ModelCard, RegistryError, get_card, list_cards
 from engine.trace_store import load_trace
 
 MULTI_EXIT_ID = "mnist_multi_exit_cnn"
@@ -48,14 +49,6 @@ def get_trace(model_id: str, split: str = "test") -> Trace | None:
     try:
         return load_trace(model_id, split, build_if_missing=False)
     except (FileNotFoundError, TraceError, RegistryError):
-        return None
-
-
-@st.cache_data(show_spinner=False)
-def get_images(dataset: str, split: str = "test") -> images.ImageSet | None:
-    try:
-        return images.load(dataset, split)
-    except (images.DatasetUnavailable, ValueError):
         return None
 
 
@@ -208,12 +201,12 @@ def skip_card() -> ModelCard | None:
 
 
 @st.cache_resource(show_spinner=False)
-def act_live(model_id: str, img28: bytes) -> dict:
+def act_live(model_id: str, img28: bytes) -> LiveRun:
     """One drawn image pondered by the image ACT model (real halting at its trained eps)."""
-    from engine.families.act.model import run_act
-
     img = np.frombuffer(img28, dtype=np.uint8).reshape(28, 28).copy()
-    return run_act(get_model(model_id), images.to_model_input(img[None]).numpy())
+    card = get_card(model_id)
+    family = get_family(card.family)
+    return family.run_one(get_model(model_id), card, img, family.default_setting(card))
 
 
 def act_image_card() -> ModelCard | None:
@@ -239,9 +232,8 @@ def lm_card() -> ModelCard | None:
 
 
 @st.cache_resource(show_spinner=False)
-def skip_live(model_id: str, img28: bytes, threshold: float) -> dict:
+def skip_live(model_id: str, img28: bytes, threshold: float) -> LiveRun:
     """One drawn image through the skip model (gates decide per block); img28: raw bytes."""
-    from engine.families.skipnet.model import run_skipnet
-
     img = np.frombuffer(img28, dtype=np.uint8).reshape(28, 28).copy()
-    return run_skipnet(get_model(model_id), images.to_model_input(img[None]), threshold)
+    card = get_card(model_id)
+    return get_family(card.family).run_one(get_model(model_id), card, img, threshold)

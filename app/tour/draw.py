@@ -181,7 +181,7 @@ SKIP_T = 0.5
 def _skip_panel(ctx: Ctx, card: ModelCard, img28: np.ndarray, classes) -> None:
     """The same drawing through the skip model: each block's gate score and whether it ran."""
     rec = data.skip_live(card.model_id, np.ascontiguousarray(img28).tobytes(), SKIP_T)
-    gate, ran = rec["gate"][0], rec["executed"][0]
+    gate, ran = rec.steps, rec.ran
     n = len(gate)
     st.session_state[RESULT]["skip_blocks_run"] = int(ran.sum())
     fig = ft.steps_bars(
@@ -197,7 +197,7 @@ def _skip_panel(ctx: Ctx, card: ModelCard, img28: np.ndarray, classes) -> None:
     )
     show_figure(fig, "tour.fig.draw_skip")
     st.markdown(
-        f"The skip model answers **{classes[int(rec['pred'][0])]}** after running "
+        f"The skip model answers **{classes[rec.prediction]}** after running "
         f"**{int(ran.sum())} of {n}** blocks."
     )
 
@@ -205,10 +205,10 @@ def _skip_panel(ctx: Ctx, card: ModelCard, img28: np.ndarray, classes) -> None:
 def _act_panel(ctx: Ctx, card: ModelCard, img28: np.ndarray, classes) -> None:
     """The same drawing through the image ACT model: cumulative halting after each step."""
     rec = data.act_live(card.model_id, np.ascontiguousarray(img28).tobytes())
-    steps, m = int(rec["steps"][0]), rec["h"].shape[1]
+    steps, m = int(rec.detail["halt_at"]), len(rec.steps)
     eps = float(card.config.get("eps", 0.01))
     st.session_state[RESULT]["act_steps"] = steps
-    cum = np.where(np.arange(m) < steps, rec["cum_halt"][0], 0.0)
+    cum = np.where(np.arange(m) < steps, rec.detail["cumulative"], 0.0)
     fig = ft.steps_bars(
         cum,
         [str(n + 1) for n in range(m)],
@@ -226,6 +226,6 @@ def _act_panel(ctx: Ctx, card: ModelCard, img28: np.ndarray, classes) -> None:
     fig.update_xaxes(title=f"ponder step (steps after {steps} were not run)", type="category")
     show_figure(fig, "tour.fig.draw_act")
     st.markdown(
-        f"The ACT model answers **{classes[int(rec['pred'][0])]}** after **{steps} of {m}** "
+        f"The ACT model answers **{classes[rec.prediction]}** after **{steps} of {m}** "
         "ponder steps: it stops once its halting total reaches 1 − ε."
     )

@@ -1,11 +1,11 @@
 """Running a bundled model live on one image for the tour (pure: no streamlit here).
 
-The decision rule is the engine's (``engine.core.policies.exit_mask`` + ``first_true``), the
-preprocessing is the engine's (``engine.data.drawing.to_mnist`` for drawings, then
-``engine.data.images.to_model_input``), and FLOPs are counted by torch on the modules as
-executed (``engine.run.runtime.exit_costs``), and the stop is decided by the engine's
-runtime (``engine.run.runtime.EarlyExitRunner``), so what the tour shows for a drawing is what the
-rest of the app computes for a test image.
+The preprocessing is the engine's (``engine.data.drawing.to_mnist`` for drawings, then
+``engine.data.images.to_model_input``), every exit's probabilities and FLOPs are
+``engine.run.exits``' (the trace builder's), and the stop is decided by the engine's runtime
+(``engine.run.runtime.EarlyExitRunner``, which uses the traces' own rule,
+``engine.core.policies.stop_mask``), so what the tour shows for a drawing is what the rest of
+the app computes for a test image.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.core.policies import Policy, exit_mask, first_true
+from engine.core.policies import Policy
 from engine.data.images import to_model_input
-from engine.run.runtime import EarlyExitRunner, softmax32
+from engine.run.exits import image_exits
+from engine.run.runtime import EarlyExitRunner
 
 
 @dataclass(frozen=True)
@@ -44,22 +45,9 @@ class ExitRun:
         return float(self.cost[self.exit] / self.cost[-1]) if self.cost[-1] > 0 else 1.0
 
 
-def max_prob_exit(probs: np.ndarray, threshold: float) -> int:
-    """The engine's max-probability rule on one sample's [K, C] probabilities."""
-    mask = exit_mask(Policy("max_prob", threshold=float(threshold)), probs[None])
-    return int(first_true(mask)[0])
-
-
 def make_runner(model: torch.nn.Module) -> EarlyExitRunner:
     """The engine's real early-exit runtime for ``model`` on the CPU (its FLOP table included)."""
     return EarlyExitRunner(model, backend="torch", device="cpu")
-
-
-@torch.no_grad()
-def exit_probs(model: torch.nn.Module, img28: np.ndarray) -> np.ndarray:
-    """uint8 [28, 28] -> [K, C] float32 class probabilities of every exit (no stopping)."""
-    logits = model(to_model_input(img28[None]))
-    return np.concatenate([softmax32(z) for z in logits])
 
 
 def run_multi_exit(runner: EarlyExitRunner, img28: np.ndarray, threshold: float) -> ExitRun:
@@ -67,7 +55,7 @@ def run_multi_exit(runner: EarlyExitRunner, img28: np.ndarray, threshold: float)
     exit's guess (the exits after the stop are computed only to show what they would say)."""
     policy = Policy("max_prob", threshold=float(threshold))
     result = run(runner, img28, policy)
-    probs = exit_probs(runner.model, img28)
+    probs = image_exits(runner.model, img28)
     return ExitRun(
         probs=probs,
         cost=runner.costs.cumulative,

@@ -1,8 +1,9 @@
 """Exit policies as pure, vectorised functions: (trace, parameters) -> exit index per sample.
 
 Every policy stops at the *first* exit whose criterion holds and falls back to the last exit.
-The same decision rules are used by the runtime (``engine.run.runtime``) on live activations, via
-``exit_mask``, so the cached-trace answer and the real early-exit run agree exactly.
+One decision function, ``stop_mask``, serves the cached traces, the real runtime
+(``engine.run.runtime``, on live activations), the sample inspector, the language page and the
+tour, so the cached-trace answer and the real early-exit run agree exactly.
 
 Conventions (named as in the literature, see shared/FIELD.md):
 - ``max_prob``: exit when max softmax probability >= threshold (BranchyNet, MSDNet).
@@ -121,38 +122,70 @@ class Policy:
         return f"{self.kind.replace('_', '-')} {self.threshold:.4g}"
 
 
-# --- the decision rule, shared with the runtime -----------------------------------------------
+# --- the decision rule: one function for traces, the runtime, the inspector and the tour ---------
 
 
-def exit_mask(policy: Policy, probs: np.ndarray, gate: np.ndarray | None = None) -> np.ndarray:
-    """Whether each sample may stop at each exit, from that exit's outputs alone.
+class _Outputs:
+    """Confidence scores of raw probabilities, computed once, as a ``Trace`` caches them."""
 
-    probs: [..., K, C] probabilities; returns bool [..., K]. Patience depends on the history of
-    predictions and is handled by ``first_exit``; this covers the memoryless criteria.
+    def __init__(self, probs: np.ndarray, gate: np.ndarray | None):
+        self.probs = np.asarray(probs)
+        self.gate = None if gate is None else np.asarray(gate)
+
+    @property
+    def pred(self) -> np.ndarray:
+        return self.probs.argmax(axis=-1)
+
+    @property
+    def max_prob(self) -> np.ndarray:
+        return max_prob_of(self.probs)
+
+    @property
+    def entropy_norm(self) -> np.ndarray:
+        return entropy_norm_of(self.probs)
+
+    @property
+    def margin(self) -> np.ndarray:
+        return margin_of(self.probs)
+
+
+def stop_mask(
+    policy: Policy, outputs: np.ndarray | Trace, gate: np.ndarray | None = None
+) -> np.ndarray:
+    """[..., K] bool: may each sample stop at exit k, judged on the outputs of exits 0..k.
+
+    ``outputs`` is a ``Trace`` (its cached scores and gate are used) or probabilities
+    [..., K, C] (with ``gate`` [..., K] for the gate policy). Column k never depends on the
+    columns after it, so a runtime that has computed exits 0..k only may fill the rest with
+    anything (zeros) and read column k. Every caller that decides an exit goes through here.
     """
-    k = probs.shape[-2]
-    if policy.kind == "max_prob":
-        return max_prob_of(probs) >= policy.threshold
-    if policy.kind == "entropy":
-        return entropy_norm_of(probs) <= policy.threshold
-    if policy.kind == "margin":
-        return margin_of(probs) >= policy.threshold
-    if policy.kind == "per_exit":
+    out = outputs if isinstance(outputs, Trace) else _Outputs(outputs, gate)
+    k = out.probs.shape[-2]
+    kind = policy.kind
+    if kind == "max_prob":
+        return out.max_prob >= policy.threshold
+    if kind == "entropy":
+        return out.entropy_norm <= policy.threshold
+    if kind == "margin":
+        return out.margin >= policy.threshold
+    if kind == "patience":
+        return patience_mask(out.pred, policy.patience)
+    if kind == "per_exit":
         t = np.asarray(policy.thresholds, dtype=np.float64)
         if t.shape != (k,):
             raise PolicyError(f"per-exit thresholds need {k} values, got {t.size}")
-        return max_prob_of(probs) >= t
-    if policy.kind == "gate":
-        if gate is None:
-            raise PolicyError("this trace has no learned gate scores")
-        return gate.astype(np.float64) >= policy.threshold
-    if policy.kind == "fixed":
+        return out.max_prob >= t
+    if kind == "gate":
+        if out.gate is None:
+            raise PolicyError("these outputs have no learned gate scores")
+        return out.gate.astype(np.float64) >= policy.threshold
+    if kind == "fixed":
         if policy.exit >= k:
             raise PolicyError(f"exit {policy.exit} does not exist (the model has {k} exits)")
-        mask = np.zeros(probs.shape[:-1], dtype=bool)
+        mask = np.zeros(out.probs.shape[:-1], dtype=bool)
         mask[..., policy.exit] = True
         return mask
-    raise PolicyError(f"{policy.kind!r} has no memoryless exit mask")
+    raise PolicyError(f"unknown policy kind {kind!r}")
 
 
 def first_true(mask: np.ndarray) -> np.ndarray:
@@ -163,34 +196,28 @@ def first_true(mask: np.ndarray) -> np.ndarray:
 
 
 def patience_mask(pred: np.ndarray, patience: int) -> np.ndarray:
-    """[N, K] bool: the prediction at k equals the ones at k-1 .. k-patience (PABEE's counter)."""
-    n, k = pred.shape
+    """[..., K] bool: the prediction at k equals the ones at k-1 .. k-patience (PABEE's counter)."""
+    k = pred.shape[-1]
     if patience == 0:
-        return np.ones((n, k), dtype=bool)
-    same = np.zeros((n, k), dtype=bool)
-    same[:, 1:] = pred[:, 1:] == pred[:, :-1]
+        return np.ones(pred.shape, dtype=bool)
+    same = np.zeros(pred.shape, dtype=bool)
+    same[..., 1:] = pred[..., 1:] == pred[..., :-1]
     # run length of consecutive "same as previous" ending at k, via cumulative sums with resets
     idx = np.arange(k)
-    last_break = np.maximum.accumulate(np.where(~same, idx, 0), axis=1)
+    last_break = np.maximum.accumulate(np.where(~same, idx, 0), axis=-1)
     run = idx - last_break
     return run >= patience
 
 
-def exit_index(trace: Trace, policy: Policy) -> np.ndarray:
-    """[N] int64 exit taken by each sample under the policy."""
-    # the trace caches its confidence scores (same functions as exit_mask, so same values)
-    kind = policy.kind
-    if kind == "patience":
-        mask = patience_mask(trace.pred, policy.patience)
-    elif kind == "max_prob":
-        mask = trace.max_prob >= policy.threshold
-    elif kind == "entropy":
-        mask = trace.entropy_norm <= policy.threshold
-    elif kind == "margin":
-        mask = trace.margin >= policy.threshold
-    else:
-        mask = exit_mask(policy, trace.probs, trace.gate)
-    return first_true(mask).astype(np.int64)
+def exit_index(
+    outputs: Trace | np.ndarray, policy: Policy, gate: np.ndarray | None = None
+) -> np.ndarray:
+    """[...] int64 exit taken by each sample: the first exit ``stop_mask`` allows, else the last.
+
+    ``outputs`` as in ``stop_mask``: a trace, or probabilities [..., K, C] (one sample's [K, C]
+    gives a 0-d array).
+    """
+    return first_true(stop_mask(policy, outputs, gate)).astype(np.int64)
 
 
 # --- oracles ------------------------------------------------------------------------------

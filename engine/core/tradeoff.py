@@ -226,13 +226,6 @@ def best_within_budget(c: Curve, budget: float) -> int | None:
     return int(ok[order[0]])
 
 
-def accuracy_target(trace: Trace, target: float, relative: bool) -> float:
-    """An absolute accuracy target, or a fraction of the last exit's accuracy."""
-    if not relative:
-        return target
-    return target * float(trace.correct[trace.label != -1, -1].mean())
-
-
 def budget_target(trace: Trace, budget: float, relative: bool) -> float:
     """An absolute mean-cost budget, or a fraction of the full model's mean cost."""
     return budget * float(trace.cost[:, -1].mean()) if relative else budget

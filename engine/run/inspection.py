@@ -1,9 +1,8 @@
-"""One input through a multi-exit model: every exit's output, the policy's exit, attributions.
+"""The sample inspector's engine side: uploads, attributions at one exit, difficulty galleries.
 
-Used by the sample inspector. The model contract is the runtime's (``engine.run.runtime``):
-``model.stages`` and ``model.heads`` (``nn.ModuleList`` of equal length K), input from
-``engine.data.images.to_model_input``. Probabilities are the float32 softmax of each head's
-logits, as in the traces, and the exit decision is ``engine.core.policies``' rule itself.
+Every exit's probabilities for one input come from ``engine.run.exits.image_exits`` (the trace
+builder's code) and the exit from ``engine.core.policies.exit_index`` (the traces' rule). The
+model contract is the runtime's (``engine.run.runtime``): ``model.stages`` and ``model.heads``.
 
 Uploaded images are prepared by ``engine.data.photo.prepare_image`` (shared by every page).
 """
@@ -15,34 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.core.policies import Policy, exit_mask, first_true, oracle_correct, patience_mask
+from engine.core.policies import oracle_correct
 from engine.core.trace import Trace
 from engine.data.images import to_model_input
-
-# --- one input through every exit ------------------------------------------------------------------
-
-
-def all_exits(model: torch.nn.Module, image: np.ndarray) -> np.ndarray:
-    """uint8 [28, 28] -> float32 [K, C]: every exit's probabilities (the anytime prediction)."""
-    x = to_model_input(np.asarray(image, dtype=np.uint8)[None])
-    probs = []
-    with torch.no_grad():
-        h = x
-        for stage, head in zip(model.stages, model.heads, strict=True):
-            h = stage(h)
-            probs.append(torch.softmax(head(h).float(), dim=-1)[0].numpy())
-    return np.stack(probs).astype(np.float32)
-
-
-def policy_exit(policy: Policy, probs: np.ndarray, gate: np.ndarray | None = None) -> int:
-    """The exit the policy takes for one input, from its [K, C] probabilities."""
-    p = np.asarray(probs)[None]
-    if policy.kind == "patience":
-        mask = patience_mask(p.argmax(axis=-1), policy.patience)
-    else:
-        mask = exit_mask(policy, p, None if gate is None else np.asarray(gate)[None])
-    return int(first_true(mask)[0])
-
 
 # --- attributions ----------------------------------------------------------------------------------
 

@@ -206,23 +206,6 @@ def quantize_chain(
     return OnnxChain(qdir, stages, heads, "int8")
 
 
-def quantize_chain_dynamic(chain: OnnxChain, tag: str = "int8dyn") -> OnnxChain:
-    """Dynamic int8 (weights only quantised ahead of time); kept for the benchmark comparison."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    qdir = chain.directory / tag
-    qdir.mkdir(parents=True, exist_ok=True)
-    stages = tuple(qdir / p.name for p in chain.stages)
-    heads = tuple(qdir / p.name for p in chain.heads)
-    for src, dst in zip(chain.stages + chain.heads, stages + heads, strict=True):
-        if not dst.exists():
-            tmp = dst.with_suffix(f".tmp{os.getpid()}.onnx")
-            with _quiet("", "onnxruntime"):
-                quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
-            tmp.replace(dst)
-    return OnnxChain(qdir, stages, heads, "int8")
-
-
 class OnnxSessions:
     """ONNX Runtime sessions for a chain; ``stage(k, x)`` and ``head(k, h)`` take and return
     float32 numpy arrays."""

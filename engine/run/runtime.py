@@ -21,9 +21,11 @@ Backends:
   float and int8 ONNX chains. ``RuntimeResult.int8_from`` says where each sample switched.
 
 Decisions are bit-for-bit those of the cached trace: probabilities are the float32 softmax of
-the logits (computed by torch on the CPU whatever the backend, as the trace builders do), the
-memoryless rules are ``engine.core.policies.exit_mask`` itself, and patience is PABEE's running
-counter carried per sample through compaction (equivalent to ``patience_mask``).
+the logits (computed by torch on the CPU whatever the backend, as the trace builders do), and
+the decision is ``engine.core.policies.stop_mask`` itself, the function the traces use. Every
+running sample carries its probabilities at the exits it has passed (``_Group.seen``, rows
+moved along with its activations through compaction), so history-dependent rules (PABEE's
+patience) see what they would see in the trace. The FLOP table is ``engine.run.exits``'.
 
 Batch-size invariance. Compacted batches shrink, and BLAS picks different kernels (a different
 summation order) for matrix products with few rows: measured here, ``nn.Linear`` on fewer than 16
@@ -46,46 +48,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.core.costs import count_flops, default_device
-from engine.core.policies import Policy, PolicyError, exit_mask
+from engine.core.costs import default_device
+from engine.core.policies import Policy, PolicyError, stop_mask
 from engine.core.trace import max_prob_of
+from engine.run.exits import check_contract, exit_costs
 
 BACKENDS = ("torch", "onnx", "onnx_int8", "quee")
 DEFAULT_MIN_ROWS = 16
 DEFAULT_QUEE_BAND = 0.5
-
-
-# --- costs -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ExitCosts:
-    """FLOPs per sample of each stage and head, counted by torch (``engine.core.costs.count_flops``)."""
-
-    stage: np.ndarray  # [K] float64
-    head: np.ndarray  # [K] float64
-
-    @property
-    def cumulative(self) -> np.ndarray:
-        """[K] FLOPs of reaching exit k: sum over j <= k of stage_j + head_j (the trace's cost)."""
-        return np.cumsum(self.stage + self.head)
-
-    @property
-    def full(self) -> float:
-        """FLOPs of running the whole model (every stage and head)."""
-        return float(self.cumulative[-1])
-
-
-def exit_costs(model: nn.Module, input_shape: tuple[int, ...] = (1, 28, 28)) -> ExitCosts:
-    """Count each stage's and head's FLOPs on one sample, on the CPU."""
-    stages, heads = [], []
-    h = torch.zeros((1, *input_shape))
-    with torch.no_grad():
-        for stage, head in zip(model.stages, model.heads, strict=True):
-            f, h = count_flops(stage, h)
-            stages.append(f)
-            heads.append(count_flops(head, h)[0])
-    return ExitCosts(np.asarray(stages, dtype=np.float64), np.asarray(heads, dtype=np.float64))
 
 
 # --- result ----------------------------------------------------------------------------------
@@ -202,27 +172,21 @@ class _OnnxChain:
 
 @dataclass
 class _Group:
-    """Samples of one batch still running, in one precision: their activations and PABEE state."""
+    """Samples of one batch still running, in one precision: activations and exits seen so far."""
 
     chain: object
     h: object
     idx: np.ndarray  # positions in the batch
-    prev_pred: np.ndarray
-    run: np.ndarray
+    seen: np.ndarray | None  # [m, K, C] float32 probabilities at the exits passed, zeros after
+
+    def rows(self, sel: np.ndarray, h) -> _Group:
+        """The samples ``sel`` of this group, with activations ``h`` (already taken)."""
+        return _Group(self.chain, h, self.idx[sel], self.seen[sel])
 
 
 def softmax32(logits: torch.Tensor) -> np.ndarray:
     """float32 probabilities, computed on the CPU exactly as the trace builders do."""
     return torch.softmax(logits.float().cpu(), dim=-1).numpy()
-
-
-def exit_now(policy: Policy, probs: np.ndarray, k: int, num_exits: int) -> np.ndarray:
-    """[B] bool: may each sample stop at exit k, judged by ``exit_mask`` on exit k's outputs."""
-    if policy.kind == "gate":
-        raise PolicyError("the runtime has no learned gate scores; use a confidence policy")
-    full = np.zeros((probs.shape[0], num_exits, probs.shape[1]), dtype=probs.dtype)
-    full[:, k] = probs
-    return exit_mask(policy, full)[:, k]
 
 
 # --- the runner --------------------------------------------------------------------------------
@@ -248,10 +212,7 @@ class EarlyExitRunner:
     ):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-        if not (hasattr(model, "stages") and hasattr(model, "heads")):
-            raise TypeError("the model needs .stages and .heads (the multi-exit model contract)")
-        if len(model.stages) != len(model.heads) or len(model.stages) == 0:
-            raise TypeError("model.stages and model.heads must be non-empty and of equal length")
+        check_contract(model)
         if model.training:
             raise ValueError("put the model in eval mode (model.eval()) before running it")
         self.model = model
@@ -313,6 +274,8 @@ class EarlyExitRunner:
         """Run ``x`` [N, *input_shape] under ``policy``, with batch compaction after every exit."""
         if batch_size < 1 or min_rows < 1:
             raise ValueError("batch_size and min_rows must be at least 1")
+        if policy.kind == "gate":
+            raise PolicyError("the runtime has no learned gate scores; use a confidence policy")
         x = torch.as_tensor(x)
         n, k_count = x.shape[0], self.num_exits
         start_chain, int8_chain = self._chains(x)
@@ -333,11 +296,10 @@ class EarlyExitRunner:
                 t0 = time.perf_counter()
                 xb = x[b0 : b0 + batch_size]
                 rows = xb.shape[0]
-                empty = np.zeros(rows, dtype=np.int64)
-                groups = [_Group(start_chain, start_chain.start(xb), np.arange(rows), empty, empty)]
+                groups = [_Group(start_chain, start_chain.start(xb), np.arange(rows), None)]
                 for k in range(k_count):
                     next_groups: list[_Group] = []
-                    moved: list[tuple[object, np.ndarray, np.ndarray, np.ndarray]] = []
+                    moved: list[_Group] = []
                     for g in groups:
                         m = g.idx.size
                         if m == 0:
@@ -352,15 +314,12 @@ class EarlyExitRunner:
                         h_real = h if m == g.chain.rows(h) else g.chain.take(h, np.arange(m))
                         if probs_out is None:
                             probs_out = np.zeros((n, p.shape[1]), dtype=np.float32)
-                        # the decision
+                        if g.seen is None:
+                            g.seen = np.zeros((m, k_count, p.shape[1]), dtype=np.float32)
+                        g.seen[:, k] = p
+                        # the decision: the traces' own rule, on exits 0..k (the rest are zeros)
+                        stop = stop_mask(policy, g.seen)[:, k] | (k == k_count - 1)
                         cur = p.argmax(axis=-1)
-                        run = np.where(cur == g.prev_pred, g.run + 1, 0) if k else np.zeros(m, int)
-                        if k == k_count - 1:
-                            stop = np.ones(m, dtype=bool)
-                        elif policy.kind == "patience":
-                            stop = run >= policy.patience
-                        else:
-                            stop = exit_now(policy, p, k, k_count)
                         done = b0 + g.idx[stop]
                         pred[done] = cur[stop]
                         exits[done] = k
@@ -374,29 +333,24 @@ class EarlyExitRunner:
                         stay = keep[~to_int8]
                         if stay.size:
                             hs = h_real if stay.size == m else g.chain.take(h_real, stay)
-                            next_groups.append(
-                                _Group(g.chain, hs, g.idx[stay], cur[stay], run[stay])
-                            )
+                            next_groups.append(g.rows(stay, hs))
                         go = keep[to_int8]
                         if go.size:
                             int8_from[b0 + g.idx[go]] = k + 1
-                            hg = g.chain.take(h_real, go)
-                            moved.append((hg, g.idx[go], cur[go], run[go]))
+                            moved.append(g.rows(go, g.chain.take(h_real, go)))
                     if moved:
                         # samples switching precision join the int8 group for the next stage
-                        old = [g for g in next_groups if g.chain is int8_chain]
-                        parts = [(g.h, g.idx, g.prev_pred, g.run) for g in old] + moved
+                        parts = [g for g in next_groups if g.chain is int8_chain] + moved
                         next_groups = [g for g in next_groups if g.chain is not int8_chain]
-                        hs = parts[0][0]
+                        hs = parts[0].h
                         for part in parts[1:]:
-                            hs = int8_chain.concat(hs, part[0])
+                            hs = int8_chain.concat(hs, part.h)
                         next_groups.append(
                             _Group(
                                 int8_chain,
                                 hs,
-                                np.concatenate([q[1] for q in parts]),
-                                np.concatenate([q[2] for q in parts]),
-                                np.concatenate([q[3] for q in parts]),
+                                np.concatenate([q.idx for q in parts]),
+                                np.concatenate([q.seen for q in parts]),
                             )
                         )
                     groups = next_groups

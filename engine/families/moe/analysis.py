@@ -54,6 +54,14 @@ class RoutingRecord:
         return len(self.probs)
 
 
+def routing_setting(
+    k: int | None = None, capacity_factor: float | None = None, tau: float | None = None
+) -> Routing:
+    """The routing the page's controls describe: dynamic-k at ``tau`` (norm router), or top-``k``
+    with a per-image ``capacity_factor`` (None: no limit) for the softmax router."""
+    return Routing(k=k, capacity_factor=capacity_factor, tau=tau)
+
+
 def settings_for(model: MoEViT) -> list[Routing]:
     """The sweep grid of a model: tau for the norm router, k x capacity for the softmax one."""
     if model.config.router == "norm":

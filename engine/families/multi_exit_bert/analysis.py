@@ -1,11 +1,15 @@
 """Language-model analyses behind the language page (no streamlit here).
 
-- ``classify``: run the multi-exit MiniLM on raw texts, every exit's probabilities, and the
-  exit the policy takes (the same rules as the traces: ``engine.core.policies``).
+- ``classify``: run the multi-exit MiniLM on raw texts, every exit's probabilities (the exit
+  a policy takes is ``engine.core.policies.exit_index`` on them, the traces' rule).
 - ``token_attributions``: Captum Layer Integrated Gradients on the word embeddings for one
   exit: which word pieces pushed that exit toward its prediction.
 - ``depth_by_confidence``: exit depth against the annotators' agreement on the test tweets.
 - ``parse_lines``: the uploaded text file, one item per line, validated.
+
+Pages reach the model module through here only: ``exit_names`` (display names of the layers)
+and ``BackboneUnavailable`` (raised when the pretrained encoder is not installed) are the
+model's, re-exposed for the language page.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.core.policies import Policy, exit_mask, first_true, patience_mask
 from engine.core.stats import spearman
+from engine.families.multi_exit_bert.model import BackboneUnavailable as BackboneUnavailable
+from engine.families.multi_exit_bert.model import encode, tokens
+from engine.families.multi_exit_bert.model import exit_names as exit_names
 
 MAX_UPLOAD_BYTES = 1_000_000
 MAX_ITEMS = 200
@@ -58,13 +64,6 @@ def parse_lines(data: bytes | str, max_items: int = MAX_ITEMS) -> list[str]:
     return items
 
 
-def exits_for(probs: np.ndarray, policy: Policy) -> np.ndarray:
-    """[N] exit taken for probabilities [N, K, C] under the policy (as ``exit_index``)."""
-    if policy.kind == "patience":
-        return first_true(patience_mask(probs.argmax(-1), policy.patience)).astype(np.int64)
-    return first_true(exit_mask(policy, probs)).astype(np.int64)
-
-
 @dataclass
 class Classified:
     texts: list[str]
@@ -74,8 +73,6 @@ class Classified:
 
 @torch.no_grad()
 def classify(model, texts: list[str]) -> Classified:
-    from engine.families.multi_exit_bert.model import encode
-
     probs, lengths = [], []
     for i in range(0, len(texts), 32):
         ids, mask = encode(texts[i : i + 32], model.config.max_length)
@@ -93,8 +90,6 @@ def token_attributions(model, text: str, exit_k: int, target: int | None = None,
     gradients on (not under inference_mode, where Captum cannot differentiate).
     """
     from captum.attr import LayerIntegratedGradients
-
-    from engine.families.multi_exit_bert.model import encode, tokens
 
     ids, mask = encode([text], model.config.max_length)
     pieces = tokens(text, model.config.max_length)

@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,7 +38,7 @@ from engine.core.training import (
 )
 from engine.data import images
 from engine.paths import MODELS_DIR
-from engine.run.trace_build import exit_flops
+from engine.run.exits import exit_costs
 
 FAMILY = "multi_exit_cnn"
 
@@ -120,8 +119,9 @@ def exit_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int
 
 
 def exit_metrics(model: nn.Module, acc: list[float], n_test: int, names: list[str]) -> dict:
-    stage_f, head_f = exit_flops(model)
-    cumulative = np.cumsum(np.array(stage_f) + np.array(head_f)).tolist()
+    costs = exit_costs(model)
+    stage_f, head_f = [int(f) for f in costs.stage], [int(f) for f in costs.head]
+    cumulative = costs.cumulative.tolist()
     return {
         "exit_names": names,
         "test_accuracy": [round(a, 5) for a in acc],

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.core.family import Family
+from engine.core.family import Family, LiveRun
 from engine.core.results import Results
+from engine.data.images import to_model_input
 from engine.families.skipnet import model as skipnet
 from engine.families.skipnet import records as skipping
 
@@ -50,6 +51,20 @@ class SkipNet(Family):
 
     def default_setting(self, card) -> float:
         return skipping.DEFAULT_THRESHOLD
+
+    def run_one(self, model, card, x: np.ndarray, value: float) -> LiveRun:
+        """x: the prepared uint8 [28, 28] image; a block runs when its gate score >= value."""
+        rec = skipnet.run_skipnet(model, to_model_input(x[None]), value)
+        ran = rec["executed"][0].astype(bool)
+        return LiveRun(
+            prediction=int(rec["pred"][0]),
+            confidence=float(rec["probs"][0].max()),
+            cost=float(rec["flops"][0]),
+            full_cost=skipnet.full_flops(model),
+            decision=f"ran {int(ran.sum())} of {ran.size} blocks",
+            steps=rec["gate"][0],
+            ran=ran,
+        )
 
 
 FAMILY = SkipNet()
