@@ -21,8 +21,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("engine", "app", "pages", "streamlit_app.py")
 MODEL = re.compile(r"^engine\.families\.[a-z0-9_]+\.model$")
-# Another engineer is splitting app/tour/chapters.py; until then this one cycle is known.
-KNOWN_CYCLE = frozenset({"app.tour.chapters", "app.tour.draw"})
 
 
 def module_name(path: Path) -> str:
@@ -172,18 +170,8 @@ def test_engine_never_imports_streamlit(project):
 
 def test_no_import_cycles(project):
     graph, _ = project
-    cycles = [sorted(c) for c in strongly_connected(graph) if c != KNOWN_CYCLE]
+    cycles = [sorted(c) for c in strongly_connected(graph)]
     assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="known cycle app.tour.chapters <-> app.tour.draw, until app/tour/chapters.py is split; "
-    "when this passes, delete KNOWN_CYCLE and this test",
-)
-def test_tour_chapters_draw_cycle_is_gone(project):
-    graph, _ = project
-    assert KNOWN_CYCLE not in strongly_connected(graph)
 
 
 def test_family_models_import_no_training_app_or_pages(project):

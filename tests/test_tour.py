@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from app.tour import draw
-from app.tour.chapters import CHAPTERS, QUIZ_SAMPLE
+from app.tour.chapters import CHAPTERS, draw
+from app.tour.chapters.guess import QUIZ_SAMPLE
 from app.tour.frame import W_PRESENT
 from engine.core.policies import Policy, exit_index
 from engine.data import images

@@ -1,47 +1,50 @@
-"""Cached access to the bundled models, traces and test images the tour runs on."""
+"""Cached access to the bundled models, traces and test images the tour runs on.
+
+Models are found by their family's kind and properties (``engine.families.cards_of_kind``),
+never by id or family name: a chapter asks for "an exit model on MNIST with a trace". What one
+family's chapter alone needs (its records, its live run) lives in that chapter's module."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import streamlit as st
 
-from engine.core.family import LiveRun
+from app.loaders import load_model
+from engine.core.family import Family
 from engine.core.trace import Trace, TraceError
-from engine.families import get as get_family
-from engine.families import load_model
-from engine.registry import ModelCard, RegistryError, get_card, list_cards
+from engine.families import cards_of_kind
+from engine.registry import ModelCard, RegistryError
 from engine.trace_store import load_trace
 
-MULTI_EXIT_ID = "mnist_multi_exit_cnn"
 
-
-def find_card(families: tuple[str, ...], prefer: str | None = None) -> ModelCard | None:
-    """The preferred bundled model, else the first of the given families; None if none is."""
+def first_card(
+    *kinds: str,
+    dataset: str | None = None,
+    where: Callable[[ModelCard, Family], bool] | None = None,
+) -> ModelCard | None:
+    """The first bundled model (weights present) of a family of one of ``kinds``, optionally on
+    one data set and passing ``where(card, family)``, in ``cards_of_kind`` order; None if none."""
     try:
-        cards = list_cards()
+        found = cards_of_kind(*kinds, dataset=dataset)
     except RegistryError:
         return None
-    for card in cards:
-        if prefer and card.model_id == prefer and card.weights_path.exists():
-            return card
-    for card in cards:
-        if card.family in families and card.weights_path.exists():
+    for card, fam in found:
+        if card.weights_path.exists() and (where is None or where(card, fam)):
             return card
     return None
 
 
-def multi_exit_card() -> ModelCard | None:
-    """The multi-exit CNN the early-exit chapters use (it needs its bundled test trace too)."""
-    card = find_card(("multi_exit_cnn",), prefer=MULTI_EXIT_ID)
-    if card is None or get_trace(card.model_id) is None:
-        return None
-    return card
+def traced_card(*kinds: str, dataset: str | None = None) -> ModelCard | None:
+    """The first such model whose bundled test trace loads (the trace chapters read it)."""
+    return first_card(*kinds, dataset=dataset, where=lambda c, _: get_trace(c.model_id) is not None)
 
 
-@st.cache_resource(show_spinner=False)
-def get_model(model_id: str):
-    """Shared, read-only: never mutate (eval mode, no_grad at every call)."""
-    return load_model(model_id)
+def exit_card() -> ModelCard | None:
+    """The early-exit chapters' model: a multi-exit model on MNIST (the canvas draws MNIST-style
+    digits) with its test trace."""
+    return traced_card("exit", dataset="mnist")
 
 
 @st.cache_data(show_spinner=False)
@@ -94,7 +97,7 @@ def get_runner(model_id: str):
     """The engine's early-exit runtime around the cached model (FLOP table counted once)."""
     from app.tour.live import make_runner
 
-    return make_runner(get_model(model_id))
+    return make_runner(load_model(model_id))
 
 
 # --- statistics the chapters show (cached per model and setting; the math is engine's) -------
@@ -150,90 +153,3 @@ def overthinking_rows(model_id: str) -> np.ndarray:
     trace = get_trace(model_id)
     c = trace.correct
     return np.flatnonzero(~c[:, -1] & c[:, :-1].any(axis=1))
-
-
-# --- the other families' bundled records -----------------------------------------------------
-
-
-def card_if(model_id: str, family: str) -> ModelCard | None:
-    card = find_card((family,), prefer=model_id)
-    return card if card is not None and card.family == family else None
-
-
-@st.cache_data(show_spinner=False)
-def skip_records(model_id: str):
-    from engine.families.skipnet import records as skipping
-
-    try:
-        return skipping.load_records(model_id)
-    except (FileNotFoundError, OSError, ValueError, KeyError):
-        return None
-
-
-@st.cache_data(show_spinner=False)
-def halt_records(model_id: str):
-    from engine.families.act import records as halting
-
-    try:
-        return halting.load_records(model_id)
-    except (FileNotFoundError, OSError, ValueError, KeyError):
-        return None
-
-
-@st.cache_data(show_spinner=False)
-def moe_sweep(model_id: str) -> dict | None:
-    from engine.families.moe import analysis as moe_analysis
-
-    try:
-        return moe_analysis.load_sweep(moe_analysis.sweep_file(model_id))
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def cascade_card() -> ModelCard | None:
-    card = card_if("mnist_cascade", "cascade")
-    return card if card is not None and get_trace(card.model_id) is not None else None
-
-
-def skip_card() -> ModelCard | None:
-    card = card_if("mnist_skipnet", "skipnet")
-    return card if card is not None and skip_records(card.model_id) is not None else None
-
-
-@st.cache_resource(show_spinner=False)
-def act_live(model_id: str, img28: bytes) -> LiveRun:
-    """One drawn image pondered by the image ACT model (real halting at its trained eps)."""
-    img = np.frombuffer(img28, dtype=np.uint8).reshape(28, 28).copy()
-    card = get_card(model_id)
-    family = get_family(card.family)
-    return family.run_one(get_model(model_id), card, img, family.default_setting(card))
-
-
-def act_image_card() -> ModelCard | None:
-    """The ACT model that reads MNIST-style digits (the canvas's preprocessing), if bundled."""
-    card = card_if("mnist_act", "act_cnn")
-    return card if card is not None and card.dataset == "mnist" else None
-
-
-def act_card() -> ModelCard | None:
-    card = card_if("parity_act", "act")
-    return card if card is not None and halt_records(card.model_id) is not None else None
-
-
-def moe_card() -> ModelCard | None:
-    card = card_if("fashion_d2dmoe_vit", "moe")
-    return card if card is not None and moe_sweep(card.model_id) is not None else None
-
-
-def lm_card() -> ModelCard | None:
-    card = card_if("bbc_char_early_exit_lm", "early_exit_lm")
-    sweep = [] if card is None else card.raw.get("metrics", {}).get("sweep", [])
-    return card if any(p.get("mode") == "exit" for p in sweep) else None
-
-
-@st.cache_resource(show_spinner=False)
-def skip_live(model_id: str, img28: bytes, threshold: float) -> LiveRun:
-    """One drawn image through the skip model (gates decide per block); img28: raw bytes."""
-    img = np.frombuffer(img28, dtype=np.uint8).reshape(28, 28).copy()
-    card = get_card(model_id)
-    return get_family(card.family).run_one(get_model(model_id), card, img, threshold)

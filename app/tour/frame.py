@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.tour.chapters import CHAPTERS, Chapter, Ctx
+from app.tour.chapters import CHAPTERS
+from app.tour.common import Chapter, Ctx
 
 QP_CHAPTER = "chapter"
 QP_PRESENT = "present"

@@ -3,7 +3,8 @@
 The canvas (streamlit-drawable-canvas) returns RGBA pixels; ``engine.data.drawing.to_mnist``
 crops, scales and centres them as MNIST was made, and ``app.tour.live`` runs the multi-exit
 model through the engine's runtime. A test-set digit can be sent down the same path (rendered
-into the canvas's RGBA format by ``engine.data.drawing.to_canvas_rgba``); the tests do that.
+into the canvas's RGBA format by ``engine.data.drawing.to_canvas_rgba``); the tests do that. The same drawing goes through a
+layer-skipping model and an image halting model on MNIST, when such models are bundled.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import streamlit as st
 from PIL import Image
 
 from app import figures_tour as ft
+from app.loaders import load_model
 from app.palette import HIGHLIGHT, NEUTRAL, exit_color
 from app.tour import data
-from app.tour.chapters import (
+from app.tour.common import (
+    Chapter,
     Ctx,
     current_threshold,
     deeper,
@@ -23,8 +26,10 @@ from app.tour.chapters import (
     show_figure,
     threshold_slider,
 )
+from engine.core.family import LiveRun
 from engine.data.drawing import DrawingError, to_canvas_rgba, to_mnist
-from engine.registry import ModelCard
+from engine.families import get as get_family
+from engine.registry import ModelCard, get_card
 
 CANVAS = 280
 SEEN_WIDTH = 190  # the "what the model sees" box beside the canvas
@@ -32,6 +37,33 @@ TOOLBAR_PX = 32  # streamlit-drawable-canvas pops its toolbar up 2.65rem above t
 CANVAS_N = "tour.draw.n"  # bumped by "Clear" so a fresh, empty canvas is mounted
 LOADED = "tour.draw.rgba"  # RGBA pixels in the canvas's format, loaded instead of drawn
 RESULT = "tour.draw.result"  # {"pred", "exit", "cost_fraction"} of the last run (tests read it)
+DIGITS = "mnist"  # the canvas's preprocessing is MNIST's: the side panels' models read it
+
+
+def skip_card() -> ModelCard | None:
+    """A layer-skipping model on MNIST, for the "Layer skipping" tab."""
+    return data.first_card("skip", dataset=DIGITS)
+
+
+def ponder_card() -> ModelCard | None:
+    """A halting model that reads MNIST images, for the "Pondering (ACT)" tab."""
+    return data.first_card("halt", dataset=DIGITS, where=lambda c, f: f.live_input(c) == "image")
+
+
+@st.cache_resource(show_spinner=False)
+def skip_live(model_id: str, img28: bytes, threshold: float) -> LiveRun:
+    """One drawn image through the skip model (gates decide per block; its family's real run)."""
+    card = get_card(model_id)
+    img = np.frombuffer(img28, dtype=np.uint8).reshape(28, 28).copy()
+    return get_family(card.family).run_one(load_model(model_id), card, img, threshold)
+
+
+@st.cache_resource(show_spinner=False)
+def ponder_live(model_id: str, img28: bytes, eps: float) -> LiveRun:
+    """One drawn image pondered by the halting model (its family's real run at ``eps``)."""
+    card = get_card(model_id)
+    img = np.frombuffer(img28, dtype=np.uint8).reshape(28, 28).copy()
+    return get_family(card.family).run_one(load_model(model_id), card, img, eps)
 
 
 def _clear() -> None:
@@ -141,7 +173,7 @@ def draw_chapter(ctx: Ctx, card: ModelCard) -> None:
             f"Answer **{classes[run.answer]}** at **{names[run.exit]}**, "
             f"using **{pct(run.cost_fraction)}** of the full network's compute."
         )
-    skip, ponder = data.skip_card(), data.act_image_card()
+    skip, ponder = skip_card(), ponder_card()
     names_tabs = ["Early exit"]
     names_tabs += ["Layer skipping"] if skip is not None else []
     names_tabs += ["Pondering (ACT)"] if ponder is not None else []
@@ -180,7 +212,7 @@ SKIP_T = 0.5
 
 def _skip_panel(ctx: Ctx, card: ModelCard, img28: np.ndarray, classes) -> None:
     """The same drawing through the skip model: each block's gate score and whether it ran."""
-    rec = data.skip_live(card.model_id, np.ascontiguousarray(img28).tobytes(), SKIP_T)
+    rec = skip_live(card.model_id, np.ascontiguousarray(img28).tobytes(), SKIP_T)
     gate, ran = rec.steps, rec.ran
     n = len(gate)
     st.session_state[RESULT]["skip_blocks_run"] = int(ran.sum())
@@ -204,11 +236,11 @@ def _skip_panel(ctx: Ctx, card: ModelCard, img28: np.ndarray, classes) -> None:
 
 def _act_panel(ctx: Ctx, card: ModelCard, img28: np.ndarray, classes) -> None:
     """The same drawing through the image ACT model: cumulative halting after each step."""
-    rec = data.act_live(card.model_id, np.ascontiguousarray(img28).tobytes())
-    steps, m = int(rec.detail["halt_at"]), len(rec.steps)
     eps = float(card.config.get("eps", 0.01))
+    run = ponder_live(card.model_id, np.ascontiguousarray(img28).tobytes(), eps)
+    steps, m = int(run.detail["halt_at"]), len(run.steps)
     st.session_state[RESULT]["act_steps"] = steps
-    cum = np.where(np.arange(m) < steps, rec.detail["cumulative"], 0.0)
+    cum = np.where(np.arange(m) < steps, run.detail["cumulative"], 0.0)
     fig = ft.steps_bars(
         cum,
         [str(n + 1) for n in range(m)],
@@ -226,6 +258,11 @@ def _act_panel(ctx: Ctx, card: ModelCard, img28: np.ndarray, classes) -> None:
     fig.update_xaxes(title=f"ponder step (steps after {steps} were not run)", type="category")
     show_figure(fig, "tour.fig.draw_act")
     st.markdown(
-        f"The ACT model answers **{classes[rec.prediction]}** after **{steps} of {m}** "
+        f"The ACT model answers **{classes[run.prediction]}** after **{steps} of {m}** "
         "ponder steps: it stops once its halting total reaches 1 − ε."
     )
+
+
+CHAPTER = Chapter(
+    "draw", "Draw a digit", "the multi-exit CNN", data.exit_card, draw_chapter, order=20
+)
