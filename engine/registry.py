@@ -1,7 +1,7 @@
 """Bundled models: each is ``assets/models/<model_id>.safetensors`` plus a JSON model card.
 
-The card says which model family builds the network (``module``, always under
-``engine.models``), with what ``config``, on which data, how it was trained, and the SHA-256 of
+The card says which model family builds the network (``module``, under
+``engine.models`` or ``engine.families``), with what ``config``, on which data, how it was trained, and the SHA-256 of
 the weights file, which is checked on every load. Adding a model means adding two files; no code
 here changes.
 """
@@ -60,8 +60,10 @@ def _read_card(path: Path) -> ModelCard:
     try:
         raw = json.loads(path.read_text())
         module = raw["module"]
-        if not module.startswith("engine.models."):
-            raise RegistryError(f"{path.name}: module must live under engine.models, got {module}")
+        if not module.startswith(("engine.models.", "engine.families.")):
+            raise RegistryError(
+                f"{path.name}: module must live under engine.models or engine.families, got {module}"
+            )
         return ModelCard(raw["model_id"], raw["family"], module, raw.get("config", {}), raw, path)
     except (KeyError, json.JSONDecodeError) as e:
         raise RegistryError(f"{path.name}: malformed model card ({e})") from None
