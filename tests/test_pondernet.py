@@ -74,7 +74,8 @@ def quick(tmp_path_factory):
     """A quick-trained model with its card and records in a temporary folder."""
     root = tmp_path_factory.mktemp("pondernet")
     argv = ["--quick", "--quiet", "--out-dir", str(root / "models"), "--traces-dir", str(root)]
-    card = trainer.main([*argv, "--model-id", "tiny_pondernet"])
+    trainer.main([*argv, "--model-id", "tiny_pondernet"])
+    card = json.loads((root / "models" / "tiny_pondernet.json").read_text())
     model = load_model("tiny_pondernet", models_dir=root / "models")
     rec = records.load_records("tiny_pondernet", root=root / "records")
     x, y, _ = parity_data(len(rec.label), 12, seed=card["training"]["test_seed"])
@@ -141,10 +142,11 @@ def test_a_stronger_pull_toward_a_higher_lambda_p_halts_sooner(tmp_path):
 
 def test_quick_training_is_bit_for_bit_reproducible(quick, tmp_path):
     _, card, _, _, _, _ = quick
-    again = trainer.main(
+    trainer.main(
         ["--quick", "--quiet", "--out-dir", str(tmp_path), "--traces-dir", str(tmp_path),
          "--model-id", "tiny_pondernet"]
     )  # fmt: skip
+    again = json.loads((tmp_path / "tiny_pondernet.json").read_text())
     assert again["weights_sha256"] == card["weights_sha256"]
     assert again["metrics"] == card["metrics"]
     assert card["module"] == "engine.families.pondernet.model" and card["family"] == "pondernet"
