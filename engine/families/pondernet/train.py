@@ -46,9 +46,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda-p", type=float, default=0.2, help="geometric prior's halting prob.")
     p.add_argument("--beta", type=float, default=0.01, help="weight of KL(p || prior)")
     p.add_argument("--halt-bias-init", type=float, default=-2.0)
-    p.add_argument("--steps", type=int, default=40000, help="training steps (batches)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--steps", type=int, default=7000, help="training steps (batches)")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-size", type=int, default=4000)
     p.add_argument("--test-seed", type=int, default=12345, help="ACT's test set by default")
@@ -174,7 +174,9 @@ def main(argv: list[str] | None = None) -> dict:
             "threads": args.threads,
             "test_seed": args.test_seed,
         },
-        "training_command": "python -m engine.families.pondernet.train " + shlex.join(argv),
+        "training_command": " ".join(
+            ["python -m engine.families.pondernet.train", *map(shlex.quote, argv)]
+        ),
         "train_seconds": round(train_seconds, 1),
         "train_cpu_seconds": round(cpu_seconds, 1),
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
