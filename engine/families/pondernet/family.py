@@ -1,0 +1,110 @@
+"""PonderNet (Banino et al. 2021) on parity, as a family: per-step halting probability λ_n,
+a geometric prior with its KL regulariser, halting by thresholding the cumulative probability."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.core.family import Family, LiveRun
+from engine.core.results import Results
+from engine.families.act import model as act
+from engine.families.pondernet import model as pn
+from engine.families.pondernet import records
+
+
+class PonderNet(Family):
+    name = "pondernet"
+    kind = "halt"
+    title = "pondering (PonderNet)"
+    paper = "Banino et al. 2021, PonderNet"
+    setting = "q"
+    step_name = "step"
+    about = (
+        "PonderNet (2021): after each step n a halting unit gives λ_n, the probability of "
+        "stopping there if not stopped before, so P(N = n) = λ_n ∏_{j<n}(1 − λ_j). Training "
+        "minimises the expected loss over halting steps plus β·KL to a geometric prior; here "
+        "the model halts at the first step where P(N ≤ n) reaches q, and answers with that "
+        "step's output."
+    )
+    setting_help = "q: halt at the first step where the cumulative halting probability ≥ q"
+
+    def build(self, config: dict):
+        return pn.build(config)
+
+    def results(self, card) -> Results:
+        rec = records.load_records(card.model_id)
+        runs = [records.at_q(rec, q) for q in records.Q_GRID]
+        m = rec.lam.shape[1]
+        full = float(rec.meta["encode_flops"]) + m * float(rec.meta["flops_per_step"])
+        lp, beta = (
+            card.raw.get("training", {}).get("lambda_p"),
+            card.raw.get("training", {}).get("beta"),
+        )
+        return Results(
+            self.label(card),
+            "q",
+            records.Q_GRID.astype(np.float64),
+            rec.sample_id,
+            rec.label,
+            np.stack([r.flops for r in runs]).astype(np.float64),
+            np.full(len(rec.label), full),
+            np.stack([r.correct for r in runs]),
+            np.stack([r.pred for r in runs]).astype(np.int64),
+            None,
+            {"steps": np.stack([r.steps for r in runs])},
+            {"difficulty": rec.difficulty, "bits": rec.bits},
+            {
+                "model_id": card.model_id,
+                "family": self.name,
+                "dataset": card.dataset,
+                "split": "test",
+                "cost_unit": "FLOPs",
+                "max_steps": m,
+                "difficulty": "string length (non-zero entries)",
+                "trained_with": "" if lp is None else f"λ_p = {lp:g}, β = {beta:g}",
+            },
+        )
+
+    def record(self, card, i: int, value: float) -> LiveRun:
+        rec = records.load_records(card.model_id)
+        r = records.at_q(rec, value)
+        p = rec.p[i]
+        steps = int(r.steps[i])
+        m = rec.lam.shape[1]
+        return LiveRun(
+            prediction=int(r.pred[i]),
+            confidence=float(r.probs[i].max()),
+            cost=float(r.flops[i]),
+            full_cost=float(rec.meta["encode_flops"]) + m * float(rec.meta["flops_per_step"]),
+            decision=f"halted after {steps} of {m} steps (P(N ≤ {steps}) = {p[:steps].sum():.3f})",
+            steps=rec.lam[i],
+            ran=np.arange(m) < steps,
+            detail={"cumulative": np.cumsum(p), "halt_at": steps, "threshold": float(value)},
+        )
+
+    def live_input(self, card) -> str:
+        return "bits"
+
+    def parse_live(self, card, text: str) -> np.ndarray:
+        return act.parse_bits(text, int(card.config["num_bits"]))
+
+    def run_one(self, model, card, x, value: float) -> LiveRun:
+        out = pn.run(model, x, q=value)
+        steps = int(out.steps[0])
+        m = model.config.max_steps
+        return LiveRun(
+            prediction=int(out.pred[0]),
+            confidence=float(out.probs[0].max()),
+            cost=float(out.flops[0]),
+            full_cost=float("nan"),
+            decision=f"halted after {steps} of {m} steps (P(N ≤ {steps}) = {out.p[0].sum():.3f})",
+            steps=out.lam[0],  # NaN after the halting step: never computed
+            ran=np.arange(m) < steps,
+            detail={"cumulative": np.cumsum(out.p[0]), "halt_at": steps, "threshold": float(value)},
+        )
+
+    def default_setting(self, card) -> float:
+        return float(card.config.get("q", 0.5))
+
+
+FAMILY = PonderNet()
