@@ -180,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nload average before: {' '.join(f'{v:.2f}' for v in load_before)}")
     print(f"load average after:  {' '.join(f'{v:.2f}' for v in load_after)}")
     print(f"targets: numbers < {TARGET_S} s, < {TARGET_KB} KB per rerun\n")
-    print("| page | slider → numbers (median) | slider → idle (median) | KB per rerun (median, max) |")
+    print(
+        "| page | slider → numbers (median) | slider → idle (median) | KB per rerun (median, max) |"
+    )
     print("|---|---|---|---|")
     for name, r in rows:
         ok = r["numbers"] < TARGET_S and r.get("kb_max", 0) < TARGET_KB

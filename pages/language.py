@@ -265,6 +265,7 @@ def depth_vs_annotators(card, policy: Policy):
     )
 
 
+@st.fragment  # a move of its sliders reruns this tab only, not the generation tab
 def classifier_tab():
     cards = classifier_cards()
     if not cards:
@@ -289,6 +290,7 @@ def classifier_tab():
 # --- tab 2: the early-exit LM ------------------------------------------------------------------
 
 
+@st.fragment  # and a generation setting reruns only this tab
 def lm_tab():
     from engine.models import early_exit_lm as lm
 
