@@ -41,18 +41,6 @@ def fmt_flops(x: float) -> str:
     return f"{x:.3g} "
 
 
-def thin(n: int, keep: np.ndarray, max_points: int = 400) -> np.ndarray:
-    """Indices of at most ~max_points evenly spread points out of n, plus every index in keep.
-
-    Whole curves have one point per distinct score (tens of thousands); drawing a few hundred
-    of them plus the Pareto front looks the same and keeps every rerun light.
-    """
-    if n <= max_points:
-        return np.arange(n)
-    even = np.linspace(0, n - 1, max_points).round().astype(np.int64)
-    return np.unique(np.r_[even, np.asarray(keep, dtype=np.int64)])
-
-
 def _base_layout(title: str, height: int = 340, **extra) -> dict:
     return dict(
         title=dict(text=title, x=0, xanchor="left", font=dict(size=15)),

@@ -29,6 +29,20 @@ def correlation_heatmap(names: list[str], matrix: np.ndarray, title: str) -> go.
     return fig
 
 
+MAX_SCATTER_POINTS = 2000  # inputs drawn in the scatter; every statistic uses all of them
+
+
+def scatter_subset(n: int, max_points: int = MAX_SCATTER_POINTS) -> np.ndarray:
+    """Sorted indices of a fixed random subset of n inputs (the same for every method pair).
+
+    Ten thousand markers with their colours and hover data made each budget move send ~0.4 MB
+    and take seconds to draw; a seeded subset of a few thousand shows the same joint shape.
+    """
+    if n <= max_points:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).permutation(n)[:max_points])
+
+
 def compute_scatter(
     x: np.ndarray,
     y: np.ndarray,
@@ -42,45 +56,53 @@ def compute_scatter(
 
     One trace in input order, so no class is drawn over the others; the legend entries are
     key-only traces. Jitter separates the few distinct early-exit costs; the subtitle says so.
+    At most ``MAX_SCATTER_POINTS`` inputs are drawn (``scatter_subset``), built from plain dicts
+    without plotly's per-element validation (tests validate it once).
     """
+    n = len(x)
+    idx = scatter_subset(n)
+    x, y, sample_id, label = (np.asarray(a)[idx] for a in (x, y, sample_id, label))
     rng = np.random.default_rng(0)
     jitter = 0.02
     names = [class_names[int(c)] if class_names is not None else f"class {int(c)}" for c in label]
-    fig = go.Figure(
-        go.Scattergl(
-            x=x + rng.uniform(-jitter, jitter, len(x)),
-            y=y + rng.uniform(-jitter, jitter, len(y)),
-            mode="markers",
-            showlegend=False,
-            marker=dict(size=5, opacity=0.45, color=[palette.exit_color(int(v)) for v in label]),
-            customdata=np.stack([sample_id, names], axis=1),
-            hovertemplate="sample %{customdata[0]} (%{customdata[1]})<br>"
-            f"{x_name}: %{{x:.2f}}<br>{y_name}: %{{y:.2f}}<extra></extra>",
-        )
+    points = dict(
+        type="scattergl",
+        x=(x + rng.uniform(-jitter, jitter, len(x))).astype(np.float32),
+        y=(y + rng.uniform(-jitter, jitter, len(y))).astype(np.float32),
+        mode="markers",
+        showlegend=False,
+        marker=dict(size=5, opacity=0.45, color=[palette.exit_color(int(v)) for v in label]),
+        customdata=np.stack([sample_id, names], axis=1),
+        hovertemplate="sample %{customdata[0]} (%{customdata[1]})<br>"
+        f"{x_name}: %{{x:.2f}}<br>{y_name}: %{{y:.2f}}<extra></extra>",
     )
-    for c in np.unique(label):
-        fig.add_scatter(
+    keys = [
+        dict(
+            type="scatter",
             x=[None],
             y=[None],
             mode="markers",
             name=names[int(np.flatnonzero(label == c)[0])],
             marker=dict(size=9, color=palette.exit_color(int(c))),
         )
-    fig.update_layout(
+        for c in np.unique(label)
+    ]
+    drawn = f"{len(idx):,} of {n:,} inputs drawn (a fixed random subset); " if len(idx) < n else ""
+    layout = dict(
         title=dict(
             text=f"Compute per test input: {x_name} against {y_name}",
             subtitle=dict(
-                text="one point per input, coloured by its true class; "
+                text=f"{drawn}one point per input, coloured by its true class; "
                 f"jittered by up to ±{jitter} so equal costs do not hide each other"
             ),
         ),
-        xaxis_title=f"{x_name}: compute (fraction of full)",
-        yaxis_title=f"{y_name}: compute (fraction of full)",
+        xaxis=dict(title=dict(text=f"{x_name}: compute (fraction of full)")),
+        yaxis=dict(title=dict(text=f"{y_name}: compute (fraction of full)")),
         legend=dict(title=dict(text="true class")),
         height=460,
         margin=dict(l=10, r=10, t=80, b=10),
     )
-    return fig
+    return go.Figure(dict(data=[points, *keys], layout=layout), _validate=False)
 
 
 def per_class_compute(names: list[str], class_names: list[str], means: np.ndarray) -> go.Figure:
@@ -103,7 +125,7 @@ def sparsity_histograms(layers: list[str], zeros: np.ndarray) -> go.Figure:
     fig = go.Figure()
     for i, name in enumerate(layers):
         fig.add_violin(
-            y=zeros[:, i],
+            y=zeros[:, i].astype(np.float32),  # half the bytes; fractions need no more
             name=name,
             box_visible=True,
             meanline_visible=True,

@@ -17,6 +17,7 @@ RAN = palette.OKABE_ITO[0]  # blue: the block ran / the step ran
 SKIPPED = palette.NEUTRAL  # grey: skipped / never reached
 REMAINDER = palette.HIGHLIGHT  # orange: the remainder R at the halting step
 LINE = palette.OKABE_ITO[7]  # black: thresholds and reference lines
+MAX_MARKERS = 60  # curves with more points are drawn as lines only
 
 
 def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 320) -> go.Figure:
@@ -124,7 +125,8 @@ def tradeoff_figure(
         fig.add_scatter(
             x=np.asarray(c.cost)[order],
             y=np.asarray(c.accuracy)[order],
-            mode="lines+markers",
+            # a marker per point only on short sweeps: hundreds of SVG markers slow the browser
+            mode="lines+markers" if len(order) <= MAX_MARKERS else "lines",
             name=c.name,
             line=dict(color=c.colour, dash=c.dash),
             marker=dict(size=6),

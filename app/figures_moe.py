@@ -131,6 +131,7 @@ def patch_overlay(
         )
     )
     used = set()
+    shapes, annotations = [], []  # set at once: add_shape/add_annotation per patch cost ~1 s
     for t in range(grid * grid):
         r, c = divmod(t, grid)
         y0 = h - (r + 1) * patch - 0.5
@@ -143,23 +144,28 @@ def patch_overlay(
             colour = palette.expert_color(top)
             used.add(top)
             label = f"E{top}" + (f" +{len(ran) - 1}" if len(ran) > 1 else "")
-        fig.add_shape(
-            type="rect",
-            x0=x0,
-            x1=x0 + patch,
-            y0=y0,
-            y1=y0 + patch,
-            line={"color": "white", "width": 1},
-            fillcolor=_rgba(colour, 0.45) if colour else "rgba(0,0,0,0)",
+        shapes.append(
+            dict(
+                type="rect",
+                x0=x0,
+                x1=x0 + patch,
+                y0=y0,
+                y1=y0 + patch,
+                line={"color": "white", "width": 1},
+                fillcolor=_rgba(colour, 0.45) if colour else "rgba(0,0,0,0)",
+            )
         )
-        fig.add_annotation(
-            x=x0 + patch / 2,
-            y=y0 + patch / 2,
-            text=label,
-            showarrow=False,
-            font={"color": "white", "size": 12},
-            bgcolor="rgba(0,0,0,0.35)",
+        annotations.append(
+            dict(
+                x=x0 + patch / 2,
+                y=y0 + patch / 2,
+                text=label,
+                showarrow=False,
+                font={"color": "white", "size": 12},
+                bgcolor="rgba(0,0,0,0.35)",
+            )
         )
+    fig.update_layout(shapes=shapes, annotations=annotations)
     for e in sorted(used):
         fig.add_trace(
             go.Scatter(
@@ -203,14 +209,27 @@ def expert_load(load: np.ndarray, tokens: int, layer_names: list[str] | None = N
             row=1,
             col=i + 1,
         )
-        ideal = share[i].sum() / experts
-        fig.add_hline(
-            y=ideal,
-            line={"dash": "dash", "color": palette.NEUTRAL},
-            row=1,
-            col=i + 1,
-            **({"annotation_text": "uniform"} if i == 0 else {}),
-        )
+    # the uniform-load lines as plain shapes, set at once (add_hline per panel cost ~0.1 s each)
+    axis = [("x", "y")] + [(f"x{i + 1}", f"y{i + 1}") for i in range(1, layers)]
+    ideal = share.sum(axis=1) / experts
+    fig.update_layout(
+        shapes=[
+            dict(
+                type="line",
+                xref=f"{xa} domain",
+                yref=ya,
+                x0=0,
+                x1=1,
+                y0=v,
+                y1=v,
+                line={"dash": "dash", "color": palette.NEUTRAL},
+            )
+            for (xa, ya), v in zip(axis, ideal, strict=True)
+        ]
+    )
+    fig.add_annotation(
+        text="uniform", xref="x domain", yref="y", x=1, y=ideal[0], showarrow=False, yshift=8
+    )
     fig.update_yaxes(tickformat=".0%", row=1, col=1, title="share of tokens")
     fig.update_layout(height=340, margin={"l": 10, "r": 10, "t": 40, "b": 10})
     return fig

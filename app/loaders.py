@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 import streamlit as st
 
-from app.figures import thin
 from engine.core import calibration, tradeoff
 from engine.core.policies import NeverCorrect
 from engine.core.trace import Trace, TraceError
@@ -154,7 +153,7 @@ def curve_summary(key: str, kind: str, _trace: Trace) -> CurveSummary:
         tradeoff.evaluate(_trace, np.full(_trace.num_samples, e, dtype=np.int64)) for e in range(k)
     ]
     front = tradeoff.pareto_front(c.mean_cost, c.accuracy)
-    idx = thin(len(c), front)
+    idx = tradeoff.thin(len(c), front)
     plot_front = np.searchsorted(idx, front)  # front is ordered by cost already
     return CurveSummary(
         curve=c,

@@ -269,6 +269,7 @@ def depth_vs_annotators(card, policy: Policy):
     )
 
 
+@st.fragment  # a move of its sliders reruns this tab only, not the generation tab
 def classifier_tab():
     cards = classifier_cards()
     if not cards:
@@ -293,6 +294,7 @@ def classifier_tab():
 # --- tab 2: the early-exit LM ------------------------------------------------------------------
 
 
+@st.fragment  # and a generation setting reruns only this tab
 def lm_tab():
     from engine.families.early_exit_lm import analysis as lm
 

@@ -31,8 +31,12 @@ def variants(model_id: str):
 
 @st.cache_data(show_spinner=False)
 def exit_curve(model_id: str):
-    """(mean cost, accuracy, thresholds) of max-prob early exit on a bundled trace, or None."""
-    from engine.core.tradeoff import curve
+    """(mean cost, accuracy, thresholds) of max-prob early exit on a bundled trace, or None.
+
+    Thinned for drawing (a few hundred points plus the Pareto front): the whole curve has one
+    point per distinct score, tens of thousands, which made every slider move send megabytes.
+    """
+    from engine.core.tradeoff import curve, drawing_indices
     from engine.trace_store import load_trace
 
     try:
@@ -40,7 +44,8 @@ def exit_curve(model_id: str):
     except (FileNotFoundError, ValueError):
         return None
     c = curve(trace, "max_prob")
-    return c.mean_cost, c.accuracy, c.params
+    idx = drawing_indices(c.mean_cost, c.accuracy)
+    return c.mean_cost[idx], c.accuracy[idx], c.params[idx]
 
 
 navigation.require_router()  # first: a deep link may have run this page alone

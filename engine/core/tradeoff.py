@@ -205,6 +205,29 @@ def pareto_front(mean_cost: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
     return order[keep]
 
 
+def thin(n: int, keep: np.ndarray, max_points: int = 400) -> np.ndarray:
+    """Sorted indices of at most ~max_points evenly spread points out of n, plus every index in keep.
+
+    Whole curves have one point per distinct score (tens of thousands); drawing a few hundred
+    of them plus the Pareto front looks the same and keeps every rerun light. Only for drawing:
+    metrics and solvers read the full curve.
+    """
+    if n <= max_points:
+        return np.arange(n)
+    even = np.linspace(0, n - 1, max_points).round().astype(np.int64)
+    return np.unique(np.r_[even, np.asarray(keep, dtype=np.int64)])
+
+
+def drawing_indices(
+    mean_cost: np.ndarray, accuracy: np.ndarray, max_points: int = 400
+) -> np.ndarray:
+    """Indices of a curve to draw: ~max_points evenly spread along it plus its whole Pareto front."""
+    mean_cost, accuracy = np.asarray(mean_cost), np.asarray(accuracy)
+    if len(mean_cost) <= max_points:
+        return np.arange(len(mean_cost))
+    return thin(len(mean_cost), pareto_front(mean_cost, accuracy), max_points)
+
+
 # --- solvers ------------------------------------------------------------------------------------
 
 
