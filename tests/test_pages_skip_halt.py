@@ -49,7 +49,10 @@ def test_pages_fail_gracefully_without_records(monkeypatch, tmp_path):
     import streamlit as st
 
     st.cache_data.clear()  # earlier tests cached the real records
-    for page in ("pages/skipping.py", "pages/halting.py"):
-        at = AppTest.from_file(str(ROOT / page), default_timeout=60).run()
-        assert not at.exception
-        assert "missing" in at.error[0].value
+    try:
+        for page in ("pages/skipping.py", "pages/halting.py"):
+            at = AppTest.from_file(str(ROOT / page), default_timeout=60).run()
+            assert not at.exception
+            assert "missing" in at.error[0].value
+    finally:
+        st.cache_data.clear()  # nor may later tests see the empty lists cached here
