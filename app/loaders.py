@@ -15,10 +15,16 @@ from dataclasses import dataclass
 import numpy as np
 import streamlit as st
 
+from engine import compare, compare_sources
 from engine.core import calibration, tradeoff
 from engine.core.policies import NeverCorrect
 from engine.core.trace import Trace, TraceError
 from engine.core.trace import read as read_trace
+from engine.data import images as image_data
+from engine.families.moe import analysis as moe
+from engine.families.multi_exit_bert import analysis as language
+from engine.families.skipnet import records as skipping
+from engine.run import inspection
 
 UPLOAD_PREFIX = "upload:"
 UPLOADS_KEY = "aie.uploaded_traces"  # session_state: name -> (bytes, filename)
@@ -315,3 +321,150 @@ def siblings(model_id: str) -> list[str]:
         for c, _ in families.cards_of_kind(fam.kind, dataset=card.dataset)
         if ok is None or c.model_id in ok
     ]
+
+
+# --- the compare page ------------------------------------------------------------------------
+
+
+@st.cache_data(show_spinner="Loading every method's per-sample compute…")
+def compare_sweeps(dataset: str):
+    found, missing = compare_sources.load_sweeps(dataset)
+    if len(found) < 2:
+        return None, missing
+    aligned = compare.align([*found, compare_sources.load_oracle(dataset)])
+    return aligned, missing
+
+
+@st.cache_data(show_spinner=False)
+def compare_sparsity(dataset: str):
+    try:
+        return compare_sources.load_sparsity(dataset)
+    except FileNotFoundError:
+        return None
+
+
+@st.cache_data(show_spinner=False)
+def compare_pictures(dataset: str):
+    """{test-split index: image} of the test images the app has, and why only some if so."""
+    from engine.data.images import DatasetUnavailable
+
+    try:
+        t = test_images(dataset)
+    except DatasetUnavailable:
+        return None
+    return dict(zip(t.indices.tolist(), t.images, strict=True)), t.note
+
+
+# --- the sample inspector --------------------------------------------------------------------
+
+
+@st.cache_resource(show_spinner=False)
+def exit_cumulative_flops(model_id: str) -> np.ndarray:
+    from engine.run.exits import exit_costs
+
+    return exit_costs(load_model(model_id)).cumulative
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def difficulty_order(key: str, _trace: Trace) -> tuple[np.ndarray, np.ndarray]:
+    easiest, hardest = inspection.difficulty_order(_trace)
+    return easiest[:2000], hardest[:2000]
+
+
+# --- the language page -----------------------------------------------------------------------
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def text_trace(model_id: str):
+    from engine.trace_store import load_trace
+
+    return load_trace(model_id, "test", build_if_missing=False)
+
+
+@st.cache_data(show_spinner="Classifying…", max_entries=32)
+def classify_texts(model_id: str, items: tuple[str, ...]):
+    res = language.classify(load_model(model_id), list(items))
+    return res.probs, res.num_tokens
+
+
+@st.cache_data(show_spinner="Generating…", max_entries=64)
+def generate_pair(model_id, prompt, n, measure, mode, threshold):
+    from engine.families.early_exit_lm import analysis as lm
+
+    return lm.generate_pair(load_model(model_id), prompt, n, measure, mode, threshold)
+
+
+# --- the mixture-of-experts page -------------------------------------------------------------
+
+
+@st.cache_data(show_spinner=False)
+def moe_bundled_sweep(model_id: str) -> dict | None:
+    return moe.load_sweep(moe.sweep_file(model_id))
+
+
+@st.cache_resource(show_spinner=False)
+def moe_gallery(dataset: str):
+    """The images to pick from (read once: unzipping the test split took ~0.7 s a rerun)."""
+    return moe.gallery(dataset)
+
+
+@st.cache_data(show_spinner=False)
+def moe_sweep_images(dataset: str, n: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """The test subset a sweep runs on (or the bundled examples without the data set)."""
+    data, source = moe_gallery(dataset)
+    idx = moe.sweep_subset(len(data), n)
+    return data.images[idx], data.labels[idx], source
+
+
+@st.cache_data(show_spinner=False)
+def moe_live_sweep(model_id: str, dataset: str, n: int, _progress=None) -> list[dict]:
+    imgs, labels, _ = moe_sweep_images(dataset, n)
+    return moe.sweep(load_model(model_id), imgs, labels, progress=_progress)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def moe_route_one(model_id: str, image: bytes, k, cf, tau) -> moe.RoutingRecord:
+    img = np.frombuffer(image, dtype=np.uint8).reshape(1, image_data.SIZE, image_data.SIZE).copy()
+    return moe.run(load_model(model_id), img, moe.routing_setting(k, cf, tau))
+
+
+@st.cache_data(show_spinner=False)
+def moe_dense_flops(model_id: str) -> float:
+    return moe.dense_flops(load_model(model_id))
+
+
+# --- the layer-skipping page -----------------------------------------------------------------
+
+
+@st.cache_data(show_spinner=False)
+def skip_records(model_id: str) -> skipping.SkipRecords:
+    return skipping.load_records(model_id)
+
+
+@st.cache_data(show_spinner=False)
+def skip_sweep(model_id: str) -> skipping.GateSweep:
+    return skipping.gate_sweep(skip_records(model_id))
+
+
+@st.cache_data(show_spinner=False)
+def skip_variants(model_id: str):
+    return skipping.load_variants(model_id)
+
+
+@st.cache_data(show_spinner=False)
+def early_exit_curve(model_id: str):
+    """(mean cost, accuracy, thresholds) of max-prob early exit on a bundled trace, or None.
+
+    Thinned for drawing (a few hundred points plus the Pareto front): the whole curve has one
+    point per distinct score, tens of thousands, which made every slider move send megabytes.
+    """
+    from engine.core.tradeoff import curve, drawing_indices
+    from engine.trace_store import load_trace
+
+    try:
+        trace = load_trace(model_id, "test", build_if_missing=False)
+    except (FileNotFoundError, ValueError):
+        return None
+    c = curve(trace, "max_prob")
+    idx = drawing_indices(c.mean_cost, c.accuracy)
+    return c.mean_cost[idx], c.accuracy[idx], c.params[idx]

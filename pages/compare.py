@@ -6,38 +6,11 @@ import numpy as np
 import streamlit as st
 
 from app import figures_compare as figs
-from app import navigation
+from app import loaders, navigation
 from engine import compare, compare_sources
 from engine.data import images
-from engine.data.gallery import test_images
 
 NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "parity12": "12-bit parity"}
-
-
-@st.cache_data(show_spinner="Loading every method's per-sample compute…")
-def sweeps(dataset: str):
-    found, missing = compare_sources.load_sweeps(dataset)
-    if len(found) < 2:
-        return None, missing
-    aligned = compare.align([*found, compare_sources.load_oracle(dataset)])
-    return aligned, missing
-
-
-@st.cache_data(show_spinner=False)
-def sparsity(dataset: str):
-    try:
-        return compare_sources.load_sparsity(dataset)
-    except FileNotFoundError:
-        return None
-
-
-@st.cache_data(show_spinner=False)
-def pictures(dataset: str):
-    try:
-        t = test_images(dataset)
-    except FileNotFoundError:
-        return None
-    return dict(zip(t.indices.tolist(), t.data.images, strict=True)), t.note
 
 
 navigation.require_router()  # first: a deep link may have run this page alone
@@ -56,7 +29,7 @@ dataset = c1.selectbox(
     format_func=lambda d: NAMES.get(d, d),
     key="cmp_dataset",
 )
-data, missing = sweeps(dataset)
+data, missing = loaders.compare_sweeps(dataset)
 for note in missing:
     st.warning(f"Not available: {note}")
 if data is None:
@@ -139,7 +112,7 @@ st.plotly_chart(
     key="cmp_scatter",
 )
 
-pics = pictures(dataset)
+pics = loaders.compare_pictures(dataset)
 st.markdown(
     f"**Easy for {x_name}, hard for {y_name}** — and the reverse (largest rank differences)."
 )
@@ -179,7 +152,7 @@ st.plotly_chart(
 )
 
 st.subheader("How much of a ReLU network is zero anyway?")
-sp = sparsity(dataset)
+sp = loaders.compare_sparsity(dataset)
 if sp is None:
     st.info(
         "Activation-sparsity records are not bundled: run `python -m engine.compare_sources build`."

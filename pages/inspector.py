@@ -75,13 +75,6 @@ def live_setup(source: str):
     return model, card, images, None
 
 
-@st.cache_resource(show_spinner=False)
-def cumulative_flops(model_id: str) -> np.ndarray:
-    from engine.run.exits import exit_costs
-
-    return exit_costs(loaders.load_model(model_id)).cumulative
-
-
 def row_of(trace: Trace, sid) -> int | None:
     hits = np.flatnonzero(trace.sample_id == sid)
     return int(hits[0]) if hits.size else None
@@ -101,7 +94,7 @@ def item_probs(item: dict, trace: Trace, model) -> tuple[np.ndarray, np.ndarray]
     if model is None or item.get("image") is None:  # no live run: the trace's recorded row
         return trace.probs[item["row"]], trace.cost[item["row"]]
     probs = image_exits(model, item["image"])
-    return probs, cumulative_flops(item["model_id"])
+    return probs, loaders.exit_cumulative_flops(item["model_id"])
 
 
 def _attr_key(item: dict) -> str:
@@ -237,7 +230,7 @@ def _pick(sid) -> None:
 
 
 def gallery(trace: Trace, images, card) -> None:
-    easiest, hardest = loaders_difficulty(loaders.source_key(source), trace)
+    easiest, hardest = loaders.difficulty_order(loaders.source_key(source), trace)
     for title, rows in (
         ("Easiest (the earliest correct exit is early)", easiest),
         ("Hardest (no exit gets them right, or only the last)", hardest),
@@ -259,12 +252,6 @@ def gallery(trace: Trace, images, card) -> None:
                 help=f"label {lab}",
                 width="stretch",
             )
-
-
-@st.cache_data(show_spinner=False, max_entries=16)
-def loaders_difficulty(key: str, _trace: Trace) -> tuple[np.ndarray, np.ndarray]:
-    easiest, hardest = inspection.difficulty_order(_trace)
-    return easiest[:2000], hardest[:2000]
 
 
 def test_item(trace: Trace, images, model_id: str | None) -> dict | None:

@@ -21,7 +21,7 @@ import polars as pl
 import streamlit as st
 
 from app import figures_text as ft
-from app import navigation
+from app import loaders, navigation
 from engine.core.policies import POLICY_LABELS, Policy, exit_index, oracle_correct
 from engine.families.multi_exit_bert import analysis as language
 from engine.registry import RegistryError, list_cards
@@ -49,40 +49,6 @@ st.caption(
 
 
 # --- cached resources -----------------------------------------------------------------------------
-
-
-@st.cache_resource(show_spinner="Loading the multi-exit MiniLM…")
-def load_classifier(model_id: str):
-    from engine.families import load_model
-
-    return load_model(model_id)
-
-
-@st.cache_resource(show_spinner="Loading the early-exit LM…")
-def load_lm(model_id: str):
-    from engine.families import load_model
-
-    return load_model(model_id)
-
-
-@st.cache_data(show_spinner=False, max_entries=4)
-def load_text_trace(model_id: str):
-    from engine.trace_store import load_trace
-
-    return load_trace(model_id, "test", build_if_missing=False)
-
-
-@st.cache_data(show_spinner="Classifying…", max_entries=32)
-def classify_cached(model_id: str, items: tuple[str, ...]):
-    res = language.classify(load_classifier(model_id), list(items))
-    return res.probs, res.num_tokens
-
-
-@st.cache_data(show_spinner="Generating…", max_entries=64)
-def generate_cached(model_id, prompt, n, measure, mode, threshold):
-    from engine.families.early_exit_lm import analysis as lm
-
-    return lm.generate_pair(load_lm(model_id), prompt, n, measure, mode, threshold)
 
 
 def classifier_cards():
@@ -143,7 +109,7 @@ def read_items() -> list[str] | None:
 
 def live_classifier(card, policy: Policy):
     try:
-        model = load_classifier(card.model_id)
+        model = loaders.load_model(card.model_id)
     except language.BackboneUnavailable as e:
         st.error(f"The live classifier needs the pretrained encoder: {e}")
         return
@@ -153,7 +119,7 @@ def live_classifier(card, policy: Policy):
     items = read_items()
     if not items:
         return
-    probs, num_tokens = classify_cached(card.model_id, tuple(items))
+    probs, num_tokens = loaders.classify_texts(card.model_id, tuple(items))
     names = language.exit_names(card.config)
     classes = list(card.raw.get("class_names", ["negative", "neutral", "positive"]))
     exits = exit_index(probs, policy)
@@ -231,7 +197,7 @@ def live_classifier(card, policy: Policy):
 def depth_vs_annotators(card, policy: Policy):
     st.subheader("Do ambiguous tweets need more layers?")
     try:
-        trace = load_text_trace(card.model_id)
+        trace = loaders.text_trace(card.model_id)
     except (FileNotFoundError, ValueError) as e:
         st.info(f"No bundled test trace for {card.model_id} ({e}).")
         return
@@ -310,7 +276,7 @@ def lm_tab():
         return
     card = cards[0]
     try:
-        model = load_lm(card.model_id)
+        model = loaders.load_model(card.model_id)
     except (RegistryError, RuntimeError, OSError) as e:
         st.error(f"The model {card.model_id} could not be loaded: {e}")
         return
@@ -343,7 +309,7 @@ def lm_tab():
         key=f"lm.t.{measure}",
     )
     n = st.slider("Characters to generate", 10, 200, 80, 10, key="lm.n")
-    g, full = generate_cached(card.model_id, prompt, int(n), measure, mode, float(t))
+    g, full = loaders.generate_pair(card.model_id, prompt, int(n), measure, mode, float(t))
     agree = float(np.mean(np.array(g.tokens) == np.array(full.tokens)))
     conf = [
         next((c for c in reversed(cs) if not math.isnan(c)), float("nan")) for cs in g.confidence

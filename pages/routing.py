@@ -6,56 +6,14 @@ import numpy as np
 import streamlit as st
 
 from app import figures_moe as figs
-from app import navigation, widgets
+from app import loaders, navigation, widgets
 from app.query import choice_param, float_param
 from engine.data import images as image_data
 from engine.data import photo
-from engine.families import load_model
 from engine.families.moe import analysis as moe
 from engine.registry import RegistryError, list_cards
 
 NONE_LABEL = "no limit"
-
-
-@st.cache_resource(show_spinner=False)
-def model_of(model_id: str):
-    return load_model(model_id)
-
-
-@st.cache_data(show_spinner=False)
-def bundled_sweep(model_id: str) -> dict | None:
-    return moe.load_sweep(moe.sweep_file(model_id))
-
-
-@st.cache_resource(show_spinner=False)
-def gallery(dataset: str):
-    """The images to pick from (read once: unzipping the test split took ~0.7 s a rerun)."""
-    return moe.gallery(dataset)
-
-
-@st.cache_data(show_spinner=False)
-def sweep_images(dataset: str, n: int) -> tuple[np.ndarray, np.ndarray, str]:
-    """The test subset a sweep runs on (or the bundled examples without the data set)."""
-    data, source = gallery(dataset)
-    idx = moe.sweep_subset(len(data), n)
-    return data.images[idx], data.labels[idx], source
-
-
-@st.cache_data(show_spinner=False)
-def live_sweep(model_id: str, dataset: str, n: int, _progress=None) -> list[dict]:
-    imgs, labels, _ = sweep_images(dataset, n)
-    return moe.sweep(model_of(model_id), imgs, labels, progress=_progress)
-
-
-@st.cache_data(show_spinner=False, max_entries=64)
-def route_one(model_id: str, image: bytes, k, cf, tau) -> moe.RoutingRecord:
-    img = np.frombuffer(image, dtype=np.uint8).reshape(1, image_data.SIZE, image_data.SIZE).copy()
-    return moe.run(model_of(model_id), img, moe.routing_setting(k, cf, tau))
-
-
-@st.cache_data(show_spinner=False)
-def dense_flops_of(model_id: str) -> float:
-    return moe.dense_flops(model_of(model_id))
 
 
 navigation.require_router()  # first: a deep link may have run this page alone
@@ -91,7 +49,7 @@ model_id = st.radio(
 )
 card = cards[model_id]
 try:
-    model = model_of(model_id)
+    model = loaders.load_model(model_id)
 except (RegistryError, RuntimeError, OSError) as e:
     st.error(f"Could not load {model_id}: {e}")
     st.stop()
@@ -156,7 +114,7 @@ if source == "Upload":
         st.info("Upload an image to see how it is routed.")
 else:
     try:
-        images, where = gallery(dataset)
+        images, where = loaders.moe_gallery(dataset)
     except image_data.DatasetUnavailable as e:
         st.error(str(e))
         images = None
@@ -167,8 +125,10 @@ else:
         image, label = images.images[int(i)], int(images.labels[int(i)])
 
 if image is not None:
-    rec = route_one(model_id, image.tobytes(), routing.k, routing.capacity_factor, routing.tau)
-    dense = dense_flops_of(model_id)
+    rec = loaders.moe_route_one(
+        model_id, image.tobytes(), routing.k, routing.capacity_factor, routing.tau
+    )
+    dense = loaders.moe_dense_flops(model_id)
     pred = int(rec.pred[0])
     m = st.columns(4)
     m[0].metric(
@@ -220,14 +180,14 @@ if image is not None:
 
 # --- data-set views ----------------------------------------------------------------------
 st.subheader("Over the test set")
-saved = bundled_sweep(model_id)
+saved = loaders.moe_bundled_sweep(model_id)
 n_sweep = (
     int(saved.get("points", [{}])[0].get("samples", moe.SWEEP_SAMPLES))
     if saved
     else moe.SWEEP_SAMPLES
 )
 try:
-    _, _, sweep_source = sweep_images(dataset, n_sweep)
+    _, _, sweep_source = loaders.moe_sweep_images(dataset, n_sweep)
     can_run = True
 except image_data.DatasetUnavailable as e:
     sweep_source, can_run = str(e), False
@@ -245,7 +205,7 @@ if (
     st.session_state[live_key] = True
 if st.session_state.get(live_key) and can_run:
     bar = st.progress(0.0, text="routing sweep")
-    points = live_sweep(model_id, dataset, n_sweep, _progress=bar.progress)
+    points = loaders.moe_live_sweep(model_id, dataset, n_sweep, _progress=bar.progress)
     bar.empty()
     origin = f"live sweep on {n_sweep:,} images of the {sweep_source} (cached)"
 elif saved is not None:
@@ -264,7 +224,7 @@ if current is None:
     st.warning(f"The sweep has no point for {routing.label()}.")
     st.stop()
 point = points[current]
-dense = dense_flops_of(model_id)
+dense = loaders.moe_dense_flops(model_id)
 st.caption(f"{origin}. Setting shown: **{point['setting'].replace('tau=', 'τ=')}**.")
 m = st.columns(4)
 m[0].metric("Test accuracy", f"{point['accuracy']:.2%}" if point["accuracy"] is not None else "—")
@@ -285,7 +245,7 @@ with tabs[0]:
             for c in cards
             if cards[c].raw.get("variant") == "topk" and cards[c].dataset == dataset
         ]
-        other = bundled_sweep(topk[0]) if topk else None
+        other = loaders.moe_bundled_sweep(topk[0]) if topk else None
         others = other["points"] if other else None
     st.plotly_chart(
         figs.accuracy_compute(

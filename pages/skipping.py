@@ -14,40 +14,6 @@ MODEL_ID = "mnist_skipnet"
 EARLY_EXIT_BASELINE = "mnist_multi_exit_cnn"
 
 
-@st.cache_data(show_spinner=False)
-def records(model_id: str) -> skipping.SkipRecords:
-    return skipping.load_records(model_id)
-
-
-@st.cache_data(show_spinner=False)
-def sweep(model_id: str) -> skipping.GateSweep:
-    return skipping.gate_sweep(records(model_id))
-
-
-@st.cache_data(show_spinner=False)
-def variants(model_id: str):
-    return skipping.load_variants(model_id)
-
-
-@st.cache_data(show_spinner=False)
-def exit_curve(model_id: str):
-    """(mean cost, accuracy, thresholds) of max-prob early exit on a bundled trace, or None.
-
-    Thinned for drawing (a few hundred points plus the Pareto front): the whole curve has one
-    point per distinct score, tens of thousands, which made every slider move send megabytes.
-    """
-    from engine.core.tradeoff import curve, drawing_indices
-    from engine.trace_store import load_trace
-
-    try:
-        trace = load_trace(model_id, "test", build_if_missing=False)
-    except (FileNotFoundError, ValueError):
-        return None
-    c = curve(trace, "max_prob")
-    idx = drawing_indices(c.mean_cost, c.accuracy)
-    return c.mean_cost[idx], c.accuracy[idx], c.params[idx]
-
-
 navigation.require_router()  # first: a deep link may have run this page alone
 st.title("Layer skipping")
 st.caption(
@@ -60,7 +26,7 @@ st.caption(
 )
 
 try:
-    rec = records(MODEL_ID)
+    rec = loaders.skip_records(MODEL_ID)
 except FileNotFoundError as e:
     st.error(
         f"The skip records are missing ({e}). Train the model with "
@@ -68,7 +34,7 @@ except FileNotFoundError as e:
     )
     st.stop()
 
-sw = sweep(MODEL_ID)
+sw = loaders.skip_sweep(MODEL_ID)
 blocks = rec.meta.get("block_names", [f"block {b + 1}" for b in range(rec.num_blocks)])
 classes = rec.meta.get("class_names", [str(c) for c in range(int(rec.label.max()) + 1)])
 full_flops = float(rec.meta.get("full_flops", rec.flops[0].mean()))
@@ -151,7 +117,7 @@ curves = [
     )
 ]
 try:
-    var = variants(MODEL_ID)
+    var = loaders.skip_variants(MODEL_ID)
     for method, name, colour, dash in (
         ("fixed", "fixed skip set (static)", palette.exit_color(1), "dash"),
         ("lowest", "lowest-k gate scores per input", palette.exit_color(2), "dot"),
@@ -169,7 +135,7 @@ try:
         )
 except FileNotFoundError:
     st.info("The training-free variant curves are missing; retrain to create them.")
-same = exit_curve(MODEL_ID)
+same = loaders.early_exit_curve(MODEL_ID)
 if same is not None:
     curves.append(
         figs.CurveSpec(
@@ -180,7 +146,7 @@ if same is not None:
             labels=[f"max-prob ≥ {t:.3f}" for t in same[2]],
         )
     )
-other = exit_curve(EARLY_EXIT_BASELINE)
+other = loaders.early_exit_curve(EARLY_EXIT_BASELINE)
 if other is not None:
     curves.append(
         figs.CurveSpec(

@@ -224,3 +224,16 @@ def test_every_family_folder_defines_its_family():
         family = getattr(module, "FAMILY", None)
         assert isinstance(family, Family), f"engine/families/{name}/family.py has no FAMILY"
         assert family.name == name, f"engine/families/{name}: FAMILY.name is {family.name!r}"
+
+
+def test_streamlit_caches_live_in_app_only():
+    """One model sits in one cache: pages and the engine define no st.cache_* of their own."""
+    root = Path(__file__).resolve().parent.parent
+    bad = [
+        f"{p.relative_to(root)}:{n}"
+        for folder in ("pages", "engine")
+        for p in sorted((root / folder).rglob("*.py"))
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if "st.cache_data" in line or "st.cache_resource" in line
+    ]
+    assert not bad, f"Streamlit caches outside app/: {bad}"
