@@ -328,11 +328,17 @@ def siblings(model_id: str) -> list[str]:
 
 @st.cache_data(show_spinner="Loading every method's per-sample compute…")
 def compare_sweeps(dataset: str):
+    """(methods aligned on their shared inputs, the oracle exit or None, notes on what is
+    missing); methods is None when fewer than two are there."""
     found, missing = compare_sources.load_sweeps(dataset)
     if len(found) < 2:
-        return None, missing
-    aligned = compare.align([*found, compare_sources.load_oracle(dataset)])
-    return aligned, missing
+        return None, None, missing
+    try:
+        oracle = [compare_sources.load_oracle(dataset)]
+    except FileNotFoundError:
+        oracle = []  # no early-exit model on this data set (e.g. parity)
+    aligned = compare.align([*found, *oracle])
+    return aligned[: len(found)], (aligned[-1] if oracle else None), missing
 
 
 @st.cache_data(show_spinner=False)
@@ -350,8 +356,8 @@ def compare_pictures(dataset: str):
 
     try:
         t = test_images(dataset)
-    except DatasetUnavailable:
-        return None
+    except (DatasetUnavailable, ValueError, KeyError):
+        return None  # not an image data set, or none installed
     return dict(zip(t.indices.tolist(), t.images, strict=True)), t.note
 
 

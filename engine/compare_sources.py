@@ -80,6 +80,14 @@ def load_sweeps(dataset: str) -> tuple[list[Results], list[str]]:
     return sweeps, missing
 
 
+def class_names(dataset: str) -> list[str]:
+    """The data set's class names, from its models' cards (the image sets' own otherwise)."""
+    for card, _ in _cards(dataset):
+        if card.raw.get("class_names"):
+            return list(card.raw["class_names"])
+    return list(images.CLASS_NAMES.get(dataset, []))
+
+
 def sparsity_model(dataset: str) -> str | None:
     """The data set's first early-exit model: the oracle and ReLU sparsity are measured on it."""
     for card, fam in _cards(dataset):

@@ -8,7 +8,6 @@ import streamlit as st
 from app import figures_compare as figs
 from app import loaders, navigation
 from engine import compare, compare_sources
-from engine.data import images
 
 NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "parity12": "12-bit parity"}
 
@@ -29,17 +28,16 @@ dataset = c1.selectbox(
     format_func=lambda d: NAMES.get(d, d),
     key="cmp_dataset",
 )
-data, missing = loaders.compare_sweeps(dataset)
+methods, oracle_sweep, missing = loaders.compare_sweeps(dataset)
 for note in missing:
     st.warning(f"Not available: {note}")
-if data is None:
+if methods is None:
     st.error(
         "Fewer than two methods are bundled for this data set, so there is nothing to compare."
     )
     st.stop()
-methods, oracle_sweep = data[:-1], data[-1]
 sample_id, label = methods[0].sample_id, methods[0].label
-class_names = list(images.CLASS_NAMES[dataset])
+class_names = compare_sources.class_names(dataset)
 lo = max(m.mean_fraction.min() for m in methods)
 budget = c2.slider(
     "Mean compute budget (fraction of each full model)",
@@ -53,15 +51,18 @@ budget = c2.slider(
 
 matched = [compare.match_budget(s, budget) for s in methods]
 compute = {m.name: m.compute for m in matched}
-compute["oracle exit"] = oracle_sweep.cost_fraction[0]
+if oracle_sweep is not None:
+    compute["oracle exit"] = oracle_sweep.cost_fraction[0]
 names, rho, tau = compare.rank_correlations(compute)
 
 st.subheader(f"Matched at a mean budget of {budget:.2f} on {len(sample_id):,} shared test inputs")
-st.caption(
-    "**oracle exit**: each input's earliest correct exit of the multi-exit CNN, as a fraction of "
-    "its full cost. Inputs that no exit gets right are charged at the last exit (they needed the "
-    "whole network and still failed): here the oracle ranks difficulty, and they are the hardest."
-)
+if oracle_sweep is not None:
+    st.caption(
+        "**oracle exit**: each input's earliest correct exit of the multi-exit CNN, as a fraction "
+        "of its full cost. Inputs that no exit gets right are charged at the last exit (they "
+        "needed the whole network and still failed): here the oracle ranks difficulty, and they "
+        "are the hardest."
+    )
 st.dataframe(
     {
         "method": [m.name for m in matched],
@@ -113,6 +114,7 @@ st.plotly_chart(
 )
 
 pics = loaders.compare_pictures(dataset)
+bits = next((m.extra["bits"] for m in methods if "bits" in m.extra), None)
 st.markdown(
     f"**Easy for {x_name}, hard for {y_name}** — and the reverse (largest rank differences)."
 )
@@ -123,8 +125,13 @@ for title, order in (
     (f"cheap for {x_name}, costly for {y_name}", np.argsort(-gap)),
     (f"cheap for {y_name}, costly for {x_name}", np.argsort(gap)),
 ):
-    shown = [i for i in order[:200] if pics and int(sample_id[i]) in pics[0]][:8]
     st.caption(title)
+    if bits is not None:  # inputs that are strings (parity): show the strings
+        st.code("\n".join(f"{bits[i]}  #{sample_id[i]} {class_names[label[i]]}  "
+                           f"{compute[x_name][i]:.2f} / {compute[y_name][i]:.2f}"
+                           for i in order[:8]), language=None)  # fmt: skip
+        continue
+    shown = [i for i in order[:200] if pics and int(sample_id[i]) in pics[0]][:8]
     if not shown:
         st.caption("No images of these inputs are bundled (install the data set to see them).")
         continue

@@ -92,3 +92,25 @@ def test_page_scatter_has_a_title_and_one_legend_entry_per_class(at):
     assert scatter["layout"]["title"]["text"].startswith("Compute per test input")
     names = [t["name"] for t in scatter["data"] if t.get("showlegend", True)]
     assert set(names) <= set(images.CLASS_NAMES["mnist"]) and len(names) >= 2
+
+
+def test_parity_puts_act_and_pondernet_side_by_side_without_an_oracle():
+    """A data set with only halting models (no early-exit model for an oracle): every halting
+    family is a method, the strings are shown, and the correlations are the engine's."""
+    from engine.registry import list_cards
+
+    fams = {c.family for c in list_cards() if c.dataset == "parity12"}
+    if not {"act", "pondernet"} <= fams:
+        pytest.skip("ACT and PonderNet parity models are not both bundled")
+    app = AppTest.from_file(PAGE, default_timeout=90).run()
+    app.selectbox(key="cmp_dataset").set_value("parity12").run()
+    assert not app.exception, app.exception
+    methods = list(table(app)["method"])
+    assert any("ACT" in m for m in methods) and "pondering (PonderNet)" in methods
+    found, _ = compare_sources.load_sweeps("parity12")
+    budget = app.slider(key="cmp_budget").value
+    matched = [compare.match_budget(s, budget) for s in compare.align(found)]
+    for m, (_, row) in zip(matched, table(app).iterrows(), strict=True):
+        assert row["mean compute"] == round(m.mean_fraction, 3)
+    assert any("+" in c.value or "-" in c.value for c in app.code)  # the parity strings
+    assert not app.error
