@@ -9,10 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.core.family import Family, FamilyError
+import numpy as np
+
+from engine.core.family import Family, FamilyError, LiveRun
+from engine.core.policies import Policy
 from engine.core.results import Results, from_trace
 from engine.core.trace import Trace
+from engine.data.images import to_model_input
 from engine.registry import ModelCard
+from engine.run.runtime import EarlyExitRunner
 from engine.trace_store import cached_trace_file, load_trace
 
 
@@ -47,3 +52,25 @@ class TraceFamily(Family):
 
     def trace_on(self, card: ModelCard, split: str, dataset: str) -> Trace:
         raise FamilyError(f"{card.model_id}: this family reads one data set only")
+
+    def default_setting(self, card: ModelCard) -> float:
+        return 0.9
+
+    def run_one(self, model, card: ModelCard, x: np.ndarray, value: float) -> LiveRun:
+        """One prepared uint8 [28, 28] image through the real early-exit runtime at max-prob
+        threshold ``value`` (the stages after the exit are not run)."""
+        policy = Policy("max_prob", threshold=float(value))
+        runner = EarlyExitRunner(model, backend="torch", device="cpu")
+        out = runner.run(to_model_input(np.asarray(x, dtype=np.uint8)[None]), policy)
+        k, n = int(out.exit[0]), len(model.stages)
+        return LiveRun(
+            prediction=int(out.pred[0]),
+            confidence=float(out.probs[0].max()),
+            cost=float(out.flops[0]),
+            full_cost=float(runner.costs.cumulative[-1]),
+            decision=f"left at exit {k + 1} of {n}",
+            steps=np.arange(n) == k,
+            ran=np.arange(n) <= k,
+            probs=None,
+            detail={"exit": k},
+        )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from engine.core.family import Family, FamilyError
+import numpy as np
+
+from engine.core.family import Family, FamilyError, LiveRun
 from engine.families.early_exit_lm import model as lm
 
 
@@ -29,6 +31,26 @@ class EarlyExitLM(Family):
 
     def live_input(self, card) -> str:
         return "text"
+
+    def default_setting(self, card) -> float:
+        return 0.9
+
+    def run_one(self, model, card, x: str, value: float, n: int = 40) -> LiveRun:
+        """``n`` characters after prompt ``x``, each leaving at the first layer whose softmax
+        confidence reaches ``value``; the layers above a character's exit are not run for it."""
+        g = lm.generate(model, x, n, lm.ExitPolicy(measure="max_prob", threshold=float(value)))
+        depth = model.config.n_layer
+        layers = np.asarray(g.layers_run, dtype=np.float64)
+        return LiveRun(
+            prediction=-1,  # a generation, not a class
+            confidence=float(np.mean(g.prob)) if g.prob else float("nan"),
+            cost=float(layers.sum()),
+            full_cost=float(depth * len(layers)),
+            decision=f"{layers.mean():.2f} of {depth} layers per character on average",
+            steps=np.asarray(g.exit_layer, dtype=np.float64),
+            ran=layers > 0,
+            detail={"text": g.text, "cost_unit": "layer runs"},
+        )
 
 
 FAMILY = EarlyExitLM()

@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from engine.core.family import Family, FamilyError
+from engine.core.family import Family, FamilyError, LiveRun
 from engine.core.results import Results
 from engine.data import images
 from engine.families import load_model
@@ -64,6 +64,32 @@ class MoE(Family):
                 "split": "test",
                 "cost_unit": "FLOPs",
             },
+        )
+
+    def live_input(self, card) -> str:
+        return "image"
+
+    def default_setting(self, card) -> float:
+        return 0.5
+
+    def run_one(self, model, card, x: np.ndarray, value: float) -> LiveRun:
+        """One prepared uint8 [28, 28] image, routed at tau ``value`` (dynamic-k) or the
+        model's own top-k; only the experts that are picked run."""
+        tau = value if card.raw.get("variant") == "dynamic" else None
+        rec = analysis.run(
+            model, np.asarray(x, dtype=np.uint8)[None], analysis.routing_setting(tau=tau)
+        )
+        per_layer = rec.experts_per_token[0].mean(axis=-1)  # [layers] mean experts per token
+        dense = analysis.dense_flops(model)
+        return LiveRun(
+            prediction=int(rec.pred[0]),
+            confidence=float(rec.probs[0].max()),
+            cost=float(rec.flops[0]),
+            full_cost=float(dense),
+            decision=f"{per_layer.mean():.2f} experts per token on average",
+            steps=per_layer,
+            ran=per_layer > 0,
+            detail={"experts_per_token": rec.experts_per_token[0]},
         )
 
     def rebuilt_for_compare(self, card) -> bool:

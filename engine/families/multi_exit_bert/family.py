@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
+import torch
+
+from engine.core.costs import count_flops
+from engine.core.family import LiveRun
+from engine.core.policies import Policy, stop_mask
 from engine.families.common import TraceFamily
 from engine.families.multi_exit_bert import model as meb
-from engine.families.multi_exit_bert.train import trace_for
+from engine.families.multi_exit_bert.train import cumulative_cost, trace_for
 
 
 class MultiExitBert(TraceFamily):
@@ -21,6 +27,42 @@ class MultiExitBert(TraceFamily):
 
     def live_input(self, card) -> str:
         return "text"
+
+    def default_setting(self, card) -> float:
+        return 0.9
+
+    @torch.no_grad()
+    def run_one(self, model, card, x: str, value: float) -> LiveRun:
+        """One text, layer by layer, stopping at the first exit whose max probability reaches
+        ``value`` (the traces' rule, ``stop_mask``); the layers above it are not run."""
+        policy = Policy("max_prob", threshold=float(value))
+        ids, mask = meb.encode([x], model.config.max_length)
+        h, seen, spent = ids, [], 0
+        for k, (stage, head) in enumerate(zip(model.stages, model.heads, strict=True)):
+            f_stage, h = count_flops(stage, h, mask)
+            f_head, logits = count_flops(head, h, mask)
+            spent += f_stage + f_head
+            seen.append(torch.softmax(logits.float(), -1)[0].numpy())
+            if stop_mask(policy, np.stack(seen)[None])[0, k] or k == model.num_exits - 1:
+                break
+        n = model.num_exits
+        coef = card.raw.get("metrics", {}).get("flops_coefficients")
+        full = (
+            cumulative_cost(np.asarray(coef, dtype=np.float64), mask.sum(1).numpy())[0, -1]
+            if coef
+            else float("nan")
+        )
+        return LiveRun(
+            prediction=int(seen[-1].argmax()),
+            confidence=float(seen[-1].max()),
+            cost=float(spent),
+            full_cost=float(full),
+            decision=f"left at layer {k + 1} of {n}",
+            steps=np.array([p.max() for p in seen] + [np.nan] * (n - len(seen))),
+            ran=np.arange(n) <= k,
+            probs=np.stack(seen),
+            detail={"exit": k},
+        )
 
 
 FAMILY = MultiExitBert()

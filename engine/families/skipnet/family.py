@@ -52,6 +52,9 @@ class SkipNet(Family):
     def default_setting(self, card) -> float:
         return skipping.DEFAULT_THRESHOLD
 
+    def live_input(self, card) -> str:
+        return "image"
+
     def run_one(self, model, card, x: np.ndarray, value: float) -> LiveRun:
         """x: the prepared uint8 [28, 28] image; a block runs when its gate score >= value."""
         rec = skipnet.run_skipnet(model, to_model_input(x[None]), value)
