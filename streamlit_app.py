@@ -13,7 +13,7 @@ PAGES = [
     ("pages/tuning.py", "Threshold tuning", ":material/tune:"),
     ("pages/inspector.py", "Sample inspector", ":material/search:"),
     ("pages/skipping.py", "Layer skipping", ":material/fast_forward:"),
-    ("pages/halting.py", "Halting (ACT)", ":material/timer:"),
+    ("pages/halting.py", "Halting (adaptive computation)", ":material/timer:"),
     ("pages/routing.py", "Mixture of experts", ":material/hub:"),
     ("pages/language.py", "Early-exit language model", ":material/text_fields:"),
     ("pages/compare.py", "Compare methods", ":material/compare_arrows:"),
