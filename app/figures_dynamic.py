@@ -150,7 +150,18 @@ def tradeoff_figure(
 # --- halting --------------------------------------------------------------------------------
 
 
-def halting_curve(h: np.ndarray, cum: np.ndarray, steps: int, eps: float) -> go.Figure:
+ACT_NAMES = {
+    "before": "steps before N (weight h^n)",
+    "last": "halting step N (weight: remainder R)",
+    "after": "after N: not computed when halting at this ε (stored unroll)",
+    "line": "1 - ε",
+    "title": "Halting score per ponder step",
+}
+
+
+def halting_curve(
+    h: np.ndarray, cum: np.ndarray, steps: int, eps: float, names: dict | None = None
+) -> go.Figure:
     """One input: halting score per ponder step, cumulative halting and the 1 - eps line.
 
     Steps 1..N-1 are blue (weight p^n = h^n), step N is orange (its weight is the remainder R),
@@ -158,14 +169,17 @@ def halting_curve(h: np.ndarray, cum: np.ndarray, steps: int, eps: float) -> go.
     scores come from the stored unroll of all M steps, so a smaller eps (a later N) can be
     read off the same bars. NaN scores (a live run: not computed) draw no bar and no legend.
     Each colour has its own legend entry, below the plot where it cannot cover the title.
+    ``names`` relabels the parts for another halting rule (PonderNet's λ_n and q); ACT's by
+    default.
     """
+    names = {**ACT_NAMES, **(names or {})}
     h = np.asarray(h, dtype=float)
     n_idx = np.arange(1, len(h) + 1)
     fig = go.Figure()
     groups = (
-        (n_idx < steps, RAN, "steps before N (weight h^n)"),
-        (n_idx == steps, REMAINDER, "halting step N (weight: remainder R)"),
-        (n_idx > steps, SKIPPED, "after N: not computed when halting at this ε (stored unroll)"),
+        (n_idx < steps, RAN, names["before"]),
+        (n_idx == steps, REMAINDER, names["last"]),
+        (n_idx > steps, SKIPPED, names["after"]),
     )
     for sel, colour, name in groups:
         sel = sel & np.isfinite(h)
@@ -180,12 +194,15 @@ def halting_curve(h: np.ndarray, cum: np.ndarray, steps: int, eps: float) -> go.
         line=dict(color=palette.OKABE_ITO[2]),
     )
     fig.add_hline(
-        y=1 - eps, line_dash="dash", line_color=LINE, annotation_text=f"1 - ε = {1 - eps:g}"
+        y=1 - eps,
+        line_dash="dash",
+        line_color=LINE,
+        annotation_text=f"{names['line']} = {1 - eps:g}",
     )
     fig.add_vline(x=steps, line_dash="dot", line_color=REMAINDER, annotation_text=f"N = {steps}")
     fig.update_yaxes(range=[0, 1.1])
     fig.update_xaxes(dtick=1, range=[0.4, len(h) + 0.6])
-    _layout(fig, "Halting score per ponder step", "ponder step n", "probability", height=380)
+    _layout(fig, names["title"], "ponder step n", "probability", height=380)
     fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.22, x=0))
     return fig
 

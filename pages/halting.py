@@ -23,7 +23,11 @@ PREFERRED = "parity_act"  # the clean difficulty (string length) makes the best 
 def show_run(run, key: str) -> None:
     st.plotly_chart(
         figs.halting_curve(
-            run.steps, run.detail["cumulative"], run.detail["halt_at"], 1 - run.detail["threshold"]
+            run.steps,
+            run.detail["cumulative"],
+            run.detail["halt_at"],
+            1 - run.detail["threshold"],
+            run.detail.get("names"),
         ),
         width="stretch",
         key=key,

@@ -11,6 +11,15 @@ from engine.families.act import model as act
 from engine.families.pondernet import model as pn
 from engine.families.pondernet import records
 
+# how the halting page's chart names the parts of PonderNet's rule (ACT's are the default)
+CHART_NAMES = {
+    "before": "steps before N (halting probability λ_n)",
+    "last": "halting step N: P(N ≤ n) first reaches q",
+    "after": "after N: not computed when halting at this q (stored unroll)",
+    "line": "q",
+    "title": "Halting probability λ_n per ponder step",
+}
+
 
 class PonderNet(Family):
     name = "pondernet"
@@ -79,7 +88,12 @@ class PonderNet(Family):
             decision=f"halted after {steps} of {m} steps (P(N ≤ {steps}) = {p[:steps].sum():.3f})",
             steps=rec.lam[i],
             ran=np.arange(m) < steps,
-            detail={"cumulative": np.cumsum(p), "halt_at": steps, "threshold": float(value)},
+            detail={
+                "cumulative": np.cumsum(p),
+                "halt_at": steps,
+                "threshold": float(value),
+                "names": CHART_NAMES,
+            },
         )
 
     def live_input(self, card) -> str:
@@ -100,7 +114,12 @@ class PonderNet(Family):
             decision=f"halted after {steps} of {m} steps (P(N ≤ {steps}) = {out.p[0].sum():.3f})",
             steps=out.lam[0],  # NaN after the halting step: never computed
             ran=np.arange(m) < steps,
-            detail={"cumulative": np.cumsum(out.p[0]), "halt_at": steps, "threshold": float(value)},
+            detail={
+                "cumulative": np.cumsum(out.p[0]),
+                "halt_at": steps,
+                "threshold": float(value),
+                "names": CHART_NAMES,
+            },
         )
 
     def default_setting(self, card) -> float:
