@@ -14,9 +14,6 @@ def halting_results(fam: Family, card) -> Results:
     """ACT over its eps grid, from the stored unroll (any eps, no model run)."""
     rec = halting.load_records(card.model_id)
     runs = [halting.at_eps(rec, e) for e in halting.EPS_GRID]
-    full = float(rec.meta.get("encode_flops", 0.0)) + rec.max_steps * float(
-        rec.meta["flops_per_step"]
-    )
     images = rec.image_index is not None
     extra = {"difficulty": rec.difficulty} if rec.has_difficulty else {}
     if images:
@@ -30,7 +27,7 @@ def halting_results(fam: Family, card) -> Results:
         rec.image_index if images else rec.sample_id,  # images: ids shared with other models
         rec.label,
         np.stack([r.flops for r in runs]).astype(np.float64),
-        np.full(len(rec.label), full),
+        np.full(len(rec.label), rec.full_flops),
         np.stack([r.correct for r in runs]),
         np.stack([r.pred for r in runs]).astype(np.int64),
         None,
@@ -61,8 +58,7 @@ def halting_record(card, i: int, eps: float) -> LiveRun:
         prediction=int(r.pred[i]),
         confidence=float(r.probs[i].max()),
         cost=float(r.flops[i]),
-        full_cost=float(rec.meta.get("encode_flops", 0.0))
-        + rec.max_steps * float(rec.meta["flops_per_step"]),
+        full_cost=rec.full_flops,
         decision=f"halted after {steps} of {rec.max_steps} steps (remainder R = {rem:.3f})",
         steps=rec.h[i],
         ran=np.arange(rec.max_steps) < steps,
