@@ -6,6 +6,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from app import palette
+from engine.core.stats import seeded_subset
 
 
 def correlation_heatmap(names: list[str], matrix: np.ndarray, title: str) -> go.Figure:
@@ -38,9 +39,7 @@ def scatter_subset(n: int, max_points: int = MAX_SCATTER_POINTS) -> np.ndarray:
     Ten thousand markers with their colours and hover data made each budget move send ~0.4 MB
     and take seconds to draw; a seeded subset of a few thousand shows the same joint shape.
     """
-    if n <= max_points:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(0).permutation(n)[:max_points])
+    return seeded_subset(n, max_points, seed=0)
 
 
 def compute_scatter(

@@ -36,14 +36,8 @@ def build(model_id: str, out: Path | None, split: str, dataset: str | None, forc
     a one-line reason."""
     card = get_card(model_id)
     fam = families.get(card.family)
-    if getattr(fam, "traces", False):
-        if dataset not in (None, card.dataset) and not force:
-            fam.build_results(card, force=False, split=split, dataset=dataset)  # raises
-        trace = (
-            fam.trace(card, split)
-            if dataset in (None, card.dataset)
-            else fam.trace_on(card, split, dataset)
-        )
+    if fam.traces:
+        trace = fam.checked_trace(card, split, dataset, force)
         out = out or Path(f"{model_id}__{split}.parquet")
         if out.suffix.lower() == ".csv":
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ import polars as pl
 
 from engine import families
 from engine.compare import oracle_fraction, relu_zero_fraction
+from engine.core.family import KINDS
 from engine.core.results import Results
 from engine.core.stats import seeded_subset
 from engine.data import images
@@ -30,7 +31,6 @@ from engine.trace_store import load_trace
 
 SUBSET = 2000  # test images (seeded subset) for what must be re-run: MoE sweep, ReLU sparsity
 SEED = 0
-KIND_ORDER = ("exit", "cascade", "skip", "halt", "route", "lm")
 
 
 def sparsity_file(model_id: str):
@@ -38,19 +38,10 @@ def sparsity_file(model_id: str):
 
 
 def _cards(dataset: str) -> list[tuple[ModelCard, families.Family]]:
-    """The data set's models, in display order: by kind, then by family, then the family's own
-    order (e.g. ACT by ponder cost)."""
-    out = []
-    for card in list_cards():
-        if card.dataset != dataset:
-            continue
-        try:
-            fam = families.get(card.family)
-        except families.FamilyError:
-            continue
-        out.append((card, fam))
-    out.sort(key=lambda cf: (KIND_ORDER.index(cf[1].kind), cf[1].name, cf[1].sort_key(cf[0])))
-    return out
+    """The data set's models, in display order: by kind, then as ``cards_of_kind`` orders them
+    (by family, then the family's own order, e.g. ACT by ponder cost)."""
+    found = families.cards_of_kind(*KINDS, dataset=dataset)
+    return sorted(found, key=lambda cf: KINDS.index(cf[1].kind))
 
 
 def datasets() -> list[str]:

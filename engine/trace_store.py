@@ -42,7 +42,7 @@ def load_trace(model_id: str, split: str = "test", build_if_missing: bool = True
         raise FileNotFoundError(f"no trace for {model_id} ({split})")
     card = get_card(model_id)
     fam = families.get(card.family)
-    if not getattr(fam, "traces", False):
+    if not fam.traces:
         raise FileNotFoundError(f"no trace for {model_id} and its family cannot build one")
     trace = fam.trace(card, split)
     trace.write_parquet(cached_trace_file(model_id, split))

@@ -59,7 +59,7 @@ def test_budget_matching_lands_within_tolerance(target, seed):
     np.testing.assert_allclose(m.compute.mean(), m.mean_fraction)
 
 
-def test_sweep_from_trace_matches_the_trace():
+def test_results_from_trace_match_the_trace():
     t = make_trace(300, 4, 3, seed=5)
     s = from_trace(t, "ee")
     assert s.cost_fraction.shape[1] == 300

@@ -12,8 +12,6 @@ from engine.families.skipnet.records import records_file
 
 ROOT = Path(__file__).resolve().parent.parent
 SKIP_OK = records_file("mnist_skipnet").exists()
-HALT_MODELS = halting.available_models()
-HALT_OK = bool(HALT_MODELS)
 
 
 def metrics(at) -> dict[str, str]:

@@ -61,6 +61,7 @@ class Family:
     trainer: str | None = "train"  # engine.families.<name>.<trainer>.main(argv), None if none
     about: str = ""  # how the method works, in two or three sentences, for its page
     setting_help: str = ""  # what the knob does
+    traces: bool = False  # results are a multi-exit Trace (``TraceFamily``: trace(card, ...))
 
     def build(self, config: dict) -> nn.Module:
         """An untrained network of this family with the card's config."""
@@ -72,9 +73,9 @@ class Family:
         must be built first (the message says how)."""
         return None
 
-    def build_results(self, card: ModelCard, force: bool = False) -> Path:
-        """Run the model on its data split and write the file(s) ``results`` reads; returns
-        the path. ``force`` allows a data set other than the one the model was trained on."""
+    def build_results(self, card: ModelCard) -> Path:
+        """Run the model on its test split and write the file ``results`` reads; returns
+        its path."""
         raise FamilyError(
             f"{card.model_id}: the {self.title or self.name} family writes its results when it "
             f"is trained ({card.raw.get('training_command', 'python -m engine.train')})"
@@ -85,8 +86,11 @@ class Family:
         need a model run per setting, too slow for the page)."""
         return False
 
-    def run_one(self, model: nn.Module, card: ModelCard, x: np.ndarray, value: float) -> LiveRun:
-        """Run one input for real at setting ``value``."""
+    def run_one(
+        self, model: nn.Module, card: ModelCard, x: np.ndarray | str, value: float
+    ) -> LiveRun:
+        """Run one input for real at setting ``value``; ``x`` is what ``live_input`` names (an
+        image, a ``parse_live`` result, a text)."""
         raise FamilyError(f"{self.title or self.name}: no live run")
 
     def record(self, card: ModelCard, i: int, value: float) -> LiveRun:
@@ -110,10 +114,6 @@ class Family:
     def default_setting(self, card: ModelCard) -> float:
         """The setting the model was trained or shipped at."""
         return 0.5
-
-    def difficulty_name(self, card: ModelCard) -> str | None:
-        """What the results' ``extra["difficulty"]`` measures, when present."""
-        return None
 
     def label(self, card: ModelCard, siblings: int = 1) -> str:
         """The method's name for one model; the model id is added when a data set has several

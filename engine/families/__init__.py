@@ -48,10 +48,6 @@ def family_names(trainable: bool = False) -> list[str]:
     return [f.name for f in all_families() if not trainable or f.trainer]
 
 
-def of_kind(*kinds: str) -> list[Family]:
-    return [f for f in all_families() if f.kind in kinds]
-
-
 def build(card: ModelCard) -> nn.Module:
     """An untrained network of the card's family and config."""
     return get(card.family).build(card.config)

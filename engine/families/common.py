@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from torch import nn
 
 from engine.core.family import Family, FamilyError, LiveRun
 from engine.core.policies import Policy
@@ -18,45 +19,49 @@ from engine.core.trace import Trace
 from engine.data.images import to_model_input
 from engine.registry import ModelCard
 from engine.run.runtime import EarlyExitRunner
+from engine.run.trace_build import build_trace_for_card
 from engine.trace_store import cached_trace_file, load_trace
 
 
 class TraceFamily(Family):
-    """A family whose results are a multi-exit trace."""
+    """A family whose results are a multi-exit trace; by default an image model with the
+    multi-exit contract (``stages`` and ``heads``), traced by ``engine.run.trace_build``."""
 
     kind = "exit"
     setting = "max_prob threshold"
     traces = True  # the tuning page and the inspector read its trace
 
-    def trace(self, card: ModelCard, split: str = "test") -> Trace:
-        """Run the model over its data split (the data set it was trained on)."""
-        raise NotImplementedError
+    def trace(self, card: ModelCard, split: str = "test", dataset: str | None = None) -> Trace:
+        """Run the model over ``split`` of ``dataset`` (default: the data set it was trained on)."""
+        return build_trace_for_card(card.model_id, split, dataset)
 
-    def results(self, card: ModelCard) -> Results:
-        return from_trace(load_trace(card.model_id, build_if_missing=False), self.label(card))
-
-    def build_results(
-        self, card: ModelCard, force: bool = False, split: str = "test", dataset: str | None = None
-    ) -> Path:
-        if dataset is not None and dataset != card.dataset and not force:
+    def checked_trace(
+        self, card: ModelCard, split: str = "test", dataset: str | None = None, force: bool = False
+    ) -> Trace:
+        """``trace``, refusing a data set the model was not trained on unless ``force``."""
+        if dataset not in (None, card.dataset) and not force:
             raise FamilyError(
                 f"{card.model_id} was trained on {card.dataset}; its exits on {dataset} would "
                 "measure a model on data it never saw (add --force to build it anyway)"
             )
-        trace = self.trace(card, split) if dataset in (None, card.dataset) else None
-        if trace is None:
-            trace = self.trace_on(card, split, dataset)
-        path = cached_trace_file(card.model_id, split)
-        trace.write_parquet(path)
+        return self.trace(card, split, dataset)
+
+    def results(self, card: ModelCard) -> Results:
+        return from_trace(load_trace(card.model_id, build_if_missing=False), self.label(card))
+
+    def build_results(self, card: ModelCard) -> Path:
+        """The test trace, written where ``load_trace`` finds it."""
+        path = cached_trace_file(card.model_id, "test")
+        self.trace(card).write_parquet(path)
         return path
 
-    def trace_on(self, card: ModelCard, split: str, dataset: str) -> Trace:
-        raise FamilyError(f"{card.model_id}: this family reads one data set only")
+    def live_input(self, card: ModelCard) -> str:
+        return "image"
 
     def default_setting(self, card: ModelCard) -> float:
         return 0.9
 
-    def run_one(self, model, card: ModelCard, x: np.ndarray, value: float) -> LiveRun:
+    def run_one(self, model: nn.Module, card: ModelCard, x: np.ndarray, value: float) -> LiveRun:
         """One prepared uint8 [28, 28] image through the real early-exit runtime at max-prob
         threshold ``value`` (the stages after the exit are not run)."""
         policy = Policy("max_prob", threshold=float(value))

@@ -6,6 +6,7 @@ import numpy as np
 import streamlit as st
 
 from app import figures_tour as ft
+from app import loaders
 from app.palette import exit_color
 from app.tour import data
 from app.tour.common import (
@@ -16,14 +17,13 @@ from app.tour.common import (
     show_figure,
     text_and_figure,
 )
-from engine.families.moe import analysis as moe_analysis
 from engine.registry import ModelCard
 
 
-@st.cache_data(show_spinner=False)
 def moe_sweep(model_id: str) -> dict | None:
+    """The model's shipped sweep (the routing page's cached copy), None when it does not load."""
     try:
-        return moe_analysis.load_sweep(moe_analysis.sweep_file(model_id))
+        return loaders.moe_bundled_sweep(model_id)
     except (OSError, ValueError, KeyError):
         return None
 

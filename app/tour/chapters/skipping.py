@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app import figures_tour as ft
+from app import loaders
 from app.palette import exit_color
 from app.tour import data
 from app.tour.common import (
@@ -19,10 +20,10 @@ from engine.families.skipnet import records as sk
 from engine.registry import ModelCard
 
 
-@st.cache_data(show_spinner=False)
 def skip_records(model_id: str):
+    """The model's records (the skipping page's cached copy), None when they do not load."""
     try:
-        return sk.load_records(model_id)
+        return loaders.skip_records(model_id)
     except (FileNotFoundError, OSError, ValueError, KeyError):
         return None
 

@@ -10,66 +10,6 @@ from engine.families.act import model as act
 from engine.families.act import records as halting
 
 
-def halting_results(fam: Family, card) -> Results:
-    """ACT over its eps grid, from the stored unroll (any eps, no model run)."""
-    rec = halting.load_records(card.model_id)
-    runs = [halting.at_eps(rec, e) for e in halting.EPS_GRID]
-    full = float(rec.meta.get("encode_flops", 0.0)) + rec.max_steps * float(
-        rec.meta["flops_per_step"]
-    )
-    images = rec.image_index is not None
-    extra = {"difficulty": rec.difficulty} if rec.has_difficulty else {}
-    if images:
-        extra["image_index"] = rec.image_index
-    if rec.bits is not None:
-        extra["bits"] = rec.bits
-    return Results(
-        fam.label(card),
-        "eps",
-        halting.EPS_GRID.astype(np.float64),
-        rec.image_index if images else rec.sample_id,  # images: ids shared with other models
-        rec.label,
-        np.stack([r.flops for r in runs]).astype(np.float64),
-        np.full(len(rec.label), full),
-        np.stack([r.correct for r in runs]),
-        np.stack([r.pred for r in runs]).astype(np.int64),
-        None,
-        {
-            "steps": np.stack([r.steps for r in runs]),
-            "ponder cost": np.stack([r.ponder_cost for r in runs]),
-        },
-        extra,
-        {
-            "model_id": card.model_id,
-            "family": fam.name,
-            "dataset": card.dataset,
-            "split": "test",
-            "cost_unit": "FLOPs",
-            "max_steps": rec.max_steps,
-            "difficulty": rec.meta.get("difficulty_label", rec.meta.get("difficulty")),
-            "trained_with": "" if rec.meta.get("tau") is None else f"τ = {rec.meta['tau']:g}",
-        },
-    )
-
-
-def halting_record(card, i: int, eps: float) -> LiveRun:
-    """Stored sample ``i`` at ``eps``, in the same form as a live run."""
-    rec = halting.load_records(card.model_id)
-    r = halting.at_eps(rec, eps)
-    cum, steps, rem = halting.cumulative_halting(rec, i, eps)
-    return LiveRun(
-        prediction=int(r.pred[i]),
-        confidence=float(r.probs[i].max()),
-        cost=float(r.flops[i]),
-        full_cost=float(rec.meta.get("encode_flops", 0.0))
-        + rec.max_steps * float(rec.meta["flops_per_step"]),
-        decision=f"halted after {steps} of {rec.max_steps} steps (remainder R = {rem:.3f})",
-        steps=rec.h[i],
-        ran=np.arange(rec.max_steps) < steps,
-        detail={"cumulative": cum, "halt_at": steps, "threshold": 1.0 - eps},
-    )
-
-
 def live_act(model, x: np.ndarray, eps: float) -> LiveRun:
     out = act.run_act(model, x, eps=eps)
     steps, rem = int(out["steps"][0]), float(out["remainder"][0])
@@ -105,10 +45,58 @@ class ACT(Family):
         return act.build(config)
 
     def results(self, card) -> Results:
-        return halting_results(self, card)
+        """ACT over its eps grid, from the stored unroll (any eps, no model run)."""
+        rec = halting.load_records(card.model_id)
+        runs = [halting.at_eps(rec, e) for e in halting.EPS_GRID]
+        images = rec.image_index is not None
+        extra = {"difficulty": rec.difficulty} if rec.has_difficulty else {}
+        if images:
+            extra["image_index"] = rec.image_index
+        if rec.bits is not None:
+            extra["bits"] = rec.bits
+        return Results(
+            self.label(card),
+            "eps",
+            halting.EPS_GRID.astype(np.float64),
+            rec.image_index if images else rec.sample_id,  # images: ids shared with other models
+            rec.label,
+            np.stack([r.flops for r in runs]).astype(np.float64),
+            np.full(len(rec.label), rec.full_flops),
+            np.stack([r.correct for r in runs]),
+            np.stack([r.pred for r in runs]).astype(np.int64),
+            None,
+            {
+                "steps": np.stack([r.steps for r in runs]),
+                "ponder cost": np.stack([r.ponder_cost for r in runs]),
+            },
+            extra,
+            {
+                "model_id": card.model_id,
+                "family": self.name,
+                "dataset": card.dataset,
+                "split": "test",
+                "cost_unit": "FLOPs",
+                "max_steps": rec.max_steps,
+                "difficulty": rec.meta.get("difficulty_label", rec.meta.get("difficulty")),
+                "trained_with": "" if rec.meta.get("tau") is None else f"τ = {rec.meta['tau']:g}",
+            },
+        )
 
     def record(self, card, i: int, value: float) -> LiveRun:
-        return halting_record(card, i, value)
+        """Stored sample ``i`` at eps ``value``, in the same form as a live run."""
+        rec = halting.load_records(card.model_id)
+        r = halting.at_eps(rec, value)
+        cum, steps, rem = halting.cumulative_halting(rec, i, value)
+        return LiveRun(
+            prediction=int(r.pred[i]),
+            confidence=float(r.probs[i].max()),
+            cost=float(r.flops[i]),
+            full_cost=rec.full_flops,
+            decision=f"halted after {steps} of {rec.max_steps} steps (remainder R = {rem:.3f})",
+            steps=rec.h[i],
+            ran=np.arange(rec.max_steps) < steps,
+            detail={"cumulative": cum, "halt_at": steps, "threshold": 1.0 - value},
+        )
 
     def live_input(self, card) -> str:
         return "bits"

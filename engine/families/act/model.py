@@ -111,19 +111,23 @@ class ResidualMLPCell(nn.Module):
         return s + self.fc2(torch.relu(self.fc1(torch.cat([x, s], 1))))
 
 
+def make_cell(kind: str, d_in: int, hidden: int) -> nn.Module:
+    """The recurrent cell a ponder step applies: "gru", "rnn" (tanh) or "mlp"."""
+    if kind == "gru":
+        return nn.GRUCell(d_in, hidden)
+    if kind == "rnn":
+        return nn.RNNCell(d_in, hidden, nonlinearity="tanh")
+    if kind == "mlp":
+        return ResidualMLPCell(d_in, hidden)
+    raise ValueError(f"unknown cell {kind!r}; use 'gru', 'rnn' or 'mlp'")
+
+
 class ACTNet(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
         d_in = config.num_bits + 1
-        if config.cell == "gru":
-            self.cell = nn.GRUCell(d_in, config.hidden)
-        elif config.cell == "rnn":
-            self.cell = nn.RNNCell(d_in, config.hidden, nonlinearity="tanh")
-        elif config.cell == "mlp":
-            self.cell = ResidualMLPCell(d_in, config.hidden)
-        else:
-            raise ValueError(f"unknown cell {config.cell!r}; use 'gru', 'rnn' or 'mlp'")
+        self.cell = make_cell(config.cell, d_in, config.hidden)
         self.halt = nn.Linear(config.hidden, 1)
         nn.init.constant_(self.halt.bias, config.halt_bias_init)
         self.out = nn.Linear(config.hidden, config.num_classes)

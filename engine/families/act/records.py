@@ -1,4 +1,4 @@
-"""Halting records: what an ACT model did on its test inputs, and the sweeps over eps.
+"""Halting records: what an ACT model did on its test inputs, evaluated at any eps.
 
 The halting scores h^n of an ACT model do not depend on eps (see ``engine.families.act.model``), so the
 test set is unrolled once to the maximum number of steps and stored:
@@ -39,44 +39,7 @@ def records_file(model_id: str, split: str = "test", root: Path | None = None) -
     return (root or RECORDS_DIR) / f"{model_id}__{split}.parquet"
 
 
-def available_models(root: Path | None = None) -> list[str]:
-    """Bundled ACT models (cards of the act / act_cnn families) whose records exist."""
-    from engine.registry import list_cards
-
-    cards = [c for c in list_cards() if c.family in ("act", "act_cnn")]
-    return sorted(c.model_id for c in cards if records_file(c.model_id, root=root).exists())
-
-
-def siblings(model_id: str, root: Path | None = None) -> list[str]:
-    """Bundled ACT models of the same family on the same data (e.g. other ponder costs τ),
-    ``model_id`` included, by τ."""
-    from engine.registry import get_card
-
-    me = get_card(model_id)
-    cards = [get_card(m) for m in available_models(root)]
-    same = [c for c in cards if c.family == me.family and c.dataset == me.dataset]
-    same.sort(key=lambda c: c.raw.get("training", {}).get("ponder_cost_weight_tau") or 0.0)
-    return [c.model_id for c in same]
-
-
-def tau_table(recs: list[HaltRecords]) -> pl.DataFrame:
-    """One row per model at its trained eps: tau, accuracy, mean steps, Spearman with difficulty."""
-    rows = []
-    for rec in recs:
-        r = at_eps(rec, rec.eps)
-        rows.append(
-            {
-                "model": rec.model_id,
-                "τ": rec.meta.get("tau"),
-                "accuracy": round(r.accuracy, 4),
-                "mean steps": round(float(r.steps.mean()), 3),
-                "Spearman(steps, difficulty)": round(spearman(r.steps, rec.difficulty), 3),
-            }
-        )
-    return pl.DataFrame(rows)
-
-
-def _bits_string(x: np.ndarray) -> list[str]:
+def bits_strings(x: np.ndarray) -> list[str]:
     table = np.array(["-", "0", "+"])
     return ["".join(row) for row in table[(np.sign(x).astype(int) + 1)]]
 
@@ -96,13 +59,6 @@ def _write(model, model_id, x, cols: dict, meta: dict, traces_dir) -> Path:
         "pred": real["pred"].astype(np.int8),
         "flops": real["flops"].astype(np.float64),
     }
-    # float32: h is exact (the model computes it in float32); q rounds by ~1e-7, far below
-    # anything that moves an argmax, and halves the file
-    for n in range(h.shape[1]):
-        cols[f"h_{n}"] = h[:, n].astype(np.float32)
-    for c in range(q.shape[2]):
-        for n in range(q.shape[1]):
-            cols[f"q{c}_{n}"] = q[:, n, c].astype(np.float32)
     meta = {
         "model_id": model_id,
         "eps": model.config.eps,
@@ -111,9 +67,25 @@ def _write(model, model_id, x, cols: dict, meta: dict, traces_dir) -> Path:
         "encode_flops": act.encode_flops(model),
         **meta,
     }
-    path = records_file(model_id, root=rec_dir)
+    return write_unroll(records_file(model_id, root=rec_dir), META_KEY, meta, cols, "h", h, q)
+
+
+def write_unroll(
+    path: Path, meta_key: str, meta: dict, cols: dict, score: str, h: np.ndarray, q: np.ndarray
+) -> Path:
+    """Write ``cols`` with the unroll (halting scores [N, M] as ``{score}_n``, step outputs
+    [N, M, C] as ``q{c}_n``) and ``meta`` as JSON, atomically; ``read_unroll`` reads it back.
+
+    float32: the halting scores are exact (the model computes them in float32); q rounds by
+    ~1e-7, far below anything that moves an argmax, and halves the file."""
+    cols = dict(cols)
+    for n in range(h.shape[1]):
+        cols[f"{score}_{n}"] = h[:, n].astype(np.float32)
+    for c in range(q.shape[2]):
+        for n in range(q.shape[1]):
+            cols[f"q{c}_{n}"] = q[:, n, c].astype(np.float32)
     tmp = path.with_suffix(".parquet.tmp")
-    pl.DataFrame(cols).write_parquet(tmp, compression="zstd", metadata={META_KEY: json.dumps(meta)})
+    pl.DataFrame(cols).write_parquet(tmp, compression="zstd", metadata={meta_key: json.dumps(meta)})
     tmp.replace(path)
     return path
 
@@ -124,7 +96,7 @@ def write_records(model, model_id, x, y, length, traces_dir=None, tau=None) -> P
         "sample_id": np.arange(len(y), dtype=np.int32),
         "difficulty": length.astype(np.int16),
         "label": y.astype(np.int8),
-        "bits": _bits_string(x),
+        "bits": bits_strings(x),
     }
     meta = {
         "input": "bits",
@@ -233,20 +205,36 @@ class HaltRecords:
         return self.h.shape[1]
 
     @property
+    def full_flops(self) -> float:
+        """The cost of running every step: encoder + M x the per-step FLOPs."""
+        return float(self.meta.get("encode_flops", 0.0)) + self.max_steps * float(
+            self.meta["flops_per_step"]
+        )
+
+    @property
     def has_difficulty(self) -> bool:
         return bool((self.difficulty >= 0).all()) and self.meta.get("difficulty") is not None
+
+
+def read_unroll(
+    path: Path, meta_key: str, score: str
+) -> tuple[pl.DataFrame, dict, np.ndarray, np.ndarray]:
+    """(rows by sample id, JSON metadata, halting scores [N, M] from columns ``{score}_n``,
+    step output probabilities [N, M, C] from ``q{c}_n``) of a stored unroll (ACT, PonderNet)."""
+    df = pl.read_parquet(path).sort("sample_id")
+    meta = json.loads(pl.read_parquet_metadata(path).get(meta_key, "{}"))
+    m = len([c for c in df.columns if c.startswith(f"{score}_")])
+    c = len([col for col in df.columns if col.startswith("q") and col.endswith("_0")])
+    h = np.stack([df[f"{score}_{n}"].to_numpy() for n in range(m)], 1)
+    q = np.stack([np.stack([df[f"q{k}_{n}"].to_numpy() for n in range(m)], 1) for k in range(c)], 2)
+    return df, meta, h.astype(np.float64), q.astype(np.float64)
 
 
 def load_records(model_id: str, split: str = "test", root: Path | None = None) -> HaltRecords:
     path = records_file(model_id, split, root)
     if not path.exists():
         raise FileNotFoundError(f"no halting records for {model_id} ({split}) at {path}")
-    df = pl.read_parquet(path).sort("sample_id")
-    meta = json.loads(pl.read_parquet_metadata(path).get(META_KEY, "{}"))
-    m = len([c for c in df.columns if c.startswith("h_")])
-    c = len([col for col in df.columns if col.startswith("q") and col.endswith("_0")])
-    h = np.stack([df[f"h_{n}"].to_numpy() for n in range(m)], 1)
-    q = np.stack([np.stack([df[f"q{k}_{n}"].to_numpy() for n in range(m)], 1) for k in range(c)], 2)
+    df, meta, h, q = read_unroll(path, META_KEY, "h")
     return HaltRecords(
         model_id=model_id,
         sample_id=df["sample_id"].to_numpy().astype(np.int64),
@@ -256,8 +244,8 @@ def load_records(model_id: str, split: str = "test", root: Path | None = None) -
         image_index=df["image_index"].to_numpy().astype(np.int64)
         if "image_index" in df.columns
         else None,
-        h=h.astype(np.float64),
-        step_probs=q.astype(np.float64),
+        h=h,
+        step_probs=q,
         steps=df["steps"].to_numpy().astype(np.int64),
         remainder=df["remainder"].to_numpy(),
         pred=df["pred"].to_numpy().astype(np.int64),
@@ -305,24 +293,3 @@ def cumulative_halting(rec: HaltRecords, i: int, eps: float) -> tuple[np.ndarray
     """One input's (cumulative halting incl. remainder [M], steps N, remainder R) at eps."""
     steps, remainder, p = halting_distribution(rec.h[i], eps)
     return np.cumsum(p), int(steps), float(remainder)
-
-
-@dataclass(frozen=True)
-class EpsSweep:
-    eps: np.ndarray
-    accuracy: np.ndarray
-    mean_steps: np.ndarray
-    mean_ponder_cost: np.ndarray
-    mean_flops: np.ndarray
-
-
-def eps_sweep(rec: HaltRecords, eps_grid: np.ndarray = EPS_GRID) -> EpsSweep:
-    """Accuracy and compute at every eps of the grid (all inputs at once per eps)."""
-    rows = [at_eps(rec, e) for e in eps_grid]
-    return EpsSweep(
-        eps=np.asarray(eps_grid, dtype=np.float64),
-        accuracy=np.array([r.accuracy for r in rows]),
-        mean_steps=np.array([r.steps.mean() for r in rows]),
-        mean_ponder_cost=np.array([r.ponder_cost.mean() for r in rows]),
-        mean_flops=np.array([r.flops.mean() for r in rows]),
-    )

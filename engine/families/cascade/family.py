@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from engine.families.cascade import model as cascade
 from engine.families.common import TraceFamily
-from engine.run.trace_build import build_trace_for_card
 
 
 class Cascade(TraceFamily):
@@ -16,15 +15,6 @@ class Cascade(TraceFamily):
 
     def build(self, config: dict):
         return cascade.build(config)
-
-    def trace(self, card, split: str = "test"):
-        return build_trace_for_card(card.model_id, split)
-
-    def trace_on(self, card, split: str, dataset: str):
-        return build_trace_for_card(card.model_id, split, dataset)
-
-    def live_input(self, card) -> str:
-        return "image"
 
 
 FAMILY = Cascade()

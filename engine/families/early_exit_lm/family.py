@@ -20,10 +20,10 @@ class EarlyExitLM(Family):
     def build(self, config: dict):
         return lm.build(config)
 
-    def results(self, card):
+    def results(self, card) -> None:
         return None  # per-token exits: the language page evaluates them from its card
 
-    def build_results(self, card, force: bool = False, **_):
+    def build_results(self, card):
         raise FamilyError(
             f"{card.model_id}: a language model exits per token, not per sample; its per-layer "
             "metrics are in its card and the language page runs it live"

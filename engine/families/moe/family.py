@@ -69,9 +69,6 @@ class MoE(Family):
     def live_input(self, card) -> str:
         return "image"
 
-    def default_setting(self, card) -> float:
-        return 0.5
-
     def run_one(self, model, card, x: np.ndarray, value: float) -> LiveRun:
         """One prepared uint8 [28, 28] image, routed at tau ``value`` (dynamic-k) or the
         model's own top-k; only the experts that are picked run."""
@@ -95,7 +92,7 @@ class MoE(Family):
     def rebuilt_for_compare(self, card) -> bool:
         return card.raw.get("variant") == "dynamic"
 
-    def build_results(self, card, force: bool = False) -> Path:
+    def build_results(self, card) -> Path:
         """Re-run the dynamic-k model at every tau on the seeded test subset; write the file
         ``results`` reads."""
         if card.raw.get("variant") != "dynamic":

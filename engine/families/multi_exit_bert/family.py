@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from engine.core.costs import count_flops
-from engine.core.family import LiveRun
+from engine.core.family import FamilyError, LiveRun
 from engine.core.policies import Policy, stop_mask
 from engine.families.common import TraceFamily
 from engine.families.multi_exit_bert import model as meb
@@ -22,14 +22,13 @@ class MultiExitBert(TraceFamily):
     def build(self, config: dict):
         return meb.build(config)
 
-    def trace(self, card, split: str = "test"):
+    def trace(self, card, split: str = "test", dataset: str | None = None):
+        if dataset not in (None, card.dataset):
+            raise FamilyError(f"{card.model_id}: this family reads one data set only")
         return trace_for(card.model_id, split)
 
     def live_input(self, card) -> str:
         return "text"
-
-    def default_setting(self, card) -> float:
-        return 0.9
 
     @torch.no_grad()
     def run_one(self, model, card, x: str, value: float) -> LiveRun:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from engine.families.common import TraceFamily
 from engine.families.multi_exit_cnn import model as multi_exit_cnn
-from engine.run.trace_build import build_trace_for_card
 
 
 class MultiExitCNN(TraceFamily):
@@ -15,15 +14,6 @@ class MultiExitCNN(TraceFamily):
 
     def build(self, config: dict):
         return multi_exit_cnn.build(config)
-
-    def trace(self, card, split: str = "test"):
-        return build_trace_for_card(card.model_id, split)
-
-    def trace_on(self, card, split: str, dataset: str):
-        return build_trace_for_card(card.model_id, split, dataset)
-
-    def live_input(self, card) -> str:
-        return "image"
 
 
 FAMILY = MultiExitCNN()

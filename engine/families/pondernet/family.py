@@ -43,8 +43,7 @@ class PonderNet(Family):
     def results(self, card) -> Results:
         rec = records.load_records(card.model_id)
         runs = [records.at_q(rec, q) for q in records.Q_GRID]
-        m = rec.lam.shape[1]
-        full = float(rec.meta["encode_flops"]) + m * float(rec.meta["flops_per_step"])
+        m = rec.max_steps
         lp, beta = (
             card.raw.get("training", {}).get("lambda_p"),
             card.raw.get("training", {}).get("beta"),
@@ -56,7 +55,7 @@ class PonderNet(Family):
             rec.sample_id,
             rec.label,
             np.stack([r.flops for r in runs]).astype(np.float64),
-            np.full(len(rec.label), full),
+            np.full(len(rec.label), rec.full_flops),
             np.stack([r.correct for r in runs]),
             np.stack([r.pred for r in runs]).astype(np.int64),
             None,
@@ -79,12 +78,12 @@ class PonderNet(Family):
         r = records.at_q(rec, value)
         p = rec.p[i]
         steps = int(r.steps[i])
-        m = rec.lam.shape[1]
+        m = rec.max_steps
         return LiveRun(
             prediction=int(r.pred[i]),
             confidence=float(r.probs[i].max()),
             cost=float(r.flops[i]),
-            full_cost=float(rec.meta["encode_flops"]) + m * float(rec.meta["flops_per_step"]),
+            full_cost=rec.full_flops,
             decision=f"halted after {steps} of {m} steps (P(N ≤ {steps}) = {p[:steps].sum():.3f})",
             steps=rec.lam[i],
             ran=np.arange(m) < steps,

@@ -43,7 +43,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from engine.core.costs import count_flops
-from engine.families.act.model import ResidualMLPCell, unroll
+from engine.families.act.model import make_cell, unroll
 
 
 @dataclass
@@ -129,14 +129,7 @@ class PonderNet(nn.Module):
         super().__init__()
         self.config = config
         d_in = config.num_bits + 1
-        if config.cell == "gru":
-            self.cell = nn.GRUCell(d_in, config.hidden)
-        elif config.cell == "rnn":
-            self.cell = nn.RNNCell(d_in, config.hidden, nonlinearity="tanh")
-        elif config.cell == "mlp":
-            self.cell = ResidualMLPCell(d_in, config.hidden)
-        else:
-            raise ValueError(f"unknown cell {config.cell!r}; use 'gru', 'rnn' or 'mlp'")
+        self.cell = make_cell(config.cell, d_in, config.hidden)
         self.halt = nn.Linear(config.hidden, 1)  # a^n, lam^n = sigmoid(a^n)
         nn.init.constant_(self.halt.bias, config.halt_bias_init)
         self.out = nn.Linear(config.hidden, config.num_classes)  # y^n

@@ -9,20 +9,18 @@ the test set to M steps holds every answer the model can give:
         output probability of class c), steps / pred / flops of the real run at the card's q
 
 with the model id, q, M, and the per-step and encoder FLOPs (counted by torch) as JSON metadata.
-``at_q`` evaluates a threshold, ``at_sample`` the sampled halting, ``q_sweep`` a grid of q; FLOPs
-away from the real run are encoder FLOPs + steps x per-step FLOPs.
+``at_q`` evaluates a threshold, ``at_sample`` the sampled halting; FLOPs away from the real run
+are encoder FLOPs + steps x per-step FLOPs.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 
-from engine.families.act.records import _bits_string, records_file
+from engine.families.act.records import bits_strings, read_unroll, records_file, write_unroll
 from engine.families.pondernet.model import (
     expected_steps,
     halting_distribution,
@@ -50,17 +48,11 @@ def write_records(
         "sample_id": np.arange(len(y), dtype=np.int32),
         "label": np.asarray(y).astype(np.int8),
         "difficulty": np.asarray(length).astype(np.int16),
-        "bits": _bits_string(np.asarray(x)),
+        "bits": bits_strings(np.asarray(x)),
         "steps": real.steps.astype(np.int16),
         "pred": real.pred.astype(np.int8),
         "flops": real.flops.astype(np.float64),
     }
-    # float32 is what the model computes lam in, so the stored scores are exact
-    for n in range(lam.shape[1]):
-        cols[f"lam_{n}"] = lam[:, n].astype(np.float32)
-    for c in range(probs.shape[2]):
-        for n in range(probs.shape[1]):
-            cols[f"q{c}_{n}"] = probs[:, n, c].astype(np.float32)
     meta = {
         "model_id": model_id,
         "q": model.config.q,
@@ -72,11 +64,9 @@ def write_records(
         "difficulty": "length: number of non-zero entries of the string",
         **meta,
     }
-    path = records_file(model_id, root=rec_dir)
-    tmp = path.with_suffix(".parquet.tmp")
-    pl.DataFrame(cols).write_parquet(tmp, compression="zstd", metadata={META_KEY: json.dumps(meta)})
-    tmp.replace(path)
-    return path
+    return write_unroll(
+        records_file(model_id, root=rec_dir), META_KEY, meta, cols, "lam", lam, probs
+    )
 
 
 @dataclass(frozen=True)
@@ -98,6 +88,17 @@ class PonderRecords:
         return float(self.meta["q"])
 
     @property
+    def max_steps(self) -> int:
+        return self.lam.shape[1]
+
+    @property
+    def full_flops(self) -> float:
+        """The cost of running every step: encoder + M x the per-step FLOPs."""
+        return float(self.meta["encode_flops"]) + self.max_steps * float(
+            self.meta["flops_per_step"]
+        )
+
+    @property
     def p(self) -> np.ndarray:
         """[N, M] the halting distribution P(N = n)."""
         return halting_distribution(self.lam)
@@ -107,20 +108,15 @@ def load_records(model_id: str, split: str = "test", root: Path | None = None) -
     path = records_file(model_id, split, root)
     if not path.exists():
         raise FileNotFoundError(f"no PonderNet records for {model_id} ({split}) at {path}")
-    df = pl.read_parquet(path).sort("sample_id")
-    meta = json.loads(pl.read_parquet_metadata(path).get(META_KEY, "{}"))
-    m = len([c for c in df.columns if c.startswith("lam_")])
-    c = len([col for col in df.columns if col.startswith("q") and col.endswith("_0")])
-    lam = np.stack([df[f"lam_{n}"].to_numpy() for n in range(m)], 1)
-    q = np.stack([np.stack([df[f"q{k}_{n}"].to_numpy() for n in range(m)], 1) for k in range(c)], 2)
+    df, meta, lam, q = read_unroll(path, META_KEY, "lam")
     return PonderRecords(
         model_id=model_id,
         sample_id=df["sample_id"].to_numpy().astype(np.int64),
         label=df["label"].to_numpy().astype(np.int64),
         difficulty=df["difficulty"].to_numpy().astype(np.int64),
         bits=df["bits"].to_numpy(),
-        lam=lam.astype(np.float64),
-        step_probs=q.astype(np.float64),
+        lam=lam,
+        step_probs=q,
         steps=df["steps"].to_numpy().astype(np.int64),
         pred=df["pred"].to_numpy().astype(np.int64),
         flops=df["flops"].to_numpy(),
@@ -159,25 +155,6 @@ def at_q(rec: PonderRecords, q: float) -> Evaluation:
 def at_sample(rec: PonderRecords, seed: int = 0) -> Evaluation:
     """Halt where the seeded Bernoulli(lam^n) coins say (the same coins as ``model.run``)."""
     return _evaluate(rec, sampled_steps(rec.lam, seed))
-
-
-@dataclass(frozen=True)
-class QSweep:
-    q: np.ndarray
-    accuracy: np.ndarray
-    mean_steps: np.ndarray
-    mean_flops: np.ndarray
-
-
-def q_sweep(rec: PonderRecords, q_grid: np.ndarray = Q_GRID) -> QSweep:
-    """Accuracy against compute over a grid of thresholds q."""
-    rows = [at_q(rec, q) for q in q_grid]
-    return QSweep(
-        q=np.asarray(q_grid, dtype=np.float64),
-        accuracy=np.array([r.accuracy for r in rows]),
-        mean_steps=np.array([r.steps.mean() for r in rows]),
-        mean_flops=np.array([r.flops.mean() for r in rows]),
-    )
 
 
 def mean_expected_steps(rec: PonderRecords) -> float:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 from engine.core.stats import spearman
-from engine.core.training import cosine_lr, save_model, seed_everything
+from engine.core.training import command_line, cosine_lr, save_model, seed_everything
 from engine.families.act.model import parity_data, step_flops
 from engine.families.pondernet import model as pn
 from engine.families.pondernet import records
@@ -172,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
             "threads": args.threads,
             "test_seed": args.test_seed,
         },
-        "training_command": " ".join(["python -m engine.train pondernet", *map(shlex.quote, argv)]),
+        "training_command": command_line(FAMILY, argv),
         "train_seconds": round(train_seconds, 1),
         "train_cpu_seconds": round(cpu_seconds, 1),
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
