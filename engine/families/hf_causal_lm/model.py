@@ -265,6 +265,7 @@ class Walk:
     exit_layer: int  # last layer the newest token ran (n_layer - 1: full depth)
     ran: list[bool]  # per layer: did the newest token run it
     confidence: list[float]  # per layer: the stop rule's score for the newest token (NaN: none)
+    rows: list[int]  # per layer: positions it computed (catch-up rows included)
     states: list[torch.Tensor] | None = None  # [n, D] after every layer run (keep_states)
 
 
@@ -296,6 +297,7 @@ def walk(
     start = t0  # position of the first row of h
     ran = [False] * n_layer
     conf = [math.nan] * n_layer
+    rows = [0] * n_layer
     states = [] if keep_states else None
     exit_layer = n_layer - 1
     for j, layer in enumerate(lm.layers):
@@ -322,6 +324,7 @@ def walk(
             position_embeddings=cos_sin,
         )
         ran[j] = True
+        rows[j] = h.shape[1]
         if keep_states:
             states.append(h[0])
         if j == n_layer - 1:
@@ -350,4 +353,4 @@ def walk(
         for p in range(start, end):
             cache.parked.pop(p, None)
     cache.length = end
-    return Walk(start, lm.logits(h[0]), h[0], exit_layer, ran, conf, states)
+    return Walk(start, lm.logits(h[0]), h[0], exit_layer, ran, conf, rows, states)
