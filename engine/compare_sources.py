@@ -37,27 +37,30 @@ def sparsity_file(model_id: str):
     return RECORDS_DIR / f"{model_id}__relu_zeros__test.parquet"
 
 
+def _cards_with_family() -> list[tuple[ModelCard, families.Family]]:
+    out = []
+    for card in list_cards():
+        try:
+            out.append((card, families.get(card.family)))
+        except families.FamilyError:
+            continue
+    return out
+
+
 def _cards(dataset: str) -> list[tuple[ModelCard, families.Family]]:
     """The data set's models, in display order: by kind, then by family, then the family's own
     order (e.g. ACT by ponder cost)."""
-    out = []
-    for card in list_cards():
-        if card.dataset != dataset:
-            continue
-        try:
-            fam = families.get(card.family)
-        except families.FamilyError:
-            continue
-        out.append((card, fam))
+    out = [(card, fam) for card, fam in _cards_with_family() if card.dataset == dataset]
     out.sort(key=lambda cf: (KIND_ORDER.index(cf[1].kind), cf[1].name, cf[1].sort_key(cf[0])))
     return out
 
 
 def datasets() -> list[str]:
-    """Data sets with at least two bundled models, those with the most models first."""
+    """Data sets with at least two bundled models (language models aside), most models first."""
     seen: dict[str, int] = {}
-    for card in list_cards():
-        seen[card.dataset] = seen.get(card.dataset, 0) + 1
+    for card, fam in _cards_with_family():
+        if fam.kind != "lm":  # language models exit per token: no per-sample compute to compare
+            seen[card.dataset] = seen.get(card.dataset, 0) + 1
     return sorted((d for d, n in seen.items() if n >= 2), key=lambda d: (-seen[d], d))
 
 
