@@ -193,10 +193,10 @@ def test_exited_and_skipped_layers_are_not_run(lm, fill):
     ran = [len(p) + sum(e >= j for e in steps) for j in range(N_LAYER)]
     if fill == "propagate":
         assert rows == ran
-        assert g.layer_rows[1:] == [e + 1 for e in steps]
+        assert g.layer_rows == [N_LAYER] + [e + 1 for e in steps]
     else:  # lazy: deferred, not saved; what a token skipped is caught up by a deeper one
         assert rows[0] == ran[0] and all(r >= e for r, e in zip(rows, ran, strict=True))
-        assert sum(rows) == sum(g.layer_rows)
+        assert sum(rows) == g.prefill_rows + sum(g.layer_rows[1:])
     assert skip_rows == [len(p) + 29, 0, 0, len(p) + 29] and len(s.tokens) == 30
 
 

@@ -201,6 +201,7 @@ class Generation:
     confidence: list[float] = field(default_factory=list)  # the rule's score there (NaN: none)
     prob: list[float] = field(default_factory=list)  # probability of the token at its exit
     layer_rows: list[int] = field(default_factory=list)  # layer computations of that step
+    prefill_rows: int = 0  # layer computations of the prompt (the first token's step)
     seconds: float = 0.0  # wall-clock, the prompt's prefill included
 
     @property
@@ -253,7 +254,11 @@ def generate(
         out.exit_layer.append(w.exit_layer)
         out.confidence.append(w.confidence[w.exit_layer] if w.exit_layer < n - 1 else math.nan)
         out.prob.append(float(p[tok]))
-        out.layer_rows.append(sum(w.rows))
+        if len(out.tokens) == 1:  # from the prefill: count its last position only
+            out.prefill_rows = sum(w.rows)
+            out.layer_rows.append(sum(w.ran))
+        else:
+            out.layer_rows.append(sum(w.rows))  # lazy catch-up of earlier positions included
         if len(out.tokens) == max_new_tokens or tok in eos:
             break
         w = walk(lm, cache, [tok], skip=skip, stop=stop, fill=fill)
