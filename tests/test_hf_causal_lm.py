@@ -172,7 +172,7 @@ def test_early_exit_disabled_is_plain_greedy_decoding(lm):
             g = A.generate(lm, p, 20, A.ExitRule(measure, 1.01), stop_at_eos=False)
             assert g.tokens == ref and set(g.exit_layer) == {N_LAYER - 1}
             q = A.generation_quality(lm, p, g.tokens, ref)
-            assert q.agreement == 1.0 and q.prefix_match == 20
+            assert q.agreement == q.next_token_agreement == 1.0 and q.prefix_match == 20
 
 
 @pytest.mark.parametrize("fill", ["propagate", "lazy"])

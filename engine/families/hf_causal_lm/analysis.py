@@ -273,27 +273,32 @@ def greedy(lm: CausalLM, prompt: Sequence[int], max_new_tokens: int = 32, **kw) 
 
 @dataclass(frozen=True)
 class GenerationQuality:
-    agreement: float  # tokens equal to the full model's top-1 on the same prefix
-    prefix_match: int  # leading tokens equal to the full model's own greedy generation
-    perplexity: float  # of the generated tokens, under the full model
+    """A cheaper generation judged against the full model's own greedy one."""
+
+    agreement: float  # positions where it has the full model's greedy token
+    prefix_match: int  # leading tokens equal to the full model's greedy generation
+    next_token_agreement: float  # tokens equal to the full model's top-1 on the *same* prefix;
+    # flattered by degenerate text (an exit at layer 0 repeats its input, and so would the model)
+    perplexity: float  # of the generated tokens, under the full model (same caveat)
 
 
 @torch.no_grad()
 def generation_quality(
     lm: CausalLM, prompt: Sequence[int], tokens: Sequence[int], reference: Sequence[int]
 ) -> GenerationQuality:
-    """Judge a generation by the full model: one teacher-forced pass over prompt + tokens."""
+    """Judge a generation by the full model's greedy ``reference`` and by one teacher-forced
+    full-depth pass over prompt + tokens."""
+    if not tokens or not reference:
+        raise ValueError("nothing to compare")
     ids = torch.as_tensor([*prompt, *tokens], dtype=torch.long)
     logits = walk(lm, LayerCache(lm.n_layer), ids).logits[len(prompt) - 1 : -1]
     toks = torch.as_tensor(list(tokens), dtype=torch.long)
-    agree = float((logits.argmax(-1) == toks).float().mean())
-    prefix = 0
-    for a, b in zip(tokens, reference, strict=False):
-        if a != b:
-            break
-        prefix += 1
+    same = [a == b for a, b in zip(tokens, reference, strict=False)]
+    agree = sum(same) / max(len(tokens), len(reference))
+    prefix = same.index(False) if False in same else len(same)
+    next_agree = float((logits.argmax(-1) == toks).float().mean())
     ppl = math.exp(float(F.cross_entropy(logits, toks)))
-    return GenerationQuality(agree, prefix, ppl)
+    return GenerationQuality(agree, prefix, next_agree, ppl)
 
 
 # --- self-speculative decoding (LayerSkip) ----------------------------------------------------
