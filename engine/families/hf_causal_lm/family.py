@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from engine.core.family import Family, FamilyError
+import numpy as np
+
+from engine.core.family import Family, FamilyError, LiveRun
+from engine.families.hf_causal_lm import analysis
 from engine.families.hf_causal_lm import model as hf
 
 
@@ -51,6 +54,24 @@ class HFCausalLM(Family):
 
     def default_setting(self, card) -> float:
         return 0.9
+
+    def run_one(self, model: hf.CausalLM, card, x, value: float, n: int = 16) -> LiveRun:
+        """``n`` greedy tokens answering the chat prompt ``x``, each stopping at the first
+        layer whose max probability reaches ``value`` (CALM; the layers above are not run)."""
+        g = analysis.generate(
+            model, hf.chat_ids(model, str(x)), n, analysis.ExitRule("max_prob", float(value))
+        )
+        rows = np.asarray(g.layer_rows, dtype=np.float64)
+        return LiveRun(
+            prediction=-1,  # a generation, not a class
+            confidence=float(np.mean(g.prob)),
+            cost=float(rows.sum()),
+            full_cost=float(model.n_layer * len(rows)),
+            decision=f"{rows.mean():.1f} of {model.n_layer} layers per token on average",
+            steps=np.asarray(g.exit_layer, dtype=np.float64),
+            ran=rows > 0,
+            detail={"text": model.tokenizer.decode(g.tokens), "cost_unit": "layer runs"},
+        )
 
 
 FAMILY = HFCausalLM()
