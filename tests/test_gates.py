@@ -148,3 +148,19 @@ def test_gate_build_on_the_toy_like_pipeline_rewrites_only_the_gate(tmp_path, mo
     assert card["data"]["fitted_on"].startswith("test split, 2 seeded folds")
     assert (tmp_path / f"{model_id}__gate.json").exists()
     assert trace_file(model_id).exists()  # the bundled trace was not touched
+
+
+@pytest.mark.parametrize(
+    ("model_id", "said"),
+    [("mnist_multi_exit_cnn", "−2.2 overall"), ("tweets_multi_exit_minilm", "+12.0 overall")],
+)
+def test_readme_bias_numbers_are_the_engines(model_id, said):
+    from pathlib import Path
+
+    from engine.core import calibration
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    t = load_trace(model_id, build_if_missing=False)
+    g = calibration.exit_gaps(t, exit_index(t, Policy("max_prob", threshold=0.9)))
+    assert f"{100 * g.overall_gap:+.1f}".replace("-", "−") + " overall" == said
+    assert said in readme
