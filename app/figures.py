@@ -77,11 +77,14 @@ def tradeoff_figure(
     kind_label: str = "policy",
     cost_unit: str = "FLOPs",
     oracle_name: str = "oracle",
+    others: Sequence[tuple[str, np.ndarray, np.ndarray]] = (),
 ) -> go.Figure:
     """The accuracy–compute curve of one policy kind, its Pareto front and reference points.
 
     cost, accuracy: the curve's points (already thinned); front: indices into them, the Pareto
     front ordered by cost. ``exit_points`` are the fixed-exit (static truncation) baselines.
+    ``others`` are (name, cost, accuracy) of the other policy kinds' curves, drawn thinly
+    beside it so a learned gate and the thresholds are compared on one chart.
     """
     hover = "%{x:.4s} " + cost_unit + "<br>accuracy %{y:.4f}<extra>%{fullData.name}</extra>"
     data = [
@@ -95,6 +98,18 @@ def tradeoff_figure(
             hovertemplate=hover,
         )
     ]
+    for j, (name, o_cost, o_acc) in enumerate(others):
+        data.append(
+            dict(
+                type="scatter",
+                x=o_cost,
+                y=o_acc,
+                mode="lines",
+                name=name,
+                line=dict(color=CATEGORICAL[(j + 1) % len(CATEGORICAL)], width=1.2, dash="dot"),
+                hovertemplate=hover,
+            )
+        )
     if len(front):
         data.append(
             dict(
@@ -268,6 +283,100 @@ def reliability_figure(
         xaxis=dict(title=dict(text="confidence (max probability)"), range=[0, 1.02]),
         yaxis=dict(title=dict(text="accuracy"), range=[0, 1.02]),
     )
+    return _figure(data, layout)
+
+
+def exited_reliability_figure(
+    panels: Sequence[tuple[str, Sequence[Reliability], Reliability]],
+    exit_names: Sequence[str],
+) -> go.Figure:
+    """Reliability of the samples that *exit* at each exit, one panel per policy.
+
+    panels: (title, per-exit reliability over the samples leaving there, the policy's outputs).
+    Points below the diagonal are over-confident, above it under-confident.
+    """
+    hover = "confidence %{x:.3f}<br>accuracy %{y:.3f}<br>%{customdata} samples<extra></extra>"
+    n = max(1, len(panels))
+    gap = 0.08
+    width = (1 - gap * (n - 1)) / n
+    data, layout_axes, notes = [], {}, []
+    for p, (title, per_exit, overall) in enumerate(panels):
+        ax = "" if p == 0 else str(p + 1)
+        x0 = p * (width + gap)
+        layout_axes[f"xaxis{ax}"] = dict(
+            domain=[x0, x0 + width],
+            range=[0, 1.02],
+            title=dict(text="confidence of the exited samples"),
+            anchor=f"y{ax}",
+        )
+        layout_axes[f"yaxis{ax}"] = dict(
+            range=[0, 1.02], title=dict(text="accuracy" if p == 0 else ""), anchor=f"x{ax}"
+        )
+        notes.append(
+            dict(
+                text=f"<b>{title}</b>",
+                x=x0 + width / 2,
+                y=1.0,
+                xref="paper",
+                yref="paper",
+                xanchor="center",
+                yanchor="bottom",
+                showarrow=False,
+            )
+        )
+        axes = dict(xaxis=f"x{ax}", yaxis=f"y{ax}")
+        data.append(
+            dict(
+                type="scatter",
+                x=[0, 1],
+                y=[0, 1],
+                mode="lines",
+                name="perfect calibration",
+                showlegend=p == 0,
+                line=dict(color=NEUTRAL, dash="dot", width=1),
+                hoverinfo="skip",
+                **axes,
+            )
+        )
+        for k, r in enumerate(per_exit):
+            m = r.count > 0
+            data.append(
+                dict(
+                    type="scatter",
+                    x=r.confidence[m],
+                    y=r.accuracy[m],
+                    mode="lines+markers",
+                    name=f"exits at {exit_names[k]}",
+                    legendgroup=f"exit{k}",
+                    showlegend=p == 0,
+                    line=dict(color=exit_color(k), width=1.2),
+                    marker=dict(size=5),
+                    customdata=r.count[m],
+                    hovertemplate=hover,
+                    **axes,
+                )
+            )
+        m = overall.count > 0
+        data.append(
+            dict(
+                type="scatter",
+                x=overall.confidence[m],
+                y=overall.accuracy[m],
+                mode="lines+markers",
+                name="all exited samples",
+                legendgroup="all",
+                showlegend=p == 0,
+                line=dict(color="#000000", width=3),
+                marker=dict(size=7, symbol="star"),
+                customdata=overall.count[m],
+                hovertemplate=hover,
+                **axes,
+            )
+        )
+    layout = _base_layout(
+        "Reliability of the samples that exit", 440, annotations=notes, **layout_axes
+    )
+    layout["margin"] = dict(l=10, r=10, t=60, b=10)
     return _figure(data, layout)
 
 

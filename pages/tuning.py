@@ -277,6 +277,104 @@ def _metrics_row(stats: tradeoff.PolicyStats, last: tradeoff.PolicyStats, unit: 
     c[3].metric(f"Speed-up vs last exit{label}", f"{stats.speedup:.2f}×")
 
 
+def _compared_kinds(trace: Trace) -> list[str]:
+    """The kinds drawn together on the trade-off chart: thresholds, patience, the learned gate."""
+    kinds = ["max_prob", "entropy", "patience", "gate"]
+    return [k for k in kinds if k in widgets.available_kinds(trace)]
+
+
+def _pts(x: float) -> str:
+    return "–" if not np.isfinite(x) else f"{100 * x:+.1f}"
+
+
+def _gap_columns(gaps: calibration.ExitGaps, name: str) -> dict[str, list]:
+    return {
+        f"{name}: samples": [int(c) for c in gaps.count] + [int(gaps.count.sum())],
+        f"{name}: mean confidence": [
+            "–" if not np.isfinite(v) else f"{v:.4f}"
+            for v in [*gaps.confidence, gaps.overall_confidence]
+        ],
+        f"{name}: accuracy": [
+            "–" if not np.isfinite(v) else f"{v:.4f}"
+            for v in [*gaps.accuracy, gaps.overall_accuracy]
+        ],
+        f"{name}: gap (points)": [_pts(v) for v in [*gaps.gap, gaps.overall_gap]],
+    }
+
+
+def _direction(gap: float) -> str:
+    if not np.isfinite(gap):
+        return "no samples"
+    return "over-confident" if gap > 0 else "under-confident" if gap < 0 else "calibrated"
+
+
+def bias_section(
+    trace: Trace, key: str, policy: Policy, exits: np.ndarray, stats: tradeoff.PolicyStats
+) -> None:
+    """Signed gap (mean confidence − accuracy) of the samples that exit, per exit and overall,
+    for the current policy and, at matched cost, for the learned gate (or max-prob, when the
+    gate is the current policy). JEI-DNN says thresholding biases it upwards; this shows it."""
+    st.subheader("Confidence bias of the samples that exit")
+    gaps = calibration.exit_gaps(trace, exits)
+    has_gate = "gate" in widgets.available_kinds(trace)
+    other_kind = "max_prob" if policy.kind == "gate" else "gate" if has_gate else None
+    columns = {"exit": [*trace.meta.exit_names, "whole policy"]}
+    columns |= _gap_columns(gaps, "current")
+    panels = [
+        (
+            f"current: {policy.describe()}",
+            calibration.exited_reliability(trace, exits),
+            calibration.of_policy(trace, exits),
+        )
+    ]
+    line = (
+        f"Current policy ({policy.describe()}): the exited samples are "
+        f"**{_direction(gaps.overall_gap)}** by {_pts(gaps.overall_gap)} points overall"
+    )
+    if other_kind is not None:
+        c = loaders.curve_summary(key, other_kind, trace).curve
+        other = c.policy(tradeoff.nearest_cost(c, stats.mean_cost))
+        o_exits = exit_index(trace, other)
+        o_stats = tradeoff.evaluate(trace, o_exits)
+        o_gaps = calibration.exit_gaps(trace, o_exits)
+        columns |= _gap_columns(o_gaps, "matched")
+        panels.append(
+            (
+                f"{other.describe()} at matched cost",
+                calibration.exited_reliability(trace, o_exits),
+                calibration.of_policy(trace, o_exits),
+            )
+        )
+        line += (
+            f"; {POLICY_LABELS[other_kind]} at matched cost ({other.describe()}, accuracy "
+            f"{o_stats.accuracy:.4f} at {o_stats.cost_fraction:.1%} of the full cost, vs "
+            f"{stats.accuracy:.4f} at {stats.cost_fraction:.1%}): "
+            f"**{_direction(o_gaps.overall_gap)}** by {_pts(o_gaps.overall_gap)} points."
+        )
+    else:
+        line += ". This trace has no learned gate scores to compare with."
+    st.markdown(line)
+    st.table(pl.DataFrame(columns))
+    gate_info = trace.meta.extra.get("gate") if isinstance(trace.meta.extra, dict) else None
+    st.caption(
+        "Gap = mean max-probability − accuracy of the samples that leave at that exit, in "
+        "points: positive is over-confident (the positive bias JEI-DNN attributes to "
+        "thresholding), negative under-confident. ECE above has no sign."
+        + (
+            f" The learned gate was fitted post hoc on the frozen model ({gate_info['fitted_on']};"
+            " logistic regression per exit on the exit's sorted probabilities, entropy, margin "
+            "and agreement with the previous exit; not trained jointly with the heads)."
+            if isinstance(gate_info, dict) and "fitted_on" in gate_info
+            else ""
+        )
+    )
+    widgets.chart(
+        figures.exited_reliability_figure(panels, trace.meta.exit_names),
+        "chart.exited_reliability",
+        "exited_reliability",
+    )
+
+
 @st.fragment
 def tuning_panel(source: str) -> None:
     t0 = time.perf_counter()
@@ -382,6 +480,15 @@ def tuning_panel(source: str) -> None:
                 kind_label=POLICY_LABELS[curve_kind],
                 cost_unit=unit,
                 oracle_name=f"oracle (never-right at the {never} exit)",
+                others=[
+                    (
+                        POLICY_LABELS[k],
+                        loaders.curve_summary(key, k, trace).plot_cost,
+                        loaders.curve_summary(key, k, trace).plot_accuracy,
+                    )
+                    for k in _compared_kinds(trace)
+                    if k != curve_kind
+                ],
             ),
             "chart.tradeoff",
             "tradeoff",
@@ -424,6 +531,9 @@ def tuning_panel(source: str) -> None:
                 )
                 + f" · **policy's outputs {pol_rel.ece:.3f}**"
             )
+
+    if trace.has_labels:
+        bias_section(trace, key, policy, exits, stats)
 
     st.subheader("Samples" + (" in the selected slice" if mask is not None else ""))
     table = sample_table(trace, exits, mask)

@@ -86,7 +86,8 @@ def test_renders_with_engine_values(env):
     assert not at.exception, at.exception
     trace = load_trace(env)
     _assert_shows(at, trace, Policy("max_prob", threshold=0.9))
-    assert len(at.get("plotly_chart")) == 4  # curve, histogram, per-class, reliability
+    # curve, histogram, per-class, reliability, and the exited samples' reliability (bias)
+    assert len(at.get("plotly_chart")) == 5
     # ECE caption: per exit and for the policy's outputs, from engine.core.calibration
     rel = calibration.of_policy(trace, exit_index(trace, Policy("max_prob", threshold=0.9)))
     assert any(f"policy's outputs {rel.ece:.3f}" in c.value for c in at.caption)
@@ -331,6 +332,14 @@ def test_figure_builders_are_valid_plotly():
             tradeoff.oracle_stats(t),
             tradeoff.last_exit_stats(t),
             [s, s, s],
+            others=[("entropy", c.mean_cost, c.accuracy)],
+        ),
+        figures.exited_reliability_figure(
+            [
+                ("now", calibration.exited_reliability(t, exits), calibration.of_policy(t, exits)),
+                ("gate", calibration.exited_reliability(t, exits), calibration.of_policy(t, exits)),
+            ],
+            t.meta.exit_names,
         ),
         figures.exit_histogram(s.exit_counts, np.array([0.5, np.nan, 1.0]), t.meta.exit_names),
         figures.per_class_figure(
@@ -346,3 +355,44 @@ def test_figure_builders_are_valid_plotly():
         go.Figure(fig.to_dict())  # raises on any invalid property
         assert fig.data
     assert b"<html>" in figures.figure_html(figs[1])[:200].lower()
+
+
+# --- learned gates and the confidence bias of exited samples --------------------------------
+
+GATED_MODEL = "mnist_multi_exit_cnn"
+
+
+def _gap_cells(gaps) -> list[str]:
+    return ["–" if not np.isfinite(v) else f"{100 * v:+.1f}" for v in [*gaps.gap, gaps.overall_gap]]
+
+
+def test_gate_policy_is_offered_and_shown_beside_the_thresholds(env):
+    at = _app(GATED_MODEL, policy="gate", t="0.99")
+    assert not at.exception, at.exception
+    assert "Learned gate (JEI-DNN)" in at.selectbox(key="w.kind").options
+    assert at.selectbox(key="w.kind").value == "gate"
+    trace = load_trace(GATED_MODEL)
+    _assert_shows(at, trace, Policy("gate", threshold=0.99))
+    fig = at.get("plotly_chart")[0].proto.spec
+    for name in ("Max probability", "Entropy (DeeBERT)", "Patience (PABEE)"):
+        assert name in fig, name  # the other kinds' curves are drawn on the same chart
+
+
+def test_bias_table_shows_the_engines_signed_gaps(env):
+    at = _app(GATED_MODEL, policy="max_prob", t="0.9")
+    assert not at.exception, at.exception
+    trace = load_trace(GATED_MODEL)
+    exits = exit_index(trace, Policy("max_prob", threshold=0.9))
+    mine = calibration.exit_gaps(trace, exits)
+    c = tradeoff.curve(trace, "gate")
+    s = tradeoff.evaluate(trace, exits)
+    gate_exits = exit_index(trace, c.policy(tradeoff.nearest_cost(c, s.mean_cost)))
+    theirs = calibration.exit_gaps(trace, gate_exits)
+    table = at.table[0].value
+    assert list(table["exit"]) == [*trace.meta.exit_names, "whole policy"]
+    assert list(table["current: gap (points)"]) == _gap_cells(mine)
+    assert list(table["matched: gap (points)"]) == _gap_cells(theirs)
+    assert list(table["current: samples"])[:-1] == mine.count.tolist()
+    said = " ".join(m.value for m in at.markdown)
+    assert "under-confident" in said  # the MNIST CNN's exited samples, as measured
+    assert any("fitted post hoc" in cap.value and "train split" in cap.value for cap in at.caption)

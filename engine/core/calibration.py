@@ -1,6 +1,6 @@
 """Calibration of exits: reliability diagrams and expected calibration error (ECE).
 
-Thresholded exits are known to be over-confident on the samples they let through (the
+Thresholded exits are said to be over-confident on the samples they let through (the
 "positive confidence bias" JEI-DNN points out), so ECE is reported per exit and for the outputs a
 policy actually returns.
 """
@@ -55,3 +55,59 @@ def of_policy(trace: Trace, exits: np.ndarray, bins: int = 15) -> Reliability:
     lab = trace.label != -1
     rows = np.arange(trace.num_samples)
     return reliability(trace.max_prob[rows, exits][lab], trace.correct[rows, exits][lab], bins)
+
+
+@dataclass(frozen=True)
+class ExitGaps:
+    """Signed calibration gap of the samples that leave at each exit, and of all of them.
+
+    gap = mean confidence - accuracy: positive means over-confident (JEI-DNN's "positive bias"
+    of thresholded exits), negative under-confident. ECE hides the sign; this keeps it. Exits
+    that no labelled sample leaves at have count 0 and NaN confidence, accuracy and gap.
+    """
+
+    count: np.ndarray  # [K]
+    confidence: np.ndarray  # [K]
+    accuracy: np.ndarray  # [K]
+    gap: np.ndarray  # [K]
+    overall_confidence: float
+    overall_accuracy: float
+
+    @property
+    def overall_gap(self) -> float:
+        return self.overall_confidence - self.overall_accuracy
+
+
+def exit_gaps(trace: Trace, exits: np.ndarray) -> ExitGaps:
+    """Signed gap per exit over the labelled samples a policy sends there, and overall."""
+    lab = trace.label != -1
+    rows = np.arange(trace.num_samples)
+    conf = trace.max_prob[rows, exits][lab]
+    ok = trace.correct[rows, exits][lab].astype(np.float64)
+    where = np.asarray(exits)[lab]
+    k = trace.num_exits
+    count = np.bincount(where, minlength=k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.where(count > 0, np.bincount(where, conf, k) / count, np.nan)
+        acc = np.where(count > 0, np.bincount(where, ok, k) / count, np.nan)
+    n = conf.size
+    return ExitGaps(
+        count=count,
+        confidence=mean_conf,
+        accuracy=acc,
+        gap=mean_conf - acc,
+        overall_confidence=float(conf.mean()) if n else float("nan"),
+        overall_accuracy=float(ok.mean()) if n else float("nan"),
+    )
+
+
+def exited_reliability(trace: Trace, exits: np.ndarray, bins: int = 15) -> list[Reliability]:
+    """One reliability diagram per exit over the labelled samples that leave there."""
+    lab = trace.label != -1
+    rows = np.arange(trace.num_samples)
+    conf = trace.max_prob[rows, exits]
+    ok = trace.correct[rows, exits]
+    return [
+        reliability(conf[lab & (exits == e)], ok[lab & (exits == e)], bins)
+        for e in range(trace.num_exits)
+    ]

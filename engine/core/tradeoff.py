@@ -249,6 +249,14 @@ def best_within_budget(c: Curve, budget: float) -> int | None:
     return int(ok[order[0]])
 
 
+def nearest_cost(c: Curve, cost: float) -> int:
+    """Index of the point whose mean cost is closest to ``cost`` (ties: the more accurate).
+
+    Used to compare two policy kinds at matched cost (a learned gate beside a threshold)."""
+    d = np.abs(c.mean_cost - cost)
+    return int(np.lexsort((-c.accuracy, d))[0])
+
+
 def budget_target(trace: Trace, budget: float, relative: bool) -> float:
     """An absolute mean-cost budget, or a fraction of the full model's mean cost."""
     return budget * float(trace.cost[:, -1].mean()) if relative else budget
