@@ -7,10 +7,18 @@ absent, saying so; in CI (env CI set) their absence is a failure.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -48,3 +56,56 @@ def browser():
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b
         b.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(tmp: Path, env: dict | None = None):
+    """A fresh ``streamlit run streamlit_app.py`` on a free local port with the Makefile's flags
+    only (so .streamlit/config.toml applies, as under ``make app``); yields its base URL.
+
+    Only /_stcore/health is asked before yielding, so the caller's first page is the server's.
+    """
+    require_browser()
+    port = free_port()
+    log_path = tmp / "streamlit.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "streamlit", "run", "streamlit_app.py",
+                "--server.headless", "true",
+                "--server.address", "127.0.0.1",
+                "--server.port", str(port),
+                "--browser.gatherUsageStats", "false",
+            ],
+            cwd=ROOT,
+            env={**os.environ, "AIE_DATA_DIR": str(tmp / "data"), **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/_stcore/health", timeout=2) as r:
+                    if r.read().strip() == b"ok":
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail("streamlit did not start:\n" + log_path.read_text()[-3000:])
+            time.sleep(0.3)
+        try:
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()

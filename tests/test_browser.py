@@ -10,26 +10,16 @@ from __future__ import annotations
 
 import io
 import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import CHROMIUM, require_browser  # noqa: F401
+from tests.conftest import CHROMIUM, require_browser, serve  # noqa: F401
 from tests.helpers_app import SYNTH_ID, bundled_image_model, make_trace, png_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.browser
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -37,47 +27,14 @@ def server(tmp_path_factory):
     """`streamlit run streamlit_app.py` on a free local port; yields (base_url, model_id)."""
     require_browser()
     tmp = tmp_path_factory.mktemp("browser")
-    env = {**os.environ, "AIE_DATA_DIR": str(tmp / "data")}
+    env = {}
     model_id = bundled_image_model(("mnist", "fashion_mnist", "digits"))
     if model_id is None:  # no bundled model yet: a synthetic trace for the tuning page
         env["AIE_CACHE_DIR"] = str(tmp / "cache")
         make_trace(n=2000).write_parquet(tmp / "cache" / "traces" / f"{SYNTH_ID}__test.parquet")
         model_id = SYNTH_ID
-    port = _free_port()
-    log = open(tmp / "streamlit.log", "w")
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "streamlit", "run", "streamlit_app.py",
-            "--server.headless", "true",
-            "--server.address", "127.0.0.1",
-            "--server.port", str(port),
-            "--browser.gatherUsageStats", "false",
-        ],  # as `make app` does: .streamlit/config.toml applies (it does not watch .venv)
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(base + "/_stcore/health", timeout=2) as r:
-                if r.read().strip() == b"ok":
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail("streamlit did not start:\n" + (tmp / "streamlit.log").read_text()[-3000:])
-        time.sleep(0.3)
-    yield base, model_id, tmp
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with serve(tmp, env) as base:
+        yield base, model_id, tmp
 
 
 def _shots_dir(tmp: Path) -> Path:

@@ -7,13 +7,7 @@ router's page titles; and no page may ask anything outside this machine (its fav
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,68 +16,16 @@ from app import figures
 from engine.core import tradeoff
 from engine.core.policies import Policy, exit_index
 from engine.trace_store import load_trace, trace_file
-from tests.conftest import require_browser
+from tests.conftest import serve
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "mnist_multi_exit_cnn"
 TITLES = ["Guided tour", "Threshold tuning", "Sample inspector", "Compare methods"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _serve(tmp: Path):
-    """A fresh `streamlit run` with the Makefile's flags only (.streamlit/config.toml applies).
-
-    Only /_stcore/health is asked before yielding, so the test's first page is the server's first.
-    """
-    require_browser()
-    port = _free_port()
-    log_path = tmp / "streamlit.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "streamlit", "run", "streamlit_app.py",
-                "--server.headless", "true",
-                "--server.address", "127.0.0.1",
-                "--server.port", str(port),
-                "--browser.gatherUsageStats", "false",
-            ],
-            cwd=ROOT,
-            env={**os.environ, "AIE_DATA_DIR": str(tmp / "data")},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/_stcore/health", timeout=2) as r:
-                    if r.read().strip() == b"ok":
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail("streamlit did not start:\n" + log_path.read_text()[-3000:])
-            time.sleep(0.3)
-        try:
-            yield base
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with _serve(tmp_path_factory.mktemp("first_hour")) as base:
+    with serve(tmp_path_factory.mktemp("first_hour")) as base:
         yield base
 
 
@@ -148,7 +90,7 @@ def _local_only(page, base: str) -> None:
 @pytest.mark.browser
 def test_deep_link_first_on_a_fresh_server_shows_page_titles(browser, tmp_path):
     """/tuning as the very first request: the router's titles, not file names, and the page."""
-    with _serve(tmp_path) as base:
+    with serve(tmp_path) as base:
         page = _page(browser)
         page.goto(f"{base}/tuning", timeout=60_000)
         page.get_by_text("Accuracy vs compute").first.wait_for(timeout=90_000)
