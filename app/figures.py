@@ -232,50 +232,78 @@ def per_class_figure(
     return _figure(data, layout)
 
 
+RELIABILITY_HOVER = (
+    "confidence %{x:.3f}<br>accuracy %{y:.3f}<br>%{customdata} samples<extra></extra>"
+)
+
+
+def _reliability_traces(
+    per_exit: Sequence[Reliability],
+    overall: Reliability,
+    exit_label,
+    overall_label: str,
+    exit_dash: str | None = None,
+    show_legend: bool = True,
+    **axes,
+) -> list[dict]:
+    """The diagonal, one line per exit and a starred line for all samples together: what both
+    reliability diagrams draw (``exit_label(k, r)`` names exit k's line)."""
+
+    def line(r: Reliability, **style) -> dict:
+        m = r.count > 0
+        return dict(
+            type="scatter",
+            x=r.confidence[m],
+            y=r.accuracy[m],
+            mode="lines+markers",
+            customdata=r.count[m],
+            hovertemplate=RELIABILITY_HOVER,
+            showlegend=show_legend,
+            **style,
+            **axes,
+        )
+
+    diagonal = dict(
+        type="scatter",
+        x=[0, 1],
+        y=[0, 1],
+        mode="lines",
+        name="perfect calibration",
+        showlegend=show_legend,
+        line=dict(color=NEUTRAL, dash="dot", width=1),
+        hoverinfo="skip",
+        **axes,
+    )
+    exits = [
+        line(
+            r,
+            name=exit_label(k, r),
+            legendgroup=f"exit{k}",
+            line=dict(color=exit_color(k), width=1.2, dash=exit_dash),
+            marker=dict(size=5),
+        )
+        for k, r in enumerate(per_exit)
+    ]
+    total = line(
+        overall,
+        name=overall_label,
+        legendgroup="all",
+        line=dict(color="#000000", width=3),
+        marker=dict(size=8, symbol="star"),
+    )
+    return [diagonal, *exits, total]
+
+
 def reliability_figure(
     per_exit: Sequence[Reliability], policy: Reliability, exit_names: Sequence[str]
 ) -> go.Figure:
     """Reliability diagram: accuracy against confidence per exit and for the policy's outputs."""
-    hover = "confidence %{x:.3f}<br>accuracy %{y:.3f}<br>%{customdata} samples<extra></extra>"
-    data = [
-        dict(
-            type="scatter",
-            x=[0, 1],
-            y=[0, 1],
-            mode="lines",
-            name="perfect calibration",
-            line=dict(color=NEUTRAL, dash="dot", width=1),
-            hoverinfo="skip",
-        )
-    ]
-    for k, r in enumerate(per_exit):
-        m = r.count > 0
-        data.append(
-            dict(
-                type="scatter",
-                x=r.confidence[m],
-                y=r.accuracy[m],
-                mode="lines+markers",
-                name=f"{exit_names[k]} (ECE {r.ece:.3f})",
-                line=dict(color=exit_color(k), width=1.2, dash="dash"),
-                marker=dict(size=5),
-                customdata=r.count[m],
-                hovertemplate=hover,
-            )
-        )
-    m = policy.count > 0
-    data.append(
-        dict(
-            type="scatter",
-            x=policy.confidence[m],
-            y=policy.accuracy[m],
-            mode="lines+markers",
-            name=f"policy's outputs (ECE {policy.ece:.3f})",
-            line=dict(color="#000000", width=3),
-            marker=dict(size=8, symbol="star"),
-            customdata=policy.count[m],
-            hovertemplate=hover,
-        )
+    data = _reliability_traces(
+        per_exit,
+        policy,
+        lambda k, r: f"{exit_names[k]} (ECE {r.ece:.3f})",
+        f"policy's outputs (ECE {policy.ece:.3f})",
+        exit_dash="dash",
     )
     layout = _base_layout(
         "Reliability",
@@ -295,7 +323,6 @@ def exited_reliability_figure(
     panels: (title, per-exit reliability over the samples leaving there, the policy's outputs).
     Points below the diagonal are over-confident, above it under-confident.
     """
-    hover = "confidence %{x:.3f}<br>accuracy %{y:.3f}<br>%{customdata} samples<extra></extra>"
     n = max(1, len(panels))
     gap = 0.08
     width = (1 - gap * (n - 1)) / n
@@ -324,54 +351,14 @@ def exited_reliability_figure(
                 showarrow=False,
             )
         )
-        axes = dict(xaxis=f"x{ax}", yaxis=f"y{ax}")
-        data.append(
-            dict(
-                type="scatter",
-                x=[0, 1],
-                y=[0, 1],
-                mode="lines",
-                name="perfect calibration",
-                showlegend=p == 0,
-                line=dict(color=NEUTRAL, dash="dot", width=1),
-                hoverinfo="skip",
-                **axes,
-            )
-        )
-        for k, r in enumerate(per_exit):
-            m = r.count > 0
-            data.append(
-                dict(
-                    type="scatter",
-                    x=r.confidence[m],
-                    y=r.accuracy[m],
-                    mode="lines+markers",
-                    name=f"exits at {exit_names[k]}",
-                    legendgroup=f"exit{k}",
-                    showlegend=p == 0,
-                    line=dict(color=exit_color(k), width=1.2),
-                    marker=dict(size=5),
-                    customdata=r.count[m],
-                    hovertemplate=hover,
-                    **axes,
-                )
-            )
-        m = overall.count > 0
-        data.append(
-            dict(
-                type="scatter",
-                x=overall.confidence[m],
-                y=overall.accuracy[m],
-                mode="lines+markers",
-                name="all exited samples",
-                legendgroup="all",
-                showlegend=p == 0,
-                line=dict(color="#000000", width=3),
-                marker=dict(size=7, symbol="star"),
-                customdata=overall.count[m],
-                hovertemplate=hover,
-                **axes,
-            )
+        data += _reliability_traces(
+            per_exit,
+            overall,
+            lambda k, r: f"exits at {exit_names[k]}",
+            "all exited samples",
+            show_legend=p == 0,
+            xaxis=f"x{ax}",
+            yaxis=f"y{ax}",
         )
     layout = _base_layout(
         "Reliability of the samples that exit", 440, annotations=notes, **layout_axes
