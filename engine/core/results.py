@@ -70,6 +70,38 @@ class Results:
             meta={"cost_unit": "× full"},
         )
 
+    @classmethod
+    def from_runs(
+        cls,
+        name: str,
+        setting: str,
+        settings,
+        sample_id,
+        label,
+        runs,
+        full_cost: float,
+        detail: tuple[str, ...] = ("steps",),
+        extra: dict | None = None,
+        meta: dict | None = None,
+    ) -> Results:
+        """Results from one evaluation per setting, each with per-sample ``flops``, ``correct``,
+        ``pred`` and the ``detail`` attributes (a halting model's evaluation at each eps or q)."""
+        label = np.asarray(label, dtype=np.int64)
+        return cls(
+            name,
+            setting,
+            np.asarray(settings, dtype=np.float64),
+            np.asarray(sample_id),
+            label,
+            np.stack([r.flops for r in runs]).astype(np.float64),
+            np.full(len(label), float(full_cost)),
+            np.stack([r.correct for r in runs]),
+            np.stack([r.pred for r in runs]).astype(np.int64),
+            detail={d.replace("_", " "): np.stack([getattr(r, d) for r in runs]) for d in detail},
+            extra=extra or {},
+            meta=meta or {},
+        )
+
     @property
     def num_settings(self) -> int:
         return len(self.settings)

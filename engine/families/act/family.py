@@ -54,21 +54,15 @@ class ACT(Family):
             extra["image_index"] = rec.image_index
         if rec.bits is not None:
             extra["bits"] = rec.bits
-        return Results(
+        return Results.from_runs(
             self.label(card),
             "eps",
-            halting.EPS_GRID.astype(np.float64),
+            halting.EPS_GRID,
             rec.image_index if images else rec.sample_id,  # images: ids shared with other models
             rec.label,
-            np.stack([r.flops for r in runs]).astype(np.float64),
-            np.full(len(rec.label), rec.full_flops),
-            np.stack([r.correct for r in runs]),
-            np.stack([r.pred for r in runs]).astype(np.int64),
-            None,
-            {
-                "steps": np.stack([r.steps for r in runs]),
-                "ponder cost": np.stack([r.ponder_cost for r in runs]),
-            },
+            runs,
+            rec.full_flops,
+            ("steps", "ponder_cost"),
             extra,
             {
                 "model_id": card.model_id,

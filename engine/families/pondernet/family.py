@@ -48,18 +48,15 @@ class PonderNet(Family):
             card.raw.get("training", {}).get("lambda_p"),
             card.raw.get("training", {}).get("beta"),
         )
-        return Results(
+        return Results.from_runs(
             self.label(card),
             "q",
-            records.Q_GRID.astype(np.float64),
+            records.Q_GRID,
             rec.sample_id,
             rec.label,
-            np.stack([r.flops for r in runs]).astype(np.float64),
-            np.full(len(rec.label), rec.full_flops),
-            np.stack([r.correct for r in runs]),
-            np.stack([r.pred for r in runs]).astype(np.int64),
-            None,
-            {"steps": np.stack([r.steps for r in runs])},
+            runs,
+            rec.full_flops,
+            ("steps",),
             {"difficulty": rec.difficulty, "bits": rec.bits},
             {
                 "model_id": card.model_id,
