@@ -35,3 +35,18 @@ def data_dir() -> Path:
     )
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def user_models_dir() -> Path:
+    """Models a user brought (``python -m engine.byo``): cards and weights, listed beside the
+    bundled ones and kept across restarts."""
+    d = data_dir() / "models"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def user_traces_dir() -> Path:
+    """Traces and results of the user's models (derived, but expensive: kept with the models)."""
+    d = data_dir() / "traces"
+    d.mkdir(parents=True, exist_ok=True)
+    return d

@@ -1,7 +1,9 @@
 """Where traces live: bundled in assets/traces/, or built on first use and cached.
 
 ``load_trace(model_id)`` is what the app calls. Bundled files are read-only; traces built here
-go to the cache directory (``AIE_CACHE_DIR``, default ``.cache/``) and are reused afterwards.
+go to the cache directory (``AIE_CACHE_DIR``, default ``.cache/``) and are reused afterwards,
+except those of the user's own models, which go beside them (``paths.user_traces_dir()``) and
+survive a cleared cache.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from pathlib import Path
 
 from engine import families
 from engine.core.trace import Trace, read_parquet
-from engine.paths import TRACES_DIR, cache_dir
+from engine.paths import TRACES_DIR, cache_dir, user_traces_dir
 from engine.registry import get_card
 
 
@@ -22,10 +24,14 @@ def cached_trace_file(model_id: str, split: str = "test") -> Path:
     return cache_dir() / "traces" / f"{model_id}__{split}.parquet"
 
 
+def user_trace_file(model_id: str, split: str = "test") -> Path:
+    return user_traces_dir() / f"{model_id}__{split}.parquet"
+
+
 def available_traces() -> list[tuple[str, str]]:
-    """(model_id, split) of every trace on disk, bundled or cached."""
+    """(model_id, split) of every trace on disk, bundled, the user's or cached."""
     found = set()
-    for d in (TRACES_DIR, cache_dir() / "traces"):
+    for d in (TRACES_DIR, user_traces_dir(), cache_dir() / "traces"):
         for p in d.glob("*__*.parquet"):
             model_id, split = p.stem.rsplit("__", 1)
             found.add((model_id, split))
@@ -35,7 +41,12 @@ def available_traces() -> list[tuple[str, str]]:
 def load_trace(model_id: str, split: str = "test", build_if_missing: bool = True) -> Trace:
     """The bundled trace, else the cached one, else build it with the model's family (the
     families whose results are traces implement ``trace(card, split)``)."""
-    for path in (trace_file(model_id, split), cached_trace_file(model_id, split)):
+    paths = (
+        trace_file(model_id, split),
+        user_trace_file(model_id, split),
+        cached_trace_file(model_id, split),
+    )
+    for path in paths:
         if path.exists():
             return read_parquet(path, model_id)
     if not build_if_missing:
@@ -45,5 +56,6 @@ def load_trace(model_id: str, split: str = "test", build_if_missing: bool = True
     if not fam.traces:
         raise FileNotFoundError(f"no trace for {model_id} and its family cannot build one")
     trace = fam.trace(card, split)
-    trace.write_parquet(cached_trace_file(model_id, split))
+    out = user_trace_file(model_id, split) if card.user else cached_trace_file(model_id, split)
+    trace.write_parquet(out)
     return trace

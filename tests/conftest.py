@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -19,6 +20,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# What a user saved (policies, their own models) must never leak into a test run, nor a test's
+# into the user's folder: every test process gets its own data directory.
+os.environ["AIE_DATA_DIR"] = tempfile.mkdtemp(prefix="aie-data-")
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

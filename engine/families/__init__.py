@@ -13,7 +13,6 @@ from functools import cache
 from torch import nn
 
 from engine.core.family import Family, FamilyError
-from engine.paths import MODELS_DIR
 from engine.registry import ModelCard, get_card, list_cards
 
 
@@ -53,7 +52,7 @@ def build(card: ModelCard) -> nn.Module:
     return get(card.family).build(card.config)
 
 
-def load_model(model_id: str, models_dir=MODELS_DIR) -> nn.Module:
+def load_model(model_id: str, models_dir=None) -> nn.Module:
     """The card's network ready to run, as its family loads it (by default: built from the
     config with the SHA-checked weights), eval mode."""
     card = get_card(model_id, models_dir)
