@@ -16,6 +16,7 @@ import numpy as np
 import streamlit as st
 
 from engine import compare, compare_sources
+from engine.byo import foreign
 from engine.core import calibration, tradeoff
 from engine.core.policies import NeverCorrect
 from engine.core.trace import Trace, TraceError
@@ -104,6 +105,8 @@ def parse_uploaded_trace(data: bytes, filename: str) -> Trace:
         raise TraceError("file", f"larger than {MAX_TRACE_MB} MB")
     if not data:
         raise TraceError("file", "the file is empty")
+    if foreign.is_token_file(filename, data):  # per-token arrays from another tool
+        return _warm(foreign.read(data, filename))
     return _warm(read_trace(data, filename))
 
 

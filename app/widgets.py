@@ -146,6 +146,8 @@ def model_picker(container=None, label: str = "Model / trace") -> str | None:
 
 def available_kinds(trace: Trace) -> list[str]:
     kinds = [k for k in TUNABLE_KINDS if k != "gate" or trace.gate is not None]
+    if trace.confidence is not None:  # top-1 confidence only: no entropy, margin, patience
+        kinds = [k for k in kinds if k in ("max_prob", "per_exit", "gate")]
     if trace.num_exits < 2:
         kinds = [k for k in kinds if k not in ("patience", "per_exit")]
     return kinds

@@ -82,13 +82,30 @@ sample_id,label,prob_e0_c0,prob_e0_c1,prob_e1_c0,prob_e1_c1,cost_e0,cost_e1
 """
 
 
+TOKEN_FORMATS = """
+**Per-token traces from another tool** (`.npz` or `.safetensors`; tokens are the samples,
+decoder layers the exits, cost in layers):
+
+- *CALM* (t5x CALM's decoding outputs): `exits` (layers run per token, 1…L; −1 = padding) and
+  `confidences` (at the exit), both `[batch, length]`; optional `mask` or `lengths`,
+  `num_layers`, `threshold`, `agree` (the exit's token is the full model's). It holds one
+  run: exact at the run's threshold only (the page says what the other settings assume).
+- *Per-token LM trace*: `top1` (token id) and `confidence` per token and layer,
+  `[tokens, layers]` or `[batch, length, layers]`; optional `mask`/`lengths`, `reference`
+  (default: the last layer's token). Fully re-tunable.
+
+The same files load from the command line: `python -m engine.byo trace FILE --name ID`.
+"""
+
+
 def upload_section() -> None:
     with st.sidebar.expander("Upload a trace", expanded=False):
         st.markdown(TRACE_FORMAT)
         st.code(TRACE_EXAMPLE, language=None)
+        st.markdown(TOKEN_FORMATS)
         up = st.file_uploader(
             "Trace file",
-            type=["parquet", "pq", "csv"],
+            type=["parquet", "pq", "csv", "npz", "safetensors"],
             key="w.trace_upload",
             max_upload_size=loaders.MAX_TRACE_MB,
         )
@@ -614,5 +631,7 @@ st.sidebar.caption(
     f"{trace.num_samples} samples · {trace.num_exits} exits · {trace.num_classes} classes · "
     f"data set {trace.meta.dataset} ({trace.meta.split})"
 )
+if note := trace.meta.extra.get("note"):  # what a converted trace cannot tell (CALM runs)
+    st.info(widgets.literal(note))
 saved_section(source, trace)
 tuning_panel(source)

@@ -10,7 +10,7 @@ On disk a trace is one Parquet (or CSV) table with one row per sample, in a *wid
 any external model can produce without this package::
 
     sample_id, label, prob_e{k}_c{c} ..., cost_e{k} ..., [latency_e{k} ...], [gate_e{k} ...],
-    [extra.{name} ...]
+    [conf_e{k} ...], [extra.{name} ...]
 
 ``logit_e{k}_c{c}`` columns may replace the ``prob_`` ones (they are soft-maxed on load). Parquet
 files also carry the metadata (model id, exit and class names, data set, split, cost unit) as
@@ -22,6 +22,13 @@ before its header row, so that one uploaded file says everything::
     sample_id,label,prob_e0_c0,...
 
 Whatever neither gives is inferred from the columns (``exit 0``…, classes ``0``…, FLOPs).
+
+``conf_e{k}`` columns make a *confidence trace*: each exit's confidence is the top-1 probability
+over a space much larger than the trace's classes (a language model's vocabulary), so it cannot
+be read off ``probs``. Per-token traces from other tools (``engine.byo.foreign``) are stored so:
+two classes, "agrees with the reference token" or not, one-hot per exit, and the token's own
+confidence per exit. The max-probability rules (``max_prob``, ``per_exit``) read ``confidence``
+instead of ``max(probs)``; entropy and margin need the whole distribution and are refused.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ META_KEY = "aie.trace"
 FORMAT_VERSION = 1
 UNKNOWN_LABEL = -1
 _PROB_RE = re.compile(r"^(prob|logit)_e(\d+)_c(\d+)$")
-_PER_EXIT_RE = re.compile(r"^(cost|latency|gate)_e(\d+)$")
+_PER_EXIT_RE = re.compile(r"^(cost|latency|gate|conf)_e(\d+)$")
 
 
 def max_prob_of(probs: np.ndarray) -> np.ndarray:
@@ -148,6 +155,9 @@ class Trace:
     latency_ms: np.ndarray | None = None  # [N, K] float64, cumulative measured wall-clock
     gate: np.ndarray | None = None  # [N, K] float32 in [0, 1], learned exit-gate score
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # per-sample columns, [N]
+    # [N, K] float64 in [0, 1]: the exit's top-1 probability over the model's own outputs, when
+    # the classes are coarser than those (per-token traces); it replaces max(probs)
+    confidence: np.ndarray | None = None
 
     def __post_init__(self):
         validate(self)
@@ -176,15 +186,27 @@ class Trace:
 
     @cached_property
     def max_prob(self) -> np.ndarray:
+        if self.confidence is not None:
+            return self.confidence.astype(np.float64)
         return max_prob_of(self.probs)
 
     @cached_property
     def entropy_norm(self) -> np.ndarray:
+        self._whole_distribution("entropy")
         return entropy_norm_of(self.probs)
 
     @cached_property
     def margin(self) -> np.ndarray:
+        self._whole_distribution("the top-2 margin")
         return margin_of(self.probs)
+
+    def _whole_distribution(self, what: str) -> None:
+        if self.confidence is not None:
+            raise TraceError(
+                "confidence",
+                f"this trace holds only each exit's top-1 confidence; {what} needs the whole "
+                "output distribution",
+            )
 
     @cached_property
     def correct(self) -> np.ndarray:
@@ -208,6 +230,7 @@ class Trace:
             latency_ms=None if self.latency_ms is None else self.latency_ms[idx],
             gate=None if self.gate is None else self.gate[idx],
             extra={k: v[idx] for k, v in self.extra.items()},
+            confidence=None if self.confidence is None else self.confidence[idx],
         )
 
     # --- (de)serialisation ---------------------------------------------------------------
@@ -225,6 +248,7 @@ class Trace:
             ("cost", self.cost, pl.Float64),
             ("latency", self.latency_ms, pl.Float64),
             ("gate", self.gate, pl.Float32),
+            ("conf", self.confidence, pl.Float64),
         ):
             if arr is None:
                 continue
@@ -322,6 +346,14 @@ def validate(t: Trace) -> None:
         _finite("gate", t.gate)
         if t.gate.min() < 0 or t.gate.max() > 1:
             raise TraceError("gate", "gate scores must lie in [0, 1]")
+    if t.confidence is not None:
+        if not isinstance(t.confidence, np.ndarray) or t.confidence.shape != (n, k):
+            raise TraceError("confidence", f"must have shape ({n}, {k})")
+        if not np.issubdtype(t.confidence.dtype, np.floating):
+            raise TraceError("confidence", f"must be floating point, got {t.confidence.dtype}")
+        _finite("confidence", t.confidence)
+        if t.confidence.min() < 0 or t.confidence.max() > 1:
+            raise TraceError("confidence", "confidences must lie in [0, 1]")
     for name, arr in t.extra.items():
         if not isinstance(arr, np.ndarray) or arr.shape[:1] != (n,) or arr.ndim != 1:
             raise TraceError(f"extra.{name}", f"must be a 1-D array of length {n}")
@@ -350,7 +382,7 @@ def from_frame(
     if "sample_id" not in cols:
         raise TraceError("sample_id", "column missing")
     prob_cols: dict[str, dict[tuple[int, int], str]] = {"prob": {}, "logit": {}}
-    per_exit: dict[str, dict[int, str]] = {"cost": {}, "latency": {}, "gate": {}}
+    per_exit: dict[str, dict[int, str]] = {"cost": {}, "latency": {}, "gate": {}, "conf": {}}
     for col in df.columns:
         if m := _PROB_RE.match(col):
             prob_cols[m[1]][(int(m[2]), int(m[3]))] = col
@@ -405,6 +437,7 @@ def from_frame(
     cost = stack("cost", np.float64, required=True)
     latency = stack("latency", np.float64, required=False)
     gate = stack("gate", np.float32, required=False)
+    confidence = stack("conf", np.float64, required=False)
 
     if "label" in cols:
         s = df["label"]
@@ -428,7 +461,7 @@ def from_frame(
     }
     if meta is None:
         meta = _meta_from_header(header or {}, name, k, c)
-    return Trace(meta, sample_id, label, probs, cost, latency, gate, extra)
+    return Trace(meta, sample_id, label, probs, cost, latency, gate, extra, confidence)
 
 
 # --- CSV header lines ------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Per-token exit traces from another tool (``python -m engine.byo trace``)."""
