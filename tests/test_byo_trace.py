@@ -153,6 +153,12 @@ def test_calm_file_is_exact_at_its_threshold_and_says_what_it_assumes():
     exits = exit_index(trace, Policy("max_prob", threshold=0.9))
     c, e = arrays["confidences"][real], arrays["exits"][real]
     assert (exits + 1).tolist() == np.where(c >= 0.9, e, L).tolist()
+    agree = arrays["agree"][real]
+    assert tradeoff.evaluate(trace, exits).accuracy == pytest.approx(
+        # a token sent to the last layer counts as agreeing there (the full model agrees with
+        # itself); one that ran all layers keeps the file's answer
+        np.where((c >= 0.9) | (e == L), agree, True).mean()
+    )
     note = trace.meta.extra["note"]
     assert "exact at the run's threshold 0.8" in note and "upper bound" in note
     with pytest.raises(Exception, match="entropy needs the whole output distribution"):
