@@ -284,6 +284,11 @@ BAD = [
     ("other.npz", npz(logits=np.zeros((2, 3))), "neither a CALM file"),
     ("floats.npz", npz(top1=CONF, confidence=CONF), "top1`: must be integers, got float64"),
     (
+        "lens_nan.npz",
+        npz(top1=TOP1, confidence=np.where(np.eye(3, 4, 2) > 0, np.nan, CONF)),
+        "confidence`: NaN or infinity at token [0] at layer 3",
+    ),
+    (
         "lens.npz",
         npz(top1=TOP1, confidence=CONF[:, :3]),
         "confidence`: has shape (3, 3), but top1 has (3, 4)",

@@ -170,8 +170,10 @@ def _same_shape(key: str, arr: np.ndarray, ref_key: str, shape: tuple) -> None:
         raise TraceError(key, f"has shape {arr.shape}, but {ref_key} has {shape}; they must match")
 
 
-def _where(index: tuple) -> str:
-    return "token [" + ", ".join(str(int(i)) for i in index) + "]"
+def _where(index: tuple, layered: bool = False) -> str:
+    """Where in the file: ``token [b, t]``, or ``token [b, t] at layer k`` (1-based)."""
+    token = "token [" + ", ".join(str(int(i)) for i in index[: len(index) - layered]) + "]"
+    return f"{token} at layer {int(index[-1]) + 1}" if layered else token
 
 
 def _scalar(arrays: dict, key: str, kind: str) -> float | None:
@@ -218,16 +220,16 @@ def _token_mask(arrays: dict, grid: tuple, ref_key: str, default: np.ndarray) ->
     return mask
 
 
-def _check_conf(key: str, conf: np.ndarray, real: np.ndarray) -> None:
+def _check_conf(key: str, conf: np.ndarray, real: np.ndarray, layered: bool = False) -> None:
     """Finite and in [0, 1] at every real token (padding may hold anything, t5x writes -1)."""
     c = conf.astype(np.float64)
     bad = real & ~np.isfinite(c)
     if bad.any():
-        raise TraceError(key, f"NaN or infinity at {_where(np.argwhere(bad)[0])}")
+        raise TraceError(key, f"NaN or infinity at {_where(np.argwhere(bad)[0], layered)}")
     bad = real & ((c < 0) | (c > 1))
     if bad.any():
         i = tuple(np.argwhere(bad)[0])
-        raise TraceError(key, f"{c[i]:.4g} at {_where(i)} is outside [0, 1]")
+        raise TraceError(key, f"{c[i]:.4g} at {_where(i, layered)} is outside [0, 1]")
 
 
 # --- conversion ------------------------------------------------------------------------------
@@ -342,7 +344,7 @@ def lm_token_trace(arrays: dict[str, np.ndarray], name: str) -> Trace:
         raise TraceError("top1", "has no layers")
     grid = top1.shape[:-1]
     real = _token_mask(arrays, grid, "top1 without its layer axis", np.ones(grid, dtype=bool))
-    _check_conf("confidence", conf, real[..., None] & np.ones(top1.shape, dtype=bool))
+    _check_conf("confidence", conf, np.broadcast_to(real[..., None], top1.shape), layered=True)
     if "reference" in arrays:
         ref = _need(arrays, "reference", "int", (len(grid),), "top1 without its layer axis")
         _same_shape("reference", ref, "top1 without its layer axis", grid)
