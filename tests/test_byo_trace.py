@@ -113,6 +113,8 @@ def test_lm_token_trace_by_hand():
     exits = exit_index(trace, Policy("max_prob", threshold=0.95))
     assert exits.tolist() == [3, 3, 3]
     assert tradeoff.evaluate(trace, exits).accuracy == 1.0
+    # a slice (the page's linked selection) keeps each token's own confidences
+    np.testing.assert_array_equal(trace.subset(np.array([2])).max_prob, CONF[[2]])
     # the same tokens as [batch, length, layers] with a padded slot and a reference text
     top1 = np.array([[TOP1[0], TOP1[1]], [TOP1[2], TOP1[0]]])  # slot [1, 1] is padding
     conf = np.array([[CONF[0], CONF[1]], [CONF[2], [np.nan] * 4]])  # padding may hold anything
