@@ -309,7 +309,7 @@ BROKEN_FILES = {
         lambda s: s + SWAP.format(name="Twice", expr="torch.cat([y, y])", where="stages[1]"),
         "stage 1 turns a batch of 4 into 8 rows",
     ),
-    "head not [B, C]": (
+    "head not batch by classes": (
         lambda s: s + SWAP.format(name="Col", expr="y[..., None]", where="heads[0]"),
         "head 0 returns (4, 10, 1)",
     ),
@@ -348,7 +348,7 @@ def _refused(capsys, argv, fragment: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("case", list(BROKEN_FILES))
+@pytest.mark.parametrize("case", list(BROKEN_FILES), ids=lambda c: c.replace(" ", "_"))
 def test_a_file_that_breaks_the_protocol_is_refused(case, registered, files, tmp_path, capsys):
     edit, fragment = BROKEN_FILES[case]
     bad = tmp_path / "bad.py"
@@ -415,7 +415,7 @@ def test_pickles_are_refused_unopened(registered, files, tmp_path, capsys):
     ("shape", "label", "fragment"),
     [
         ((3, 28, 28), 0, "x has shape (20, 3, 28, 28) but the model takes [N, 3, 32, 32]"),
-        ((3, 32, 32), 12, "label 12 is outside 0..9"),
+        ((3, 32, 32), 12, "label 12 is outside 0..9 (the heads predict 10 classes)"),
     ],
 )
 def test_data_that_does_not_fit_is_refused(

@@ -97,7 +97,9 @@ def register(
     protocol.check_shapes(spec, torch.from_numpy(arrays.x[rows]), model_file.name)
     classes = spec.classes or tuple(str(c) for c in range(num_classes))
     model = protocol.ProtocolModel(spec.network, spec.input_shape, classes).eval()
-    dataset = f"user:{data.name}"
+    data_sha = protocol.file_sha256(data)
+    # named by content: models registered on the same data line up on the compare page
+    dataset = f"user:{data.name}:{data_sha[:8]}"
     try:
         trace = trace_of_model(model, arrays, name, dataset)
     except TraceError as e:
@@ -117,7 +119,7 @@ def register(
                 "input_shape": list(spec.input_shape),
                 "classes": list(classes),
                 "data": str(data),
-                "data_sha256": protocol.file_sha256(data),
+                "data_sha256": data_sha,
                 "source_weights": str(weights),
             },
             "training_command": f"python -m engine.byo torch {model_file} --weights {weights} "
