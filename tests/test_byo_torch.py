@@ -319,6 +319,12 @@ BROKEN_FILES = {
         ),
         "head 2 predicts 4 classes but head 0 predicts 10",
     ),
+    "samples mixed within a batch": (
+        lambda s: (
+            s + SWAP.format(name="Mix", expr="y - y.mean(0, keepdim=True)", where="stages[2]")
+        ),
+        "exit 2's logits for a sample change with the other samples in its batch",
+    ),
     "no input shape": (
         lambda s: s.replace("INPUT_SHAPE = (3, 32, 32)", "INPUT_SHAPE = None"),
         "needs INPUT_SHAPE",

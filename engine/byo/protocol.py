@@ -10,7 +10,8 @@ not files beside it) that defines
   both ``nn.ModuleList`` of the same length K: stage k maps h_{k-1} to h_k (h_{-1} is the input
   batch ``[B, *INPUT_SHAPE]``) and must keep the batch dimension first; head k maps h_k to the
   logits ``[B, C]`` of exit k, with the same C for every head. Each sample's result must not
-  depend on the other samples in its batch (the runtime shrinks batches as samples exit).
+  depend on the other samples in its batch (the runtime shrinks batches as samples exit; this
+  is checked on four rows of the data against two of them).
 - ``INPUT_SHAPE``: one sample's shape, any rank, e.g. ``(3, 32, 32)`` or ``(40,)``.
 - ``CLASSES`` (optional): C class names; by default ``"0"`` … ``"C-1"``.
 

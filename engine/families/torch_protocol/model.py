@@ -116,11 +116,11 @@ def read_spec(module, filename: str = "the model file") -> Spec:
 
 def check_shapes(spec: Spec, probe: torch.Tensor, filename: str = "the model file") -> int:
     """Run a batch through every stage and head; the number of classes C. Refuses a stage
-    that changes the batch size or returns no tensor, and a head whose output is not [B, C]
-    or whose C differs from the first head's."""
+    that changes the batch size or returns no tensor, a head whose output is not [B, C] or
+    whose C differs from the first head's, and a model that mixes the samples of a batch."""
     b = probe.shape[0]
     net = spec.network.eval()
-    h, classes = probe, None
+    h, classes, logits = probe, None, []
     with torch.no_grad():
         for k, (stage, head) in enumerate(zip(net.stages, net.heads, strict=True)):
             try:
@@ -153,6 +153,7 @@ def check_shapes(spec: Spec, probe: torch.Tensor, filename: str = "the model fil
                     f"{filename}: head {k} returns {got} for a batch of {b}; a head must "
                     "return logits of shape [batch, classes]"
                 )
+            logits.append(z)
             if classes is None:
                 classes = int(z.shape[1])
             elif z.shape[1] != classes:
@@ -160,6 +161,7 @@ def check_shapes(spec: Spec, probe: torch.Tensor, filename: str = "the model fil
                     f"{filename}: head {k} predicts {z.shape[1]} classes but head 0 predicts "
                     f"{classes}; every head must predict the same classes"
                 )
+    _check_independence(net, probe, logits, filename)
     if classes < 2:
         raise ByoError(f"{filename}: the heads predict {classes} class; at least two are needed")
     if spec.classes is not None and len(spec.classes) != classes:
@@ -167,6 +169,26 @@ def check_shapes(spec: Spec, probe: torch.Tensor, filename: str = "the model fil
             f"{filename}: CLASSES names {len(spec.classes)} classes but the heads predict {classes}"
         )
     return classes
+
+
+def _check_independence(net: nn.Module, probe: torch.Tensor, logits, filename: str) -> None:
+    """Refuse a model whose output for a sample depends on the other samples of its batch
+    (the runtime's compacted batches would change it): the probe's first half alone must give
+    the logits it gets in the whole probe, up to float rounding."""
+    if bool((probe == probe[:1]).all()):
+        return  # identical rows (a zero probe): nothing to compare
+    half = probe.shape[0] // 2
+    h = probe[:half]
+    with torch.no_grad():
+        for k, (stage, head) in enumerate(zip(net.stages, net.heads, strict=True)):
+            h = stage(h)
+            z, want = head(h), logits[k][:half]
+            if (z - want).abs().max() > 1e-4 * (1 + want.abs().max()):
+                raise ByoError(
+                    f"{filename}: exit {k}'s logits for a sample change with the other samples "
+                    "in its batch; each sample must be computed on its own (the runtime "
+                    "shrinks batches as samples exit)"
+                )
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
