@@ -64,12 +64,18 @@ def _weights(file: Path, path: Path, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _data(path: Path, shape: tuple[int, ...], classes: int, n: int = N, seed: int = 0) -> None:
+    """Random inputs and labels, as .npz or .safetensors (both are accepted)."""
+    from safetensors.numpy import save_file as save_arrays
+
     rng = np.random.default_rng(seed)
-    np.savez(
-        path,
-        x=rng.normal(size=(n, *shape)).astype(np.float32),
-        y=rng.integers(0, classes, n).astype(np.int64),
-    )
+    arrays = {
+        "x": rng.normal(size=(n, *shape)).astype(np.float32),
+        "y": rng.integers(0, classes, n).astype(np.int64),
+    }
+    if path.suffix == ".safetensors":
+        save_arrays(arrays, str(path))
+    else:
+        np.savez(path, **arrays)
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +149,16 @@ def test_card_and_trace_are_saved_where_the_app_looks(registered, files):
     assert np.array_equal(trace.cost[0], cum) and (np.diff(cum) > 0).all()
     # the exits' confidences spread, so the policies below really split the samples
     assert 0.1 < (trace.max_prob[:, 0] > 0.9).mean() < 0.9
+
+
+def test_a_lost_trace_is_rebuilt_from_the_recorded_data(registered):
+    from engine.trace_store import load_trace, user_trace_file
+
+    _, _, trace = registered
+    user_trace_file(MODEL_ID).unlink()
+    rebuilt = load_trace(MODEL_ID)  # the family traces the card's model on the card's data
+    assert user_trace_file(MODEL_ID).exists()
+    assert np.array_equal(rebuilt.probs, trace.probs) and np.array_equal(rebuilt.cost, trace.cost)
 
 
 def _policies(trace) -> list[Policy]:
@@ -243,8 +259,8 @@ def test_inspector_and_attributions_on_a_non_image_input(env, tmp_path):
 
     (tmp_path / "mlp.py").write_text(MLP)
     _weights(tmp_path / "mlp.py", tmp_path / "mlp.safetensors")
-    _data(tmp_path / "feat.npz", (40,), 3, n=50)
-    args = ["--weights", tmp_path / "mlp.safetensors", "--data", tmp_path / "feat.npz"]
+    _data(tmp_path / "feat.safetensors", (40,), 3, n=50)
+    args = ["--weights", tmp_path / "mlp.safetensors", "--data", tmp_path / "feat.safetensors"]
     assert _cli(tmp_path / "mlp.py", *args, "--name", "my_mlp") == 0
     at = _inspector("my_mlp", 3)
     assert not at.exception, at.exception
