@@ -20,7 +20,6 @@ FAMILY_NAME = "torch_protocol"
 class TorchProtocol(TraceFamily):
     name = FAMILY_NAME
     title = "your PyTorch model"
-    paper = "the protocol in engine/byo/protocol.py"
     about = (
         "A multi-exit network from your own Python file: an ordered list of stages and one "
         "exit head per stage; an input leaves at the first exit the policy trusts."

@@ -25,7 +25,7 @@ from torch import nn
 
 from engine.byo import ByoError
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 PROBE_ROWS = 4  # the batch size the shape checks run (not 1 or 2: torch.export specialises those)
 
 
