@@ -235,6 +235,51 @@ class TestImages:
         hit = np.searchsorted(self.indices, sid)
         return int(hit) if hit < len(self.indices) and self.indices[hit] == sid else None
 
+    @property
+    def baseline(self) -> np.ndarray:
+        """Attributions' baseline: a black image."""
+        return inspection.black_image()
+
+    def model_input(self, pos: int) -> np.ndarray:
+        """Image ``pos`` as the model takes it (float32 [1, 28, 28])."""
+        return image_data.to_model_input(self.images[pos])[0].numpy()
+
+    def picture(self, pos: int) -> np.ndarray:
+        return self.images[pos]
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """A user model's own evaluation data (``Family.inputs``): sample id i is row i."""
+
+    x: np.ndarray  # float32 [N, *input_shape]
+    labels: np.ndarray  # [N]
+    note: str = ""
+    baseline = None  # attributions' baseline: zeros (the user's normalisation is not known)
+
+    def position(self, sid) -> int | None:
+        try:
+            sid = int(sid)
+        except (TypeError, ValueError):
+            return None
+        return sid if 0 <= sid < len(self.x) else None
+
+    def model_input(self, pos: int) -> np.ndarray:
+        return self.x[pos]
+
+    def picture(self, pos: int) -> np.ndarray | None:
+        """The input drawn as a picture, None when its shape is not an image's."""
+        return inspection.picture(self.x[pos])
+
+
+@st.cache_resource(show_spinner="Loading the model's data…", max_entries=4)
+def model_inputs(model_id: str) -> ModelInputs | None:
+    """The evaluation data a user's model was registered with; None for the other models.
+    Raises the family's error (one sentence) when the data file is gone or changed."""
+    card, fam = family_of(model_id)
+    data = fam.inputs(card)
+    return None if data is None else ModelInputs(data.x, data.y)
+
 
 @st.cache_resource(show_spinner="Loading images…", max_entries=4)
 def test_images(dataset: str) -> TestImages:

@@ -2,8 +2,10 @@
 
 Inputs come from the test split (galleries of the easiest and hardest samples by the oracle's
 exit) or from an uploaded image. A bundled image model is run live (engine.run.inspection) and can
-explain its exits with Captum; a trace without a model (an uploaded external trace, or a model
-whose inputs are not images) shows the trace's recorded outputs only.
+explain its exits with Captum; so can a user's own PyTorch model (``python -m engine.byo torch``),
+on the rows of the data it was registered with, whatever their shape (drawn when image-like). A
+trace without a model (an uploaded external trace, or a model whose inputs are not at hand) shows
+the trace's recorded outputs only.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from app import figures, loaders, navigation, widgets
 from engine.core.policies import Policy, exit_index
 from engine.core.trace import Trace, TraceError
 from engine.data import photo
-from engine.data.images import DATASETS, INSTALL_HINT, DatasetUnavailable
+from engine.data.images import DATASETS, INSTALL_HINT, DatasetUnavailable, to_model_input
 from engine.registry import RegistryError
 from engine.run import inspection
-from engine.run.exits import image_exits
+from engine.run.exits import input_exits
 
 PINNED = "aie.insp.pinned"
 UPLOAD = "aie.insp.upload"
@@ -42,26 +44,35 @@ st.caption(
 
 
 def live_setup(source: str):
-    """(model, card, images or None, why-not) for a bundled image model; model None if trace-only."""
+    """(model, card, inputs or None, why-not) for a bundled image model or a user's model that
+    brought its data (``loaders.ModelInputs``); model None if trace-only."""
     if loaders.is_upload(source):
         return None, None, None, "This is an uploaded trace from an external model"
     model_id, _ = loaders.split_source(source)
     card = loaders.model_card(model_id)
     if card is None:
-        return None, None, None, f"No bundled model card for {model_id!r}"
+        return None, None, None, f"No model card for {model_id!r}"
+    own = None
     if card.get("dataset") not in DATASETS:
-        return (
-            None,
-            card,
-            None,
-            f"{model_id} takes {card.get('dataset', 'non-image')} inputs, not images",
-        )
+        try:
+            own = loaders.model_inputs(model_id)
+        except (RegistryError, FileNotFoundError, RuntimeError) as e:
+            return None, card, None, f"The model's data could not be read ({e})"
+        if own is None:
+            return (
+                None,
+                card,
+                None,
+                f"{model_id} takes {card.get('dataset', 'non-image')} inputs, not images",
+            )
     try:
         model = loaders.load_model(model_id)
     except (RegistryError, FileNotFoundError, RuntimeError) as e:
         return None, card, None, f"The model could not be loaded ({e})"
     if not (hasattr(model, "stages") and hasattr(model, "heads")):
         return None, card, None, f"{model_id} does not expose stages/heads"
+    if own is not None:
+        return model, card, own, None
     try:
         images = loaders.test_images(card["dataset"])
     except DatasetUnavailable:
@@ -91,15 +102,15 @@ def parse_sid(trace: Trace, text: str):
 
 def item_probs(item: dict, trace: Trace, model) -> tuple[np.ndarray, np.ndarray]:
     """[K, C] probabilities and [K] cumulative cost for an input."""
-    if model is None or item.get("image") is None:  # no live run: the trace's recorded row
+    if model is None or item.get("x") is None:  # no live run: the trace's recorded row
         return trace.probs[item["row"]], trace.cost[item["row"]]
-    probs = image_exits(model, item["image"])
+    probs = input_exits(model, item["x"])
     return probs, loaders.exit_cumulative_flops(item["model_id"])
 
 
 def _attr_key(item: dict) -> str:
-    img = item.get("image")
-    h = hashlib.sha1(img.tobytes()).hexdigest()[:12] if img is not None else str(item.get("row"))
+    x = item.get("x")
+    h = hashlib.sha1(x.tobytes()).hexdigest()[:12] if x is not None else str(item.get("row"))
     return f"{item.get('model_id')}:{h}"
 
 
@@ -107,7 +118,7 @@ def _compute_attr(item: dict, exit_taken: int, last: int) -> None:
     model = loaders.load_model(item["model_id"])
     res = {}
     for k in sorted({exit_taken, last}):
-        res[k] = inspection.attribute(model, item["image"], k)
+        res[k] = inspection.attribute(model, item["x"], k, baseline=item.get("baseline"))
     st.session_state.setdefault(ATTR, {})[_attr_key(item) + f":{exit_taken}"] = res
 
 
@@ -125,13 +136,18 @@ def show_item(item: dict, trace: Trace, model, policy: Policy, prefix: str) -> N
             caption="after: what the model sees (28×28)",
             width=168,
         )
-    elif item.get("image") is not None:
-        st.image(np.kron(item["image"], np.ones((6, 6), dtype=np.uint8)), width=168)
+    elif item.get("picture") is not None:
+        st.image(inspection.enlarged(item["picture"]), width=168)
+    elif item.get("x") is not None:
+        st.info(
+            f"This model's input has shape {tuple(item['x'].shape)}, not an image's, so it is "
+            "not drawn; the outputs below are from a live run on it."
+        )
     for col, value in item.get("extra", {}).items():
         st.markdown(f"**{col}**: {value}")
 
     probs, cum_cost = item_probs(item, trace, model)
-    if model is None or item.get("image") is None:
+    if model is None or item.get("x") is None:
         exit_taken = int(exit_index(trace.subset(np.array([item["row"]])), policy)[0])
     else:
         exit_taken = int(exit_index(probs, policy))
@@ -187,7 +203,7 @@ def show_item(item: dict, trace: Trace, model, policy: Policy, prefix: str) -> N
         key=f"{prefix}.table",
     )
 
-    if model is None or item.get("image") is None:
+    if model is None or item.get("x") is None:
         return
     st.button(
         "Compute attributions (Integrated Gradients + Saliency)",
@@ -219,6 +235,11 @@ def show_item(item: dict, trace: Trace, model, policy: Policy, prefix: str) -> N
                 for k in sorted(res)
             )
         )
+        if not inspection.image_like(tuple(item["x"].shape)):
+            st.caption(
+                "The input is not an image: each map is one row of its "
+                f"{item['x'].size} features, in the order of the flattened input."
+            )
 
 
 # --- choosing an input ---------------------------------------------------------------------------
@@ -241,8 +262,9 @@ def gallery(trace: Trace, images, card) -> None:
         cols = st.columns(GALLERY)
         for col, r in zip(cols, rows[:GALLERY], strict=False):
             sid = trace.sample_id[r]
-            if images is not None:
-                col.image(images.images[images.position(sid)], width=56)
+            pic = images.picture(images.position(sid)) if images is not None else None
+            if pic is not None:
+                col.image(pic, width=56)
             lab = trace.meta.class_names[trace.label[r]]
             col.button(
                 f"{sid}",
@@ -289,7 +311,9 @@ def sample_item(trace: Trace, row: int, images, model_id: str | None) -> dict:
     if images is not None:
         pos = images.position(sid)
         if pos is not None:
-            item["image"] = images.images[pos]
+            item["x"] = images.model_input(pos)
+            item["picture"] = images.picture(pos)
+            item["baseline"] = images.baseline
             if int(images.labels[pos]) != label:
                 st.warning("The trace's label differs from the data set's for this sample.")
         else:
@@ -327,6 +351,8 @@ def upload_item(card: dict) -> dict | None:
         "row": None,
         "label": None,
         "image": prep.model_input,
+        "x": to_model_input(prep.model_input)[0].numpy(),
+        "baseline": inspection.black_image(),
         "original": prep.original,
         "ink": prep.ink,
         "model_id": card["model_id"],
@@ -372,7 +398,14 @@ if pin_q is not None:
         pinned = sample_item(trace, r, images, model_id) | {"source": source}
         st.session_state[PINNED] = pinned
 
-choices = ["Test split"] + (["Upload an image"] if model is not None else [])
+uploads = model is not None and card.get("dataset") in DATASETS  # photos fit the 28×28 models
+if model is not None and not uploads:
+    st.caption(
+        "Inputs are the rows of the data file this model was registered with (sample id = "
+        "row). Models and their code are only ever loaded from the command line "
+        "(python -m engine.byo), never from the browser."
+    )
+choices = ["Test split"] + (["Upload an image"] if uploads else [])
 if st.session_state.get(W_SOURCE) not in choices:
     st.session_state[W_SOURCE] = choices[0]
 mode = st.radio("Input", choices, key=W_SOURCE, horizontal=True)

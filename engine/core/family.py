@@ -120,6 +120,12 @@ class Family:
         string), "text", or None when the family has no live run."""
         return None
 
+    def inputs(self, card: ModelCard):
+        """The model's own evaluation inputs when they come with its card (a user's model:
+        ``x`` [N, *input_shape] float32 and labels ``y`` [N], row i = sample id i), for the
+        inspector; None when its inputs are one of the app's data sets."""
+        return None
+
     def default_setting(self, card: ModelCard) -> float:
         """The setting the model was trained or shipped at."""
         return 0.5

@@ -7,6 +7,8 @@ inspector's probabilities are the trace's.
 
 Model contract: ``stages`` and ``heads`` (``nn.ModuleList`` of equal, non-zero length K);
 stage k maps h_{k-1} to h_k (h_{-1} = the input), head k maps h_k to the logits of exit k.
+The input of one sample is 1×28×28 (the bundled image models) unless the model says otherwise
+with an ``input_shape`` attribute (the user's own models, ``engine.families.torch_protocol``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ from engine.core.costs import count_flops
 from engine.data.images import to_model_input
 
 IMAGE_SHAPE = (1, 28, 28)
+
+
+def model_input_shape(model: nn.Module) -> tuple[int, ...]:
+    """The shape of one sample's input: the model's ``input_shape`` if it has one, else 1×28×28."""
+    return tuple(int(d) for d in getattr(model, "input_shape", IMAGE_SHAPE))
 
 
 def check_contract(model: nn.Module) -> int:
@@ -53,11 +60,12 @@ class ExitCosts:
 
 
 @torch.no_grad()
-def exit_costs(model: nn.Module, input_shape: tuple[int, ...] = IMAGE_SHAPE) -> ExitCosts:
-    """Count each stage's and head's FLOPs on one (zero) input, on the CPU."""
+def exit_costs(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> ExitCosts:
+    """Count each stage's and head's FLOPs on one (zero) input, on the CPU (default shape:
+    ``model_input_shape``)."""
     check_contract(model)
     stages, heads = [], []
-    h = torch.zeros((1, *input_shape))
+    h = torch.zeros((1, *(input_shape or model_input_shape(model))))
     for stage, head in zip(model.stages, model.heads, strict=True):
         f, h = count_flops(stage, h)
         stages.append(f)
@@ -94,6 +102,12 @@ def run_exits(
             probs[i : i + b, e] = p
             lat[i : i + b, e] = spent * 1e3 / b
     return probs, lat
+
+
+def input_exits(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    """One model input (float [*input_shape]) -> float32 [K, C]: every exit's probabilities
+    (``run_exits``)."""
+    return run_exits(model, torch.as_tensor(np.asarray(x, dtype=np.float32))[None])[0][0]
 
 
 def image_exits(model: nn.Module, image: np.ndarray) -> np.ndarray:

@@ -5,6 +5,8 @@ builder's code) and the exit from ``engine.core.policies.exit_index`` (the trace
 model contract is the runtime's (``engine.run.runtime``): ``model.stages`` and ``model.heads``.
 
 Uploaded images are prepared by ``engine.data.photo.prepare_image`` (shared by every page).
+Attributions work on a model input of any shape (the user's own models,
+``engine.families.torch_protocol``) and are drawn as an image where the input is one.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from engine.data.images import to_model_input
 class Attribution:
     exit: int
     target: int  # class explained (the prediction at that exit)
-    integrated_gradients: np.ndarray  # [28, 28] signed
+    integrated_gradients: np.ndarray  # signed, drawable: [H, W] (``attribution_map``)
     ig_delta: float  # convergence delta of the IG approximation (completeness error)
-    saliency: np.ndarray  # [28, 28] |d logit / d pixel|
+    saliency: np.ndarray  # |d logit / d input|, drawable like integrated_gradients
 
 
 def _exit_forward(model: torch.nn.Module, k: int):
@@ -40,32 +42,83 @@ def _exit_forward(model: torch.nn.Module, k: int):
     return forward
 
 
+def image_like(shape: tuple[int, ...]) -> bool:
+    """Whether one input of this shape can be drawn: [H, W], or [C, H, W] with 1, 3 or 4
+    channels (channels first, as torch's convolutions take them)."""
+    return len(shape) == 2 or (len(shape) == 3 and shape[0] in (1, 3, 4))
+
+
+def attribution_map(a: np.ndarray, signed: bool) -> np.ndarray:
+    """One input's attribution [*input_shape] as a 2-D map: over an image's channels the sum
+    (signed IG: the channels' contributions add up) or the maximum (saliency, as Simonyan et al.
+    draw it); any other shape flattened to one row of features."""
+    a = np.asarray(a, dtype=np.float64)
+    if image_like(a.shape):
+        if a.ndim == 2:
+            return a
+        return a.sum(axis=0) if signed else a.max(axis=0)
+    return a.reshape(1, -1)
+
+
+def picture(x: np.ndarray) -> np.ndarray | None:
+    """A float model input [C, H, W] or [H, W] as a uint8 picture ([H, W] or [H, W, C]),
+    stretched to its own min..max (the user's normalisation is not known); None when the shape
+    is not image-like."""
+    x = np.asarray(x, dtype=np.float64)
+    if not image_like(x.shape):
+        return None
+    lo, hi = float(x.min()), float(x.max())
+    u = np.zeros(x.shape, np.uint8) if hi <= lo else np.round((x - lo) / (hi - lo) * 255)
+    u = u.astype(np.uint8)
+    if u.ndim == 3:
+        u = u[0] if u.shape[0] == 1 else np.moveaxis(u, 0, -1)
+    return u
+
+
+def enlarged(pic: np.ndarray, size: int = 168) -> np.ndarray:
+    """A small picture ([H, W] or [H, W, C]) repeated pixel by pixel to about ``size`` wide."""
+    f = max(1, size // max(pic.shape[:2]))
+    return np.repeat(np.repeat(pic, f, axis=0), f, axis=1)
+
+
+def black_image() -> np.ndarray:
+    """The bundled image models' baseline: a black 28×28 image as the model sees it."""
+    return to_model_input(np.zeros((1, 28, 28), dtype=np.uint8))[0].numpy()
+
+
 def attribute(
-    model: torch.nn.Module, image: np.ndarray, k: int, target: int | None = None, steps: int = 64
+    model: torch.nn.Module,
+    x: np.ndarray,
+    k: int,
+    target: int | None = None,
+    steps: int = 64,
+    baseline: np.ndarray | None = None,
 ) -> Attribution:
-    """Integrated Gradients (black-image baseline) and Saliency for exit k's logit of target.
+    """Integrated Gradients and Saliency for exit k's logit of target, for one model input
+    ``x`` [*input_shape] of any shape (float, as the model takes it). The IG baseline is
+    ``baseline`` (default zeros; the bundled image models pass ``black_image()``).
 
     Runs in plain autograd mode (Captum fails under ``torch.inference_mode``). The model is
     shared and never modified: only the input requires gradients.
     """
     from captum.attr import IntegratedGradients, Saliency
 
-    x = to_model_input(np.asarray(image, dtype=np.uint8)[None]).requires_grad_(True)
-    baseline = to_model_input(np.zeros((1, 28, 28), dtype=np.uint8))
+    xt = torch.as_tensor(np.asarray(x, dtype=np.float32))[None].requires_grad_(True)
+    base = torch.zeros_like(xt) if baseline is None else torch.as_tensor(baseline)[None].float()
     forward = _exit_forward(model, k)
     if target is None:
         with torch.no_grad():
-            target = int(forward(x).argmax(dim=-1)[0])
+            target = int(forward(xt).argmax(dim=-1)[0])
     ig, delta = IntegratedGradients(forward).attribute(
-        x, baselines=baseline, target=target, n_steps=steps, return_convergence_delta=True
+        xt, baselines=base, target=target, n_steps=steps, return_convergence_delta=True
     )
-    sal = Saliency(forward).attribute(x, target=target, abs=True)
+    sal = Saliency(forward).attribute(xt, target=target, abs=True)
     return Attribution(
         exit=k,
         target=int(target),
-        integrated_gradients=ig[0, 0].detach().numpy().astype(np.float64),
+        integrated_gradients=attribution_map(ig[0].detach().numpy(), signed=True),
         ig_delta=float(delta.abs().max()),
-        saliency=sal[0, 0].detach().numpy().astype(np.float64),
+        saliency=attribution_map(sal[0].detach().numpy(), signed=False),
     )
 
 

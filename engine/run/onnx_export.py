@@ -103,14 +103,18 @@ def _export_one(module: nn.Module, example: torch.Tensor, path: Path) -> None:
 
 def export_chain(
     model: nn.Module,
-    input_shape: tuple[int, ...] = (1, 28, 28),
+    input_shape: tuple[int, ...] | None = None,
     model_id: str | None = None,
     directory: Path | None = None,
 ) -> OnnxChain:
     """Export every stage and head of ``model`` (cached; re-exported only when missing).
 
-    ``input_shape`` is the shape of one sample (without the batch dimension).
+    ``input_shape`` is the shape of one sample (without the batch dimension; default
+    ``engine.run.exits.model_input_shape``).
     """
+    from engine.run.exits import model_input_shape
+
+    input_shape = tuple(input_shape or model_input_shape(model))
     directory = Path(directory) if directory else default_dir(model, input_shape, model_id)
     directory.mkdir(parents=True, exist_ok=True)
     k = len(model.stages)

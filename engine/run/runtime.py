@@ -7,7 +7,9 @@ stages never see them and their FLOPs are never spent.
 
 Model contract (``engine.families.multi_exit_cnn.model``, ``engine.families.cascade.model``): ``model.stages``
 and ``model.heads`` are ``nn.ModuleList`` of equal length K; stage k maps h_{k-1} -> h_k
-(h_{-1} = the input x [B, 1, 28, 28]), head k maps h_k -> logits [B, C].
+(h_{-1} = the input x [B, *input_shape]: 1×28×28 for the bundled image models, the model's
+``input_shape`` attribute otherwise, see ``engine.run.exits.model_input_shape``), head k maps
+h_k -> logits [B, C].
 
 Backends:
 - ``"torch"``: PyTorch eager on ``device`` (CUDA when present, else CPU).
@@ -51,7 +53,7 @@ from torch import nn
 from engine.core.costs import default_device
 from engine.core.policies import Policy, PolicyError, stop_mask
 from engine.core.trace import max_prob_of
-from engine.run.exits import check_contract, exit_costs
+from engine.run.exits import check_contract, exit_costs, model_input_shape
 
 BACKENDS = ("torch", "onnx", "onnx_int8", "quee")
 DEFAULT_MIN_ROWS = 16
@@ -208,7 +210,7 @@ class EarlyExitRunner:
         threads: int | None = None,
         model_id: str | None = None,
         calibration: torch.Tensor | None = None,
-        input_shape: tuple[int, ...] = (1, 28, 28),
+        input_shape: tuple[int, ...] | None = None,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -220,7 +222,7 @@ class EarlyExitRunner:
         self.threads = threads
         self.model_id = model_id
         self.calibration = calibration
-        self.input_shape = tuple(input_shape)
+        self.input_shape = tuple(input_shape or model_input_shape(model))
         self.costs = exit_costs(model, self.input_shape)
         self.num_exits = len(model.stages)
         self.device = torch.device(device) if device is not None else default_device()
@@ -277,6 +279,10 @@ class EarlyExitRunner:
         if policy.kind == "gate":
             raise PolicyError("the runtime has no learned gate scores; use a confidence policy")
         x = torch.as_tensor(x)
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"inputs of shape {tuple(x.shape[1:])}; this model takes {self.input_shape}"
+            )
         n, k_count = x.shape[0], self.num_exits
         start_chain, int8_chain = self._chains(x)
         if self.backend == "onnx_int8":

@@ -40,18 +40,47 @@ def build_trace(
     the same split line up sample by sample.
     """
     data = images.load(dataset, split) if isinstance(dataset, str) else dataset
-    x = images.to_model_input(data.images)
+    return trace_of_inputs(
+        model,
+        images.to_model_input(data.images),
+        data.labels,
+        data.class_names,
+        data.name,
+        data.split,
+        model_id,
+        batch_size,
+        exit_names,
+        sample_ids,
+        extra_meta,
+    )
+
+
+def trace_of_inputs(
+    model: nn.Module,
+    x: torch.Tensor,
+    labels: np.ndarray,
+    class_names: tuple[str, ...] | list[str],
+    dataset: str,
+    split: str = "test",
+    model_id: str = "model",
+    batch_size: int = 256,
+    exit_names: list[str] | None = None,
+    sample_ids: np.ndarray | None = None,
+    extra_meta: dict | None = None,
+) -> Trace:
+    """The trace of ``model`` on inputs already prepared for it (x [N, *input_shape] float32),
+    for models whose inputs are not one of the image data sets (the user's own models)."""
     probs, latency = run_exits(model, x, batch_size)
-    costs = exit_costs(model)
+    costs = exit_costs(model, tuple(x.shape[1:]))
     cumulative = costs.cumulative
     k = probs.shape[1]
     n = len(x)
     meta = TraceMeta(
         model_id=model_id,
         exit_names=tuple(exit_names or [f"exit {e}" for e in range(k)]),
-        class_names=tuple(data.class_names),
-        dataset=data.name,
-        split=data.split,
+        class_names=tuple(class_names),
+        dataset=dataset,
+        split=split,
         extra={
             "flops_stage": [int(f) for f in costs.stage],
             "flops_head": [int(f) for f in costs.head],
@@ -64,7 +93,7 @@ def build_trace(
     return Trace(
         meta=meta,
         sample_id=ids,
-        label=np.asarray(data.labels, dtype=np.int64),
+        label=np.asarray(labels, dtype=np.int64),
         probs=probs,
         cost=np.broadcast_to(cumulative, (n, k)).copy(),
         latency_ms=latency,
