@@ -263,4 +263,4 @@ def test_trace_build_cli_on_digits(tmp_path):
         text=True,
         timeout=120,
     )
-    assert bad.returncode == 2 and "no bundled model" in bad.stderr
+    assert bad.returncode == 2 and "no model '" in bad.stderr
