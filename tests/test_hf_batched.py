@@ -199,6 +199,32 @@ def test_padding_never_leaks_into_a_row(lm, batch, monkeypatch):
     np.testing.assert_allclose(mated.prob, alone.prob, atol=1e-5)
 
 
+def test_a_rows_cache_is_its_cache_alone_shifted_by_its_padding(lm, batch):
+    """Row r's K/V (rotary phase included: positions count from its first real token) and the
+    propagated entries above its exits are what decoding it alone writes."""
+    rule = A.ExitRule("max_prob", between_values(lm, batch, "max_prob"))
+    ids, pads = B._left_pad(batch)
+    cache = B.BatchCache.empty(lm, pads, ids.shape[1] + 8)
+    rows = torch.arange(len(batch))
+    st = B.walk_batch(lm, cache, rows, ids)
+    alone = [M.LayerCache(N_LAYER) for _ in batch]
+    for c, p in zip(alone, batch, strict=True):
+        M.walk(lm, c, p)
+    exits = set()
+    for _ in range(8):
+        toks = st.logits.argmax(-1)
+        st = B.walk_batch(lm, cache, rows, toks[:, None], rule=rule)
+        exits |= set(st.exit_layer)
+        for c, t in zip(alone, toks.tolist(), strict=True):
+            M.walk(lm, c, [t], stop=rule.stop(lm))
+    assert len(exits) > 1
+    for r, (c, pad) in enumerate(zip(alone, pads, strict=True)):
+        for j in range(N_LAYER):
+            kb, vb = cache.k[j][r, :, pad : cache.length], cache.v[j][r, :, pad : cache.length]
+            torch.testing.assert_close(kb, c.k[j][0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(vb, c.v[j][0], atol=1e-5, rtol=0)
+
+
 def test_bad_batches_say_what_is_wrong(lm):
     with pytest.raises(ValueError, match="no prompts"):
         B.generate_batch(lm, [], 4)
