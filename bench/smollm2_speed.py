@@ -13,7 +13,10 @@ Per path, decode only (each prompt's prefill, timed and counted separately, subt
 - layers/token and layer-predicted speed-up (greedy's layers / its layers);
 - FLOPs/token (weight matmuls counted by forward hooks: decoder layers, the 49,152-word head
   each confidence check and each token pays, CALM's K/V projections) and FLOPs-predicted
-  speed-up; realised = measured / FLOPs-predicted (target >= 0.8 for exit and skip at batch 1).
+  speed-up; realised = measured / FLOPs-predicted (target >= 0.8 for exit and skip at batch 1);
+- weight bytes read per token (each layer or head call reads its weights once, whatever its
+  rows) and the speed-up that predicts: at one thread a small batch is bound by memory, not
+  FLOPs, which is why batching and verification passes are cheaper than their FLOPs.
 Self-speculation adds its acceptance rate per draft depth d and exit layer k. Load time: cold =
 a fresh Python process (imports, GGUF dequantisation, first answer; the file in the OS cache),
 warm = a second load in the same process, and the cached object (the app's loader) answering.
@@ -68,26 +71,35 @@ class FlopCounter:
         self.head_flops = 2 * lm.hf.lm_head.weight.numel()
         self.kv_flops = 2 * (attn.k_proj.weight.numel() + attn.v_proj.weight.numel())
         self.layer_rows = self.head_rows = self.kv_rows = 0
-        self._handles = [lm.hf.lm_head.register_forward_hook(self._count("head_rows"))]
+        self.layer_calls = self.head_calls = self.kv_calls = 0
+        self._handles = [lm.hf.lm_head.register_forward_hook(self._count("head"))]
         for lay in lm.layers:
-            self._handles.append(lay.register_forward_pre_hook(self._count("layer_rows")))
-            self._handles.append(lay.self_attn.k_proj.register_forward_hook(self._count("kv_rows")))
+            self._handles.append(lay.register_forward_pre_hook(self._count("layer")))
+            self._handles.append(lay.self_attn.k_proj.register_forward_hook(self._count("kv")))
 
     def _count(self, name):
         def hook(module, args, *_):
-            setattr(self, name, getattr(self, name) + args[0].shape[:-1].numel())
+            setattr(
+                self, f"{name}_rows", getattr(self, f"{name}_rows") + args[0].shape[:-1].numel()
+            )
+            setattr(self, f"{name}_calls", getattr(self, f"{name}_calls") + 1)
 
         return hook
 
-    def snapshot(self) -> tuple[int, float]:
-        """(layer rows, FLOPs) so far; K/V projections outside a layer are CALM's propagation."""
-        prop = self.kv_rows - self.layer_rows
+    def snapshot(self) -> tuple[int, float, float]:
+        """(layer rows, FLOPs, weight bytes read) so far: each call reads its weights once,
+        whatever its rows (float32); K/V projections outside a layer are CALM's propagation."""
         flops = (
             self.layer_rows * self.layer_flops
             + self.head_rows * self.head_flops
-            + prop * self.kv_flops
+            + (self.kv_rows - self.layer_rows) * self.kv_flops
         )
-        return self.layer_rows, float(flops)
+        read = (
+            self.layer_calls * self.layer_flops
+            + self.head_calls * self.head_flops
+            + (self.kv_calls - self.layer_calls) * self.kv_flops
+        ) * 2  # 2 FLOPs per float32 weight = 4 bytes
+        return self.layer_rows, float(flops), float(read)
 
     def close(self):
         for h in self._handles:
@@ -102,6 +114,7 @@ class Row:
     seconds: float  # decode seconds (best of the repeats)
     layer_rows: int
     flops: float
+    read: float  # weight bytes
     agreement: float = math.nan  # tokens equal to greedy's at the same position
     acceptance: float = math.nan
 
@@ -121,12 +134,12 @@ def timed(fn, repeats: int):
 
 def measure(counter, name, batch, run, prefill, repeats, n_rows, n_new, ref=None, outs=None):
     """Time ``run`` (best of repeats) and count one run; subtract the prefill's share."""
-    r0, f0 = counter.snapshot()
+    r0, f0, b0 = counter.snapshot()
     seconds, out = timed(run, 1)
-    r1, f1 = counter.snapshot()
+    r1, f1, b1 = counter.snapshot()
     if repeats > 1:
         seconds = min(seconds, timed(run, repeats - 1)[0])
-    p_sec, p_rows, p_flops = prefill
+    p_sec, p_rows, p_flops, p_read = prefill
     toks = outs(out) if outs else out
     row = Row(
         name,
@@ -135,6 +148,7 @@ def measure(counter, name, batch, run, prefill, repeats, n_rows, n_new, ref=None
         max(seconds - p_sec, 1e-9),
         r1 - r0 - p_rows,
         f1 - f0 - p_flops,
+        b1 - b0 - p_read,
     )
     if ref is not None:
         same = sum(
@@ -144,47 +158,42 @@ def measure(counter, name, batch, run, prefill, repeats, n_rows, n_new, ref=None
     return row, out
 
 
+def counted(counter, run, repeats):
+    """(seconds, best of repeats; layer rows, FLOPs, weight bytes of one run) of ``run``."""
+    r0, f0, b0 = counter.snapshot()
+    run()
+    r1, f1, b1 = counter.snapshot()
+    return timed(run, repeats)[0], r1 - r0, f1 - f0, b1 - b0
+
+
 def prefill_cost(counter, lm, prompts, batch, skip, repeats):
-    """Seconds (best of repeats), layer rows and FLOPs of the prompts' prefill, as the path
-    itself runs it (one walk per prompt at batch 1, one padded walk at batch 8)."""
+    """The prompts' prefill as each path runs it: one walk per prompt at batch 1 (the head on
+    every row, as ``analysis.generate``), one padded walk at batch 8, at full depth but ``skip``."""
     skip = frozenset(skip)
 
     def run():
         if batch == 1:
             for p in prompts:
-                M.walk(lm, M.LayerCache(lm.n_layer), p, skip=skip)  # head on every row, too
+                M.walk(lm, M.LayerCache(lm.n_layer), p, skip=skip)
         else:
             ids, pads = B._left_pad([list(p) for p in prompts])
             cache = B.BatchCache.empty(lm, pads, ids.shape[1] + 1)
             B.walk_batch(lm, cache, torch.arange(len(prompts)), ids, skip=skip)
 
-    r0, f0 = counter.snapshot()
-    run()
-    r1, f1 = counter.snapshot()
-    return timed(run, repeats)[0], r1 - r0, f1 - f0
+    return counted(counter, run, repeats)
 
 
-def nocache_prefill(counter, lm, prompts, repeats):
-    """The no-cache path's first step is one full forward of the prompt (HF ``forward``)."""
-
-    def run():
-        for p in prompts:
-            B.generate_batch_nocache(lm, [p], 1, stop_at_eos=False)
-
-    r0, f0 = counter.snapshot()
-    run()
-    r1, f1 = counter.snapshot()
-    return timed(run, repeats)[0], r1 - r0, f1 - f0
-
-
-def nocache_prefill_batch(counter, lm, prompts, repeats):
-    def run():
-        B.generate_batch_nocache(lm, prompts, 1, stop_at_eos=False)
-
-    r0, f0 = counter.snapshot()
-    run()
-    r1, f1 = counter.snapshot()
-    return timed(run, repeats)[0], r1 - r0, f1 - f0
+def nocache_prefill(counter, lm, prompts, batch, repeats):
+    """The no-cache path's first step: one full ``forward`` of the prompts."""
+    if batch == 1:
+        return counted(
+            counter,
+            lambda: [B.generate_batch_nocache(lm, [p], 1, stop_at_eos=False) for p in prompts],
+            repeats,
+        )
+    return counted(
+        counter, lambda: B.generate_batch_nocache(lm, prompts, 1, stop_at_eos=False), repeats
+    )
 
 
 def load_times(threads: int) -> None:
@@ -233,20 +242,21 @@ def warm_times(lm, reload: bool) -> None:
 def table(rows: list[Row], base: dict[int, Row]) -> None:
     print(
         "| path | batch | tok/s | measured × | layers/token | layer-pred × | GFLOPs/token "
-        "| FLOPs-pred × | realised | agreement | acceptance |"
+        "| FLOPs-pred × | realised | MB read/token | read-pred × | agreement | acceptance |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         b = base[r.batch]
         meas = r.tps / b.tps
         lay = (b.layer_rows / b.tokens) / (r.layer_rows / r.tokens)
         pred = (b.flops / b.tokens) / (r.flops / r.tokens)
+        rpred = (b.read / b.tokens) / (r.read / r.tokens)
         acc = "" if math.isnan(r.acceptance) else f"{r.acceptance:.2f}"
         agr = "" if math.isnan(r.agreement) else f"{r.agreement:.2f}"
         print(
             f"| {r.name} | {r.batch} | {r.tps:.1f} | {meas:.2f} | {r.layer_rows / r.tokens:.1f} "
             f"| {lay:.2f} | {r.flops / r.tokens / 1e9:.3f} | {pred:.2f} | {meas / pred:.2f} "
-            f"| {agr} | {acc} |"
+            f"| {r.read / r.tokens / 1e6:.0f} | {rpred:.2f} | {agr} | {acc} |"
         )
 
 
@@ -289,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     pre = prefill_cost(counter, lm, ps1, 1, (), repeats)
     g1, ref1 = measure(counter, "greedy, KV cache", 1, gen1(), pre, repeats, len(ps1), new)
     base[1] = g1
-    nc_pre = nocache_prefill(counter, lm, ps1, repeats)
+    nc_pre = nocache_prefill(counter, lm, ps1, 1, repeats)
 
     def nocache1():
         return [B.generate_batch_nocache(lm, [p], new, stop_at_eos=False) for p in ps1]
@@ -340,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     g8, out = measure(counter, "greedy, KV cache", 8, gen8(), pre8, repeats, 8, new, ref8, toks)
     ref8 = ref8 or toks(out)
     base[8] = g8
-    nc8 = nocache_prefill_batch(counter, lm, ps8, repeats)
+    nc8 = nocache_prefill(counter, lm, ps8, 8, repeats)
     r, _ = measure(
         counter, "full, no KV cache", 8,
         lambda: B.generate_batch_nocache(lm, ps8, new, stop_at_eos=False), nc8, repeats, 8, new,
