@@ -125,7 +125,8 @@ def walk_batch(
     q = torch.arange(t0, end)
     pos = (q[None, :] - cache.pad[rows][:, None]).clamp(min=0)
     keys = torch.arange(end)
-    # causal, padding hidden; a padding query sees itself, so no softmax row is empty: [b,1,n,end]
+    # causal, padding hidden: [b, 1, n, end]. A padding query sees itself, so no softmax row is
+    # empty (torch 2.13's CPU kernel gives zeros there, other kernels NaN, which would spread)
     mask = (cache.valid[rows, :end][:, None, :] & (keys[None, :] <= q[:, None])[None]) | (
         keys[None, :] == q[:, None]
     )[None]
