@@ -232,3 +232,18 @@ def test_bad_batches_say_what_is_wrong(lm):
         B.generate_batch(lm, [[1, 2], []], 4)
     with pytest.raises(ValueError, match="at least 1"):
         B.generate_batch_nocache(lm, [[1, 2]], 0)
+
+
+# --- the real model ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_batch_rows_equal_each_prompt_alone():
+    real = M.load_smollm2()
+    qs = ("What is the capital of France?", "Name three colours.", "Why is the sky blue?")
+    ps = [M.chat_ids(real, q) for q in qs]
+    for rule, skip in ((A.ExitRule("max_prob", 0.9), ()), (None, A.middle_block(30, 6))):
+        bg = B.generate_batch(real, ps, 10, rule, skip, stop_at_eos=False)
+        for p, g in zip(ps, bg.generations, strict=True):
+            ref = A.generate(real, p, 10, rule, skip, stop_at_eos=False)
+            assert g.tokens == ref.tokens and g.exit_layer == ref.exit_layer
