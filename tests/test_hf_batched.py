@@ -131,15 +131,20 @@ def test_rows_that_end_early_leave_the_batch_and_the_rest_go_on(lm, batch, monke
 
 
 def test_a_rule_with_its_own_lens_is_asked_row_by_row(lm, batch):
+    """A rule whose confidence the batch cannot vectorise (here: its own reading, saturation
+    under a max-prob name) decides through ``rule.stop``, row by row, as batch 1 does."""
+
     @dataclasses.dataclass(frozen=True)
     class LensRule(A.ExitRule):
         lens: str = "own"
 
-    t = between_values(lm, batch, "max_prob")
-    a = B.generate_batch(lm, batch, NEW, LensRule("max_prob", t), stop_at_eos=False)
-    b = B.generate_batch(lm, batch, NEW, A.ExitRule("max_prob", t), stop_at_eos=False)
-    assert [g.exit_layer for g in a.generations] == [g.exit_layer for g in b.generations]
-    assert [g.tokens for g in a.generations] == [g.tokens for g in b.generations]
+        def stop(self, lm):
+            return A.ExitRule("saturation", self.threshold, self.min_layer).stop(lm)
+
+    rule = LensRule("max_prob", between_values(lm, batch, "saturation"))
+    bg = B.generate_batch(lm, batch, NEW, rule, stop_at_eos=False)
+    assert_rows_equal_alone(lm, batch, bg, rule, ())
+    assert len({e for g in bg.generations for e in g.exit_layer}) > 1
 
 
 # --- what runs -------------------------------------------------------------------------------
