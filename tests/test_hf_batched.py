@@ -113,6 +113,10 @@ def test_exits_disabled_and_no_cache_baseline_are_plain_greedy(lm, batch):
     nocache = B.generate_batch_nocache(lm, batch, NEW, stop_at_eos=False)
     assert [g.tokens for g in off.generations] == ref
     assert [g.tokens for g in nocache.generations] == ref
+    for g, p in zip(nocache.generations, batch, strict=True):  # padding hidden, not just outvoted
+        np.testing.assert_allclose(
+            g.prob, A.generate(lm, p, NEW, stop_at_eos=False).prob, atol=1e-5
+        )
     width = max(len(p) for p in batch)  # every step re-runs every sequence in full
     assert nocache.layer_rows[0] == sum(len(batch) * (width + i) for i in range(NEW))
 
