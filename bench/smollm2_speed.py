@@ -2,11 +2,11 @@
 
 Paths, at batch 1 and batch 8 (the same chat prompts, greedy, a fixed number of new tokens):
 full model without a KV cache (every step re-runs the whole sequence), greedy with the KV
-cache (the baseline of every ratio), per-token early exit (CALM, max-prob thresholds, K/V
-propagated), skipping a middle block of layers, and self-speculation (LayerSkip; batch 1 only:
-``analysis.self_speculate`` decodes one sequence). At batch 8 early exit runs twice: with the
-batch compacted to the rows still active at each layer, and without (a layer runs while any row
-needs it), which is what batching does to the speed-up.
+cache (the baseline of every ratio), per-token early exit (CALM, max-prob thresholds and one
+saturation threshold, K/V propagated), skipping a middle block of layers, and self-speculation
+(LayerSkip; batch 1 only: ``analysis.self_speculate`` decodes one sequence). At batch 8 early
+exit runs twice: with the batch compacted to the rows still active at each layer, and without
+(a layer runs while any row needs it), which is what batching does to the speed-up.
 
 Per path, decode only (each prompt's prefill, timed and counted separately, subtracted):
 - tok/s, and measured speed-up = its tok/s / greedy's at the same batch size;
@@ -22,7 +22,8 @@ a fresh Python process (imports, GGUF dequantisation, first answer; the file in 
 warm = a second load in the same process, and the cached object (the app's loader) answering.
 
 Run: ``python bench/smollm2_speed.py --quick`` (smoke run, < 2 min) or without ``--quick``
-(the full table; ~15-25 min on one thread of a quiet machine). Prints load average before/after.
+(the full table; estimated 30-60 min on one thread of a quiet machine). Prints the load average
+before and after.
 """
 
 from __future__ import annotations
@@ -280,7 +281,9 @@ def main(argv: list[str] | None = None) -> None:
     new = 8 if quick else 32
     ps8 = [M.chat_ids(lm, q) for q in PROMPTS]
     ps1 = ps8[:2] if quick else ps8
-    thresholds = (0.9,) if quick else (0.5, 0.7, 0.9)
+    # max-prob pays a head call per layer checked; saturation (cosine of consecutive states) none
+    rules = [A.ExitRule("max_prob", t) for t in ((0.9,) if quick else (0.5, 0.7, 0.9))]
+    rules += [] if quick else [A.ExitRule("saturation", 0.99)]
     skips = (6,) if quick else (3, 6)
     specs = ((4, (20,)),) if quick else tuple((d, (7, 14, 20, 24)) for d in (2, 4, 6))
     counter = FlopCounter(lm)
@@ -309,11 +312,11 @@ def main(argv: list[str] | None = None) -> None:
         outs=lambda o: [b.generations[0].tokens for b in o],
     )  # fmt: skip
     rows += [r, g1]
-    for th in thresholds:
-        rule = A.ExitRule("max_prob", th)
+    for rule in rules:
         r, _ = measure(
-            counter, f"exit max_prob ≥ {th}", 1, gen1(rule=rule), pre, repeats, len(ps1), new, ref1
-        )
+            counter, f"exit {rule.measure} ≥ {rule.threshold}", 1, gen1(rule=rule), pre, repeats,
+            len(ps1), new, ref1,
+        )  # fmt: skip
         rows.append(r)
     for k in skips:
         plan = A.middle_block(n, k)
@@ -357,10 +360,11 @@ def main(argv: list[str] | None = None) -> None:
         ref8, toks,
     )  # fmt: skip
     rows += [r, g8]
-    for th in thresholds:
-        rule = A.ExitRule("max_prob", th)
+    for rule in rules:
         for compact in (True, False):
-            name = f"exit max_prob ≥ {th}, " + ("compacted" if compact else "not compacted")
+            name = f"exit {rule.measure} ≥ {rule.threshold}, " + (
+                "compacted" if compact else "not compacted"
+            )
             r, _ = measure(
                 counter, name, 8, gen8(rule=rule, compact=compact), pre8, repeats, 8, new, ref8,
                 toks,
