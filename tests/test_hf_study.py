@@ -145,6 +145,19 @@ def test_skip_curves_are_the_plans_run_for_real(lm, built):
     assert set(greedy.skip) == set(built.order[:2]) and len(set(built.order)) == N_LAYER - 1
 
 
+def test_each_plan_family_runs_the_layers_it_names():
+    n, order = 30, [9, 4, 21, 7, 15, 3, 11]
+    assert S.make_plan("exit_fixed", 5, n) == S.Plan("exit_fixed", 5, (), 4)
+    assert S.make_plan("exit_fixed", n, n).exit_layer is None
+    mid, even = S.make_plan("skip_middle", 20, n), S.make_plan("skip_even", 20, n)
+    assert mid.skip == A.middle_block(n, 10) == tuple(range(10, 20))
+    assert even.skip == A.evenly_spaced(n, 10) and mid.skip != even.skip
+    assert S.make_plan("skip_greedy", 26, n, order).skip == (4, 7, 9, 21)
+    assert S.min_kept("skip_greedy", n, order) == n - len(order)
+    with pytest.raises(ValueError, match="keep"):
+        S.make_plan("skip_greedy", 20, n, order)
+
+
 # --- the oracle -------------------------------------------------------------------------------
 
 

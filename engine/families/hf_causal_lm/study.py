@@ -366,14 +366,20 @@ def skip_order(lm: CausalLM, ids: Sequence[int], max_order: int) -> list[int]:
 
 
 @torch.no_grad()
-def plan_greedy(lm: CausalLM, prompt: Sequence[int], n_new: int, plan: Plan) -> list[int]:
+def plan_greedy(
+    lm: CausalLM, prompt: Sequence[int], n_new: int, plan: Plan, reference: Sequence[int] = ()
+) -> list[int]:
     """Greedy decoding of the truncated/skipping model the plan describes (prompt included:
-    a layer the plan drops is never run, so a fixed exit is a shallower model throughout)."""
+    a layer the plan drops is never run, so a fixed exit is a shallower model throughout).
+    With ``reference``, stops at the first token that differs from it (the oracle only asks
+    whether they are equal)."""
     cache = LayerCache(lm.n_layer)
     kw = {"skip": frozenset(plan.skip), "stop_after": plan.exit_layer, "fill": "lazy"}
     w = walk(lm, cache, list(prompt), **kw)
     out = [int(w.logits[-1].argmax())]
     while len(out) < n_new:
+        if reference and out[-1] != reference[len(out) - 1]:
+            break
         w = walk(lm, cache, out[-1:], **kw)
         out.append(int(w.logits[-1].argmax()))
     return out
@@ -510,8 +516,11 @@ def skip_curves(
             plan = make_plan(fam, kept, n, order)
             agree, nll = [], []
             for i, ids in enumerate(texts):
-                ref = records.top1[records.seq == i, -1]
-                a, l_ = plan_nll(lm, ids, plan, ref)
+                rec = records.sequence(i)
+                if kept == n:  # nothing skipped: the full model, already in the records
+                    a, l_ = 1.0, float(-np.nanmean(rec.logp_next[:, -1]))
+                else:
+                    a, l_ = plan_nll(lm, ids, plan, rec.top1[:, -1])
                 cache[(fam, kept, i)] = l_
                 agree.append(a)
                 nll.append(l_)
@@ -555,7 +564,8 @@ def sequence_oracle(
         lo = min_kept(fam, n, order)
 
         def same(k, fam=fam):
-            return plan_greedy(lm, prompt, cfg.gen_tokens, make_plan(fam, k, n, order)) == ref
+            plan = make_plan(fam, k, n, order)
+            return plan_greedy(lm, prompt, cfg.gen_tokens, plan, ref) == ref
 
         def close(k, fam=fam):
             if nll_cache is not None and (fam, k) in nll_cache:
