@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from test_hf_causal_lm import N_LAYER, VOCAB, tiny_config  # noqa: E402
+from test_hf_causal_lm import N_LAYER, VOCAB, MLPRows, tiny_config  # noqa: E402
 
 from engine.families.hf_causal_lm import analysis as A  # noqa: E402
 from engine.families.hf_causal_lm import model as M  # noqa: E402
@@ -161,6 +161,19 @@ def test_each_plan_family_runs_the_layers_it_names():
 # --- the oracle -------------------------------------------------------------------------------
 
 
+def test_plan_greedy_is_the_plain_greedy_decoding_of_that_plan(lm):
+    prompt = texts(1, 9)[0][:5]
+    full = S.Plan("exit_fixed", N_LAYER)
+    ref = A.greedy(lm, prompt, 10, stop_at_eos=False)
+    assert S.plan_greedy(lm, prompt, 10, full) == ref
+    skip = S.make_plan("skip_middle", 3, N_LAYER)
+    assert S.plan_greedy(lm, prompt, 10, skip) == A.greedy(
+        lm, prompt, 10, skip=skip.skip, stop_at_eos=False
+    )
+    wrong = [ref[0], (ref[1] + 1) % VOCAB, *ref[2:]]
+    assert S.plan_greedy(lm, prompt, 10, full, wrong) == ref[:2]  # stops at the difference
+
+
 def test_fewest_bisects_a_monotone_predicate():
     calls = []
 
@@ -298,3 +311,43 @@ def test_the_shipped_records_reproduce_on_one_passage():
     assert (rec.top1 == shipped.top1).mean() > 0.995  # near-ties may flip across machines
     for f in ("max_prob", "margin", "saturation"):
         np.testing.assert_allclose(getattr(rec, f), getattr(shipped, f), atol=2e-3)
+
+
+def test_a_stopped_build_resumes_from_its_checkpoint_and_a_helper_shares_the_oracle(
+    lm, built, tmp_path
+):
+    ev, cal = texts(CFG.n_eval, 1), texts(CFG.n_calib, 2)
+    first = S.build_study(lm, CFG, ev, cal, checkpoint=tmp_path)
+    assert first.curves.equals(built.curves) and first.oracle.equals(built.oracle)
+    for i in (0, 3):  # as if the build stopped before these passages' oracle
+        (tmp_path / f"oracle_{i}.json").unlink()
+        (tmp_path / f"oracle_{i}.started").unlink()
+    assert S.build_study(lm, CFG, ev, cal, checkpoint=tmp_path, oracle_helper=True) is None
+    assert (tmp_path / "oracle_3.json").is_file()
+    rows = MLPRows(lm)
+    try:
+        again = S.build_study(lm, CFG, ev, cal, checkpoint=tmp_path)
+    finally:
+        rows.close()
+    assert sum(rows.rows) == 0  # every stage read back, nothing re-run
+    assert again.curves.equals(built.curves) and again.oracle.equals(built.oracle)
+    assert again.order == built.order
+
+
+def test_a_helper_process_shares_the_skip_curves_and_the_oracle(lm, built, tmp_path):
+    import shutil
+    import threading
+
+    ev, cal = texts(CFG.n_eval, 1), texts(CFG.n_calib, 2)
+    S.build_study(lm, CFG, ev, cal, checkpoint=tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    for f in ("stage.json", "records.parquet"):  # the records stage done, nothing after
+        shutil.copy(tmp_path / "a" / f, tmp_path / "b" / f)
+    helper = threading.Thread(
+        target=S.build_study, args=(lm, CFG, ev, cal, tmp_path / "b", True), daemon=True
+    )
+    helper.start()
+    got = S.build_study(lm, CFG, ev, cal, checkpoint=tmp_path / "b")
+    helper.join(60)
+    assert (tmp_path / "b" / "skip_part_nll.parquet").is_file()  # the helper ran two families
+    assert got.curves.equals(built.curves) and got.oracle.equals(built.oracle)

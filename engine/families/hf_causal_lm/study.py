@@ -66,18 +66,18 @@ ORACLE_CRITERIA = ("greedy", "perplexity")
 class StudyConfig:
     """Sizes chosen for a shared 2-core CPU (SmolLM2: see the card's wall time)."""
 
-    n_eval: int = 24  # held-out BBC passages (the test split)
-    n_tokens: int = 96  # tokens per passage
+    n_eval: int = 16  # held-out BBC passages (the test split)
+    n_tokens: int = 64  # tokens per passage
     n_calib: int = 8  # calibration passages (train split) for the gate
     n_order: int = 2  # of them, the ones the greedy skip order is found on (joined)
-    order_tokens: int = 32  # tokens of each of those
-    max_order: int = 26  # layers the greedy order ranks (at least 4 kept)
-    kept_grid: tuple[int, ...] = (30, 27, 24, 21, 18, 15, 12, 9, 6)  # skip curves
+    order_tokens: int = 16  # tokens of each of those
+    max_order: int = 24  # layers the greedy order ranks (at least 6 kept)
+    kept_grid: tuple[int, ...] = (30, 27, 24, 21, 18, 15, 12, 6)  # skip curves
     prompt_tokens: int = 32  # oracle: the passage's first tokens as the prompt ...
     gen_tokens: int = 16  # ... and this many greedy tokens to match
     ppl_tolerance: float = 0.10  # oracle: perplexity within 10 % of the full model's
     gate_hidden: int = 32
-    gate_epochs: int = 300
+    gate_epochs: int = 200
     seed: int = 0
 
 
@@ -504,12 +504,13 @@ def skip_curves(
     order: Sequence[int],
     kept_grid: Sequence[int],
     progress=None,
+    families: Sequence[str] = SKIP_FAMILIES,
 ) -> tuple[pl.DataFrame, dict]:
     """Teacher-forced skip plans on every text; the per-(family, kept, text) NLLs are returned
     too (the perplexity oracle reuses them)."""
     n = lm.n_layer
     rows, cache = [], {}
-    for fam in SKIP_FAMILIES:
+    for fam in families:
         for kept in kept_grid:
             if kept < min_kept(fam, n, order):
                 continue
@@ -629,15 +630,47 @@ class Built:
     timings: dict = field(default_factory=dict)
 
 
+def _write_skips(ck: Path, name: str, curves: pl.DataFrame, nll: dict) -> None:
+    curves.write_parquet(ck / f"{name}_curves.parquet")
+    rows = [(f, k, s, v) for (f, k, s), v in nll.items()]
+    frame = pl.DataFrame(rows, schema=["family", "kept", "seq", "nll"], orient="row")
+    frame.write_parquet(ck / f"{name}_nll.parquet")  # written last: the stage is complete
+
+
+def _read_skips(ck: Path, name: str) -> tuple[pl.DataFrame, dict]:
+    nll = pl.read_parquet(ck / f"{name}_nll.parquet")
+    return pl.read_parquet(ck / f"{name}_curves.parquet"), {
+        (f, k, s): v for f, k, s, v in nll.iter_rows()
+    }
+
+
+def _oracle_rows(lm, cfg, evals, records, order, nll_cache, i) -> list[tuple]:
+    n = lm.n_layer
+    rec = records.sequence(i)
+    full_nll = float(-np.nanmean(rec.logp_next[:, -1]))
+    cached = {(f, k): v for (f, k, s), v in nll_cache.items() if s == i}
+    for k in range(1, n + 1):  # fixed exits: every layer's NLL is in the records
+        cached[("exit_fixed", k)] = float(-np.nanmean(rec.logp_next[:, k - 1]))
+    got = sequence_oracle(lm, evals[i], order, cfg, full_nll, cached)
+    return [(i, crit, fam, kept) for (crit, fam), kept in got.items()]
+
+
 def build_study(
     lm: CausalLM,
     cfg: StudyConfig,
     evals: Sequence[Sequence[int]] | None = None,
     calib: Sequence[Sequence[int]] | None = None,
-) -> Built:
+    checkpoint: Path | None = None,
+    oracle_helper: bool = False,
+) -> Built | None:
     """Every measurement of the study (see the module docstring), with a progress bar. The
     texts default to BBC passages (``passages``); all of one length, so pooled means are means
-    of per-text means."""
+    of per-text means.
+
+    ``checkpoint``: a folder where each finished stage is kept (records, skip order, skip
+    curves, each passage's oracle), so a stopped build resumes there. ``oracle_helper``: a
+    second process on the same checkpoint that waits for the skip order and works through the
+    oracle from the last passage down (the two skip each other's finished passages)."""
     from tqdm.auto import tqdm
 
     n = lm.n_layer
@@ -648,7 +681,29 @@ def build_study(
         calib = passages(lm, "train", cfg.n_calib, cfg.n_tokens, cfg.seed)
     if len({len(t) for t in evals}) != 1:
         raise ValueError("the evaluation texts must all have one length")
+    ck = Path(checkpoint) if checkpoint is not None else None
+    if ck is not None:
+        ck.mkdir(parents=True, exist_ok=True)
     cfg_n = len(evals)
+    if oracle_helper:
+        if ck is None:
+            raise ValueError("an oracle helper needs the checkpoint folder")
+        while not (ck / "stage.json").is_file():
+            time.sleep(10)
+        records = Records.from_frame(pl.read_parquet(ck / "records.parquet"))
+        if not (ck / "skip_part.started").is_file():  # while the main process ranks layers
+            (ck / "skip_part.started").touch()
+            part, nll = skip_curves(lm, evals, records, (), cfg.kept_grid, None, SKIP_FAMILIES[:2])
+            _write_skips(ck, "skip_part", part, nll)
+        while not (ck / "order.json").is_file():
+            time.sleep(10)
+        order = json.loads((ck / "order.json").read_text())["order"]
+        for i in tqdm(range(cfg_n - 1, -1, -1), desc="oracle helper", file=sys.stderr):
+            f = ck / f"oracle_{i}.json"
+            if not f.is_file() and not (ck / f"oracle_{i}.started").is_file():
+                (ck / f"oracle_{i}.started").touch()
+                f.write_text(json.dumps(_oracle_rows(lm, cfg, evals, records, order, {}, i)))
+        return None
     order_ids = [t for c in calib[: cfg.n_order] for t in c[: cfg.order_tokens]]
     order_steps = sum(n - i for i in range(cfg.max_order))
     skip_steps = sum(
@@ -659,68 +714,108 @@ def build_study(
     )
     total = len(calib) + cfg_n + 1 + skip_steps + cfg_n
     bar = tqdm(total=total, desc="study", file=sys.stderr)
-    timings = {}
+    timings: dict = {}
 
-    # calibration: records + states -> the gate
-    feats, labels, cal_recs = [], [], []
-    for i, ids in enumerate(calib):
-        r, normed = sequence_records(lm, ids, i)
-        feats.append(gate_features(normed, r))
-        labels.append(r.agree)
-        cal_recs.append(r)
-        bar.update(1)
-    gate = train_gate(
-        np.concatenate(feats), np.concatenate(labels), cfg.gate_hidden, cfg.gate_epochs, cfg.seed
-    )
-    train_auc = auc(gate.score(np.concatenate(feats)), np.concatenate(labels))
-    del feats
-    timings["calibration_s"] = time.perf_counter() - t0
+    if ck is not None and (ck / "stage.json").is_file():
+        stage = json.loads((ck / "stage.json").read_text())
+        records = Records.from_frame(pl.read_parquet(ck / "records.parquet"))
+        gate_metrics, timings = stage["gate"], stage["timings"]
+        bar.update(len(calib) + cfg_n)
+    else:
+        # calibration: records + states -> the gate
+        feats, labels, cal_recs = [], [], []
+        for i, ids in enumerate(calib):
+            r, normed = sequence_records(lm, ids, i)
+            feats.append(gate_features(normed, r))
+            labels.append(r.agree)
+            cal_recs.append(r)
+            bar.update(1)
+        x, y = np.concatenate(feats), np.concatenate(labels)
+        del feats
+        gate = train_gate(x, y, cfg.gate_hidden, cfg.gate_epochs, cfg.seed)
+        train_auc = auc(gate.score(x), y)
+        del x
+        timings["calibration_s"] = time.perf_counter() - t0
 
-    # evaluation records, gate scored
-    parts = []
-    for i, ids in enumerate(evals):
-        r, normed = sequence_records(lm, ids, i)
-        r.gate = gate.score(gate_features(normed, r)).astype(np.float32)
-        parts.append(r)
-        bar.update(1)
-    records = Records.concat(parts)
-    timings["records_s"] = time.perf_counter() - t0 - timings["calibration_s"]
+        # evaluation records, gate scored
+        parts = []
+        for i, ids in enumerate(evals):
+            r, normed = sequence_records(lm, ids, i)
+            r.gate = gate.score(gate_features(normed, r)).astype(np.float32)
+            parts.append(r)
+            bar.update(1)
+        records = Records.concat(parts)
+        timings["records_s"] = time.perf_counter() - t0 - timings["calibration_s"]
+        cal = Records.concat(cal_recs)
+        ev_auc = {m: auc(records.scores(m)[:, :-1], records.agree[:, :-1]) for m in MEASURES}
+        gate_metrics = {
+            "train_auc": train_auc,
+            "eval_auc": ev_auc,
+            "calibration_auc": {
+                m: auc(cal.scores(m)[:, :-1], cal.agree[:, :-1]) for m in A.MEASURES
+            },
+        }
+        if ck is not None:
+            records.to_frame().write_parquet(ck / "records.parquet")
+            (ck / "stage.json").write_text(json.dumps({"gate": gate_metrics, "timings": timings}))
 
     # the greedy skip order, on two calibration passages joined
-    t = time.perf_counter()
-    bar.set_postfix_str(f"greedy skip order ({order_steps} plan evaluations)")
-    order = skip_order(lm, order_ids, cfg.max_order)
+    if ck is not None and (ck / "order.json").is_file():
+        order = json.loads((ck / "order.json").read_text())["order"]
+        timings["skip_order_s"] = json.loads((ck / "order.json").read_text())["seconds"]
+    else:
+        t = time.perf_counter()
+        bar.set_postfix_str(f"greedy skip order ({order_steps} plan evaluations)")
+        order = skip_order(lm, order_ids, cfg.max_order)
+        timings["skip_order_s"] = time.perf_counter() - t
+        if ck is not None:
+            (ck / "order.json").write_text(
+                json.dumps({"order": order, "seconds": timings["skip_order_s"]})
+            )
     bar.update(1)
-    timings["skip_order_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    bar.set_postfix_str("skip curves")
-    skips, nll_cache = skip_curves(lm, evals, records, order, cfg.kept_grid, bar)
+    if ck is not None and (ck / "skip_nll.parquet").is_file():
+        skips, nll_cache = _read_skips(ck, "skip")
+        bar.update(skip_steps)
+    else:
+        t = time.perf_counter()
+        bar.set_postfix_str("skip curves")
+        if ck is not None and (ck / "skip_part.started").is_file():  # a helper runs two
+            skips, nll_cache = skip_curves(
+                lm, evals, records, order, cfg.kept_grid, bar, SKIP_FAMILIES[2:]
+            )
+            while not (ck / "skip_part_nll.parquet").is_file():
+                time.sleep(5)
+            part, nll = _read_skips(ck, "skip_part")
+            skips, nll_cache = pl.concat([part, skips]), {**nll, **nll_cache}
+        else:
+            skips, nll_cache = skip_curves(lm, evals, records, order, cfg.kept_grid, bar)
+        timings["skip_curves_s"] = time.perf_counter() - t
+        if ck is not None:
+            _write_skips(ck, "skip", skips, nll_cache)
     curves = pl.concat([exit_curves(records), skips])
-    timings["skip_curves_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     bar.set_postfix_str("oracle")
     rows = []
-    for i, ids in enumerate(evals):
-        rec = records.sequence(i)
-        full_nll = float(-np.nanmean(rec.logp_next[:, -1]))
-        cached = {(f, k): v for (f, k, s), v in nll_cache.items() if s == i}
-        for k in range(1, n + 1):  # fixed exits: every layer's NLL is in the records
-            cached[("exit_fixed", k)] = float(-np.nanmean(rec.logp_next[:, k - 1]))
-        for (crit, fam), kept in sequence_oracle(lm, ids, order, cfg, full_nll, cached).items():
-            rows.append((i, crit, fam, kept))
+    for i in range(cfg_n):
+        f = None if ck is None else ck / f"oracle_{i}.json"
+        if f is not None and (ck / f"oracle_{i}.started").is_file():
+            while not f.is_file():  # the helper has it
+                time.sleep(5)
+        if f is not None and f.is_file():
+            got = [tuple(r) for r in json.loads(f.read_text())]
+        else:
+            if f is not None:
+                (ck / f"oracle_{i}.started").touch()
+            got = _oracle_rows(lm, cfg, evals, records, order, nll_cache, i)
+            if f is not None:
+                f.write_text(json.dumps(got))
+        rows.extend(got)
         bar.update(1)
     bar.close()
     oracle = pl.DataFrame(rows, schema=["seq", "criterion", "family", "kept"], orient="row")
     timings["oracle_s"] = time.perf_counter() - t
-
-    cal = Records.concat(cal_recs)
-    gate_metrics = {
-        "train_auc": train_auc,
-        "eval_auc": {m: auc(records.scores(m)[:, :-1], records.agree[:, :-1]) for m in MEASURES},
-        "calibration_auc": {m: auc(cal.scores(m)[:, :-1], cal.agree[:, :-1]) for m in A.MEASURES},
-    }
     timings["total_s"] = time.perf_counter() - t0
     return Built(records, curves, oracle, order, gate_metrics, timings)
 
@@ -851,6 +946,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=StudyConfig.seed)
     ap.add_argument("--out", type=Path, default=RECORDS_DIR, help="folder for the four files")
+    ap.add_argument("--checkpoint", type=Path, help="keep finished stages here (resumable)")
+    ap.add_argument(
+        "--oracle-helper", action="store_true", help="second process: oracle passages only"
+    )
     args = ap.parse_args(argv)
     from engine.families.hf_causal_lm.model import load_smollm2
 
@@ -862,7 +961,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     t = time.perf_counter()
     lm = load_smollm2()
     load_s = time.perf_counter() - t
-    built = build_study(lm, cfg)
+    built = build_study(lm, cfg, checkpoint=args.checkpoint, oracle_helper=args.oracle_helper)
+    if built is None:
+        return 0
     built.timings["load_s"] = load_s
     meta = {
         "command": "python -m engine.families.hf_causal_lm.study "
