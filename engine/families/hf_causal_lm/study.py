@@ -310,11 +310,12 @@ def simulate_exits(
     return outcome_at(records, exits, measure, threshold)
 
 
-def thresholds_for(records: Records, measure: str, n: int = 40) -> np.ndarray:
-    """A sweep that moves the mean exit layer evenly: quantiles of the measure's scores below
-    the last layer, plus one above 1 (full depth)."""
+def thresholds_for(records: Records, measure: str, n: int = 120) -> np.ndarray:
+    """A sweep dense where exits are decided: quantiles of the measure's scores below the last
+    layer, packed towards the top (most scores are low; the high ones set the deep exits),
+    plus one above 1 (full depth)."""
     s = records.scores(measure)[:, :-1].ravel()
-    q = np.quantile(s[np.isfinite(s)], np.linspace(0.0, 1.0, n))
+    q = np.quantile(s[np.isfinite(s)], 1.0 - (1.0 - np.linspace(0.0, 1.0, n)) ** 3)
     return np.unique(np.append(q, 1.01))
 
 
@@ -630,11 +631,18 @@ class Built:
     timings: dict = field(default_factory=dict)
 
 
+def _publish(path: Path, write) -> None:
+    """Write beside ``path`` and rename: the other process never reads half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
 def _write_skips(ck: Path, name: str, curves: pl.DataFrame, nll: dict) -> None:
-    curves.write_parquet(ck / f"{name}_curves.parquet")
+    _publish(ck / f"{name}_curves.parquet", curves.write_parquet)
     rows = [(f, k, s, v) for (f, k, s), v in nll.items()]
     frame = pl.DataFrame(rows, schema=["family", "kept", "seq", "nll"], orient="row")
-    frame.write_parquet(ck / f"{name}_nll.parquet")  # written last: the stage is complete
+    _publish(ck / f"{name}_nll.parquet", frame.write_parquet)  # last: the stage is complete
 
 
 def _read_skips(ck: Path, name: str) -> tuple[pl.DataFrame, dict]:
@@ -702,7 +710,8 @@ def build_study(
             f = ck / f"oracle_{i}.json"
             if not f.is_file() and not (ck / f"oracle_{i}.started").is_file():
                 (ck / f"oracle_{i}.started").touch()
-                f.write_text(json.dumps(_oracle_rows(lm, cfg, evals, records, order, {}, i)))
+                got = _oracle_rows(lm, cfg, evals, records, order, {}, i)
+                _publish(f, lambda p, got=got: p.write_text(json.dumps(got)))
         return None
     order_ids = [t for c in calib[: cfg.n_order] for t in c[: cfg.order_tokens]]
     order_steps = sum(n - i for i in range(cfg.max_order))
@@ -757,7 +766,8 @@ def build_study(
         }
         if ck is not None:
             records.to_frame().write_parquet(ck / "records.parquet")
-            (ck / "stage.json").write_text(json.dumps({"gate": gate_metrics, "timings": timings}))
+            stage = json.dumps({"gate": gate_metrics, "timings": timings})
+            _publish(ck / "stage.json", lambda p: p.write_text(stage))
 
     # the greedy skip order, on two calibration passages joined
     if ck is not None and (ck / "order.json").is_file():
@@ -769,9 +779,8 @@ def build_study(
         order = skip_order(lm, order_ids, cfg.max_order)
         timings["skip_order_s"] = time.perf_counter() - t
         if ck is not None:
-            (ck / "order.json").write_text(
-                json.dumps({"order": order, "seconds": timings["skip_order_s"]})
-            )
+            done = json.dumps({"order": order, "seconds": timings["skip_order_s"]})
+            _publish(ck / "order.json", lambda p: p.write_text(done))
     bar.update(1)
 
     if ck is not None and (ck / "skip_nll.parquet").is_file():
@@ -810,7 +819,7 @@ def build_study(
                 (ck / f"oracle_{i}.started").touch()
             got = _oracle_rows(lm, cfg, evals, records, order, nll_cache, i)
             if f is not None:
-                f.write_text(json.dumps(got))
+                _publish(f, lambda p, got=got: p.write_text(json.dumps(got)))
         rows.extend(got)
         bar.update(1)
     bar.close()
@@ -820,23 +829,50 @@ def build_study(
     return Built(records, curves, oracle, order, gate_metrics, timings)
 
 
+def interpolate_at(curves: pl.DataFrame, method: str, layers: float) -> dict:
+    """The method's agreement and perplexity at ``layers`` mean layers, interpolated linearly
+    between its two nearest points (perplexity in log space)."""
+    c = curves.filter(pl.col("method") == method).sort("layers")
+    x = c["layers"].to_numpy()
+    agree = np.interp(layers, x, c["agreement"].to_numpy())
+    ppl = np.exp(np.interp(layers, x, np.log(c["perplexity"].to_numpy())))
+    return {"layers": float(layers), "agreement": float(agree), "perplexity": float(ppl)}
+
+
 def summary_numbers(curves: pl.DataFrame, oracle: OracleSummary, n_layer: int) -> dict:
-    """The headline numbers: every method's quality at 27 / 24 / 18 layers (nearest point of
-    its curve at or above), layers needed for 90 / 95 / 99 % agreement, and the oracle."""
-    at = {}
-    for m in curves["method"].unique(maintain_order=True).to_list():
-        c = curves.filter(pl.col("method") == m)
-        at[m] = {}
-        for k in (27, 24, 18):
-            above = c.filter(pl.col("layers") >= k - 1e-9).sort("layers")
-            if above.height:
-                r = above.row(0, named=True)
-                at[m][str(k)] = {x: round(r[x], 4) for x in ("layers", "agreement", "perplexity")}
+    """The headline numbers: every method's quality at 27 / 24 / 18 layers (interpolated on
+    its curve), layers needed for 90 / 95 / 99 % agreement, and the oracle."""
+    methods = curves["method"].unique(maintain_order=True).to_list()
+    at = {
+        m: {
+            str(k): {x: round(v, 4) for x, v in interpolate_at(curves, m, k).items()}
+            for k in (27, 24, 18)
+        }
+        for m in methods
+    }
     need = {
-        m: {str(t): layers_for_agreement(curves, m, t) for t in (0.9, 0.95, 0.99)}
-        for m in curves["method"].unique(maintain_order=True).to_list()
+        m: {str(t): layers_for_agreement(curves, m, t) for t in (0.9, 0.95, 0.99)} for m in methods
     }
     return {"at_layers": at, "layers_for_agreement": need, "oracle": asdict(oracle)}
+
+
+def refresh_study(root: Path | None = None, model_id: str = MODEL_ID) -> dict:
+    """Re-derive the exit curves and the summary from the stored records (no model): the skip
+    curves and the oracle are kept; the card says when and how."""
+    files = study_files(model_id, root)
+    card = json.loads(files["card"].read_text())
+    records = Records.from_frame(pl.read_parquet(files["records"]))
+    old = pl.read_parquet(files["curves"])
+    curves = pl.concat([exit_curves(records), old.filter(pl.col("method").is_in(SKIP_FAMILIES))])
+    curves.write_parquet(files["curves"])
+    oracle = summarise_oracle(pl.read_parquet(files["oracle"]), records.n_layer)
+    card["summary"] = summary_numbers(curves, oracle, records.n_layer)
+    card["refreshed"] = {
+        "command": "python -m engine.families.hf_causal_lm.study --refresh",
+        "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    files["card"].write_text(json.dumps(card, indent=2, allow_nan=True) + "\n")
+    return card
 
 
 def save_study(
@@ -950,7 +986,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--oracle-helper", action="store_true", help="second process: oracle passages only"
     )
+    ap.add_argument(
+        "--refresh", action="store_true", help="re-derive exit curves + summary from the records"
+    )
     args = ap.parse_args(argv)
+    if args.refresh:
+        print(json.dumps(refresh_study(args.out)["summary"]["at_layers"], indent=1))
+        return 0
     from engine.families.hf_causal_lm.model import load_smollm2
 
     torch.set_num_threads(args.threads)
