@@ -257,9 +257,12 @@ class ExitOutcome:
     n_layer: int
     agreement: float  # top-1 at the exit equal to the full model's
     perplexity: float  # of the texts' next tokens, read at each token's exit
+    lazy_layers: float = math.nan  # layer runs per token that a "lazy" fill really spends
 
     @property
     def mean_layers(self) -> float:
+        """Depth per token (the decision's cost, as CALM counts it). A "lazy" fill runs the
+        layers a token skipped later, when a deeper token catches it up: ``lazy_layers``."""
         return float(self.exit_layer.mean() + 1)
 
     @property
@@ -282,7 +285,20 @@ def outcome_at(
     agree = float(records.agree[rows, exits].mean())
     lp = records.logp_next[rows, exits]
     ppl = float(np.exp(-np.nanmean(lp)))
-    return ExitOutcome(measure, float(threshold), exits, records.n_layer, agree, ppl)
+    lazy = float(lazy_computed(exits, records.seq, records.n_layer).sum(1).mean())
+    return ExitOutcome(measure, float(threshold), exits, records.n_layer, agree, ppl, lazy)
+
+
+def lazy_computed(exits: np.ndarray, seq: np.ndarray, n_layer: int) -> np.ndarray:
+    """[N, L] bool: does layer l run at token n under a "lazy" fill by the end of its text?
+    Yes if the token reached l, or any later token of the same text did (its catch-up runs
+    every parked position below it). Rows of a text must be in position order."""
+    reached = exits[:, None] >= np.arange(n_layer)[None, :]
+    out = np.empty_like(reached)
+    for s in np.unique(seq):
+        r = reached[seq == s]
+        out[seq == s] = np.logical_or.accumulate(r[::-1], axis=0)[::-1]
+    return out
 
 
 def token_oracle(records: Records) -> ExitOutcome:
@@ -479,22 +495,30 @@ def exit_curves(records: Records) -> pl.DataFrame:
     n = records.n_layer
     for k in range(1, n + 1):
         o = outcome_at(records, np.full(len(records.seq), k - 1))
-        rows.append(("exit_fixed", float(k), o.mean_layers, o.agreement, o.perplexity))
+        rows.append(("exit_fixed", float(k), o.mean_layers, o.agreement, o.perplexity, k))
     for m in MEASURES:
         if m == "gate" and records.gate is None:
             continue
         for t in thresholds_for(records, m):
             o = simulate_exits(records, m, float(t))
-            rows.append((f"calm_{m}", float(t), o.mean_layers, o.agreement, o.perplexity))
+            row = (f"calm_{m}", float(t), o.mean_layers, o.agreement, o.perplexity, o.lazy_layers)
+            rows.append(row)
     return _curve_frame(rows, n)
 
 
+CURVE_COLUMNS = ("method", "setting", "layers", "fraction", "agreement", "perplexity")
+
+
 def _curve_frame(rows, n_layer: int) -> pl.DataFrame:
-    df = pl.DataFrame(
-        rows, schema=["method", "setting", "layers", "agreement", "perplexity"], orient="row"
-    )
+    """Rows (method, setting, layers, agreement, perplexity[, lazy_layers]); ``lazy_layers``
+    (layer runs per token under a lazy fill, catch-ups included) equals ``layers`` for static
+    plans."""
+    schema = ["method", "setting", "layers", "agreement", "perplexity", "lazy_layers"]
+    rows = [(*r, r[2]) if len(r) == 5 else r for r in rows]
+    df = pl.DataFrame(rows, schema=schema, orient="row")
+    df = df.with_columns(pl.col("lazy_layers").cast(pl.Float64))
     return df.with_columns(fraction=pl.col("layers") / n_layer).select(
-        "method", "setting", "layers", "fraction", "agreement", "perplexity"
+        *CURVE_COLUMNS, "lazy_layers"
     )
 
 
@@ -863,7 +887,10 @@ def refresh_study(root: Path | None = None, model_id: str = MODEL_ID) -> dict:
     card = json.loads(files["card"].read_text())
     records = Records.from_frame(pl.read_parquet(files["records"]))
     old = pl.read_parquet(files["curves"])
-    curves = pl.concat([exit_curves(records), old.filter(pl.col("method").is_in(SKIP_FAMILIES))])
+    skips = old.filter(pl.col("method").is_in(SKIP_FAMILIES))
+    if "lazy_layers" not in skips.columns:  # built before the column existed
+        skips = skips.with_columns(lazy_layers=pl.col("layers"))
+    curves = pl.concat([exit_curves(records), skips])
     curves.write_parquet(files["curves"])
     oracle = summarise_oracle(pl.read_parquet(files["oracle"]), records.n_layer)
     card["summary"] = summary_numbers(curves, oracle, records.n_layer)
@@ -909,7 +936,8 @@ def save_study(
 @dataclass
 class Study:
     """The stored study. ``curves``: method, setting (exit layer + 1 / threshold / layers kept),
-    layers (mean layers per token), fraction (of ``n_layer``), agreement, perplexity;
+    layers (mean layers per token), fraction (of ``n_layer``), agreement, perplexity,
+    lazy_layers (what a lazy fill really runs per token, catch-ups included);
     ``records`` for the slider (``simulate``); ``oracle`` summary and its per-passage table."""
 
     card: dict
