@@ -33,8 +33,12 @@ def _fast_tokenizer(vocab: dict[str, int], wordpiece: bool):
             special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
         )
         return PreTrainedTokenizerFast(
-            tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-            sep_token="[SEP]", mask_token="[MASK]",
+            tokenizer_object=tok,
+            unk_token="[UNK]",
+            pad_token="[PAD]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            mask_token="[MASK]",
         )
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
 
@@ -44,16 +48,25 @@ def vocab() -> dict[str, int]:
     return {w: i for i, w in enumerate(words)}
 
 
-def tiny_bert(folder: Path, layers: int = 3, seed: int = 0, num_labels: int = 2,
-              id2label: dict | None = None) -> Path:
+def tiny_bert(
+    folder: Path, layers: int = 3, seed: int = 0, num_labels: int = 2, id2label: dict | None = None
+) -> Path:
     from transformers import BertConfig, BertForSequenceClassification
 
     v = vocab()
     cfg = BertConfig(
-        vocab_size=len(v), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64, num_labels=num_labels,
-        **({"id2label": id2label, "label2id": {b: a for a, b in id2label.items()}}
-           if id2label else {}),
+        vocab_size=len(v),
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        **(
+            {"id2label": id2label, "label2id": {b: a for a, b in id2label.items()}}
+            if id2label
+            else {}
+        ),
     )
     torch.manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -67,8 +80,12 @@ def tiny_llama(folder: Path, layers: int = 3, seed: int = 0) -> Path:
 
     v = vocab()
     cfg = LlamaConfig(
-        num_hidden_layers=layers, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(v),
+        num_hidden_layers=layers,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(v),
     )
     torch.manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)

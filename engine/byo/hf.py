@@ -98,9 +98,7 @@ def inspect_checkpoint(path: str | Path) -> Checkpoint:
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return Checkpoint(path, "decoder", "GGUF", ggufs[0].name)
-        raise ByoError(
-            f"{path} is not a Hugging Face model folder (it has no config.json)"
-        )
+        raise ByoError(f"{path} is not a Hugging Face model folder (it has no config.json)")
     pickles = _pickles(path)
     if pickles:
         raise ByoError(
@@ -126,7 +124,9 @@ def _config(path: Path):
         return AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ByoError(f"{path.name}/config.json cannot be read as a model config ({first})") from None
+        raise ByoError(
+            f"{path.name}/config.json cannot be read as a model config ({first})"
+        ) from None
 
 
 def _kind(config, arch: str) -> str:
@@ -168,7 +168,9 @@ def _meta_model(config, arch: str, kind: str) -> torch.nn.Module:
         with torch.device("meta"):
             return build(config)
     except (ValueError, TypeError, AttributeError, RuntimeError) as e:
-        raise ByoError(f"{arch or config.model_type}: the model in config.json cannot be built ({e})") from None
+        raise ByoError(
+            f"{arch or config.model_type}: the model in config.json cannot be built ({e})"
+        ) from None
 
 
 def _check_walkable(meta: torch.nn.Module, kind: str, name: str) -> None:
@@ -178,7 +180,9 @@ def _check_walkable(meta: torch.nn.Module, kind: str, name: str) -> None:
         try:
             check_walkable(meta)
         except LoadError as e:
-            raise ByoError(f"{name}: this architecture cannot be walked layer by layer ({e})") from None
+            raise ByoError(
+                f"{name}: this architecture cannot be walked layer by layer ({e})"
+            ) from None
     else:
         from engine.families.hf_encoder.model import WalkError, find_parts
 
@@ -219,8 +223,8 @@ def _check_weights(folder: Path, meta: torch.nn.Module, name: str) -> None:
         want = tuple(params[pid].shape)
         if not found:
             raise ByoError(
-                f"the weights do not match config.json ({name}): tensor {names[0]} "
-                f"{list(want)} is missing from the safetensors files"
+                f"the weights do not match config.json ({name}): tensor {names[0]} (shape "
+                f"{list(want)}) is missing from the safetensors files"
             )
         if shapes[found[0]] != want:
             raise ByoError(
@@ -272,7 +276,9 @@ def add_checkpoint(
     cmd = command(path, name, csv, text, joint, overwrite)
     if ck.kind == "encoder":
         if text and not csv:
-            raise ByoError(f"{ck.architecture} is an encoder: give --csv FILE.csv (text,label), not --text")
+            raise ByoError(
+                f"{ck.architecture} is an encoder: give --csv FILE.csv (text,label), not --text"
+            )
         if not csv:
             raise ByoError(
                 f"{ck.architecture} is an encoder: give --csv FILE.csv with text,label rows to "
@@ -280,7 +286,9 @@ def add_checkpoint(
             )
         return add_encoder(ck, name, Path(csv), joint, overwrite, options, cmd, report)
     if csv:
-        raise ByoError(f"{ck.architecture} is a causal language model: give --text FILE.txt, not --csv")
+        raise ByoError(
+            f"{ck.architecture} is a causal language model: give --text FILE.txt, not --csv"
+        )
     if joint:
         raise ByoError("--joint fine-tunes an encoder's exits; a causal language model has none")
     return add_decoder(ck, name, Path(text) if text else None, overwrite, cmd, report)
@@ -298,8 +306,16 @@ def _known_labels(config) -> tuple[str, ...] | None:
     return tuple(names)
 
 
-def add_encoder(ck: Checkpoint, name: str, csv: Path, joint: bool, overwrite: bool,
-                options: Options, cmd: str, report=None) -> ModelCard:
+def add_encoder(
+    ck: Checkpoint,
+    name: str,
+    csv: Path,
+    joint: bool,
+    overwrite: bool,
+    options: Options,
+    cmd: str,
+    report=None,
+) -> ModelCard:
     from engine.families.hf_encoder import model as hfe
     from engine.families.hf_encoder import train
     from engine.trace_store import user_trace_file
@@ -336,13 +352,15 @@ def add_encoder(ck: Checkpoint, name: str, csv: Path, joint: bool, overwrite: bo
     y = data.labels
     if joint:
         epochs = max(1, options.epochs // 10)
-        losses = train.train_joint(model, x[rows_train], y[rows_train], epochs, options.lr,
-                                   options.seed, report)
+        losses = train.train_joint(
+            model, x[rows_train], y[rows_train], epochs, options.lr, options.seed, report
+        )
     else:
         epochs = options.epochs
         feats = train.features(model, x, report)
-        losses = train.train_heads(model, feats[rows_train], y[rows_train], epochs, options.lr,
-                                   options.seed, report)
+        losses = train.train_heads(
+            model, feats[rows_train], y[rows_train], epochs, options.lr, options.seed, report
+        )
     model.eval()
     trace = train.make_trace(name, model, x[rows_test], data, rows_test)
     train_trace = train.make_trace(name, model, x[rows_train], data, rows_train, "train")
@@ -401,26 +419,34 @@ def _read_text(path: Path) -> str:
         raise ByoError(f"{path}: no such text file")
     data = path.read_bytes()
     if len(data) > MAX_TEXT_BYTES:
-        raise ByoError(f"{path.name} is {len(data) / 1e6:.1f} MB; the logit lens reads at most 5 MB")
+        raise ByoError(
+            f"{path.name} is {len(data) / 1e6:.1f} MB; the logit lens reads at most 5 MB"
+        )
     if b"\x00" in data:
         raise ByoError(f"{path.name} is not a plain-text file (it contains binary data)")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ByoError(f"{path.name} is not UTF-8 text (undecodable byte at position {e.start})") from None
+        raise ByoError(
+            f"{path.name} is not UTF-8 text (undecodable byte at position {e.start})"
+        ) from None
     if not text.strip():
         raise ByoError(f"{path.name} is empty")
     return text
 
 
-def add_decoder(ck: Checkpoint, name: str, text: Path | None, overwrite: bool, cmd: str,
-                report=None) -> ModelCard:
+def add_decoder(
+    ck: Checkpoint, name: str, text: Path | None, overwrite: bool, cmd: str, report=None
+) -> ModelCard:
     from engine.families.hf_causal_lm import analysis
     from engine.families.hf_causal_lm import model as lm_model
 
     body = _read_text(text) if text is not None else None
     if report is not None:
         report("loading the model", 0.0)
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # one load of a few seconds; the page shows its own status
     try:
         lm = lm_model.load(ck.folder, ck.gguf)
     except lm_model.LoadError as e:
@@ -520,12 +546,19 @@ def user_models() -> list[UserModel]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="a model folder (config.json + *.safetensors [+ tokenizer]) or a .gguf file")
-    p.add_argument("--name", required=True, help="the model id in the app (lower-case, e.g. my_bert)")
+    p.add_argument(
+        "path", help="a model folder (config.json + *.safetensors [+ tokenizer]) or a .gguf file"
+    )
+    p.add_argument(
+        "--name", required=True, help="the model id in the app (lower-case, e.g. my_bert)"
+    )
     p.add_argument("--csv", help="encoder: labelled texts, a CSV with a header row text,label")
     p.add_argument("--text", help="causal LM: a UTF-8 text file the logit lens is measured on")
-    p.add_argument("--joint", action="store_true",
-                   help="encoder: fine-tune the backbone with the heads (slower; saves the backbone)")
+    p.add_argument(
+        "--joint",
+        action="store_true",
+        help="encoder: fine-tune the backbone with the heads (slower; saves the backbone)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace your model of the same name")
     d = Options()
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"head epochs (default {d.epochs})")

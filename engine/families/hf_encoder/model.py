@@ -70,8 +70,10 @@ def find_parts(base: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
         emb, layers = _get(base, emb_name), _get(base, layers_name)
         if isinstance(emb, nn.Module) and isinstance(layers, nn.ModuleList) and len(layers):
             return emb, layers
-    names = ", ".join(f"{e} + {l}" for e, l in LAYOUTS)
-    raise WalkError(f"{type(base).__name__} has no layer list this code can walk (looked for {names})")
+    names = ", ".join(f"{e} + {layers}" for e, layers in LAYOUTS)
+    raise WalkError(
+        f"{type(base).__name__} has no layer list this code can walk (looked for {names})"
+    )
 
 
 def load_backbone(path: str | Path) -> nn.Module:

@@ -65,7 +65,9 @@ def read_labelled(path: str | Path, known: tuple[str, ...] | None = None) -> Lab
     try:
         df = pl.read_csv(path, infer_schema=False)
     except (pl.exceptions.PolarsError, UnicodeDecodeError) as e:
-        raise DataError(f"{path.name} is not a readable CSV file ({str(e).splitlines()[0]})") from None
+        raise DataError(
+            f"{path.name} is not a readable CSV file ({str(e).splitlines()[0]})"
+        ) from None
     cols = {c.strip().lower(): c for c in df.columns}
     for need in ("text", "label"):
         if need not in cols:
@@ -95,7 +97,9 @@ def read_labelled(path: str | Path, known: tuple[str, ...] | None = None) -> Lab
     else:
         names = _label_order(labels)
     if len(set(labels)) < 2:
-        raise DataError(f"{path.name}: every row has the label {labels[0]!r}; exits need two classes")
+        raise DataError(
+            f"{path.name}: every row has the label {labels[0]!r}; exits need two classes"
+        )
     index = {n: i for i, n in enumerate(names)}
     return Labelled(
         texts, np.array([index[v] for v in labels], dtype=np.int64), tuple(names), str(path)
@@ -121,8 +125,9 @@ def _bar(total: int, desc: str, unit: str, report: Report | None):
 
 
 @torch.no_grad()
-def features(model: hfe.HFEncoderExits, x: torch.Tensor, report: Report | None = None,
-             batch: int = 64) -> np.ndarray:
+def features(
+    model: hfe.HFEncoderExits, x: torch.Tensor, report: Report | None = None, batch: int = 64
+) -> np.ndarray:
     """Every layer's pooled features of every text, [N, K, H] float32: one encoder pass."""
     out = np.zeros((len(x), model.num_exits, model.config.hidden_size), np.float32)
     bar, step = _bar(len(x), "features", "text", report)
@@ -140,8 +145,15 @@ def _reset_heads(model: hfe.HFEncoderExits, seed: int) -> None:
             m.reset_parameters()
 
 
-def train_heads(model, feats: np.ndarray, y: np.ndarray, epochs: int, lr: float, seed: int,
-                report: Report | None = None) -> list[float]:
+def train_heads(
+    model,
+    feats: np.ndarray,
+    y: np.ndarray,
+    epochs: int,
+    lr: float,
+    seed: int,
+    report: Report | None = None,
+) -> list[float]:
     """All heads on cached features (backbone frozen); the mean loss per epoch."""
     _reset_heads(model, seed)
     x, t = torch.from_numpy(feats), torch.from_numpy(y)
@@ -170,8 +182,16 @@ def train_heads(model, feats: np.ndarray, y: np.ndarray, epochs: int, lr: float,
     return losses
 
 
-def train_joint(model, x: torch.Tensor, y: np.ndarray, epochs: int, lr: float, seed: int,
-                report: Report | None = None, batch: int = 16) -> list[float]:
+def train_joint(
+    model,
+    x: torch.Tensor,
+    y: np.ndarray,
+    epochs: int,
+    lr: float,
+    seed: int,
+    report: Report | None = None,
+    batch: int = 16,
+) -> list[float]:
     """Backbone and heads fine-tuned together on the summed exit losses (slow: every step
     runs the whole encoder forward and backward)."""
     _reset_heads(model, seed)
@@ -207,8 +227,14 @@ def train_joint(model, x: torch.Tensor, y: np.ndarray, epochs: int, lr: float, s
     return losses
 
 
-def make_trace(model_id: str, model, x: torch.Tensor, data: Labelled, rows: np.ndarray,
-               split_name: str = "test") -> Trace:
+def make_trace(
+    model_id: str,
+    model,
+    x: torch.Tensor,
+    data: Labelled,
+    rows: np.ndarray,
+    split_name: str = "test",
+) -> Trace:
     """The trace of ``rows`` of the CSV: probabilities from ``run_exits`` (the runtime's
     reference), cumulative FLOPs of the padded input counted by torch."""
     probs, latency = run_exits(model, x)
