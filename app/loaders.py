@@ -205,6 +205,13 @@ def model_card(model_id: str) -> dict | None:
         return None
 
 
+def forget_model(model_id: str) -> None:
+    """After the user added or replaced a model: every page sees the new card, trace and
+    weights (the caches are keyed by model id, which an ``--overwrite`` keeps)."""
+    st.cache_data.clear()
+    load_model.clear(model_id)
+
+
 @st.cache_resource(show_spinner="Loading images…", max_entries=4)
 def load_images(dataset: str, split: str = "test"):
     """The image set (read-only arrays, shared between sessions)."""
