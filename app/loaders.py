@@ -396,7 +396,11 @@ def text_trace(model_id: str):
 
 @st.cache_data(show_spinner="Classifying…", max_entries=32)
 def classify_texts(model_id: str, items: tuple[str, ...]):
-    res = language.classify(load_model(model_id), list(items))
+    from engine.families.hf_encoder import analysis as user_encoder
+    from engine.registry import get_card
+
+    an = user_encoder if get_card(model_id).family == "hf_encoder" else language
+    res = an.classify(load_model(model_id), list(items))
     return res.probs, res.num_tokens
 
 

@@ -150,6 +150,30 @@ def test_tuning_page_lists_and_shows_the_user_model(encoder):
     assert len(at.get("plotly_chart")) >= 1
 
 
+def test_language_page_classifies_and_explains_with_the_user_encoder(encoder):
+    """The classifier tab's picker has the user's encoder: its classes, its exits, Captum."""
+    st.cache_data.clear()
+    at = AppTest.from_file(str(ROOT / "pages" / "language.py"), default_timeout=240).run()
+    assert not at.exception, at.exception
+    at.selectbox(key="lang.model").set_value("kw_bert").run()
+    assert not at.exception, at.exception
+    texts = ["the movie was wonderful", "terrible food", "a wonderful city"]
+    at.text_area(key="lang.text").input("\n".join(texts)).run()
+    table = at.dataframe[0].value
+    # what the engine says under the tab's default policy (entropy <= 0.5)
+    from engine.families.hf_encoder import analysis
+
+    probs = analysis.classify(load_model("kw_bert"), texts).probs
+    exits = exit_index(probs, Policy("entropy", threshold=0.5))
+    classes = encoder.raw["class_names"]
+    assert list(table["exit"]) == [f"layer {e + 1}" for e in exits]
+    assert list(table["prediction"]) == [classes[probs[i, e].argmax()] for i, e in enumerate(exits)]
+    at.button(key="lang.explain").click().run()
+    assert not at.exception, at.exception
+    html = " ".join(m.value for m in at.markdown)
+    assert "wonderful" in html and "layer 3 → positive" in html
+
+
 def test_joint_fine_tuning_saves_the_backbone(files, data_dir):
     rc, _, err = run_cli(
         "hf",
