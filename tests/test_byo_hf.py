@@ -150,6 +150,16 @@ def test_tuning_page_lists_and_shows_the_user_model(encoder):
     assert len(at.get("plotly_chart")) >= 1
 
 
+def test_inspector_shows_the_user_encoders_recorded_exits(encoder):
+    """Text inputs are explained on the language page; the inspector shows the trace."""
+    st.cache_data.clear()
+    at = AppTest.from_file(str(ROOT / "pages" / "inspector.py"), default_timeout=120)
+    at.query_params["model"] = "kw_bert"
+    at.run()
+    assert not at.exception, at.exception
+    assert any("takes reviews inputs, not images" in i.value for i in at.info)
+
+
 def test_language_page_classifies_and_explains_with_the_user_encoder(encoder):
     """The classifier tab's picker has the user's encoder: its classes, its exits, Captum."""
     st.cache_data.clear()
