@@ -122,7 +122,9 @@ def test_runtime_agrees_with_trace(encoder):
         out = runner.run(x, p, batch_size=16)  # small batches: compaction and padding at work
         want = exit_index(trace, p)
         assert np.array_equal(out.exit, want), p
-        assert np.array_equal(out.pred, trace.probs[np.arange(len(want)), want].argmax(-1))
+        at_exit = trace.probs[np.arange(len(want)), want]
+        assert np.array_equal(out.pred, at_exit.argmax(-1))
+        assert np.array_equal(out.probs, at_exit)  # bit for bit, not only the decisions
         spread |= set(want.tolist())
     assert len(spread) >= 2  # some texts leave early, some late: the check bites
 
