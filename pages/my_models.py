@@ -75,6 +75,7 @@ if submitted:
     elif not name:
         st.error("Give the model a name (lower-case letters, digits, '_', '-' or '.').")
     else:
+        problem = None
         with st.status(f"Adding {name}…", expanded=True) as status:
             bar = st.progress(0.0, text="checking the checkpoint")
             try:
@@ -88,17 +89,18 @@ if submitted:
                     report=lambda what, f: bar.progress(float(f), text=what),
                 )
             except (ByoError, RegistryError) as e:
-                status.update(label=f"{name} was not added", state="error")
-                st.error(f"{e}.")
+                problem = f"{e}."
             except Exception as e:  # noqa: BLE001 - the page shows one sentence, never a trace
-                status.update(label=f"{name} was not added", state="error")
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                st.error(f"Adding the model failed: {first}.")
-            else:
-                status.update(label=f"{name} added", state="complete")
-                loaders.forget_model(card.model_id)
-                st.session_state[DONE] = (
-                    f"Added {card.model_id}. Command line equivalent: "
-                    f"`{card.raw['training_command']}`"
-                )
-                st.rerun()
+                problem = f"Adding the model failed: {first}."
+            if problem is not None:
+                status.update(label=f"{name} was not added", state="error", expanded=False)
+        if problem is not None:
+            st.error(problem)  # outside the collapsed status box, so it is always in view
+        else:
+            status.update(label=f"{name} added", state="complete")
+            loaders.forget_model(card.model_id)
+            st.session_state[DONE] = (
+                f"Added {card.model_id}. Command line equivalent: `{card.raw['training_command']}`"
+            )
+            st.rerun()
