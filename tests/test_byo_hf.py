@@ -232,7 +232,13 @@ def test_decoder_logit_lens_in_the_card(decoder, files):
 
 
 def _snapshot(d: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+    """Every file of the user's models and traces."""
+    return {
+        str(p.relative_to(d)): p.read_bytes()
+        for sub in ("models", "traces")
+        for p in sorted((d / sub).rglob("*"))
+        if p.is_file()
+    }
 
 
 def _bad_folders(root: Path, files) -> dict[str, Path]:
@@ -341,21 +347,24 @@ def _argv(case, files, bad):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_one_sentence_and_nothing_lost(case, files, bad, decoder, data_dir):
-    before = _snapshot(data_dir / "models")
+    before = _snapshot(data_dir)
     rc, out, err = run_cli(*_argv(case, files, bad))
     assert rc == 2, (out, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert CASES[case][2] in lines[0], lines[0]
     assert "Traceback" not in err
-    assert _snapshot(data_dir / "models") == before
+    assert _snapshot(data_dir) == before
 
 
 def test_overwrite_replaces_only_when_asked(files, decoder, data_dir):
     first = decoder.path.read_text()
+    stale = user_trace_file("my_llama")  # as if my_llama had been an encoder before
+    stale.write_bytes(b"a trace of the model this one replaces")
     rc, _, err = run_cli("hf", files["llama"], "--name", "my_llama", "--overwrite")
     assert rc == 0, err
     assert get_card("my_llama").raw["metrics"] == {}  # no --text this time: replaced
+    assert not stale.exists() and ("my_llama", "test") not in available_traces()
     rc, _, err = run_cli(
         "hf", files["llama"], "--name", "my_llama", "--text", files["text"], "--overwrite"
     )

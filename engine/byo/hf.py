@@ -492,6 +492,11 @@ def add_decoder(
         "metrics": metrics,
     }
     card = save_user_model(raw, None, overwrite=overwrite)
+    # an encoder replaced by this decoder (--overwrite) leaves no trace or weights behind
+    from engine.trace_store import user_trace_file
+
+    for stale in (user_trace_file(name, "test"), card.weights_path):
+        stale.unlink(missing_ok=True)
     if report is not None:
         report("saved", 1.0)
     return card
