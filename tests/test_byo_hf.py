@@ -405,3 +405,23 @@ def test_help_explains_the_way_in():
     for word in ("--csv", "--text", "--joint", "--overwrite", "safetensors"):
         assert word in text
     assert hf.HELP in " ".join(p.format_help().split())
+
+
+@pytest.mark.slow
+def test_a_gguf_file_is_a_decoder(tmp_path, monkeypatch):
+    """The installed SmolLM2 GGUF, named by its file path, becomes a user LM card."""
+    from engine.families.hf_causal_lm import model as lm_model
+
+    try:
+        gguf = lm_model.packaged_file(lm_model.SMOLLM2_SOURCE, lm_model.SMOLLM2_GGUF)
+    except lm_model.LoadError as e:
+        pytest.skip(str(e))
+    monkeypatch.setenv("AIE_DATA_DIR", str(tmp_path / "data"))
+    text = tmp_path / "news.txt"
+    text.write_text("The government said on Tuesday that the new rail line would open next year.")
+    rc, _, err = run_cli("hf", gguf, "--name", "my_smollm2", "--text", text)
+    assert rc == 0, err
+    card = get_card("my_smollm2")
+    assert card.config == {"path": str(gguf.parent.resolve()), "gguf": gguf.name}
+    lens = card.raw["metrics"]["logit_lens"]
+    assert len(lens["agreement_per_layer"]) == 30 and lens["agreement_per_layer"][-1] == 1.0
