@@ -402,7 +402,15 @@ def test_help_explains_the_way_in():
     p = cli.parser()
     sub = next(a for a in p._actions if a.dest == "command")
     text = sub.choices["hf"].format_help()
-    for word in ("--csv", "--text", "--joint", "--overwrite", "safetensors"):
+    for word in (
+        "--csv",
+        "--text",
+        "--joint",
+        "--overwrite",
+        "safetensors",
+        "logit-lens",
+        "exit head",
+    ):
         assert word in text
     assert hf.HELP in " ".join(p.format_help().split())
 

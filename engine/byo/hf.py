@@ -550,7 +550,17 @@ def user_models() -> list[UserModel]:
 # --- command line ---------------------------------------------------------------------------
 
 
+DESCRIPTION = (
+    f"{HELP}. An encoder or sequence classifier (BERT-like) gets an exit head after every "
+    "layer, trained on --csv (backbone frozen unless --joint), a test trace for the tuning page "
+    "and the real early-exit runtime; a causal LM (Llama/Qwen layout, or a .gguf file) gets "
+    "per-layer logit-lens agreement, KL and perplexity on --text. Read offline only; pickled "
+    "weights (.bin, .pt, .pth, .ckpt, .pkl) are refused: convert them to safetensors."
+)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = DESCRIPTION
     p.add_argument(
         "path", help="a model folder (config.json + *.safetensors [+ tokenizer]) or a .gguf file"
     )
