@@ -269,8 +269,8 @@ def add_checkpoint(
     report=None,
 ) -> ModelCard:
     """Check, train or read, and save the user's checkpoint as a model card (the CLI's and the
-    page's one entry). ``report(what, fraction)`` is called as work progresses (the CLI shows
-    tqdm bars instead). Nothing is written before everything has worked."""
+    page's one entry). ``report(what, fraction)`` is called as work progresses (a page's bar;
+    tqdm shows the same on stderr). Nothing is written before everything has worked."""
     check_new_model_id(name, overwrite)
     ck = inspect_checkpoint(path)
     cmd = command(path, name, csv, text, joint, overwrite)
