@@ -38,6 +38,9 @@ def test_add_an_encoder_from_the_page_then_tune_it(browser, tmp_path):
         page.locator('[data-testid="stDataFrame"]').wait_for(timeout=60_000)
         assert page.get_by_text("not added a model yet").count() == 0
         page.goto(base + "/tuning?model=browser_bert", timeout=60_000)
+        # the picker shows the new model's title and the page its metrics (both render late)
+        page.get_by_text("BertForSequenceClassification with 3 exits").first.wait_for(
+            timeout=120_000
+        )
         page.locator('[data-testid="stMetric"]').first.wait_for(timeout=120_000)
-        assert "BertForSequenceClassification with 3 exits" in page.content()
         assert (tmp_path / "data" / "traces" / "browser_bert__test.parquet").exists()
