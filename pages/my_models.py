@@ -89,7 +89,10 @@ if submitted:
                     report=lambda what, f: bar.progress(float(f), text=what),
                 )
             except (ByoError, RegistryError) as e:
-                problem = f"{e}."
+                # the engine speaks in the command line's terms; the form's box is its --overwrite
+                problem = f"{e}.".replace(
+                    "pass --overwrite", "tick “Replace my model of the same name”"
+                )
             except Exception as e:  # noqa: BLE001 - the page shows one sentence, never a trace
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 problem = f"Adding the model failed: {first}."

@@ -89,7 +89,7 @@ def test_adds_a_causal_lm_and_lists_it(files, data_dir):
     # the same name again, without "replace": refused, the card as it was
     before = card.path.read_bytes()
     at = submit(files["llama"], "page_llama")
-    assert any("pass --overwrite" in e for e in errors(at)), errors(at)
+    assert any("tick “Replace my model of the same name”" in e for e in errors(at)), errors(at)
     assert card.path.read_bytes() == before
 
 
