@@ -91,6 +91,10 @@ def test_adds_a_causal_lm_and_lists_it(files, data_dir):
     at = submit(files["llama"], "page_llama")
     assert any("tick “Replace my model of the same name”" in e for e in errors(at)), errors(at)
     assert card.path.read_bytes() == before
+    # ticked: replaced (without a text file this time, so no lens metrics)
+    at = submit(files["llama"], "page_llama", overwrite=True)
+    assert not errors(at), errors(at)
+    assert get_card("page_llama").raw["metrics"] == {}
 
 
 def test_adds_an_encoder_with_trained_exits(files, data_dir):
