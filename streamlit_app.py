@@ -17,6 +17,7 @@ PAGES = [
     ("pages/routing.py", "Mixture of experts", ":material/hub:"),
     ("pages/language.py", "Early-exit language model", ":material/text_fields:"),
     ("pages/compare.py", "Compare methods", ":material/compare_arrows:"),
+    ("pages/my_models.py", "Your models", ":material/upload_file:"),
 ]
 
 # a file shipped in assets/: a ":material/..." page icon makes the browser fetch it from a font host

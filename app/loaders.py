@@ -208,6 +208,13 @@ def model_card(model_id: str) -> dict | None:
         return None
 
 
+def forget_model(model_id: str) -> None:
+    """After the user added or replaced a model: every page sees the new card, trace and
+    weights (the caches are keyed by model id, which an ``--overwrite`` keeps)."""
+    st.cache_data.clear()
+    load_model.clear(model_id)
+
+
 @st.cache_resource(show_spinner="Loading images…", max_entries=4)
 def load_images(dataset: str, split: str = "test"):
     """The image set (read-only arrays, shared between sessions)."""
@@ -437,7 +444,11 @@ def text_trace(model_id: str):
 
 @st.cache_data(show_spinner="Classifying…", max_entries=32)
 def classify_texts(model_id: str, items: tuple[str, ...]):
-    res = language.classify(load_model(model_id), list(items))
+    from engine.families.hf_encoder import analysis as user_encoder
+    from engine.registry import get_card
+
+    an = user_encoder if get_card(model_id).family == "hf_encoder" else language
+    res = an.classify(load_model(model_id), list(items))
     return res.probs, res.num_tokens
 
 

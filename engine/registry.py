@@ -120,6 +120,25 @@ def _atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
+def check_new_model_id(model_id: str, overwrite: bool = False) -> Path:
+    """Where a new user model's card would go; raises what ``save_user_model`` would refuse
+    (an unsafe or bundled id, an existing model without ``overwrite``), so a caller can refuse
+    before minutes of training."""
+    if not MODEL_ID.fullmatch(model_id):
+        raise RegistryError(
+            f"model id {model_id!r}: use 1-64 lower-case letters, digits, '_', '-' or '.'"
+        )
+    if (MODELS_DIR / f"{model_id}.json").exists():
+        raise RegistryError(f"{model_id!r} is a bundled model; choose another name")
+    card_path = user_models_dir() / f"{model_id}.json"
+    if card_path.exists() and not overwrite:
+        raise RegistryError(
+            f"a user model {model_id!r} exists already ({card_path}); pass --overwrite to "
+            "replace it"
+        )
+    return card_path
+
+
 def save_user_model(
     raw: dict, tensors: dict[str, torch.Tensor] | None = None, overwrite: bool = False
 ) -> ModelCard:
@@ -131,19 +150,7 @@ def save_user_model(
     from safetensors.torch import save_file
 
     model_id = str(raw.get("model_id", ""))
-    if not MODEL_ID.fullmatch(model_id):
-        raise RegistryError(
-            f"model id {model_id!r}: use 1-64 lower-case letters, digits, '_', '-' or '.'"
-        )
-    if (MODELS_DIR / f"{model_id}.json").exists():
-        raise RegistryError(f"{model_id!r} is a bundled model; choose another name")
-    d = user_models_dir()
-    card_path = d / f"{model_id}.json"
-    if card_path.exists() and not overwrite:
-        raise RegistryError(
-            f"a user model {model_id!r} exists already ({card_path}); pass --overwrite to "
-            "replace it"
-        )
+    card_path = check_new_model_id(model_id, overwrite)
     raw = {**raw, "user": True}
     if tensors is not None:
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}

