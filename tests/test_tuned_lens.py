@@ -64,6 +64,27 @@ def test_an_untrained_tuned_lens_is_the_logit_lens_exactly(lm):  # noqa: F811
     assert torch.equal(lens.translate(h, lm.n_layer - 1), h)  # the last layer: no translator
 
 
+def test_the_training_loss_is_kl_from_the_final_layer_to_each_lens(tiny_dir):  # noqa: F811
+    """The loss (lr 0: no step) is sum over layers of KL(final || lens_l), as the comparison
+    measures it, and not the reverse KL. The random model's distributions are near uniform,
+    where the two KLs agree; a 40x head and a random bias make them peaked and apart (~7 %)."""
+    lm = M.load(tiny_dir)  # noqa: F811
+    with torch.no_grad():
+        lm.hf.lm_head.weight.mul_(40)
+    seqs = texts(6, seed=5)
+    states, final_mass, lens_mass = T.cache_states(lm, seqs)
+    vocab = T.training_vocab(final_mass, lens_mass, VOCAB)  # the whole tiny vocabulary
+    lens = _lens(lm)
+    with torch.no_grad():
+        lens.bias.copy_(torch.randn(lens.bias.shape, generator=torch.Generator().manual_seed(1)))
+    loss = T.fit(lm, lens, states, vocab, epochs=1, batch=10_000, lr=0.0, seed=0)[0]
+    lens.eval().requires_grad_(False)
+    per_text = [A.logit_lens(lm, s, lens) for s in seqs]
+    n = sum(len(s) for s in seqs)
+    want = sum(float(r.kl[:-1].sum()) * len(s) for r, s in zip(per_text, seqs, strict=True)) / n
+    assert loss == pytest.approx(want, rel=1e-2)  # states are cached in float16
+
+
 def test_training_lowers_held_out_kl_below_the_logit_lens(lm, trained):  # noqa: F811
     lens, losses = trained
     assert losses[-1] < losses[0]
@@ -111,13 +132,19 @@ def test_exit_rule_reads_confidence_through_the_lens(lm, trained):  # noqa: F811
     assert [g.exit_layer for g in default] == [g.exit_layer for g in explicit]
     assert [g.confidence for g in default] == [g.confidence for g in explicit]
     assert [g.exit_layer for g in tuned] != [g.exit_layer for g in default]
+    # the second token (same context for both: the first comes from the full-depth prefill)
+    # exits where its confidence through the tuned lens says
+    assert [g.exit_layer[1] for g in tuned] != [g.exit_layer[1] for g in default]
     # the untrained lens exits exactly where the logit lens does
     same = [A.generate(lm, p, 8, A.ExitRule("max_prob", 0.006, lens=_lens(lm))) for p in ps]
     assert [g.tokens for g in same] == [g.tokens for g in default]
     assert [g.exit_layer for g in same] == [g.exit_layer for g in default]
     h = torch.randn(lm.hidden_size)
-    c = A.confidence(lm, h, h, "max_prob", lens, 0)
-    assert c == pytest.approx(float(torch.softmax(lens.logits(lm, h, 0), -1).max()))
+    want = float(torch.softmax(lens.logits(lm, h, 0), -1).max())
+    assert A.confidence(lm, h, h, "max_prob", lens, 0) == pytest.approx(want)
+    _, tuned_c = A.ExitRule("max_prob", 0.006, lens=lens).stop(lm)(0, h, h)
+    _, logit_c = A.ExitRule("max_prob", 0.006).stop(lm)(0, h, h)
+    assert tuned_c == pytest.approx(want) and tuned_c != logit_c
 
 
 def test_the_lens_card_is_not_a_model_the_registry_lists():
