@@ -139,7 +139,7 @@ def comparisons(lm: CausalLM, lens: TL.TunedLens, max_tokens: int, max_len: int)
     import polars as pl
 
     full, part = [], []
-    for ds in TL.DATASETS:
+    for ds in tqdm(TL.DATASETS, desc="lens comparison", unit="data set"):
         texts = TL.held_out(ds)
         full.append(TL.compare(lm, lens, texts, ds, max_len, max_tokens))
         k, m = SLICE[ds]
