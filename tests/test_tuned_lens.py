@@ -142,6 +142,8 @@ def test_exit_rule_reads_confidence_through_the_lens(lm, trained):  # noqa: F811
     h = torch.randn(lm.hidden_size)
     want = float(torch.softmax(lens.logits(lm, h, 0), -1).max())
     assert A.confidence(lm, h, h, "max_prob", lens, 0) == pytest.approx(want)
+    with pytest.raises(ValueError, match="pass its layer"):
+        A.confidence(lm, h, h, "max_prob", lens)
     _, tuned_c = A.ExitRule("max_prob", 0.006, lens=lens).stop(lm)(0, h, h)
     _, logit_c = A.ExitRule("max_prob", 0.006).stop(lm)(0, h, h)
     assert tuned_c == pytest.approx(want) and tuned_c != logit_c

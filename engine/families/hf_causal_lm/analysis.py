@@ -36,13 +36,15 @@ def confidence(
     h_prev: torch.Tensor,
     measure: str,
     lens=None,
-    layer: int = -1,
+    layer: int | None = None,
 ) -> float:
     """How sure the state h [D] after ``layer`` is of its next token: softmax max-prob or top-2
     margin of its distribution through ``lens`` (default: the logit lens), or saturation
     (cosine of h and the state before the layer; no lens)."""
     if measure == "saturation":
         return float(F.cosine_similarity(h, h_prev, dim=-1))
+    if lens is not None and layer is None:
+        raise ValueError("a tuned lens reads one layer's state: pass its layer")
     p = torch.softmax(read_out(lm, h, layer, lens), dim=-1)
     if measure == "max_prob":
         return float(p.max())
