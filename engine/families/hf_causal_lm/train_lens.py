@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--vocab", type=int, default=4096, help="tokens the training KL is over")
-    p.add_argument("--eval-tokens", type=int, default=512, help="per held-out data set")
+    p.add_argument("--eval-tokens", type=int, default=1536, help="per held-out data set")
     p.add_argument("--eval-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
