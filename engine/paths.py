@@ -14,6 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
 MODELS_DIR = ASSETS / "models"  # <model_id>.safetensors + <model_id>.json (the card)
+# read-outs trained for a model (tuned lenses), cards alike; not models, so not in the registry
+LENSES_DIR = MODELS_DIR / "lenses"
 TRACES_DIR = ASSETS / "traces"  # <model_id>__<split>.parquet: multi-exit traces
 RECORDS_DIR = TRACES_DIR / "records"  # per-family records and results, Parquet
 GALLERY_DIR = ASSETS / "gallery"  # a few test images per data set, for installs without data

@@ -24,12 +24,28 @@ MEASURES = ("max_prob", "margin", "saturation")
 # --- confidence measures (CALM) ---------------------------------------------------------------
 
 
-def confidence(lm: CausalLM, h: torch.Tensor, h_prev: torch.Tensor, measure: str) -> float:
-    """How sure the state h [D] is of its next token: softmax max-prob or top-2 margin of its
-    logit-lens distribution, or saturation (cosine of h and the state before the layer)."""
+def read_out(lm: CausalLM, h: torch.Tensor, layer: int, lens=None) -> torch.Tensor:
+    """Layer ``layer``'s state h [..., D] -> logits [..., V]: the logit lens, or ``lens`` (any
+    object with ``.logits(lm, h, layer)``, e.g. ``tuned_lens.TunedLens``)."""
+    return lm.logits(h) if lens is None else lens.logits(lm, h, layer)
+
+
+def confidence(
+    lm: CausalLM,
+    h: torch.Tensor,
+    h_prev: torch.Tensor,
+    measure: str,
+    lens=None,
+    layer: int | None = None,
+) -> float:
+    """How sure the state h [D] after ``layer`` is of its next token: softmax max-prob or top-2
+    margin of its distribution through ``lens`` (default: the logit lens), or saturation
+    (cosine of h and the state before the layer; no lens)."""
     if measure == "saturation":
         return float(F.cosine_similarity(h, h_prev, dim=-1))
-    p = torch.softmax(lm.logits(h), dim=-1)
+    if lens is not None and layer is None:
+        raise ValueError("a tuned lens reads one layer's state: pass its layer")
+    p = torch.softmax(read_out(lm, h, layer, lens), dim=-1)
     if measure == "max_prob":
         return float(p.max())
     if measure == "margin":
@@ -41,11 +57,13 @@ def confidence(lm: CausalLM, h: torch.Tensor, h_prev: torch.Tensor, measure: str
 @dataclass(frozen=True)
 class ExitRule:
     """Stop a token after the first layer >= ``min_layer`` whose confidence >= threshold; a
-    threshold above 1 never fires (every measure is at most 1): full depth."""
+    threshold above 1 never fires (every measure is at most 1): full depth. ``lens``: read the
+    confidence (and the exiting token) through it instead of the logit lens."""
 
     measure: str = "max_prob"
     threshold: float = 0.9
     min_layer: int = 0
+    lens: object | None = None
 
     def __post_init__(self):
         if self.measure not in MEASURES:
@@ -55,7 +73,7 @@ class ExitRule:
         def decide(j: int, h: torch.Tensor, h_prev: torch.Tensor):
             if j < self.min_layer:
                 return False, math.nan
-            c = confidence(lm, h, h_prev, self.measure)
+            c = confidence(lm, h, h_prev, self.measure, self.lens, j)
             return c >= self.threshold, c
 
         return decide
@@ -85,8 +103,9 @@ class Lens:
 
 
 @torch.no_grad()
-def logit_lens(lm: CausalLM, ids: Sequence[int]) -> Lens:
-    """Run the text once at full depth and read every layer (one layer's logits at a time)."""
+def logit_lens(lm: CausalLM, ids: Sequence[int], lens=None) -> Lens:
+    """Run the text once at full depth and read every layer (one layer's logits at a time),
+    through the logit lens or ``lens`` (a tuned lens)."""
     ids_t = torch.as_tensor(list(ids), dtype=torch.long)
     if ids_t.numel() < 2:
         raise ValueError("the logit lens needs a text of at least two tokens")
@@ -94,8 +113,8 @@ def logit_lens(lm: CausalLM, ids: Sequence[int]) -> Lens:
     final = torch.log_softmax(w.logits, -1)
     ref = final.argmax(-1)
     agree, kl, nll, top1, pmax = [], [], [], [], []
-    for h in w.states:
-        logp = torch.log_softmax(lm.logits(h), -1)
+    for j, h in enumerate(w.states):
+        logp = torch.log_softmax(read_out(lm, h, j, lens), -1)
         t1 = logp.argmax(-1)
         agree.append(float((t1 == ref).float().mean()))
         kl.append(float((final.exp() * (final - logp)).sum(-1).mean()))
@@ -248,7 +267,10 @@ def generate(
     cache = LayerCache(n)
     w = walk(lm, cache, ids, skip=skip)
     while True:
-        p = torch.softmax(w.logits[-1], -1)
+        logits = w.logits[-1]
+        if rule is not None and rule.lens is not None and w.exit_layer < n - 1:
+            logits = rule.lens.logits(lm, w.hidden[-1], w.exit_layer)  # the lens that exited
+        p = torch.softmax(logits, -1)
         tok = int(p.argmax())
         out.tokens.append(tok)
         out.exit_layer.append(w.exit_layer)
