@@ -4,7 +4,6 @@ no layer above their exit, skipped layers never run, and padding never leaks."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 
@@ -134,21 +133,30 @@ def test_rows_that_end_early_leave_the_batch_and_the_rest_go_on(lm, batch, monke
     assert_rows_equal_alone(lm, batch, bg, rule, (), stop_at_eos=True)
 
 
-def test_a_rule_with_its_own_lens_is_asked_row_by_row(lm, batch):
-    """A rule whose confidence the batch cannot vectorise (here: its own reading, saturation
-    under a max-prob name) decides through ``rule.stop``, row by row, as batch 1 does."""
+def test_a_rule_read_through_a_tuned_lens_decides_and_emits_as_batch_1_does(lm, batch):
+    """A tuned-lens rule cannot be vectorised by the batch's own head call: it is asked row by
+    row, and an exiting row's token comes from the lens that exited, as in batch 1."""
+    from engine.families.hf_causal_lm import tuned_lens as TL
 
-    @dataclasses.dataclass(frozen=True)
-    class LensRule(A.ExitRule):
-        lens: str = "own"
-
-        def stop(self, lm):
-            return A.ExitRule("saturation", self.threshold, self.min_layer).stop(lm)
-
-    rule = LensRule("max_prob", between_values(lm, batch, "saturation"))
+    torch.manual_seed(3)
+    lens = TL.TunedLens(TL.TunedLensConfig(lm.n_layer, lm.hidden_size, 4, "tiny"))
+    with torch.no_grad():
+        for p in lens.parameters():
+            p.normal_(0, 0.3)
+    probe = A.ExitRule("max_prob", 2.0, lens=lens)
+    seen = []
+    for p in batch:
+        cache = M.LayerCache(N_LAYER)
+        w = M.walk(lm, cache, p)
+        for _ in range(NEW):
+            w = M.walk(lm, cache, [int(w.logits[-1].argmax())], stop=probe.stop(lm))
+            seen += [c for c in w.confidence if not math.isnan(c)]
+    v = np.unique(np.round(seen, 6))
+    rule = A.ExitRule("max_prob", float((v[len(v) // 2] + v[len(v) // 2 + 1]) / 2), lens=lens)
     bg = B.generate_batch(lm, batch, NEW, rule, stop_at_eos=False)
     assert_rows_equal_alone(lm, batch, bg, rule, ())
-    assert len({e for g in bg.generations for e in g.exit_layer}) > 1
+    exits = [e for g in bg.generations for e in g.exit_layer]
+    assert len(set(exits)) > 1
 
 
 # --- what runs -------------------------------------------------------------------------------

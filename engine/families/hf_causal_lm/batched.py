@@ -170,7 +170,10 @@ def walk_batch(
         for i in torch.nonzero(hit).flatten().tolist():
             r = int(active[i])
             exit_layer[r], conf[r] = j, float(s[i])
-            logits[r] = None if lg is None else lg[i]
+            if lg is not None:
+                logits[r] = lg[i]
+            elif getattr(rule, "lens", None) is not None:  # the token from the lens that exited
+                logits[r] = rule.lens.logits(lm, now[i, -1], j)
         active = active[~hit]
         if active.numel() == 0:
             break
