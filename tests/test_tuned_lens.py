@@ -151,7 +151,7 @@ def test_exit_rule_reads_confidence_through_the_lens(lm, trained):  # noqa: F811
 
 def test_the_lens_card_is_not_a_model_the_registry_lists():
     assert TL.card_id("smollm2_135m") not in {c.model_id for c in list_cards()}
-    with pytest.raises(RegistryError, match="no bundled model"):
+    with pytest.raises(RegistryError, match="no model"):
         TL.lens_card("no_such_model")
 
 
