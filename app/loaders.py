@@ -408,9 +408,9 @@ LM_CARD_ENV = "AIE_LM_CARD"  # a model id in assets/models, or the path of a car
 DEFAULT_LM = "smollm2_135m"
 
 
-def lm_ref() -> str:
+def lm_ref(default: str = DEFAULT_LM) -> str:
     """Which causal LM the language page and its tour chapter run (tests point it at a tiny one)."""
-    return os.environ.get(LM_CARD_ENV, DEFAULT_LM)
+    return os.environ.get(LM_CARD_ENV) or default
 
 
 def lm_card(ref: str):
