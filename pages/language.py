@@ -119,13 +119,22 @@ def slm_setting(n_layer: int) -> live.Setting:
             key=f"slm.t.{measure}",
             help="a token stops after the first layer whose confidence reaches this",
         )
-        fill = c.radio(
+        lo = c.slider(
+            "Earliest exit: after layer",
+            1,
+            n_layer - 1,
+            max(1, 2 * n_layer // 3 + 1),
+            key="slm.minlayer",
+            help="read through the final head, the first layers are often sure of a wrong "
+            "token (the logit lens): no token may stop before this layer",
+        )
+        fill = a.radio(
             "K/V of the layers above an exit",
             ("propagate", "lazy"),
             format_func=FILL_LABELS.get,
             key="slm.fill",
         )
-        return live.Setting("exit", measure, float(t), fill, max_new_tokens=int(n_new))
+        return live.Setting("exit", measure, float(t), int(lo) - 1, fill, max_new_tokens=int(n_new))
     if mode == "skip":
         pattern = a.selectbox(
             "Skip pattern", live.SKIP_PATTERNS, format_func=PATTERN_LABELS.get, key="slm.pattern"

@@ -29,6 +29,7 @@ class Setting:
     mode: Mode = "exit"
     measure: str = "max_prob"
     threshold: float = 0.9
+    min_layer: int = 0  # no exit before this layer (0-based)
     fill: Fill = "propagate"
     skip: tuple[int, ...] = ()
     draft_len: int = 4
@@ -139,7 +140,8 @@ def run(lm: CausalLM, prompt: Sequence[int], s: Setting) -> LiveResult:
         extra = dict(drafted=sp.drafted, accepted=sp.accepted, rounds=sp.rounds)
     else:
         if s.mode == "exit":
-            g = A.generate(lm, prompt, n_new, rule=A.ExitRule(s.measure, s.threshold), fill=s.fill)
+            rule = A.ExitRule(s.measure, s.threshold, s.min_layer)
+            g = A.generate(lm, prompt, n_new, rule=rule, fill=s.fill)
         else:
             g = A.generate(lm, prompt, n_new, skip=s.skip)
         tokens, seconds = g.tokens, g.seconds
