@@ -69,8 +69,9 @@ FILL_LABELS = {"propagate": "propagate the exit state (CALM)", "lazy": "recomput
 navigation.require_router()  # first: a deep link may have run this page alone
 st.title("Language models that exit early")
 st.caption(
-    "A pretrained encoder that stops at the first confident layer, and a small language model "
-    "that decides, character by character, how many layers each token needs."
+    "A real pretrained decoder (SmolLM2-135M) read at every layer, a pretrained encoder that "
+    "stops at the first confident layer, and a small language model that decides, character "
+    "by character, how many layers each token needs."
 )
 
 
