@@ -467,10 +467,20 @@ def lm_run(ref: str, prompt: tuple[int, ...], key: str, _setting):
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
+def lm_message_positions(ref: str, prompt: tuple[int, ...]) -> range:
+    from engine.families.hf_causal_lm import live
+
+    return live.message_positions(causal_lm(ref), prompt)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
 def lm_attribution(ref: str, context: tuple[int, ...], token: int, layer: int, positions: tuple):
+    """Captum on the user's message tokens (``positions``), from a neutral baseline token."""
+    from engine.families.hf_causal_lm import live
     from engine.families.hf_causal_lm.attribution import attribute
 
-    return attribute(causal_lm(ref), context, token, layer, positions)
+    lm = causal_lm(ref)
+    return attribute(lm, context, token, layer, positions, live.neutral_id(lm), n_steps=32)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)

@@ -232,8 +232,9 @@ def slm_heatmap(res: live.LiveResult, key: str) -> None:
 def slm_attribution(ref: str, res: live.LiveResult, key: str) -> None:
     st.subheader("Which prompt tokens drove a token?")
     st.markdown(
-        "Layer Integrated Gradients (Captum) on the token embeddings, for the chosen token's "
-        "logit read after its exit layer (logit lens) and after the last layer."
+        "Layer Integrated Gradients (Captum) on the embeddings of your message's tokens, for "
+        "the chosen token's logit read after its exit layer (logit lens) and after the last "
+        "layer."
     )
     n = res.n_layer
     i = st.selectbox(
@@ -252,9 +253,9 @@ def slm_attribution(ref: str, res: live.LiveResult, key: str) -> None:
     context = tuple(res.prompt + res.tokens[:i])
     akey = (key, i, layer)
     store = st.session_state.setdefault(SLM_ATTR, {})
+    positions = tuple(loaders.lm_message_positions(ref, tuple(res.prompt)))
     if st.button("Explain with Captum", key="slm.explain"):
         with st.spinner("Integrating gradients…"):
-            positions = tuple(range(len(res.prompt)))
             store[akey] = [
                 loaders.lm_attribution(ref, context, res.tokens[i], e, positions)
                 for e in (layer, n - 1)
@@ -264,7 +265,7 @@ def slm_attribution(ref: str, res: live.LiveResult, key: str) -> None:
     low, last = store[akey]
     st.markdown(
         flm.attribution_rows_html(
-            res.prompt_pieces,
+            [res.prompt_pieces[p] for p in positions],
             [
                 (f"read after layer {low.layer + 1}", low.scores),
                 (f"read after the last layer ({n})", last.scores),
@@ -275,7 +276,9 @@ def slm_attribution(ref: str, res: live.LiveResult, key: str) -> None:
     st.caption(
         f"Logit minus baseline: {low.logit - low.baseline_logit:+.3f} after layer "
         f"{low.layer + 1}, {last.logit - last.baseline_logit:+.3f} after the last; convergence "
-        f"deltas {low.delta:.1e} and {last.delta:.1e}. Blue pushes toward the token, orange "
+        f"deltas {low.delta:.1e} and {last.delta:.1e} (the sum of a row misses its logit "
+        "change by this much: integrated over 32 steps from a space token in place of each "
+        "message token, so the rows are approximate). Blue pushes toward the token, orange "
         "against; one colour scale for both rows."
     )
 

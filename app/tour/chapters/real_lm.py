@@ -69,10 +69,13 @@ def real_lm(ctx: Ctx, card: ModelCard) -> None:
             0.05,
             key="tour.w.slm_t",
         )
-    exits = live.lens_exits(ans.max_prob, t)
+    exits = live.lens_exits(ans.max_prob, t, min_layer=n_layer // 2)
     same = ans.agrees[exits, np.arange(len(exits))]
     with left:
         st.markdown(
+            f"The first layers are sure of the wrong token (read through the last layer's "
+            f"head they mostly echo their input), so here a token may stop from layer "
+            f"{n_layer // 2 + 1} on. "
             f"At **{t:.2f}**, its answer's tokens would stop after **{exits.mean() + 1:.1f}** "
             f"of {n_layer} layers on average ({pct((exits + 1).mean() / n_layer)} of the "
             f"work), and **{int(same.sum())} of {len(same)}** would still be the token the "

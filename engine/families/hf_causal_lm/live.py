@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 
 from engine.families.hf_causal_lm import analysis as A
-from engine.families.hf_causal_lm.model import CausalLM, Fill, decode
+from engine.families.hf_causal_lm.model import CausalLM, Fill, chat_ids, decode, encode
 
 Mode = Literal["exit", "skip", "speculate"]
 MODES: tuple[Mode, ...] = ("exit", "skip", "speculate")
@@ -113,8 +113,29 @@ class LiveResult:
 
 
 def token_pieces(lm: CausalLM, tokens: Sequence[int]) -> list[str]:
-    """Each token's own text (a multi-byte character split over tokens shows as �)."""
-    return [decode(lm, [t]) for t in tokens]
+    """Each token's own text, special tokens (the chat template's) included; a multi-byte
+    character split over tokens shows as �."""
+    if lm.tokenizer is None:
+        return [decode(lm, [t]) for t in tokens]
+    return [lm.tokenizer.decode([int(t)], skip_special_tokens=False) for t in tokens]
+
+
+def message_positions(lm: CausalLM, ids: Sequence[int]) -> range:
+    """Where the user's message sits in its chat-template prompt ``ids``: what is left after
+    the template's own prefix and suffix (those of an empty message)."""
+    empty = chat_ids(lm, "")
+    ids = list(ids)
+    pre = next((i for i, (a, b) in enumerate(zip(ids, empty, strict=False)) if a != b), 0)
+    rev = zip(reversed(ids), reversed(empty), strict=False)
+    suf = next((i for i, (a, b) in enumerate(rev) if a != b), 0)
+    return range(pre, max(pre, len(ids) - suf))
+
+
+def neutral_id(lm: CausalLM) -> int:
+    """The attribution baseline: a space token (an end-of-text token as baseline made the
+    integral so uneven that 64 steps left a convergence delta larger than the logit change)."""
+    ids = encode(lm, " ") if lm.tokenizer is not None else []
+    return int(ids[0]) if len(ids) == 1 else 0
 
 
 def read_layers(lm: CausalLM, prompt: list[int], tokens: Sequence[int]):
@@ -170,10 +191,12 @@ def run(lm: CausalLM, prompt: Sequence[int], s: Setting) -> LiveResult:
     )
 
 
-def lens_exits(max_prob: np.ndarray, threshold: float) -> np.ndarray:
-    """[n] per token, the first layer whose logit-lens max-prob reaches ``threshold`` (the last
-    layer if none does): where a max-prob exit rule would stop it, teacher-forced."""
+def lens_exits(max_prob: np.ndarray, threshold: float, min_layer: int = 0) -> np.ndarray:
+    """[n] per token, the first layer >= ``min_layer`` whose logit-lens max-prob reaches
+    ``threshold`` (the last layer if none does): where a max-prob exit rule would stop it,
+    teacher-forced."""
     hit = np.asarray(max_prob) >= threshold
+    hit[:min_layer] = False
     hit[-1] = True
     return hit.argmax(0)
 
