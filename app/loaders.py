@@ -453,9 +453,9 @@ def lm_depth(ref: str) -> int:
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def lm_chat_ids(ref: str, text: str) -> list[int]:
-    from engine.families.hf_causal_lm.model import chat_ids
+    from engine.families.hf_causal_lm import live
 
-    return chat_ids(causal_lm(ref), text)
+    return live.chat_ids(causal_lm(ref), text)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

@@ -33,7 +33,6 @@ from engine.core.family import FamilyError
 from engine.core.policies import POLICY_LABELS, Policy, exit_index, oracle_correct
 from engine.families.hf_causal_lm import live
 from engine.families.hf_causal_lm.analysis import MEASURES
-from engine.families.hf_causal_lm.model import LoadError
 from engine.families.multi_exit_bert import analysis as language
 from engine.registry import RegistryError, list_cards
 
@@ -315,7 +314,7 @@ def pretrained_lm_tab():
     try:
         card = loaders.lm_card(ref)
         n_layer = loaders.lm_depth(ref)
-    except (RegistryError, FamilyError, LoadError, OSError) as e:
+    except (RegistryError, FamilyError, live.LoadError, OSError) as e:
         st.error(f"The pretrained language model is not available: {e}")
         return
     st.markdown(
@@ -346,7 +345,7 @@ def pretrained_lm_tab():
             st.caption("The settings changed since this generation: press Generate to rerun.")
         try:
             slm_model(ref, card.title.split(" (")[0])
-        except (RegistryError, FamilyError, LoadError, OSError) as e:
+        except (RegistryError, FamilyError, live.LoadError, OSError) as e:
             st.error(f"The pretrained language model could not be loaded: {e}")
             return
         try:
@@ -354,7 +353,7 @@ def pretrained_lm_tab():
             live.check_prompt(req[0], ids)
             with st.spinner("Generating…"):
                 res = loaders.lm_run(ref, tuple(ids), repr(req[1]), req[1])
-        except (ValueError, LoadError) as e:
+        except (ValueError, live.LoadError) as e:
             st.error(f"Cannot generate: {e}.")
             return
         key = hashlib.sha256(repr((ref, req)).encode()).hexdigest()[:12]

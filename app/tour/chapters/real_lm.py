@@ -15,7 +15,6 @@ from app.tour import data
 from app.tour.common import Chapter, Ctx, deeper, pct, show_figure, text_and_figure
 from engine.core.family import FamilyError
 from engine.families.hf_causal_lm import live
-from engine.families.hf_causal_lm.model import LoadError
 from engine.registry import ModelCard, RegistryError
 
 PROMPT = "What is the capital of France?"
@@ -55,7 +54,7 @@ def real_lm(ctx: Ctx, card: ModelCard) -> None:
     try:
         with right, st.spinner(f"Loading {name} and reading every layer…"):
             ans = loaders.lm_answer_lens(ref, PROMPT, N_TOKENS)
-    except (LoadError, RegistryError, FamilyError, OSError) as e:
+    except (live.LoadError, RegistryError, FamilyError, OSError) as e:
         with right:
             st.warning(f"The model cannot run here: {e}")
         return

@@ -12,7 +12,16 @@ from typing import Literal
 import numpy as np
 
 from engine.families.hf_causal_lm import analysis as A
-from engine.families.hf_causal_lm.model import CausalLM, Fill, chat_ids, decode, encode
+from engine.families.hf_causal_lm.model import (
+    CausalLM,
+    Fill,
+    LoadError,
+    chat_ids,
+    decode,
+    encode,
+)
+
+__all__ = ["LoadError", "chat_ids"]  # for the app, which does not import model modules
 
 Mode = Literal["exit", "skip", "speculate"]
 MODES: tuple[Mode, ...] = ("exit", "skip", "speculate")
