@@ -10,7 +10,9 @@ cache the answers.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import streamlit as st
@@ -457,6 +459,96 @@ def generate_pair(model_id, prompt, n, measure, mode, threshold):
     from engine.families.early_exit_lm import analysis as lm
 
     return lm.generate_pair(load_model(model_id), prompt, n, measure, mode, threshold)
+
+
+# --- the pretrained language model (SmolLM2-135M, or the card AIE_LM_CARD names) ------------
+
+LM_CARD_ENV = "AIE_LM_CARD"  # a model id in assets/models, or the path of a card file
+DEFAULT_LM = "smollm2_135m"
+
+
+def lm_ref(default: str = DEFAULT_LM) -> str:
+    """Which causal LM the language page and its tour chapter run (tests point it at a tiny one)."""
+    return os.environ.get(LM_CARD_ENV) or default
+
+
+def lm_card(ref: str):
+    """The card behind ``ref`` (RegistryError when there is none)."""
+    from engine.registry import get_card
+
+    if ref.endswith(".json"):
+        p = Path(ref)
+        return get_card(p.stem, p.parent)
+    return get_card(ref)
+
+
+@st.cache_resource(show_spinner=False)
+def _lm_loaded() -> set:
+    """The refs whose model this process holds: a page can say "loading, ~25 s" only when due."""
+    return set()
+
+
+def lm_is_loaded(ref: str) -> bool:
+    return ref in _lm_loaded()
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def causal_lm(ref: str):
+    """The causal LM, loaded once per process (Streamlit runs one load per key at a time) and
+    shared by every session: never mutate it. Raises LoadError / RegistryError / FamilyError."""
+    from engine import families
+
+    card = lm_card(ref)
+    lm = families.get(card.family).load(card)
+    _lm_loaded().add(ref)
+    return lm
+
+
+def lm_depth(ref: str) -> int:
+    """The model's layer count, from its card when written there (no load), else the model."""
+    n = lm_card(ref).config.get("n_layer")
+    return int(n) if n else causal_lm(ref).n_layer
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def lm_chat_ids(ref: str, text: str) -> list[int]:
+    from engine.families.hf_causal_lm import live
+
+    return live.chat_ids(causal_lm(ref), text)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def lm_run(ref: str, prompt: tuple[int, ...], key: str, _setting):
+    """One live generation (engine.families.hf_causal_lm.live.run); ``key``: the setting's repr."""
+    from engine.families.hf_causal_lm import live
+
+    return live.run(causal_lm(ref), prompt, _setting)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def lm_message_positions(ref: str, prompt: tuple[int, ...]) -> range:
+    from engine.families.hf_causal_lm import live
+
+    return live.message_positions(causal_lm(ref), prompt)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def lm_attribution(ref: str, context: tuple[int, ...], token: int, layer: int, positions: tuple):
+    """Captum on the user's message tokens (``positions``), from a neutral baseline token."""
+    from engine.families.hf_causal_lm import live
+    from engine.families.hf_causal_lm.attribution import attribute
+
+    lm = causal_lm(ref)
+    return attribute(lm, context, token, layer, positions, live.neutral_id(lm), n_steps=32)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def lm_answer_lens(ref: str, text: str, n: int):
+    """The full model's greedy answer to ``text`` and the logit lens over it (the tour's)."""
+    from engine.families.hf_causal_lm import live
+
+    lm = causal_lm(ref)
+    return live.answer_lens(lm, lm_chat_ids(ref, text), n)
 
 
 # --- the mixture-of-experts page -------------------------------------------------------------

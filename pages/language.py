@@ -1,5 +1,11 @@
 """Language models that exit early.
 
+Tab 0 (the default): a real pretrained decoder, SmolLM2-135M-Instruct (30 layers), read at
+every layer through its own norm and head: generate an answer with per-token early exit (CALM),
+static layer skipping or self-speculative decoding (LayerSkip), each token coloured by the
+layer that chose it, a layers × tokens logit-lens map, and Captum attributions of a token read
+at its exit layer versus the last layer.
+
 Tab 1: a multi-exit MiniLM (DeeBERT / PABEE style) classifies tweets' sentiment; type or upload
 texts, see every exit's belief, where the policy stops, and which word pieces drove the exit
 (Captum); and, over the test tweets, whether the tweets annotators disagreed on are the ones
@@ -20,9 +26,13 @@ import numpy as np
 import polars as pl
 import streamlit as st
 
+from app import figures_lm as flm
 from app import figures_text as ft
 from app import loaders, navigation
+from engine.core.family import FamilyError
 from engine.core.policies import POLICY_LABELS, Policy, exit_index, oracle_correct
+from engine.families.hf_causal_lm import live
+from engine.families.hf_causal_lm.analysis import MEASURES
 from engine.families.hf_encoder import analysis as user_encoder
 from engine.families.multi_exit_bert import analysis as language
 from engine.registry import RegistryError, list_cards
@@ -41,11 +51,27 @@ EXAMPLES = "\n".join(
     ]
 )
 
+SLM_REQ = "aie.slm.request"  # session_state: the (prompt, Setting) of the last Generate
+SLM_ATTR = "aie.slm.attributions"
+SLM_PROMPT = "What is the capital of France? Answer in one sentence."
+MODE_LABELS = {
+    "exit": "per-token early exit (CALM)",
+    "skip": "layer skipping",
+    "speculate": "self-speculation (LayerSkip)",
+}
+PATTERN_LABELS = {
+    "middle": "a middle block",
+    "evenly": "evenly spaced",
+    "chosen": "layers I choose",
+}
+FILL_LABELS = {"propagate": "propagate the exit state (CALM)", "lazy": "recompute lazily"}
+
 navigation.require_router()  # first: a deep link may have run this page alone
 st.title("Language models that exit early")
 st.caption(
-    "A pretrained encoder that stops at the first confident layer, and a small language model "
-    "that decides, character by character, how many layers each token needs."
+    "A real pretrained decoder (SmolLM2-135M) read at every layer, a pretrained encoder that "
+    "stops at the first confident layer, and a small language model that decides, character "
+    "by character, how many layers each token needs."
 )
 
 
@@ -73,6 +99,276 @@ def cum_cost(card, num_tokens: np.ndarray) -> np.ndarray | None:
     from engine.families.multi_exit_bert.train import cumulative_cost
 
     return cumulative_cost(np.asarray(coef, dtype=np.float64), np.asarray(num_tokens))
+
+
+# --- tab 0: the pretrained decoder (SmolLM2-135M) ------------------------------------------------
+
+
+def slm_setting(n_layer: int) -> live.Setting:
+    """The decoding controls; returns the setting they describe."""
+    c1, c2 = st.columns([3, 1])
+    mode = c1.radio(
+        "Decoding", live.MODES, format_func=MODE_LABELS.get, horizontal=True, key="slm.mode"
+    )
+    n_new = c2.slider("Tokens to generate", 4, 64, 24, 4, key="slm.n")
+    a, b, c = st.columns(3)
+    if mode == "exit":
+        measure = a.selectbox(
+            "Confidence measure", MEASURES, format_func=ft.MEASURE_LABELS.get, key="slm.measure"
+        )
+        default = 0.99 if measure == "saturation" else 0.9
+        t = b.slider(
+            "Threshold (above 1: never exits early)",
+            0.0,
+            1.01,
+            default,
+            0.01,
+            key=f"slm.t.{measure}",
+            help="a token stops after the first layer whose confidence reaches this",
+        )
+        lo = c.slider(
+            "Earliest exit: after layer",
+            1,
+            n_layer - 1,
+            max(1, 2 * n_layer // 3 + 1),
+            key="slm.minlayer",
+            help="read through the final head, the first layers are often sure of a wrong "
+            "token (the logit lens): no token may stop before this layer",
+        )
+        fill = a.radio(
+            "K/V of the layers above an exit",
+            ("propagate", "lazy"),
+            format_func=FILL_LABELS.get,
+            key="slm.fill",
+        )
+        return live.Setting("exit", measure, float(t), int(lo) - 1, fill, max_new_tokens=int(n_new))
+    if mode == "skip":
+        pattern = a.selectbox(
+            "Skip pattern", live.SKIP_PATTERNS, format_func=PATTERN_LABELS.get, key="slm.pattern"
+        )
+        if pattern == "chosen":
+            chosen = b.multiselect(
+                "Layers to skip",
+                list(range(n_layer)),
+                format_func=lambda j: f"layer {j + 1}",
+                key="slm.layers",
+            )
+            skip = live.skip_set(n_layer, pattern, 0, chosen)
+        else:
+            k = b.slider("Layers to skip", 0, n_layer - 2, n_layer // 5, key="slm.nskip")
+            skip = live.skip_set(n_layer, pattern, int(k))
+        c.caption("Skipped: " + (", ".join(str(j + 1) for j in skip) or "none"))
+        return live.Setting("skip", skip=skip, max_new_tokens=int(n_new))
+    d = a.slider("Draft depth (tokens per round)", 1, 8, 4, key="slm.draft")
+    e = b.slider("Drafts exit after layer", 1, n_layer - 1, max(1, n_layer // 2), key="slm.dexit")
+    c.caption("The full model verifies every draft: the output is plain greedy decoding.")
+    return live.Setting(
+        "speculate", draft_len=int(d), draft_exit=int(e) - 1, max_new_tokens=int(n_new)
+    )
+
+
+def slm_model(ref: str, title: str):
+    """The shared model; the first call in this process shows that it is loading."""
+    if loaders.lm_is_loaded(ref):
+        return loaders.causal_lm(ref)
+    with st.spinner(f"Loading {title} (about 25 s, once per server)…"):
+        return loaders.causal_lm(ref)
+
+
+def slm_output(res: live.LiveResult) -> None:
+    n = res.n_layer
+    s = res.setting
+    m = st.columns(4)
+    m[0].metric("Mean layers per token", f"{res.mean_layers:.1f} / {n}")
+    m[1].metric(
+        "Same tokens as the full model",
+        f"{res.quality.agreement:.0%}",
+        help="positions where this decoding wrote the full model's own greedy token; "
+        f"the first {res.quality.prefix_match} tokens are identical",
+    )
+    m[2].metric("Tokens/s", f"{res.tokens_per_s:.1f}")
+    m[3].metric("Full model, tokens/s", f"{res.reference_tokens_per_s:.1f}")
+    if s.mode == "speculate":
+        k = st.columns(3)
+        k[0].metric("Acceptance rate", f"{res.acceptance:.0%}", help="drafts the full model kept")
+        k[1].metric("Verification rounds", str(res.rounds))
+        k[2].metric("Output equals greedy", "yes" if res.equals_greedy else "NO")
+        if not res.equals_greedy:
+            st.error("Self-speculation wrote other tokens than plain greedy decoding: a bug.")
+    st.markdown(flm.layer_legend_html(n), unsafe_allow_html=True)
+    st.markdown(
+        flm.tokens_html(res.pieces, res.exit_layer, res.layers_run, res.confidence, res.prob, n),
+        unsafe_allow_html=True,
+    )
+    if s.mode == "skip":
+        st.caption(f"Every token skipped {len(s.skip)} layers and ran {n - len(s.skip)}.")
+    elif s.mode == "speculate":
+        st.caption("Every token is the full model's (drafts are kept only where it agrees).")
+    with st.expander("The full model's greedy answer, for comparison"):
+        st.text(res.reference_text)
+
+
+def slm_heatmap(res: live.LiveResult, key: str) -> None:
+    st.subheader("Every layer's guess, for every token")
+    what = st.radio(
+        "Cell value",
+        ["max_prob", "agrees"],
+        format_func={
+            "max_prob": "logit-lens max probability",
+            "agrees": "top-1 equals the last layer's",
+        }.get,
+        horizontal=True,
+        key="slm.heat",
+    )
+    values = res.lens_max_prob if what == "max_prob" else res.lens_agrees.astype(float)
+    fig = flm.layer_token_heatmap(
+        values,
+        res.pieces,
+        res.exit_layer if res.setting.mode == "exit" else None,
+        "Logit lens over the generated text (teacher-forced, full depth)",
+        "max prob" if what == "max_prob" else "agrees",
+    )
+    st.plotly_chart(fig, width="stretch", key=f"slm.heatmap.{key}")
+    st.caption(
+        "Each column is one generated token; each row reads the state after that layer "
+        "through the final norm and head. Crosses: where the token actually exited."
+    )
+
+
+def slm_attribution(ref: str, res: live.LiveResult, key: str) -> None:
+    st.subheader("Which prompt tokens drove a token?")
+    st.markdown(
+        "Layer Integrated Gradients (Captum) on the embeddings of your message's tokens, for "
+        "the chosen token's logit read after its exit layer (logit lens) and after the last "
+        "layer."
+    )
+    n = res.n_layer
+    i = st.selectbox(
+        "Token to explain",
+        list(range(len(res.tokens))),
+        format_func=lambda j: (
+            f"{j + 1}: “{res.pieces[j]}” (exit after layer {res.exit_layer[j] + 1})"
+        ),
+        key=f"slm.attr.tok.{key}",
+    )
+    i = min(int(i or 0), len(res.tokens) - 1)
+    exit_ = res.exit_layer[i] if res.exit_layer[i] < n - 1 else n // 2
+    layer = (
+        st.slider("Read it after layer", 1, n - 1, exit_ + 1, key=f"slm.attr.layer.{key}.{i}") - 1
+    )
+    context = tuple(res.prompt + res.tokens[:i])
+    akey = (key, i, layer)
+    store = st.session_state.setdefault(SLM_ATTR, {})
+    positions = tuple(loaders.lm_message_positions(ref, tuple(res.prompt)))
+    if st.button("Explain with Captum", key="slm.explain"):
+        with st.spinner("Integrating gradients…"):
+            store[akey] = [
+                loaders.lm_attribution(ref, context, res.tokens[i], e, positions)
+                for e in (layer, n - 1)
+            ]
+    if akey not in store:
+        return
+    low, last = store[akey]
+    st.markdown(
+        flm.attribution_rows_html(
+            [res.prompt_pieces[p] for p in positions],
+            [
+                (f"read after layer {low.layer + 1}", low.scores),
+                (f"read after the last layer ({n})", last.scores),
+            ],
+        ),
+        unsafe_allow_html=True,
+    )
+    st.caption(
+        f"Logit minus baseline: {low.logit - low.baseline_logit:+.3f} after layer "
+        f"{low.layer + 1}, {last.logit - last.baseline_logit:+.3f} after the last; convergence "
+        f"deltas {low.delta:.1e} and {last.delta:.1e} (the sum of a row misses its logit "
+        "change by this much: integrated over 32 steps from a space token in place of each "
+        "message token, so the rows are approximate). Blue pushes toward the token, orange "
+        "against; one colour scale for both rows."
+    )
+
+
+def slm_quality_curves(card) -> None:
+    """Quality against compute over an evaluation set, the per-sequence oracle marked.
+
+    To be wired to the study's results (card metrics ``quality_vs_compute``) when they exist.
+    """
+    st.subheader("Quality against compute, with the per-sequence oracle")
+    data = card.raw.get("metrics", {}).get("quality_vs_compute")
+    if not data:
+        st.info(
+            "Not built yet: the evaluation of early exit, skipping and the per-sequence oracle "
+            "over BBC News for this model has not been run here."
+        )
+        return
+    st.json(data, expanded=False)
+
+
+def slm_lens_comparison(card) -> None:
+    """Logit lens against the tuned lens, per layer (card metrics ``lens_comparison``)."""
+    st.subheader("Logit lens against tuned lens")
+    data = card.raw.get("metrics", {}).get("lens_comparison")
+    if not data:
+        st.info("Not built yet: no tuned lens has been trained for this model here.")
+        return
+    st.json(data, expanded=False)
+
+
+@st.fragment  # a setting reruns this tab only
+def pretrained_lm_tab():
+    ref = loaders.lm_ref()
+    try:
+        card = loaders.lm_card(ref)
+        n_layer = loaders.lm_depth(ref)
+    except (RegistryError, FamilyError, live.LoadError, OSError) as e:
+        st.error(f"The pretrained language model is not available: {e}")
+        return
+    st.markdown(
+        f"**{card.title}**. A pretrained decoder has no early-exit heads: each layer's state is "
+        "read through the model's own final norm and head (the *logit lens*). Type a message; "
+        "the model answers it one token at a time, and each token may stop at its first "
+        "confident layer, leave layers out, or be drafted by the first layers and checked by "
+        "all of them."
+    )
+    prompt = st.text_area(
+        "Your message (the model's chat template is added)",
+        SLM_PROMPT,
+        height=80,
+        max_chars=2000,
+        key="slm.prompt",
+    )
+    setting = slm_setting(n_layer)
+    if st.button("Generate", type="primary", key="slm.go"):
+        if not prompt.strip():
+            st.warning("The prompt is empty: type a question or the start of a text.")
+        else:
+            st.session_state[SLM_REQ] = (prompt, setting)
+    req = st.session_state.get(SLM_REQ)
+    if req is None:
+        st.caption(f"Press Generate to run {card.title.split(' (')[0]} here, on this CPU.")
+    else:
+        if req != (prompt, setting):
+            st.caption("The settings changed since this generation: press Generate to rerun.")
+        try:
+            slm_model(ref, card.title.split(" (")[0])
+        except (RegistryError, FamilyError, live.LoadError, OSError) as e:
+            st.error(f"The pretrained language model could not be loaded: {e}")
+            return
+        try:
+            ids = loaders.lm_chat_ids(ref, req[0])
+            live.check_prompt(req[0], ids)
+            with st.spinner("Generating…"):
+                res = loaders.lm_run(ref, tuple(ids), repr(req[1]), req[1])
+        except (ValueError, live.LoadError) as e:
+            st.error(f"Cannot generate: {e}.")
+            return
+        key = hashlib.sha256(repr((ref, req)).encode()).hexdigest()[:12]
+        slm_output(res)
+        slm_heatmap(res, key)
+        slm_attribution(ref, res, key)
+    slm_quality_curves(card)
+    slm_lens_comparison(card)
 
 
 # --- tab 1: the text classifier ----------------------------------------------------------------
@@ -419,7 +715,11 @@ def _escape(s: str) -> str:
     return html.escape(s)
 
 
-tab_cls, tab_lm = st.tabs(["Text classifier (multi-exit MiniLM)", "Early-exit generation"])
+tab_slm, tab_cls, tab_lm = st.tabs(
+    ["SmolLM2-135M, pretrained", "Text classifier (multi-exit MiniLM)", "Early-exit generation"]
+)
+with tab_slm:
+    pretrained_lm_tab()
 with tab_cls:
     classifier_tab()
 with tab_lm:

@@ -146,6 +146,10 @@ def test_presenter_tour_in_chromium(page, server):
         if chapter.find() is None:
             assert pg.get_by_text("which is not bundled yet").count() == 1
             assert charts.count() == 0
+        elif chapter.key == "real-lm":  # its 25 s model load waits for a click
+            load = pg.get_by_role("button", name="Load ")
+            load.wait_for()
+            assert load.count() == 1
         elif chapter.key != "draw" or drew:
             charts.first.wait_for()
             visible = [charts.nth(n) for n in range(charts.count()) if charts.nth(n).is_visible()]

