@@ -48,3 +48,24 @@ def test_runtime_claims_name_each_backend_as_tested():
     # PyTorch is bit for bit; ONNX Runtime is said with its tested agreement, not as "exactly"
     assert "agrees with the trace exactly" not in README
     assert "bit for bit" in README and "99.9 %" in README
+
+
+def test_smollm2_study_table_is_the_shipped_studys_numbers():
+    """Each cell "agreement / perplexity" of the SmolLM2 table is the study's summary at that
+    number of layers, rounded as written."""
+    from engine.families.hf_causal_lm import study
+
+    at = study.load_study().card["summary"]["at_layers"]
+    cols = ("exit_fixed", "calm_max_prob", "calm_gate", "skip_middle", "skip_greedy")
+    rows = {
+        ln.split("|")[1].strip(): ln.split("|")[2:-1]
+        for ln in README.splitlines()
+        if re.match(r"\| (27|24|18) \|", ln)
+    }
+    assert set(rows) == {"27", "24", "18"}
+    for k, cells in rows.items():
+        for method, cell in zip(cols, cells, strict=True):
+            agree, ppl = (float(x) for x in cell.split("/"))
+            want = at[method][k]
+            assert agree == round(want["agreement"], 2), (k, method)
+            assert abs(ppl - want["perplexity"]) / want["perplexity"] < 0.05, (k, method)
