@@ -261,6 +261,11 @@ def table(rows: list[Row], base: dict[int, Row]) -> None:
         )
 
 
+def exit_name(rule: A.ExitRule) -> str:
+    floor = f" from layer {rule.min_layer + 1}" if rule.min_layer else ""
+    return f"exit {rule.measure} ≥ {rule.threshold}{floor}"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run (< 2 minutes)")
@@ -283,7 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     ps1 = ps8[:2] if quick else ps8
     # max-prob pays a head call per layer checked; saturation (cosine of consecutive states) none
     rules = [A.ExitRule("max_prob", t) for t in ((0.9,) if quick else (0.5, 0.7, 0.9))]
-    rules += [] if quick else [A.ExitRule("saturation", 0.99)]
+    # the page's default floor: exits only from layer 21 on (earlier layers echo their input)
+    rules += [] if quick else [A.ExitRule("max_prob", 0.9, 20), A.ExitRule("saturation", 0.99)]
     skips = (6,) if quick else (3, 6)
     specs = ((4, (20,)),) if quick else tuple((d, (7, 14, 20, 24)) for d in (2, 4, 6))
     counter = FlopCounter(lm)
@@ -314,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     rows += [r, g1]
     for rule in rules:
         r, _ = measure(
-            counter, f"exit {rule.measure} ≥ {rule.threshold}", 1, gen1(rule=rule), pre, repeats,
+            counter, exit_name(rule), 1, gen1(rule=rule), pre, repeats,
             len(ps1), new, ref1,
         )  # fmt: skip
         rows.append(r)
@@ -362,9 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     rows += [r, g8]
     for rule in rules:
         for compact in (True, False):
-            name = f"exit {rule.measure} ≥ {rule.threshold}, " + (
-                "compacted" if compact else "not compacted"
-            )
+            name = f"{exit_name(rule)}, " + ("compacted" if compact else "not compacted")
             r, _ = measure(
                 counter, name, 8, gen8(rule=rule, compact=compact), pre8, repeats, 8, new, ref8,
                 toks,
