@@ -23,6 +23,33 @@ from engine.data.images import to_model_input
 # --- attributions ----------------------------------------------------------------------------------
 
 
+def embedding_attributions(forward, embedding, ids, mask, pad_id: int, target, steps: int):
+    """Layer Integrated Gradients of ``forward(ids, mask)``'s logits on a token embedding layer,
+    per token (summed over the embedding), and (target class, convergence delta). The baseline
+    keeps the first and last token (the special ones) and pads every other; gradients on, as
+    Captum cannot differentiate under inference_mode. Shared by every text classifier's exits."""
+    from captum.attr import LayerIntegratedGradients
+
+    with torch.no_grad():
+        logits = forward(ids, mask)
+    if target is None:
+        target = int(logits.argmax(-1))
+    baseline = torch.full_like(ids, pad_id)
+    baseline[0, 0], baseline[0, -1] = ids[0, 0], ids[0, -1]
+    lig = LayerIntegratedGradients(forward, embedding)
+    with torch.enable_grad():
+        attr, delta = lig.attribute(
+            ids,
+            baselines=baseline,
+            additional_forward_args=(mask,),
+            target=target,
+            n_steps=steps,
+            return_convergence_delta=True,
+        )
+    scores = attr.sum(-1)[0].detach().numpy().astype(np.float64)
+    return scores, target, float(delta.abs().max())
+
+
 @dataclass(frozen=True)
 class Attribution:
     exit: int

@@ -14,6 +14,7 @@ from engine.families.hf_encoder.model import encode
 from engine.families.hf_encoder.model import exit_names as exit_names
 from engine.families.multi_exit_bert.analysis import Classified
 from engine.run.exits import run_exits
+from engine.run.inspection import embedding_attributions
 
 
 @torch.no_grad()
@@ -29,8 +30,6 @@ def token_attributions(model, text: str, exit_k: int, target: int | None = None,
     The baseline replaces every piece but the first and last (the special tokens) by the pad
     token; the padding after the text is left out, so every score belongs to a real piece.
     """
-    from captum.attr import LayerIntegratedGradients
-
     tok = model.tokenizer
     x = encode(tok, [text], model.config.seq_length)
     n = int(x[0, 1].sum())
@@ -43,22 +42,13 @@ def token_attributions(model, text: str, exit_k: int, target: int | None = None,
             h = stage(h)
         return model.heads[exit_k](h)
 
-    with torch.no_grad():
-        logits = exit_logits(ids, mask)
-    if target is None:
-        target = int(logits.argmax(-1))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    baseline = torch.full_like(ids, pad)
-    baseline[0, 0], baseline[0, -1] = ids[0, 0], ids[0, -1]
-    lig = LayerIntegratedGradients(exit_logits, model.word_embeddings)
-    with torch.enable_grad():
-        attr, delta = lig.attribute(
-            ids,
-            baselines=baseline,
-            additional_forward_args=(mask,),
-            target=target,
-            n_steps=steps,
-            return_convergence_delta=True,
-        )
-    scores = attr.sum(-1)[0].detach().numpy().astype(np.float64)
-    return pieces, scores, target, float(delta.abs().max())
+    scores, target, delta = embedding_attributions(
+        exit_logits,
+        model.word_embeddings,
+        ids,
+        mask,
+        tok.pad_token_id if tok.pad_token_id is not None else 0,
+        target,
+        steps,
+    )
+    return pieces, scores, target, delta

@@ -23,6 +23,7 @@ from engine.core.stats import spearman
 from engine.families.multi_exit_bert.model import BackboneUnavailable as BackboneUnavailable
 from engine.families.multi_exit_bert.model import encode, tokens
 from engine.families.multi_exit_bert.model import exit_names as exit_names
+from engine.run.inspection import embedding_attributions
 
 MAX_UPLOAD_BYTES = 1_000_000
 MAX_ITEMS = 200
@@ -89,8 +90,6 @@ def token_attributions(model, text: str, exit_k: int, target: int | None = None,
     but [CLS]/[SEP] by [PAD]); attributions summed over the embedding dimension. Runs with
     gradients on (not under inference_mode, where Captum cannot differentiate).
     """
-    from captum.attr import LayerIntegratedGradients
-
     ids, mask = encode([text], model.config.max_length)
     pieces = tokens(text, model.config.max_length)
 
@@ -100,25 +99,10 @@ def token_attributions(model, text: str, exit_k: int, target: int | None = None,
             h = stage(h, attention_mask)
         return model.heads[exit_k](h, attention_mask)
 
-    with torch.no_grad():
-        logits = exit_logits(ids, mask)
-    if target is None:
-        target = int(logits.argmax(-1))
-    baseline = torch.zeros_like(ids)
-    baseline[0, 0] = ids[0, 0]
-    baseline[0, -1] = ids[0, -1]
-    lig = LayerIntegratedGradients(exit_logits, model.embeddings.word_embeddings)
-    with torch.enable_grad():
-        attr, delta = lig.attribute(
-            ids,
-            baselines=baseline,
-            additional_forward_args=(mask,),
-            target=target,
-            n_steps=steps,
-            return_convergence_delta=True,
-        )
-    scores = attr.sum(-1)[0].detach().numpy().astype(np.float64)
-    return pieces, scores, target, float(delta.abs().max())
+    scores, target, delta = embedding_attributions(
+        exit_logits, model.embeddings.word_embeddings, ids, mask, 0, target, steps
+    )
+    return pieces, scores, target, delta
 
 
 @dataclass
