@@ -134,7 +134,7 @@ def test_card_and_trace_are_saved_where_the_app_looks(registered, files):
     assert card.user and card.family == "torch_protocol"
     assert card.weights_path.parent == user_models_dir()
     assert card.raw["weights_sha256"] == sha256_file(card.weights_path)
-    assert card.config["file_sha256"] == protocol.file_sha256(EXAMPLE)
+    assert card.config["file_sha256"] == sha256_file(EXAMPLE)
     assert card.config["input_shape"] == [3, 32, 32] and len(card.config["classes"]) == 10
     assert (MODEL_ID, "test") in available_traces()
     assert user_trace_file(MODEL_ID).exists()

@@ -20,7 +20,6 @@ The page ``pages/my_models.py`` calls the same functions; nothing here is downlo
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shlex
 import time
@@ -32,7 +31,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from engine.byo import ByoError  # noqa: E402
-from engine.registry import ModelCard, check_new_model_id, list_cards, save_user_model  # noqa: E402
+from engine.registry import (  # noqa: E402
+    ModelCard,
+    check_new_model_id,
+    list_cards,
+    save_user_model,
+    sha256_file,
+)
 
 COMMAND = "hf"
 HELP = "a Hugging Face checkpoint on disk (config.json + safetensors, or a GGUF file)"
@@ -250,14 +255,6 @@ def command(path, name, csv=None, text=None, joint=False, overwrite=False) -> st
     return shlex.join(argv)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def add_checkpoint(
     path: str | Path,
     name: str,
@@ -382,7 +379,7 @@ def add_encoder(
         "train_seconds": round(time.perf_counter() - start, 1),
         "data": {
             "csv": str(csv.resolve()),
-            "sha256": _sha256(csv),
+            "sha256": sha256_file(csv),
             "rows": len(data.texts),
             "train_rows": int(len(rows_train)),
             "test_rows": int(len(rows_test)),
@@ -393,7 +390,9 @@ def add_encoder(
             "path": config.path,
             "frozen": not joint,
             "shipped": joint,
-            "files_sha256": {p.name: _sha256(p) for p in sorted(ck.folder.glob("*.safetensors"))},
+            "files_sha256": {
+                p.name: sha256_file(p) for p in sorted(ck.folder.glob("*.safetensors"))
+            },
             "note": "the fine-tuned backbone is in the weights file with the heads"
             if joint
             else "only the exit heads are in the weights file; the backbone is read from path",
@@ -471,7 +470,7 @@ def add_decoder(
             "kl_per_layer": [round(float(v), 4) for v in lens.kl],
             "perplexity_per_layer": [round(float(v), 4) for v in lens.perplexity],
         }
-        data = {"text": str(text.resolve()), "sha256": _sha256(text), "tokens": len(ids)}
+        data = {"text": str(text.resolve()), "sha256": sha256_file(text), "tokens": len(ids)}
     cfg = lm.hf.config
     config = {"path": str(ck.folder.resolve())}
     if ck.gguf:

@@ -46,6 +46,7 @@ import torch
 from engine.byo import ByoError
 from engine.core.trace import TraceError
 from engine.families.torch_protocol import model as protocol
+from engine.registry import sha256_file
 
 COMMAND = "torch"
 HELP = "a PyTorch model in your own Python file (stages + one exit head per stage)"
@@ -98,7 +99,7 @@ def register(
     protocol.check_shapes(spec, torch.from_numpy(arrays.x[rows]), model_file.name)
     classes = spec.classes or tuple(str(c) for c in range(num_classes))
     model = protocol.ProtocolModel(spec.network, spec.input_shape, classes).eval()
-    data_sha = protocol.file_sha256(data)
+    data_sha = sha256_file(data)
     # named by content: models registered on the same data line up on the compare page
     dataset = f"user:{data.name}:{data_sha[:8]}"
     try:
@@ -116,7 +117,7 @@ def register(
             "class_names": list(classes),
             "config": {
                 "file": str(model_file),
-                "file_sha256": protocol.file_sha256(model_file),
+                "file_sha256": sha256_file(model_file),
                 "input_shape": list(spec.input_shape),
                 "classes": list(classes),
                 "data": str(data),

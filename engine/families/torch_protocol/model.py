@@ -13,7 +13,6 @@ SHA-256 against the one recorded when it was registered.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import sys
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from engine.byo import ByoError
+from engine.registry import sha256_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 PROBE_ROWS = 4  # the batch size the shape checks run (not 1 or 2: torch.export specialises those)
@@ -34,10 +34,6 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def import_file(path: Path):
     """The user's module, imported from its path under a name of its own (its SHA-256)."""
     path = Path(path).resolve()
@@ -45,7 +41,7 @@ def import_file(path: Path):
         raise ByoError(f"{path} does not exist or is not a file")
     if path.suffix != ".py":
         raise ByoError(f"{path.name} is not a Python file (.py)")
-    name = f"aie_user_model_{file_sha256(path)[:16]}"
+    name = f"aie_user_model_{sha256_file(path)[:16]}"
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
@@ -338,7 +334,7 @@ def build(config: dict) -> nn.Module:
             f"the model file {path} is gone; register the model again with "
             "python -m engine.byo torch ... --overwrite"
         )
-    if file_sha256(path) != config["file_sha256"]:
+    if sha256_file(path) != config["file_sha256"]:
         raise ByoError(
             f"{path.name} changed since it was registered; register it again with "
             "python -m engine.byo torch ... --overwrite"
@@ -354,6 +350,6 @@ def read_card_data(config: dict) -> Data:
     path = Path(config["data"])
     if not path.is_file():
         raise ByoError(f"the data file {path} is gone; register the model again")
-    if file_sha256(path) != config["data_sha256"]:
+    if sha256_file(path) != config["data_sha256"]:
         raise ByoError(f"{path.name} changed since it was registered; register the model again")
     return read_data(path, tuple(config["input_shape"]), len(config["classes"]))
