@@ -57,7 +57,9 @@ def test_page_renders_every_tab(app):
     assert 1.0 <= per_token <= 6.0
     assert any("layers run" in m.value for m in app.markdown)
     charts = app.get("plotly_chart")
-    assert len(charts) == 4  # exit probabilities, depth vs agreement, quality, perplexity
+    # SmolLM2's study curves and lens comparison (stored files, no model load), exit
+    # probabilities, depth vs agreement, quality, perplexity
+    assert len(charts) == 6
 
 
 def test_threshold_changes_depth(app):
