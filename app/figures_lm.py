@@ -174,14 +174,14 @@ def attribution_rows_html(pieces: Sequence[str], rows: Sequence[tuple[str, np.nd
 
 # One colour per method family: early exits blue-ish, skips orange-ish; dashes tell them apart.
 _METHOD_STYLE = {
-    "exit_fixed": (CATEGORICAL[0], "dot"),
+    "exit_fixed": (NEUTRAL, "dot"),
     "calm_max_prob": (CATEGORICAL[0], "solid"),
     "calm_margin": (CATEGORICAL[2], "solid"),
     "calm_saturation": (CATEGORICAL[3], "solid"),
     "calm_gate": (CATEGORICAL[4], "dash"),
     "skip_middle": (CATEGORICAL[1], "solid"),
-    "skip_even": (CATEGORICAL[5], "dash"),
-    "skip_greedy": (CATEGORICAL[6], "dot"),
+    "skip_even": (CATEGORICAL[6], "dash"),
+    "skip_greedy": (CATEGORICAL[7], "dot"),
 }
 QUALITY_LABELS = {
     "agreement": "next-token agreement with the full model",
@@ -226,17 +226,20 @@ def study_curves_figure(
                 "</extra>",
             )
         )
-    for label, frac in oracle:
+    # two oracles at the same quality, often the same depth: tell them apart by mark and label
+    looks = (("diamond", "top left"), ("square-open", "bottom left"))
+    for (label, frac), (symbol, where) in zip(oracle, looks, strict=False):
+        short = label.split(": ", 1)[-1]
         fig.add_trace(
             go.Scatter(
                 x=[frac * n_layer],
                 y=[full_quality],
                 mode="markers+text",
                 name=label,
-                text=[f"oracle {frac:.0%}"],
-                textposition="bottom left",
+                text=[f"oracle ({short}): {frac:.0%}"],
+                textposition=where,
                 cliponaxis=False,
-                marker=dict(color=OUTLINE_DARK, symbol="diamond", size=12),
+                marker=dict(color=OUTLINE_DARK, symbol=symbol, size=12, line=dict(width=2)),
                 hovertemplate=f"{label}<br>%{{x:.2f}} layers ({frac:.1%})<extra></extra>",
             )
         )
@@ -270,8 +273,8 @@ def study_curves_figure(
             )
         )
     fig.update_layout(
-        height=520,
-        margin=dict(l=60, r=20, t=30, b=40),
+        height=540,
+        margin=dict(l=60, r=20, t=60, b=40),  # room above the top for an oracle's label
         font=_FONT,
         template="plotly_white",
         xaxis=dict(title=f"mean layers per token (of {n_layer})", range=[0, n_layer + 0.5]),
