@@ -1,10 +1,13 @@
 """Language models that exit early.
 
-Tab 0 (the default): a real pretrained decoder, SmolLM2-135M-Instruct (30 layers), read at
-every layer through its own norm and head: generate an answer with per-token early exit (CALM),
-static layer skipping or self-speculative decoding (LayerSkip), each token coloured by the
-layer that chose it, a layers × tokens logit-lens map, and Captum attributions of a token read
-at its exit layer versus the last layer.
+Tab 0 (the default): a real pretrained decoder, SmolLM2-135M-Instruct (30 layers), or a
+decoder the user added, read at every layer through its own norm and head (or its tuned lens):
+generate an answer with per-token early exit (CALM), static layer skipping or self-speculative
+decoding (LayerSkip), each token coloured by the layer that chose it, a layers × tokens
+logit-lens map, and Captum attributions of a token read at its exit layer versus the last
+layer. Below, from stored files (no model): the study's quality-versus-compute curves of every
+method with the per-sequence oracle and a threshold slider simulated on the cached per-layer
+records, and the logit lens against the tuned lens per layer.
 
 Tab 1: a multi-exit MiniLM (DeeBERT / PABEE style) classifies tweets' sentiment; type or upload
 texts, see every exit's belief, where the policy stops, and which word pieces drove the exit
@@ -438,8 +441,9 @@ def slm_quality_curves(card) -> None:
     if study is None:
         st.info(
             f"Not built for this model: the study of early exit against skipping (and the "
-            f"per-sequence oracle) exists for SmolLM2-135M only; build one for "
-            f"{card.model_id} with `python -m engine.families.hf_causal_lm.study`."
+            f"per-sequence oracle) is stored for SmolLM2-135M only. Its builder, "
+            f"`python -m engine.families.hf_causal_lm.study`, runs on SmolLM2 (minutes on "
+            f"this CPU); {card.model_id} would need its own run of `build_study`."
         )
         return
     slm_threshold_chart(card.model_id)
