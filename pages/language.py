@@ -580,7 +580,7 @@ def pretrained_lm_tab():
             live.check_prompt(req[0], ids)
             with st.spinner("Generating…"):
                 res = loaders.lm_run(ref, tuple(ids), repr(req[1]), req[1])
-        except (ValueError, live.LoadError) as e:
+        except (ValueError, live.LoadError, RegistryError) as e:  # RegistryError: a bad lens
             st.error(f"Cannot generate: {e}.")
             return
         key = hashlib.sha256(repr((ref, req)).encode()).hexdigest()[:12]
