@@ -15,7 +15,14 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 
-from app.palette import OUTLINE_DARK, OUTLINE_LIGHT, SEQUENTIAL
+from app.palette import (
+    CATEGORICAL,
+    HIGHLIGHT,
+    NEUTRAL,
+    OUTLINE_DARK,
+    OUTLINE_LIGHT,
+    SEQUENTIAL,
+)
 
 _FONT = dict(family="sans-serif", size=13)
 
@@ -161,3 +168,159 @@ def attribution_rows_html(pieces: Sequence[str], rows: Sequence[tuple[str, np.nd
             f"<div style='line-height:2.0;word-wrap:break-word'>{spans}</div>"
         )
     return "".join(out)
+
+
+# --- the study: quality against compute, and the lens comparison ------------------------------
+
+# One colour per method family: early exits blue-ish, skips orange-ish; dashes tell them apart.
+_METHOD_STYLE = {
+    "exit_fixed": (NEUTRAL, "dot"),
+    "calm_max_prob": (CATEGORICAL[0], "solid"),
+    "calm_margin": (CATEGORICAL[2], "solid"),
+    "calm_saturation": (CATEGORICAL[3], "solid"),
+    "calm_gate": (CATEGORICAL[4], "dash"),
+    "skip_middle": (CATEGORICAL[1], "solid"),
+    "skip_even": (CATEGORICAL[6], "dash"),
+    "skip_greedy": (CATEGORICAL[7], "dot"),
+}
+QUALITY_LABELS = {
+    "agreement": "next-token agreement with the full model",
+    "perplexity": "perplexity of the text (log scale)",
+}
+_BELOW = dict(orientation="h", yanchor="top", y=-0.18, x=0, xanchor="left")
+
+
+def study_curves_figure(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    labels: dict[str, str],
+    metric: str,
+    n_layer: int,
+    oracle: Sequence[tuple[str, float]],
+    reference_fraction: float,
+    full_quality: float,
+    current: tuple[float, float, str] | None = None,
+    max_points: int = 200,
+) -> go.Figure:
+    """Quality (``metric``) against mean layers per token: one line per method (``curves``:
+    method -> (layers, quality), sorted by layers; thinned for drawing), the per-sequence
+    oracle(s) (``oracle``: (label, fraction of layers)) drawn at the full model's quality, the
+    published oracle's fraction as a vertical line, and ``current`` (layers, quality, label)."""
+    from engine.core.tradeoff import drawing_indices
+
+    fig = go.Figure()
+    ys = []
+    for method, (x, y) in curves.items():
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        keep = drawing_indices(x, y if metric == "agreement" else -y, max_points)
+        color, dash = _METHOD_STYLE.get(method, (NEUTRAL, "solid"))
+        ys.append(y[np.isfinite(y)])
+        fig.add_trace(
+            go.Scatter(
+                x=x[keep],
+                y=y[keep],
+                mode="lines+markers" if len(keep) <= 30 else "lines",
+                name=labels.get(method, method),
+                line=dict(color=color, dash=dash, width=2),
+                marker=dict(size=5),
+                hovertemplate="%{x:.2f} layers<br>" + metric + " %{y:.4g}<extra>%{fullData.name}"
+                "</extra>",
+            )
+        )
+    # two oracles at the same quality, often the same depth: tell them apart by mark and label
+    looks = (("diamond", "top left"), ("square-open", "bottom left"))
+    for (label, frac), (symbol, where) in zip(oracle, looks, strict=False):
+        short = label.split(": ", 1)[-1]
+        fig.add_trace(
+            go.Scatter(
+                x=[frac * n_layer],
+                y=[full_quality],
+                mode="markers+text",
+                name=label,
+                text=[f"oracle ({short}): {frac:.0%}"],
+                textposition=where,
+                cliponaxis=False,
+                marker=dict(color=OUTLINE_DARK, symbol=symbol, size=12, line=dict(width=2)),
+                hovertemplate=f"{label}<br>%{{x:.2f}} layers ({frac:.1%})<extra></extra>",
+            )
+        )
+    flat = np.concatenate(ys) if ys else np.array([0.0, 1.0])
+    lo, hi = (0.0, 1.02) if metric == "agreement" else (float(flat.min()), float(flat.max()))
+    x_ref = reference_fraction * n_layer
+    fig.add_trace(
+        go.Scatter(
+            x=[x_ref, x_ref],
+            y=[lo, hi],
+            mode="lines",
+            name=f"oracle of Glavas et al. 2024 ({reference_fraction:.1%} of the layers)",
+            line=dict(color=NEUTRAL, dash="dashdot", width=1.5),
+            hovertemplate=f"published per-sequence oracle: {reference_fraction:.1%} of the "
+            "layers<extra></extra>",
+        )
+    )
+    if current is not None:
+        cx, cy, label = current
+        fig.add_trace(
+            go.Scatter(
+                x=[cx],
+                y=[cy],
+                mode="markers",
+                name=label,
+                marker=dict(
+                    color=HIGHLIGHT, symbol="star", size=18, line=dict(width=1.5, color="black")
+                ),
+                hovertemplate="%{x:.2f} layers<br>" + metric + " %{y:.4g}<extra>your setting"
+                "</extra>",
+            )
+        )
+    fig.update_layout(
+        height=540,
+        margin=dict(l=60, r=20, t=60, b=40),  # room above the top for an oracle's label
+        font=_FONT,
+        template="plotly_white",
+        xaxis=dict(title=f"mean layers per token (of {n_layer})", range=[0, n_layer + 0.5]),
+        yaxis=dict(
+            title=QUALITY_LABELS[metric],
+            type="log" if metric == "perplexity" else "linear",
+            range=[0, 1.02] if metric == "agreement" else None,
+        ),
+        legend=_BELOW,
+    )
+    return fig
+
+
+LENS_METRICS = {
+    "agreement": "top-1 agreement with the full model",
+    "kl": "KL(full ‖ lens), nats",
+    "perplexity": "perplexity (log scale)",
+}
+LENS_NAMES = {"logit": "logit lens", "tuned": "tuned lens"}
+
+
+def lens_layers_figure(rows: dict[str, Sequence[float]], metric: str) -> go.Figure:
+    """One line per lens (``rows``: lens -> value per layer, layer 1 first) of ``metric``."""
+    fig = go.Figure()
+    for j, (lens, values) in enumerate(rows.items()):
+        fig.add_trace(
+            go.Scatter(
+                x=list(range(1, len(values) + 1)),
+                y=list(values),
+                mode="lines+markers",
+                name=LENS_NAMES.get(lens, lens),
+                line=dict(color=CATEGORICAL[j], width=2, dash="solid" if j == 0 else "dash"),
+                hovertemplate="layer %{x}<br>" + metric + " %{y:.4g}<extra>%{fullData.name}"
+                "</extra>",
+            )
+        )
+    fig.update_layout(
+        height=400,
+        margin=dict(l=60, r=20, t=30, b=40),
+        font=_FONT,
+        template="plotly_white",
+        xaxis=dict(title="layer read"),
+        yaxis=dict(
+            title=LENS_METRICS[metric],
+            type="log" if metric == "perplexity" else "linear",
+        ),
+        legend=_BELOW,
+    )
+    return fig

@@ -522,7 +522,51 @@ def lm_run(ref: str, prompt: tuple[int, ...], key: str, _setting):
     """One live generation (engine.families.hf_causal_lm.live.run); ``key``: the setting's repr."""
     from engine.families.hf_causal_lm import live
 
-    return live.run(causal_lm(ref), prompt, _setting)
+    tuned = lm_tuned_lens(ref) if _setting.lens == "tuned" else None
+    return live.run(causal_lm(ref), prompt, _setting, tuned)
+
+
+def lm_decoders() -> list:
+    """The decoders users added (``python -m engine.byo hf --decoder``; the Your models page)."""
+    from engine.registry import list_cards
+
+    return [c for c in list_cards("hf_causal_lm") if c.user]
+
+
+@st.cache_resource(show_spinner="Loading the study's per-layer records…", max_entries=4)
+def lm_study(model_id: str):
+    """The stored study of early exit against skipping for this model, or None if none was
+    built (engine.families.hf_causal_lm.study); shared, read-only: every slider move reads it."""
+    from engine.families.hf_causal_lm.study import load_study
+
+    try:
+        return load_study(model_id)
+    except FileNotFoundError:
+        return None
+
+
+def lm_lens_card(ref: str):
+    """The card of the tuned lens trained for this model, or None (read from the lens folder
+    at call time, so a test can point it elsewhere)."""
+    from engine import paths
+    from engine.families.hf_causal_lm import tuned_lens
+    from engine.registry import RegistryError
+
+    try:
+        return tuned_lens.lens_card(lm_card(ref).model_id, paths.LENSES_DIR)
+    except RegistryError:
+        return None
+
+
+@st.cache_resource(show_spinner="Loading the tuned lens…", max_entries=2)
+def lm_tuned_lens(ref: str):
+    """The model's tuned lens (SHA-checked safetensors), shared and frozen: never mutate it."""
+    from engine.families.hf_causal_lm import tuned_lens
+
+    card = lm_lens_card(ref)
+    if card is None:
+        raise ValueError(f"{ref} has no tuned lens")
+    return tuned_lens.load(card)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

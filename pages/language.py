@@ -1,10 +1,13 @@
 """Language models that exit early.
 
-Tab 0 (the default): a real pretrained decoder, SmolLM2-135M-Instruct (30 layers), read at
-every layer through its own norm and head: generate an answer with per-token early exit (CALM),
-static layer skipping or self-speculative decoding (LayerSkip), each token coloured by the
-layer that chose it, a layers × tokens logit-lens map, and Captum attributions of a token read
-at its exit layer versus the last layer.
+Tab 0 (the default): a real pretrained decoder, SmolLM2-135M-Instruct (30 layers), or a
+decoder the user added, read at every layer through its own norm and head (or its tuned lens):
+generate an answer with per-token early exit (CALM), static layer skipping or self-speculative
+decoding (LayerSkip), each token coloured by the layer that chose it, a layers × tokens
+logit-lens map, and Captum attributions of a token read at its exit layer versus the last
+layer. Below, from stored files (no model): the study's quality-versus-compute curves of every
+method with the per-sequence oracle and a threshold slider simulated on the cached per-layer
+records, and the logit lens against the tuned lens per layer.
 
 Tab 1: a multi-exit MiniLM (DeeBERT / PABEE style) classifies tweets' sentiment; type or upload
 texts, see every exit's belief, where the policy stops, and which word pieces drove the exit
@@ -65,6 +68,7 @@ PATTERN_LABELS = {
     "chosen": "layers I choose",
 }
 FILL_LABELS = {"propagate": "propagate the exit state (CALM)", "lazy": "recompute lazily"}
+LENS_LABELS = {"logit": "logit lens", "tuned": "tuned lens"}
 
 navigation.require_router()  # first: a deep link may have run this page alone
 st.title("Language models that exit early")
@@ -104,7 +108,7 @@ def cum_cost(card, num_tokens: np.ndarray) -> np.ndarray | None:
 # --- tab 0: the pretrained decoder (SmolLM2-135M) ------------------------------------------------
 
 
-def slm_setting(n_layer: int) -> live.Setting:
+def slm_setting(n_layer: int, has_tuned: bool) -> live.Setting:
     """The decoding controls; returns the setting they describe."""
     c1, c2 = st.columns([3, 1])
     mode = c1.radio(
@@ -141,7 +145,28 @@ def slm_setting(n_layer: int) -> live.Setting:
             format_func=FILL_LABELS.get,
             key="slm.fill",
         )
-        return live.Setting("exit", measure, float(t), int(lo) - 1, fill, max_new_tokens=int(n_new))
+        lens = b.radio(
+            "Read confidence through",
+            live.LENSES if has_tuned else ("logit",),
+            format_func=LENS_LABELS.get,
+            disabled=not has_tuned,
+            key="slm.lens",
+            help="the confidence, and the token a layer exits with, read through the final "
+            "norm and head (logit lens) or through that layer's trained translator first",
+        )
+        if not has_tuned:
+            b.caption("This model has no tuned lens (see the lens comparison below).")
+        elif measure == "saturation":
+            b.caption("Saturation compares states and reads no lens; the token does.")
+        return live.Setting(
+            "exit",
+            measure,
+            float(t),
+            int(lo) - 1,
+            fill,
+            max_new_tokens=int(n_new),
+            lens=lens if has_tuned else "logit",
+        )
     if mode == "skip":
         pattern = a.selectbox(
             "Skip pattern", live.SKIP_PATTERNS, format_func=PATTERN_LABELS.get, key="slm.pattern"
@@ -289,35 +314,227 @@ def slm_attribution(ref: str, res: live.LiveResult, key: str) -> None:
     )
 
 
-def slm_quality_curves(card) -> None:
-    """Quality against compute over an evaluation set, the per-sequence oracle marked.
+STUDY_MEASURES = {
+    "max_prob": "softmax max-prob (CALM)",
+    "margin": "top-2 margin (CALM)",
+    "saturation": "state saturation (CALM)",
+    "gate": "learned gate on hidden states",
+}
+STUDY_DEFAULT_T = {"max_prob": 0.9, "margin": 0.8, "saturation": 0.99, "gate": 0.9}
+QUALITY_KEYS = ("agreement", "perplexity")
 
-    To be wired to the study's results (card metrics ``quality_vs_compute``) when they exist.
-    """
+
+def study_caption(study) -> str:
+    """What the study finds, read from its own numbers (at 80 % of the layers)."""
+    from engine.families.hf_causal_lm.study import interpolate_at
+
+    n, o, cfg = study.n_layer, study.oracle, study.config
+    k = int(0.8 * n)
+    at = {m: interpolate_at(study.curves, m, k) for m in ("calm_max_prob", "calm_gate")}
+    skip = min(
+        (interpolate_at(study.curves, m, k) for m in ("skip_middle", "skip_greedy")),
+        key=lambda r: r["perplexity"],
+    )
+    calm, gate = at["calm_max_prob"], at["calm_gate"]
+    auc = study.card.get("gate", {}).get("eval_auc", {})
+    gate_auc = (
+        f" (AUC {auc['gate']:.2f} for “this layer's token is final” on held-out text, "
+        f"max-prob {auc['max_prob']:.2f})"
+        if "gate" in auc and "max_prob" in auc
+        else ""
+    )
+    return (
+        f"{o.n_sequences} held-out BBC passages of {cfg.n_tokens} tokens, teacher-forced; "
+        f"figures at {k} of {n} layers per token. Skipping is far more robust on perplexity "
+        f"({skip['perplexity']:,.0f} for the best skip pattern against "
+        f"{calm['perplexity']:,.0f} for CALM max-prob exit), while exiting keeps more of the "
+        f"full model's top-1 tokens ({calm['agreement']:.0%} against {skip['agreement']:.0%}): "
+        "an exited token is often the right one, the rest of its distribution is not. The "
+        f"learned gate{gate_auc} reaches {gate['agreement']:.0%} agreement at perplexity "
+        f"{gate['perplexity']:,.0f}: no clear win over max-prob, a gate is hard here as in "
+        f"the study. The per-sequence oracle needs {o.greedy_fraction:.0%} of the layers for "
+        f"an identical greedy continuation of {cfg.gen_tokens} tokens and "
+        f"{o.perplexity_fraction:.0%} for perplexity within {cfg.ppl_tolerance:.0%}, against "
+        f"{o.reference_fraction:.1%} in Glavas et al. 2024: this 135M model needs almost every "
+        "layer."
+    )
+
+
+def study_chart_data(study, metric: str) -> tuple[dict, float]:
+    """Each method's (layers, quality) curve and the full model's quality."""
+    from engine.families.hf_causal_lm.study import METHOD_LABELS
+
+    curves = {}
+    for m in METHOD_LABELS:
+        c = study.curve(m)
+        curves[m] = (c["layers"].to_numpy(), c[metric].to_numpy())
+    full = study.curve("exit_fixed").filter(pl.col("setting") == study.n_layer)[metric][0]
+    return curves, float(full)
+
+
+@st.fragment  # a slider move reruns this chart only, on the cached records (no model)
+def slm_threshold_chart(model_id: str) -> None:
+    from engine.families.hf_causal_lm.study import METHOD_LABELS
+
+    study = loaders.lm_study(model_id)
+    n = study.n_layer
+    a, b, c = st.columns([2, 3, 2])
+    measure = a.selectbox(
+        "Exit measure", tuple(STUDY_MEASURES), format_func=STUDY_MEASURES.get, key="slm.st.measure"
+    )
+    t = b.slider(
+        "Threshold (above 1: full depth)",
+        0.0,
+        1.01,
+        STUDY_DEFAULT_T[measure],
+        0.001,
+        format="%.3f",
+        key=f"slm.st.t.{measure}",
+        help="simulated on the cached per-layer records: each token stops after the first "
+        "layer whose score reaches this (exactly what a lazy-fill run would do)",
+    )
+    metric = c.radio(
+        "Quality", QUALITY_KEYS, format_func=flm.QUALITY_LABELS.get, key="slm.st.metric"
+    )
+    out = study.simulate(measure, float(t))
+    m = st.columns(4)
+    m[0].metric("Simulated mean layers per token", f"{out.mean_layers:.2f} / {n}")
+    m[1].metric("Next-token agreement", f"{out.agreement:.1%}")
+    ppl = out.perplexity
+    m[2].metric("Perplexity", f"{ppl:,.1f}" if ppl < 1e5 else f"{ppl:.3g}")
+    m[3].metric(
+        "Layer runs with a lazy fill",
+        f"{out.lazy_layers:.2f} / {n}",
+        help="a lazy K/V fill later runs the layers an exited token skipped, whenever a deeper "
+        "token needs them: what that really costs per token",
+    )
+    curves, full = study_chart_data(study, metric)
+    o = study.oracle
+    fig = flm.study_curves_figure(
+        curves,
+        METHOD_LABELS,
+        metric,
+        n,
+        [
+            ("per-sequence oracle: greedy output identical", o.greedy_fraction),
+            (
+                f"per-sequence oracle: perplexity within {study.config.ppl_tolerance:.0%}",
+                o.perplexity_fraction,
+            ),
+        ],
+        o.reference_fraction,
+        full,
+        (
+            out.mean_layers,
+            getattr(out, metric),
+            f"your setting: {STUDY_MEASURES[measure]} ≥ {t:.3f}",
+        ),
+    )
+    st.plotly_chart(fig, width="stretch", key="slm.st.chart")
+
+
+def slm_quality_curves(card) -> None:
+    """Quality against compute over the study's evaluation set, the per-sequence oracle
+    marked, and a threshold slider simulated on the study's cached per-layer records."""
     st.subheader("Quality against compute, with the per-sequence oracle")
-    data = card.raw.get("metrics", {}).get("quality_vs_compute")
-    if not data:
+    study = loaders.lm_study(card.model_id)
+    if study is None:
         st.info(
-            "Not built yet: the evaluation of early exit, skipping and the per-sequence oracle "
-            "over BBC News for this model has not been run here."
+            f"Not built for this model: the study of early exit against skipping (and the "
+            f"per-sequence oracle) is stored for SmolLM2-135M only. Its builder, "
+            f"`python -m engine.families.hf_causal_lm.study`, runs on SmolLM2 (minutes on "
+            f"this CPU); {card.model_id} would need its own run of `build_study`."
         )
         return
-    st.json(data, expanded=False)
+    slm_threshold_chart(card.model_id)
+    st.caption(study_caption(study))
 
 
-def slm_lens_comparison(card) -> None:
-    """Logit lens against the tuned lens, per layer (card metrics ``lens_comparison``)."""
+def slm_lens_comparison(ref: str, card) -> None:
+    """Logit lens against the tuned lens per layer, on held-out BBC News and tweets."""
+    from engine.families.hf_causal_lm import tuned_lens
+
     st.subheader("Logit lens against tuned lens")
-    data = card.raw.get("metrics", {}).get("lens_comparison")
-    if not data:
-        st.info("Not built yet: no tuned lens has been trained for this model here.")
+    lens_card = loaders.lm_lens_card(ref)
+    a, b = st.columns(2)
+    metric = b.radio(
+        "Per layer",
+        tuple(flm.LENS_METRICS),
+        format_func=flm.LENS_METRICS.get,
+        horizontal=True,
+        key="slm.lens.metric",
+    )
+    if lens_card is None:
+        st.info(
+            f"No tuned lens for {card.model_id}: train one (an affine translator per layer, "
+            "fitted to the last layer's distribution on BBC News; minutes on a CPU) with "
+            "`python -m engine.families.hf_causal_lm.train_lens --out-dir assets/models/lenses` "
+            "(written for SmolLM2-135M; its `load_smollm2` is the line to change for another "
+            "decoder)."
+        )
+        stored = card.raw.get("metrics", {}).get("logit_lens")
+        if stored:
+            key = {"agreement": "agreement_per_layer", "kl": "kl_per_layer"}.get(
+                metric, "perplexity_per_layer"
+            )
+            st.plotly_chart(
+                flm.lens_layers_figure({"logit": stored[key]}, metric),
+                width="stretch",
+                key="slm.lens.chart",
+            )
+            st.caption(
+                f"The logit lens only, measured when the model was added: "
+                f"{stored['tokens']} tokens of {card.dataset}."
+            )
         return
-    st.json(data, expanded=False)
+    try:
+        df = tuned_lens.lens_comparison(lens_card, "comparison")
+    except RegistryError as e:
+        st.info(f"The tuned lens has no stored comparison: {e}.")
+        return
+    datasets = df["dataset"].unique(maintain_order=True).to_list()
+    names = {"bbc": "held-out BBC News", "tweets": "test tweets"}
+    ds = a.selectbox("Text", datasets, format_func=lambda d: names.get(d, d), key="slm.lens.ds")
+    rows = df.filter(pl.col("dataset") == ds).sort("layer")
+    series = {
+        lens: rows.filter(pl.col("lens") == lens)[metric].to_list() for lens in ("logit", "tuned")
+    }
+    st.plotly_chart(flm.lens_layers_figure(series, metric), width="stretch", key="slm.lens.chart")
+    st.caption(
+        f"{rows['tokens'][0]} tokens of {names.get(ds, ds)}, teacher-forced, every layer read "
+        "through the final norm and head (logit lens) or through the layer's trained affine "
+        "translator first (tuned lens, Belrose et al. 2023; trained on BBC News training "
+        f"articles: `{lens_card.raw.get('training_command', '')}`)."
+    )
+
+
+def slm_pick_model() -> str:
+    """SmolLM2 (or the card AIE_LM_CARD names), then the decoders users added."""
+    ref = loaders.lm_ref()
+    try:
+        users = [c for c in loaders.lm_decoders() if c.model_id != ref]
+    except RegistryError as e:
+        st.error(f"The model registry could not be read: {e}")
+        return ref
+    if not users:
+        return ref
+    titles = {c.model_id: f"{c.title} ({c.model_id}, yours)" for c in users}
+    try:
+        titles = {ref: loaders.lm_card(ref).title, **titles}
+    except RegistryError:
+        pass  # the tab says that this model is missing
+    return st.selectbox(
+        "Decoder",
+        [ref, *(c.model_id for c in users)],
+        format_func=lambda r: titles.get(r, r),
+        key="slm.model",
+        help="SmolLM2-135M, or a decoder you added (the Your models page)",
+    )
 
 
 @st.fragment  # a setting reruns this tab only
 def pretrained_lm_tab():
-    ref = loaders.lm_ref()
+    ref = slm_pick_model()
     try:
         card = loaders.lm_card(ref)
         n_layer = loaders.lm_depth(ref)
@@ -338,16 +555,19 @@ def pretrained_lm_tab():
         max_chars=2000,
         key="slm.prompt",
     )
-    setting = slm_setting(n_layer)
+    setting = slm_setting(n_layer, loaders.lm_lens_card(ref) is not None)
     if st.button("Generate", type="primary", key="slm.go"):
         if not prompt.strip():
             st.warning("The prompt is empty: type a question or the start of a text.")
         else:
-            st.session_state[SLM_REQ] = (prompt, setting)
+            st.session_state[SLM_REQ] = (ref, prompt, setting)
     req = st.session_state.get(SLM_REQ)
+    if req is not None and req[0] != ref:  # generated by another model
+        req = None
     if req is None:
         st.caption(f"Press Generate to run {card.title.split(' (')[0]} here, on this CPU.")
     else:
+        req = req[1:]
         if req != (prompt, setting):
             st.caption("The settings changed since this generation: press Generate to rerun.")
         try:
@@ -360,7 +580,7 @@ def pretrained_lm_tab():
             live.check_prompt(req[0], ids)
             with st.spinner("Generating…"):
                 res = loaders.lm_run(ref, tuple(ids), repr(req[1]), req[1])
-        except (ValueError, live.LoadError) as e:
+        except (ValueError, live.LoadError, RegistryError) as e:  # RegistryError: a bad lens
             st.error(f"Cannot generate: {e}.")
             return
         key = hashlib.sha256(repr((ref, req)).encode()).hexdigest()[:12]
@@ -368,7 +588,7 @@ def pretrained_lm_tab():
         slm_heatmap(res, key)
         slm_attribution(ref, res, key)
     slm_quality_curves(card)
-    slm_lens_comparison(card)
+    slm_lens_comparison(ref, card)
 
 
 # --- tab 1: the text classifier ----------------------------------------------------------------

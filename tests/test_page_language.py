@@ -57,7 +57,9 @@ def test_page_renders_every_tab(app):
     assert 1.0 <= per_token <= 6.0
     assert any("layers run" in m.value for m in app.markdown)
     charts = app.get("plotly_chart")
-    assert len(charts) == 4  # exit probabilities, depth vs agreement, quality, perplexity
+    # SmolLM2's study curves and lens comparison (stored files, no model load), exit
+    # probabilities, depth vs agreement, quality, perplexity
+    assert len(charts) == 6
 
 
 def test_threshold_changes_depth(app):
@@ -200,8 +202,11 @@ def test_the_pretrained_tab_waits_for_generate_and_says_what_is_not_built(slm):
     assert not token_spans(slm)
     assert any("Press Generate" in c.value for c in slm.caption)
     infos = [i.value for i in slm.info]
-    assert any(i.startswith("Not built yet: the evaluation") for i in infos)
-    assert any(i.startswith("Not built yet: no tuned lens") for i in infos)
+    assert any(i.startswith("Not built for this model: the study") for i in infos)
+    assert any(i.startswith("No tuned lens for tiny_lm") and "train_lens" in i for i in infos)
+    lens = slm.radio(key="slm.lens")  # no tuned lens: the option is there, but off
+    assert lens.disabled and lens.options == ["logit lens"]
+    assert any("has no tuned lens" in c.value for c in slm.caption)
 
 
 def test_tokens_are_coloured_by_their_exit_layer(slm):
@@ -321,3 +326,196 @@ def test_the_real_model_answers_in_the_page(monkeypatch):
     assert any("Paris" in t.value for t in at.text)  # the full model's own greedy answer
     layers = {k for k, _ in token_spans(at)}
     assert len(layers) > 1  # some tokens leave early, some run deeper
+
+
+# --- the study (SmolLM2's shipped records) and the lens comparison: no model load --------------
+
+
+def need_study():
+    from engine.families.hf_causal_lm.study import study_files
+    from engine.families.hf_causal_lm.tuned_lens import lens_card
+
+    if not study_files()["card"].exists():
+        pytest.skip("the SmolLM2 study is not built")
+    try:
+        lens_card()
+    except Exception as e:  # noqa: BLE001 - any missing piece skips
+        pytest.skip(f"the SmolLM2 tuned lens is not shipped: {e}")
+
+
+@pytest.fixture
+def study_page(monkeypatch):
+    """The language page on SmolLM2's card: the curve and lens sections read stored files."""
+    need_bundled()
+    need_study()
+    monkeypatch.delenv("AIE_LM_CARD", raising=False)
+    at = AppTest.from_file(str(ROOT / "pages/language.py"), default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def chart_named(at: AppTest, name: str) -> list[dict]:
+    """The traces of the chart one of whose traces is called ``name``."""
+    for i in range(len(at.get("plotly_chart"))):
+        traces = chart(at, i)
+        if any(t.get("name") == name for t in traces):
+            return traces
+    raise AssertionError(f"no chart has a trace {name!r}")
+
+
+ORACLE = "per-sequence oracle: greedy output identical"
+
+
+def test_the_quality_chart_has_every_method_and_the_oracle(study_page):
+    from engine.families.hf_causal_lm.study import METHOD_LABELS, load_study
+
+    study = load_study()
+    traces = {t["name"]: t for t in chart_named(study_page, ORACLE)}
+    for method, label in METHOD_LABELS.items():
+        assert label in traces, method
+        assert len(traces[label]["x"]) == study.curve(method).height  # short: drawn whole
+    o = study.oracle
+    assert list(traces[ORACLE]["x"]) == [o.greedy_fraction * 30]
+    ppl = next(t for n, t in traces.items() if n.startswith("per-sequence oracle: perplexity"))
+    assert list(ppl["x"]) == [o.perplexity_fraction * 30]
+    ref = next(t for n, t in traces.items() if n.startswith("oracle of Glavas"))
+    assert set(ref["x"]) == {0.233 * 30}
+    captions = " ".join(c.value for c in study_page.caption)
+    assert "23.3% in Glavas et al." in captions and "Skipping is far more robust" in captions
+    study_page.radio(key="slm.st.metric").set_value("perplexity").run()
+    assert not study_page.exception, study_page.exception
+    import json
+
+    spec = next(
+        json.loads(c.proto.spec) for c in study_page.get("plotly_chart") if ORACLE in c.proto.spec
+    )
+    assert spec["layout"]["yaxis"]["type"] == "log"
+
+
+def test_the_threshold_slider_places_the_simulated_setting(study_page):
+    from engine.families.hf_causal_lm.study import load_study
+
+    study = load_study()
+    label = "Simulated mean layers per token"
+    shown = []
+    for measure, t in (("margin", 0.5), ("margin", 0.95), ("gate", 0.3)):
+        study_page.selectbox(key="slm.st.measure").set_value(measure).run()
+        study_page.slider(key=f"slm.st.t.{measure}").set_value(t).run()
+        assert not study_page.exception, study_page.exception
+        out = study.simulate(measure, t)
+        assert metric(study_page, label) == f"{out.mean_layers:.2f} / 30"
+        assert metric(study_page, "Next-token agreement") == f"{out.agreement:.1%}"
+        star = next(
+            tr for tr in chart_named(study_page, ORACLE) if tr["name"].startswith("your setting")
+        )
+        assert list(star["x"]) == [out.mean_layers] and list(star["y"]) == [out.agreement]
+        shown.append(metric(study_page, label))
+    assert len(set(shown)) == 3
+
+
+def test_the_lens_comparison_shows_both_lenses_per_data_set(study_page):
+    import polars as pl
+
+    from engine.families.hf_causal_lm import tuned_lens as TL
+
+    df = TL.lens_comparison(TL.lens_card(), "comparison")
+    seen = {}
+    for ds in ("bbc", "tweets"):
+        study_page.selectbox(key="slm.lens.ds").set_value(ds).run()
+        for m in ("agreement", "kl"):
+            study_page.radio(key="slm.lens.metric").set_value(m).run()
+            traces = {t["name"]: t for t in chart_named(study_page, "tuned lens")}
+            assert set(traces) == {"logit lens", "tuned lens"}
+            for lens in ("logit", "tuned"):
+                want = df.filter((pl.col("dataset") == ds) & (pl.col("lens") == lens))
+                got = traces[f"{lens} lens"]["y"]
+                assert np.allclose(got, want.sort("layer")[m].to_numpy())
+            seen[(ds, m)] = traces["tuned lens"]["y"]
+    assert not np.allclose(seen[("bbc", "kl")], seen[("tweets", "kl")])
+
+
+# --- the tuned lens in generation, and the user's own decoders (tiny Llama) ------------------
+
+
+def save_tiny_lens(folder: Path, lm_dir: Path) -> None:
+    """A tuned lens for the tiny model whose every translation points at one head row: far
+    surer (max-prob ~0.0145) than the random model's own logit lens (< 0.007)."""
+    import torch
+
+    from engine.core.training import save_model
+    from engine.families.hf_causal_lm import tuned_lens as TL
+    from engine.families.hf_causal_lm.model import load
+
+    lm = load(lm_dir)
+    lens = TL.TunedLens(TL.TunedLensConfig(lm.n_layer, 64, 4, "tiny_lm"))
+    row = lm.hf.lm_head.weight.detach()[65]
+    with torch.no_grad():
+        lens.bias[:] = 100 * row / row.norm()
+    card = {
+        "model_id": TL.card_id("tiny_lm"),
+        "family": "hf_causal_lm",
+        "module": "engine.families.hf_causal_lm.tuned_lens",
+        "config": TL.config_dict(lens.cfg),
+    }
+    save_model(lens, card, folder)
+
+
+def test_the_tuned_lens_option_changes_where_tokens_exit(tiny_card, tmp_path, monkeypatch):
+    import json
+
+    from engine import paths
+
+    save_tiny_lens(tmp_path, Path(json.loads(tiny_card.read_text())["config"]["path"]))
+    monkeypatch.setattr(paths, "LENSES_DIR", tmp_path)
+    monkeypatch.setenv("AIE_LM_CARD", str(tiny_card))
+    at = AppTest.from_file(str(ROOT / "pages/language.py"), default_timeout=120)
+    at.run()
+    assert not at.radio(key="slm.lens").disabled
+    generate(at, **{"slm.minlayer": 1, "slm.t.max_prob": 0.01, "slm.lens": "logit"})
+    assert {k for k, _ in token_spans(at)} == {3}  # the logit lens is never that sure
+    generate(at, **{"slm.lens": "tuned"})
+    exits = [k for k, _ in token_spans(at)]
+    assert exits[0] == 3 and set(exits[1:]) == {0}  # through the tuned lens, every one is
+    assert metric(at, "Mean layers per token") == "1.1 / 4"
+
+
+def test_a_users_decoder_is_in_the_picker(tiny_card, tmp_path, monkeypatch):
+    import json
+
+    from engine.registry import save_user_model
+
+    monkeypatch.setenv("AIE_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("AIE_LM_CARD", raising=False)
+    need_bundled()
+    raw = json.loads(tiny_card.read_text())
+    save_user_model(
+        {
+            **raw,
+            "model_id": "my_decoder",
+            "title": "LlamaForCausalLM (4 layers), read at every layer",
+            "metrics": {
+                "logit_lens": {
+                    "tokens": 40,
+                    "agreement_per_layer": [0.1, 0.2, 0.4, 1.0],
+                    "kl_per_layer": [3.0, 2.0, 1.0, 0.0],
+                    "perplexity_per_layer": [90.0, 80.0, 70.0, 60.0],
+                }
+            },
+        }
+    )
+    at = AppTest.from_file(str(ROOT / "pages/language.py"), default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    pick = at.selectbox(key="slm.model")
+    assert pick.options[0].startswith("SmolLM2") and "my_decoder, yours" in pick.options[1]
+    pick.set_value("my_decoder").run()
+    assert not at.exception, at.exception
+    assert any("LlamaForCausalLM (4 layers)" in m.value for m in at.markdown)
+    assert any(i.value.startswith("Not built for this model") for i in at.info)
+    assert at.radio(key="slm.lens").disabled
+    traces = chart_named(at, "logit lens")
+    assert [t["name"] for t in traces] == ["logit lens"]
+    assert list(traces[0]["y"]) == [0.1, 0.2, 0.4, 1.0]
+    generate(at, **{"slm.minlayer": 1, "slm.t.max_prob": 1.01, "slm.n": 4})
+    assert {k for k, _ in token_spans(at)} == {3}  # the user's 4-layer model answered

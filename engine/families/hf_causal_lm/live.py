@@ -25,6 +25,8 @@ __all__ = ["LoadError", "chat_ids"]  # for the app, which does not import model 
 
 Mode = Literal["exit", "skip", "speculate"]
 MODES: tuple[Mode, ...] = ("exit", "skip", "speculate")
+LensName = Literal["logit", "tuned"]
+LENSES: tuple[LensName, ...] = ("logit", "tuned")
 SKIP_PATTERNS = ("middle", "evenly", "chosen")
 # Every live generation also runs the full model's greedy answer and the logit lens over the
 # text (one step per token, layer by layer): a longer prompt keeps a CPU busy for too long.
@@ -44,10 +46,15 @@ class Setting:
     draft_len: int = 4
     draft_exit: int = 8
     max_new_tokens: int = 32
+    # early exit: read the confidence and the exiting token through the logit lens or the
+    # model's tuned lens (a name, so the setting stays a small cache key; ``run`` gets the lens)
+    lens: LensName = "logit"
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; one of {MODES}")
+        if self.lens not in LENSES:
+            raise ValueError(f"unknown lens {self.lens!r}; one of {LENSES}")
 
 
 def check_prompt(text: str, ids: Sequence[int]) -> None:
@@ -156,8 +163,11 @@ def read_layers(lm: CausalLM, prompt: list[int], tokens: Sequence[int]):
     return lens.max_prob[:, cols], top1 == top1[-1:]
 
 
-def run(lm: CausalLM, prompt: Sequence[int], s: Setting) -> LiveResult:
-    """Decode ``prompt`` as ``s`` says, next to the full model's greedy decoding."""
+def run(lm: CausalLM, prompt: Sequence[int], s: Setting, tuned=None) -> LiveResult:
+    """Decode ``prompt`` as ``s`` says, next to the full model's greedy decoding. ``tuned``:
+    the model's tuned lens (``tuned_lens.TunedLens``), needed when ``s.lens`` is "tuned"."""
+    if s.mode == "exit" and s.lens == "tuned" and tuned is None:
+        raise ValueError("this model has no tuned lens to read the confidence through")
     prompt = [int(i) for i in prompt]
     n, n_new = lm.n_layer, int(s.max_new_tokens)
     ref = A.generate(lm, prompt, n_new)
@@ -170,7 +180,8 @@ def run(lm: CausalLM, prompt: Sequence[int], s: Setting) -> LiveResult:
         extra = dict(drafted=sp.drafted, accepted=sp.accepted, rounds=sp.rounds)
     else:
         if s.mode == "exit":
-            rule = A.ExitRule(s.measure, s.threshold, s.min_layer)
+            lens = tuned if s.lens == "tuned" else None
+            rule = A.ExitRule(s.measure, s.threshold, s.min_layer, lens=lens)
             g = A.generate(lm, prompt, n_new, rule=rule, fill=s.fill)
         else:
             g = A.generate(lm, prompt, n_new, skip=s.skip)
