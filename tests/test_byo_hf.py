@@ -288,6 +288,31 @@ def test_a_lens_is_never_replaced_without_overwrite(decoder, files, data_dir):
     assert (lens.path.read_bytes(), lens.weights_path.read_bytes()) == before
 
 
+def test_a_lens_left_without_its_model_is_not_replaced_without_overwrite(decoder, files, data_dir):
+    lens = TL.lens_for(decoder)
+    orphan = data_dir / "models" / "lenses" / "orphan_tuned_lens.safetensors"
+    orphan.write_bytes(lens.weights_path.read_bytes())
+    argv = ["hf", files["llama"], "--name", "orphan", "--text", files["text"]]
+    rc, _, err = run_cli(*argv)
+    assert rc == 2 and "orphan_tuned_lens.json exists; pass --overwrite" in err
+    assert orphan.read_bytes() == lens.weights_path.read_bytes()
+    with pytest.raises(RegistryError):
+        get_card("orphan")
+    rc, _, err = run_cli(*argv, "--no-tuned-lens")  # nor deleted without it
+    assert rc == 0 and orphan.read_bytes() == lens.weights_path.read_bytes(), err
+    orphan.unlink()
+
+
+def test_an_encoder_replacing_a_decoder_leaves_no_lens(files, data_dir):
+    rc, _, err = run_cli("hf", files["llama"], "--name", "swap", "--text", files["text"])
+    assert rc == 0 and TL.lens_for(get_card("swap")) is not None, err
+    argv = ["hf", files["bert"], "--name", "swap", "--csv", files["csv"], "--overwrite", *FAST]
+    rc, _, err = run_cli(*argv)
+    assert rc == 0, err
+    assert get_card("swap").family == "hf_encoder"
+    assert not any((data_dir / "models" / "lenses").glob("swap_*"))
+
+
 def test_no_tuned_lens_measures_the_logit_lens_only(files, data_dir):
     argv = ["hf", files["llama"], "--name", "llama_nolens", "--text", files["text"]]
     rc, out, err = run_cli(*argv, "--no-tuned-lens")
@@ -313,8 +338,9 @@ def test_progress_reaches_the_page_with_the_time_left(files, data_dir):
     assert len(training) >= 50 and all(w.endswith(" s left") for w in training)
 
 
-def test_a_bundled_model_finds_its_shipped_lens():
+def test_a_bundled_model_finds_its_shipped_lens(encoder):
     assert TL.lens_for(get_card("smollm2_135m")).path == TL.lens_card().path
+    assert TL.lens_for(get_card("mnist_act")) is None and TL.lens_for(encoder) is None
 
 
 # --- bad input -------------------------------------------------------------------------------

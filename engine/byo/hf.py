@@ -442,7 +442,8 @@ def add_encoder(
     trace.write_parquet(user_trace_file(name, "test"))
     from engine.families.hf_causal_lm.tuned_lens import remove_user_lens
 
-    remove_user_lens(name)  # a decoder this encoder replaced (--overwrite) leaves no lens
+    if overwrite:
+        remove_user_lens(name)  # a decoder this encoder replaced leaves no lens
     if report is not None:
         report("saved", 1.0)
     return card
@@ -578,6 +579,8 @@ def add_decoder(
     from engine.families.hf_causal_lm import tuned_lens as TL
 
     body = _read_text(text) if text is not None else None
+    if body is not None and lens_options is not None and not overwrite:
+        TL.check_new_user_lens(name)  # a lens left without its model: refused before minutes
     if report is not None:
         report("loading the model", 0.0)
     from transformers.utils import logging
@@ -641,7 +644,7 @@ def add_decoder(
             "train_tokens": lens_raw["data"]["train_tokens"],
             "comparison": lens_raw["metrics"]["comparison"],
         }
-    else:
+    elif overwrite:
         TL.remove_user_lens(name)  # the model it was trained for is replaced
     card = save_user_model(raw, None, overwrite=overwrite)
     # an encoder replaced by this decoder (--overwrite) leaves no trace or weights behind

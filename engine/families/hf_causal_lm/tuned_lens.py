@@ -112,6 +112,8 @@ def lens_card(base: str = "smollm2_135m", lenses_dir: Path = LENSES_DIR) -> Mode
 def lens_for(card: ModelCard) -> ModelCard | None:
     """The tuned lens trained for the model ``card`` (bundled: in LENSES_DIR; the user's: in
     the user's lens folder), or None when it has none."""
+    if card.family != "hf_causal_lm":
+        return None
     try:
         return lens_card(card.model_id, user_lenses_dir() if card.user else LENSES_DIR)
     except RegistryError:
@@ -126,12 +128,18 @@ def save_user_lens(lens: TunedLens, raw: dict, overwrite: bool = False) -> Model
 
     from engine.core.training import save_model
 
+    if not overwrite:
+        check_new_user_lens(raw["config"]["base"])
     folder = user_lenses_dir()
-    card = folder / f"{raw['model_id']}.json"
-    if not overwrite and (card.exists() or card.with_suffix(".safetensors").exists()):
-        raise RegistryError(f"the tuned lens {card.name} exists; pass --overwrite to replace it")
     save_model(copy.deepcopy(lens).half(), {**raw, "user": True}, folder)
     return get_card(raw["model_id"], folder)
+
+
+def check_new_user_lens(model_id: str) -> None:
+    """RegistryError if the user model ``model_id`` already has a lens (or a part of one)."""
+    card = user_lenses_dir() / f"{card_id(model_id)}.json"
+    if card.exists() or card.with_suffix(".safetensors").exists():
+        raise RegistryError(f"the tuned lens {card.name} exists; pass --overwrite to replace it")
 
 
 def remove_user_lens(model_id: str) -> None:
