@@ -52,3 +52,11 @@ def user_traces_dir() -> Path:
     d = data_dir() / "traces"
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def user_lenses_dir() -> Path:
+    """Tuned lenses trained for the user's causal LMs (cards alike, ``<model_id>_tuned_lens``),
+    beside their models but outside the registry's scan: read-outs of a model, not models."""
+    d = user_models_dir() / "lenses"
+    d.mkdir(parents=True, exist_ok=True)
+    return d

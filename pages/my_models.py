@@ -59,7 +59,8 @@ with st.form("byo.hf"):
         "Data file",
         placeholder="/home/me/data/reviews.csv",
         help="An encoder needs a CSV with a header row text,label (its exit heads are trained "
-        "on it); a causal LM takes a UTF-8 .txt file (its logit lens is measured on it).",
+        "on it); a causal LM takes a UTF-8 .txt file (its logit lens is measured on it and a tuned "
+        "lens is trained on it, with its last fifth held out to compare the two).",
     )
     c1, c2 = st.columns(2)
     joint = c1.checkbox("Fine-tune the encoder with its exits (slower)")

@@ -112,3 +112,15 @@ def text_file(path: Path, n_words: int = 120, seed: int = 0) -> Path:
     rng = random.Random(seed)
     path.write_text(" ".join(rng.choice(WORDS) for _ in range(n_words)) + "\n")
     return path
+
+
+def pattern_text(path: Path, n_patterns: int = 40, repeats: int = 4, seed: int = 0) -> Path:
+    """Text a tuned lens can learn from: random six-word patterns, each repeated (a random
+    model's later layers predict a repeat better than its early ones, in a learnable way)."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_patterns):
+        pat = [rng.choice(WORDS) for _ in range(6)]
+        lines.append(" ".join(pat * repeats))
+    path.write_text("\n".join(lines) + "\n")
+    return path

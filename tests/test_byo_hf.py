@@ -2,7 +2,8 @@
 
 A tiny random BERT classifier + a keyword CSV -> exit heads trained -> a trace the tuning page
 lists -> the real runtime agrees with it; a tiny Llama -> per-layer logit-lens results in its
-card; every bad input -> exit code 2, one line on stderr, the user folder untouched.
+card and a tuned lens trained on the text, in the user's lens folder; every bad input -> exit
+code 2, one line on stderr, the user folder untouched.
 """
 
 from __future__ import annotations
@@ -26,8 +27,15 @@ from engine.byo import __main__ as cli  # noqa: E402
 from engine.byo import hf  # noqa: E402
 from engine.core.policies import Policy, exit_index  # noqa: E402
 from engine.families import cards_of_kind, get, load_model  # noqa: E402
+from engine.families.hf_causal_lm import tuned_lens as TL  # noqa: E402
 from engine.families.hf_encoder import model as hfe  # noqa: E402
-from engine.registry import get_card  # noqa: E402
+from engine.registry import (  # noqa: E402
+    RegistryError,
+    get_card,
+    list_cards,
+    sha256_file,
+    verified_weights,
+)
 from engine.run.runtime import EarlyExitRunner  # noqa: E402
 from engine.trace_store import available_traces, load_trace, user_trace_file  # noqa: E402
 from tests import helpers_byo as H  # noqa: E402
@@ -44,7 +52,8 @@ def files(tmp_path_factory):
         "bert": H.tiny_bert(d / "bert"),
         "csv": H.keyword_csv(d / "reviews.csv"),
         "llama": H.tiny_llama(d / "llama"),
-        "text": H.text_file(d / "notes.txt"),
+        "text": H.pattern_text(d / "notes.txt"),  # learnable: the tuned lens beats the logit lens
+        "short": H.text_file(d / "short.txt", n_words=40),
         "dir": d,
     }
 
@@ -82,6 +91,8 @@ def encoder(files, data_dir):
 def decoder(files, data_dir):
     rc, out, err = run_cli("hf", files["llama"], "--name", "my_llama", "--text", files["text"])
     assert rc == 0, err
+    assert "tuned lens: " in out and "held-out KL at layer 1" in out
+    assert "translators: 100%" in err  # the CLI's progress bar (tqdm, with its time left)
     return get_card("my_llama")
 
 
@@ -228,6 +239,110 @@ def test_decoder_logit_lens_in_the_card(decoder, files):
     assert lm.n_layer == 3
 
 
+def _kl(df) -> dict[str, list[float]]:
+    return {n: df.filter(df["lens"] == n).sort("layer")["kl"].to_list() for n in ("logit", "tuned")}
+
+
+def test_decoder_gets_a_tuned_lens_that_beats_the_logit_lens_on_the_held_out_tail(
+    decoder, files, data_dir
+):
+    lens = TL.lens_for(decoder)
+    assert lens is not None and lens.path.parent == data_dir / "models" / "lenses"
+    assert lens.model_id == "my_llama_tuned_lens" and lens.config["base"] == "my_llama"
+    assert lens.model_id not in [c.model_id for c in list_cards()]  # a read-out, not a model
+    assert lens.raw["weights_sha256"] == sha256_file(lens.weights_path)
+    verified_weights(lens)  # the SHA in its card is checked on load
+    stored = decoder.raw["metrics"]["tuned_lens"]
+    assert stored["weights_sha256"] == lens.raw["weights_sha256"]
+    assert stored["card"] == lens.model_id
+    df = TL.lens_comparison(lens)  # the shipped lens's layout: the page reads both alike
+    assert set(df.columns) >= {"dataset", "lens", "layer", "agreement", "kl", "perplexity"}
+    assert df.height == 2 * 3 and set(df["dataset"]) == {"notes"}
+    assert df.to_dicts() == stored["comparison"]["rows"]
+    kl = _kl(df)
+    assert kl["tuned"][-1] == pytest.approx(kl["logit"][-1])  # the last layer is the output
+    for j in range(2):
+        assert kl["tuned"][j] < 0.9 * kl["logit"][j], (j, kl)
+    data = lens.raw["data"]
+    assert data["sha256"] == decoder.raw["data"]["sha256"]
+    assert data["train_tokens"] == 4 * data["held_out_tokens"] > 0  # the last fifth held out
+    # the file holds what was measured: the held-out tail read again through the loaded lens
+    from engine.families.hf_causal_lm.model import encode
+
+    lm = get("hf_causal_lm").load(decoder)
+    ids = encode(lm, files["text"].read_text())
+    tail = ids[len(ids) - data["held_out_tokens"] :]
+    again = TL.compare(
+        lm, TL.load(lens), [tail[i : i + 128] for i in range(0, len(tail), 128)], "notes"
+    )
+    assert _kl(again)["tuned"] == pytest.approx(kl["tuned"], rel=1e-6)
+
+
+def test_a_lens_is_never_replaced_without_overwrite(decoder, files, data_dir):
+    lens = TL.lens_for(decoder)
+    before = (lens.path.read_bytes(), lens.weights_path.read_bytes())
+    rc, _, err = run_cli("hf", files["llama"], "--name", "my_llama", "--text", files["text"])
+    assert rc == 2 and "pass --overwrite" in err
+    with pytest.raises(RegistryError, match="pass --overwrite"):
+        TL.save_user_lens(TL.load(lens), dict(lens.raw))
+    assert (lens.path.read_bytes(), lens.weights_path.read_bytes()) == before
+
+
+def test_a_lens_left_without_its_model_is_not_replaced_without_overwrite(decoder, files, data_dir):
+    lens = TL.lens_for(decoder)
+    orphan = data_dir / "models" / "lenses" / "orphan_tuned_lens.safetensors"
+    orphan.write_bytes(lens.weights_path.read_bytes())
+    argv = ["hf", files["llama"], "--name", "orphan", "--text", files["text"]]
+    rc, _, err = run_cli(*argv)
+    assert rc == 2 and "orphan_tuned_lens.json exists; pass --overwrite" in err
+    assert orphan.read_bytes() == lens.weights_path.read_bytes()
+    with pytest.raises(RegistryError):
+        get_card("orphan")
+    rc, _, err = run_cli(*argv, "--no-tuned-lens")  # nor deleted without it
+    assert rc == 0 and orphan.read_bytes() == lens.weights_path.read_bytes(), err
+    orphan.unlink()
+
+
+def test_an_encoder_replacing_a_decoder_leaves_no_lens(files, data_dir):
+    rc, _, err = run_cli("hf", files["llama"], "--name", "swap", "--text", files["text"])
+    assert rc == 0 and TL.lens_for(get_card("swap")) is not None, err
+    argv = ["hf", files["bert"], "--name", "swap", "--csv", files["csv"], "--overwrite", *FAST]
+    rc, _, err = run_cli(*argv)
+    assert rc == 0, err
+    assert get_card("swap").family == "hf_encoder"
+    assert not any((data_dir / "models" / "lenses").glob("swap_*"))
+
+
+def test_no_tuned_lens_measures_the_logit_lens_only(files, data_dir):
+    argv = ["hf", files["llama"], "--name", "llama_nolens", "--text", files["text"]]
+    rc, out, err = run_cli(*argv, "--no-tuned-lens")
+    assert rc == 0, err
+    card = get_card("llama_nolens")
+    assert "logit_lens" in card.raw["metrics"] and "tuned_lens" not in card.raw["metrics"]
+    assert "--no-tuned-lens" in card.raw["training_command"]
+    assert TL.lens_for(card) is None and "translators" not in err
+    assert not (data_dir / "models" / "lenses" / "llama_nolens_tuned_lens.json").exists()
+
+
+def test_progress_reaches_the_page_with_the_time_left(files, data_dir):
+    seen = []
+    hf.add_checkpoint(
+        files["llama"],
+        "llama_progress",
+        text=files["text"],
+        report=lambda w, f: seen.append((w, f)),
+    )
+    fractions = [f for _, f in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    training = [w for w, _ in seen if w.startswith("training the tuned lens")]
+    assert len(training) >= 50 and all(w.endswith(" s left") for w in training)
+
+
+def test_a_bundled_model_finds_its_shipped_lens(encoder):
+    assert TL.lens_for(get_card("smollm2_135m")).path == TL.lens_card().path
+    assert TL.lens_for(get_card("mnist_act")) is None and TL.lens_for(encoder) is None
+
+
 # --- bad input -------------------------------------------------------------------------------
 
 
@@ -333,13 +448,14 @@ CASES = {
     "decoder_with_csv": ("llama", ["--csv", "CSV"], "give --text"),
     "bundled_name": ("bert", ["--csv", "CSV", "--name", "mnist_act"], "is a bundled model"),
     "existing_name": ("llama", ["--text", "TEXT", "--name", "my_llama"], "pass --overwrite"),
+    "text_too_short_for_a_lens": ("llama", ["--text", "SHORT"], "or pass --no-tuned-lens"),
 }
 
 
 def _argv(case, files, bad):
     key, extra, _ = CASES[case]
     path = files.get(key) or bad.get(key) or files["dir"] / key
-    subst = {"CSV": files["csv"], "TEXT": files["text"]}
+    subst = {"CSV": files["csv"], "TEXT": files["text"], "SHORT": files["short"]}
     extra = [str(subst.get(a) or bad.get(a) or a) for a in extra]
     name = [] if "--name" in extra else ["--name", f"bad_{case}"]
     return ["hf", str(path), *name, *extra]
@@ -365,10 +481,13 @@ def test_overwrite_replaces_only_when_asked(files, decoder, data_dir):
     assert rc == 0, err
     assert get_card("my_llama").raw["metrics"] == {}  # no --text this time: replaced
     assert not stale.exists() and ("my_llama", "test") not in available_traces()
+    assert TL.lens_for(get_card("my_llama")) is None  # nor the lens of the model it replaced
+    assert not any((data_dir / "models" / "lenses").glob("my_llama_*"))
     rc, _, err = run_cli(
         "hf", files["llama"], "--name", "my_llama", "--text", files["text"], "--overwrite"
     )
     assert rc == 0 and json.loads(first)["metrics"] == get_card("my_llama").raw["metrics"]
+    assert TL.lens_for(get_card("my_llama")) is not None
 
 
 def test_real_command_line_refuses_a_pickle(bad, tmp_path):
@@ -427,7 +546,8 @@ def test_a_gguf_file_is_a_decoder(tmp_path, monkeypatch):
     monkeypatch.setenv("AIE_DATA_DIR", str(tmp_path / "data"))
     text = tmp_path / "news.txt"
     text.write_text("The government said on Tuesday that the new rail line would open next year.")
-    rc, _, err = run_cli("hf", gguf, "--name", "my_smollm2", "--text", text)
+    # one sentence: too short to train a tuned lens on (and SmolLM2's would take minutes here)
+    rc, _, err = run_cli("hf", gguf, "--name", "my_smollm2", "--text", text, "--no-tuned-lens")
     assert rc == 0, err
     card = get_card("my_smollm2")
     assert card.config == {"path": str(gguf.parent.resolve()), "gguf": gguf.name}

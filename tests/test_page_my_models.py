@@ -11,6 +11,7 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
+from engine.families.hf_causal_lm import tuned_lens as TL
 from engine.registry import get_card
 from tests import helpers_byo as H
 
@@ -86,6 +87,9 @@ def test_adds_a_causal_lm_and_lists_it(files, data_dir):
     assert str(files["text"]) in row["data"]
     card = get_card("page_llama")
     assert len(card.raw["metrics"]["logit_lens"]["agreement_per_layer"]) == 3
+    assert "held-out KL at layer 1: tuned lens" in row["metrics"]  # a tuned lens, trained on it
+    lens = TL.lens_for(card)
+    assert lens is not None and lens.path.parent == data_dir / "models" / "lenses"
     # the same name again, without "replace": refused, the card as it was
     before = card.path.read_bytes()
     at = submit(files["llama"], "page_llama")
@@ -95,6 +99,7 @@ def test_adds_a_causal_lm_and_lists_it(files, data_dir):
     at = submit(files["llama"], "page_llama", overwrite=True)
     assert not errors(at), errors(at)
     assert get_card("page_llama").raw["metrics"] == {}
+    assert TL.lens_for(get_card("page_llama")) is None and not lens.path.exists()
 
 
 def test_adds_an_encoder_with_trained_exits(files, data_dir):

@@ -1,7 +1,7 @@
 """Way in: a Hugging Face checkpoint on disk (config.json + safetensors, or a GGUF file).
 
-    python -m engine.byo hf PATH --name ID [--csv FILE.csv] [--text FILE.txt] [--joint]
-                                            [--overwrite]
+    python -m engine.byo hf PATH --name ID [--csv FILE.csv] [--text FILE.txt [--no-tuned-lens]]
+                                            [--joint] [--overwrite]
 
 ``inspect_checkpoint`` reads what the folder is without loading weights (config.json, the
 safetensors headers, the model built on the meta device) and refuses what cannot be used, one
@@ -11,7 +11,9 @@ sentence each. Then ``add_checkpoint``:
   ``--csv`` (``text,label``), and becomes a card of the ``hf_encoder`` family with its test
   trace written where the tuning page finds it;
 - a causal LM (Llama / Qwen layout, or a GGUF file) becomes a card of ``hf_causal_lm`` with its
-  per-layer logit-lens agreement, KL and perplexity on ``--text`` in the card's metrics.
+  per-layer logit-lens agreement, KL and perplexity on ``--text`` in the card's metrics, and a
+  tuned lens trained on the text's start (``train_lens.train``) saved in the user's lens folder
+  (``tuned_lens.lens_for`` finds it), compared with the logit lens on the held-out tail.
 
 The page ``pages/my_models.py`` calls the same functions; nothing here is downloaded
 (``local_files_only``) and pickled weights are never opened.
@@ -65,6 +67,28 @@ class Options:
     seed: int = 0
     max_length: int = 128  # tokens per text at most (the longest text sets the padded length)
     head_hidden: int = 128
+
+
+@dataclass(frozen=True)
+class LensOptions:
+    """How a causal LM's tuned lens is trained on ``--text``: the text's start (at most
+    ``train_tokens``) trains it, its tail (a fifth, at most ``eval_tokens``) is held out for the
+    comparison; the rest is train_lens's recipe for SmolLM2, with epochs scaled so a short text
+    still gets about ``steps`` steps."""
+
+    train_tokens: int = 8192
+    eval_tokens: int = 1024
+    eval_fraction: float = 0.2
+    min_train: int = 64
+    min_eval: int = 16
+    seq_len: int = 128
+    rank: int = 64
+    vocab: int = 4096
+    steps: int = 100
+    max_epochs: int = 200
+    batch: int = 256
+    lr: float = 3e-3
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -241,13 +265,15 @@ def _check_weights(folder: Path, meta: torch.nn.Module, name: str) -> None:
 # --- adding it ------------------------------------------------------------------------------
 
 
-def command(path, name, csv=None, text=None, joint=False, overwrite=False) -> str:
+def command(path, name, csv=None, text=None, joint=False, overwrite=False, tuned_lens=True) -> str:
     """The command line that does what was asked (recorded in the card, from CLI or page)."""
     argv = ["python", "-m", "engine.byo", COMMAND, str(path), "--name", name]
     if csv:
         argv += ["--csv", str(csv)]
     if text:
         argv += ["--text", str(text)]
+    if text and not tuned_lens:
+        argv.append("--no-tuned-lens")
     if joint:
         argv.append("--joint")
     if overwrite:
@@ -264,13 +290,16 @@ def add_checkpoint(
     overwrite: bool = False,
     options: Options = Options(),
     report=None,
+    tuned_lens: bool = True,
+    lens_options: LensOptions = LensOptions(),
 ) -> ModelCard:
     """Check, train or read, and save the user's checkpoint as a model card (the CLI's and the
     page's one entry). ``report(what, fraction)`` is called as work progresses (a page's bar;
-    tqdm shows the same on stderr). Nothing is written before everything has worked."""
+    tqdm shows the same on stderr). Nothing is written before everything has worked. A causal
+    LM given a text also gets a tuned lens trained on it, unless ``tuned_lens`` is False."""
     check_new_model_id(name, overwrite)
     ck = inspect_checkpoint(path)
-    cmd = command(path, name, csv, text, joint, overwrite)
+    cmd = command(path, name, csv, text, joint, overwrite, tuned_lens)
     if ck.kind == "encoder":
         if text and not csv:
             raise ByoError(
@@ -288,7 +317,9 @@ def add_checkpoint(
         )
     if joint:
         raise ByoError("--joint fine-tunes an encoder's exits; a causal language model has none")
-    return add_decoder(ck, name, Path(text) if text else None, overwrite, cmd, report)
+    text = Path(text) if text else None
+    lens = lens_options if tuned_lens else None
+    return add_decoder(ck, name, text, overwrite, cmd, report, lens)
 
 
 def _known_labels(config) -> tuple[str, ...] | None:
@@ -408,6 +439,10 @@ def add_encoder(
     }
     card = save_user_model(raw, model.state_dict(), overwrite=overwrite)
     trace.write_parquet(user_trace_file(name, "test"))
+    from engine.families.hf_causal_lm.tuned_lens import remove_user_lens
+
+    if overwrite:
+        remove_user_lens(name)  # a decoder this encoder replaced leaves no lens
     if report is not None:
         report("saved", 1.0)
     return card
@@ -434,13 +469,117 @@ def _read_text(path: Path) -> str:
     return text
 
 
+def _lens_split(ids: list[int], text: Path, o: LensOptions) -> tuple[list[int], list[int]]:
+    """(training ids, held-out ids): the text's start and its tail, sizes scaled to the text."""
+    n_eval = min(o.eval_tokens, max(o.min_eval, round(len(ids) * o.eval_fraction)))
+    n_train = min(o.train_tokens, len(ids) - n_eval)
+    if n_train < o.min_train:
+        raise ByoError(
+            f"{text.name} is {len(ids)} tokens long; training a tuned lens on it needs at least "
+            f"{o.min_train + o.min_eval} (give a longer text, or pass --no-tuned-lens)"
+        )
+    return ids[:n_train], ids[len(ids) - n_eval :]
+
+
+def _chunks(ids: list[int], size: int) -> list[list[int]]:
+    """Consecutive pieces of ``size`` tokens (each read as its own sequence), none under two."""
+    return [c for c in (ids[i : i + size] for i in range(0, len(ids), size)) if len(c) >= 2]
+
+
+def _report_part(report, lo: float, hi: float):
+    """``report`` for one stretch [lo, hi] of the whole bar."""
+    if report is None:
+        return None
+    return lambda what, f: report(what, lo + (hi - lo) * float(f))
+
+
+def train_user_lens(lm, name: str, ids: list[int], text: Path, o: LensOptions, cmd: str, report):
+    """A tuned lens for the user's model trained on the start of ``ids`` and compared with the
+    logit lens on the held-out tail: (the lens, its card's fields)."""
+    from engine.families.hf_causal_lm import train_lens as T
+    from engine.families.hf_causal_lm import tuned_lens as TL
+
+    train_ids, eval_ids = _lens_split(ids, text, o)
+    if lm.n_layer < 2:
+        raise ByoError("a tuned lens needs a model of at least two layers; pass --no-tuned-lens")
+    cfg = TL.TunedLensConfig(lm.n_layer, lm.hidden_size, min(o.rank, lm.hidden_size), name)
+    steps_per_epoch = -(-len(train_ids) // o.batch)
+    epochs = max(2, min(o.max_epochs, -(-o.steps // steps_per_epoch)))
+    if report is not None:
+        report("reading the model's states on the text", 0.15)
+    torch.manual_seed(o.seed)
+    lens, info = T.train(
+        lm,
+        _chunks(train_ids, o.seq_len),
+        cfg,
+        o.vocab,
+        epochs,
+        o.batch,
+        o.lr,
+        o.seed,
+        report=_report_part(report, 0.2, 0.9),
+    )
+    if report is not None:
+        report("comparing the tuned lens with the logit lens on the held-out tail", 0.9)
+    df = TL.compare(lm, lens, _chunks(eval_ids, o.seq_len), text.stem, o.seq_len)
+    comparison = {"max_len": o.seq_len, "max_tokens": len(eval_ids), "rows": df.to_dicts()}
+    raw = {
+        "model_id": TL.card_id(name),
+        "title": f"Tuned lens for {name}: a rank-{cfg.rank} affine translator per layer",
+        "family": "hf_causal_lm",
+        "module": "engine.families.hf_causal_lm.tuned_lens",
+        "config": TL.config_dict(cfg),
+        "dataset": text.stem,
+        "split": "train",
+        "paper": "Belrose et al. 2023, Eliciting latent predictions with the tuned lens",
+        "training": {
+            "objective": f"sum over layers of KL(final || lens_l) over the {o.vocab} tokens of "
+            "most final and logit-lens mass (renormalised); metrics over the full vocabulary",
+            "tokens": info["tokens"],
+            "seq_len": o.seq_len,
+            "batch": o.batch,
+            "lr": o.lr,
+            "optimizer": "Adam, learning rate decayed linearly to 0",
+        },
+        "seed": o.seed,
+        "epochs": epochs,
+        "training_command": cmd,
+        "train_seconds": info["train_seconds"],
+        "data": {
+            "text": str(text.resolve()),
+            "sha256": sha256_file(text),
+            "train_tokens": len(train_ids),
+            "held_out_tokens": len(eval_ids),
+            "held_out": f"the text's last {len(eval_ids)} tokens",
+        },
+        "metrics": {
+            "train_kl_sum_per_epoch": info["train_kl_sum_per_epoch"],
+            "train_vocab_mass": info["train_vocab_mass"],
+            "comparison": comparison,
+        },
+    }
+    return lens, raw
+
+
 def add_decoder(
-    ck: Checkpoint, name: str, text: Path | None, overwrite: bool, cmd: str, report=None
+    ck: Checkpoint,
+    name: str,
+    text: Path | None,
+    overwrite: bool,
+    cmd: str,
+    report=None,
+    lens_options: LensOptions | None = LensOptions(),
 ) -> ModelCard:
+    """The causal LM's card: the logit lens on the text's first tokens and, unless
+    ``lens_options`` is None, a tuned lens trained on the text (saved in the user's lens
+    folder; its held-out comparison in both cards)."""
     from engine.families.hf_causal_lm import analysis
     from engine.families.hf_causal_lm import model as lm_model
+    from engine.families.hf_causal_lm import tuned_lens as TL
 
     body = _read_text(text) if text is not None else None
+    if body is not None and lens_options is not None and not overwrite:
+        TL.check_new_user_lens(name)  # a lens left without its model: refused before minutes
     if report is not None:
         report("loading the model", 0.0)
     from transformers.utils import logging
@@ -458,11 +597,14 @@ def add_decoder(
     if body is not None:
         if lm.tokenizer is None:
             raise ByoError(f"{ck.folder.name} has no tokenizer, so --text cannot be read by it")
-        ids = lm_model.encode(lm, body)[:MAX_LENS_TOKENS]
+        all_ids = lm_model.encode(lm, body)
+        ids = all_ids[:MAX_LENS_TOKENS]
         if len(ids) < 2:
             raise ByoError(f"{text.name} is shorter than two tokens; the logit lens needs more")
+        if lens_options is not None:
+            _lens_split(all_ids, text, lens_options)  # a text too short: refused before work
         if report is not None:
-            report("logit lens", 0.5)
+            report("logit lens", 0.1)
         lens = analysis.logit_lens(lm, ids)
         metrics["logit_lens"] = {
             "tokens": len(ids),
@@ -471,6 +613,9 @@ def add_decoder(
             "perplexity_per_layer": [round(float(v), 4) for v in lens.perplexity],
         }
         data = {"text": str(text.resolve()), "sha256": sha256_file(text), "tokens": len(ids)}
+    tuned = None
+    if body is not None and lens_options is not None:
+        tuned, lens_raw = train_user_lens(lm, name, all_ids, text, lens_options, cmd, report)
     cfg = lm.hf.config
     config = {"path": str(ck.folder.resolve())}
     if ck.gguf:
@@ -490,6 +635,16 @@ def add_decoder(
         "data": data,
         "metrics": metrics,
     }
+    if tuned is not None:
+        lens_card = TL.save_user_lens(tuned, lens_raw, overwrite)
+        metrics["tuned_lens"] = {
+            "card": lens_card.model_id,
+            "weights_sha256": lens_card.raw["weights_sha256"],
+            "train_tokens": lens_raw["data"]["train_tokens"],
+            "comparison": lens_raw["metrics"]["comparison"],
+        }
+    elif overwrite:
+        TL.remove_user_lens(name)  # the model it was trained for is replaced
     card = save_user_model(raw, None, overwrite=overwrite)
     # an encoder replaced by this decoder (--overwrite) leaves no trace or weights behind
     from engine.trace_store import user_trace_file
@@ -522,7 +677,14 @@ def _summary(card: ModelCard) -> str:
         return f"test accuracy {acc[0]:.1%} at layer 1 … {acc[-1]:.1%} at layer {len(acc)}"
     if "logit_lens" in m:
         a = m["logit_lens"]["agreement_per_layer"]
-        return f"logit-lens agreement with the last layer {a[0]:.1%} at layer 1 … {a[-1]:.1%}"
+        out = f"logit-lens agreement with the last layer {a[0]:.1%} at layer 1 … {a[-1]:.1%}"
+        if "tuned_lens" in m:
+            first = {r["lens"]: r for r in m["tuned_lens"]["comparison"]["rows"] if r["layer"] == 0}
+            out += (
+                f"; held-out KL at layer 1: tuned lens {first['tuned']['kl']:.3f}, "
+                f"logit lens {first['logit']['kl']:.3f}"
+            )
+        return out
     return "no metrics"
 
 
@@ -553,7 +715,8 @@ DESCRIPTION = (
     f"{HELP}. An encoder or sequence classifier (BERT-like) gets an exit head after every "
     "layer, trained on --csv (backbone frozen unless --joint), a test trace for the tuning page "
     "and the real early-exit runtime; a causal LM (Llama/Qwen layout, or a .gguf file) gets "
-    "per-layer logit-lens agreement, KL and perplexity on --text. Read offline only; pickled "
+    "per-layer logit-lens agreement, KL and perplexity on --text and a tuned lens trained on it "
+    "(compared with the logit lens on the text's held-out tail). Read offline only; pickled "
     "weights (.bin, .pt, .pth, .ckpt, .pkl) are refused: convert them to safetensors."
 )
 
@@ -567,7 +730,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--name", required=True, help="the model id in the app (lower-case, e.g. my_bert)"
     )
     p.add_argument("--csv", help="encoder: labelled texts, a CSV with a header row text,label")
-    p.add_argument("--text", help="causal LM: a UTF-8 text file the logit lens is measured on")
+    p.add_argument(
+        "--text",
+        help="causal LM: a UTF-8 text file the logit lens is measured on and a tuned lens is "
+        "trained on (its last fifth, at most 1024 tokens, held out to compare the two)",
+    )
+    p.add_argument(
+        "--no-tuned-lens",
+        dest="tuned_lens",
+        action="store_false",
+        help="causal LM: measure the logit lens on --text but train no tuned lens",
+    )
     p.add_argument(
         "--joint",
         action="store_true",
@@ -583,11 +756,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     options = Options(epochs=args.epochs, seed=args.seed, max_length=args.max_length)
     card = add_checkpoint(
-        args.path, args.name, args.csv, args.text, args.joint, args.overwrite, options
+        args.path,
+        args.name,
+        args.csv,
+        args.text,
+        args.joint,
+        args.overwrite,
+        options,
+        tuned_lens=args.tuned_lens,
     )
     row = next(m for m in user_models() if m.model_id == card.model_id)
     print(f"added {card.model_id} ({row.kind}): {row.metrics}")
     print(f"card: {card.path}")
+    if "tuned_lens" in card.raw.get("metrics", {}):
+        from engine.families.hf_causal_lm.tuned_lens import lens_for
+
+        print(f"tuned lens: {lens_for(card).path}")
     if card.family == "hf_encoder":
         print("its test trace is in the tuning page's model list")
     return 0

@@ -18,6 +18,7 @@ import copy
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from engine.families.hf_causal_lm.model import CausalLM, LayerCache, encode, loa
 from engine.paths import LENSES_DIR, cache_dir
 
 BASE = "smollm2_135m"
+Report = Callable[[str, float], None]  # (what, fraction done), e.g. a page's progress bar
 SLICE = {"bbc": (1, 32), "tweets": (2, 32)}  # (texts, max_len) the card test recomputes
 
 
@@ -98,9 +100,11 @@ def fit(
     batch: int,
     lr: float,
     seed: int,
+    report: Report | None = None,
 ) -> list[float]:
     """Adam on sum_l KL(final || lens_l) over ``vocab``, every layer on the same token batch;
-    returns the mean loss per epoch (summed over layers)."""
+    returns the mean loss per epoch (summed over layers). ``report(what, fraction)`` hears of
+    every step with the time left (a page's bar; tqdm shows the same on stderr)."""
     head = lm.hf.lm_head.weight[vocab].detach()  # [V', D]
     norm = lm.hf.model.norm
     n_lens, n = lm.n_layer - 1, states.shape[1]
@@ -130,9 +134,41 @@ def fit(
             total += float(loss.detach()) * len(idx)
             bar.update()
             bar.set_postfix(kl_per_layer=f"{float(loss.detach()) / n_lens:.3f}")
+            if report is not None:
+                left = bar.format_dict["elapsed"] / bar.n * (steps - bar.n)
+                report(f"training the tuned lens, about {left:.0f} s left", bar.n / steps)
         losses.append(total / n)
     bar.close()
     return losses
+
+
+def train(
+    lm: CausalLM,
+    chunks: list[list[int]],
+    cfg: TL.TunedLensConfig,
+    vocab: int,
+    epochs: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    cache: Path | None = None,
+    report: Report | None = None,
+) -> tuple[TL.TunedLens, dict]:
+    """Translators for ``lm`` trained on the token ids ``chunks`` (one sequence each), rounded
+    to what the float16 file stores, and what the card says of their training: the shipped
+    lens's recipe (``main``) and a user's (``engine.byo.hf``) alike."""
+    states, final_mass, lens_mass = cache_states(lm, chunks, cache)
+    kept = training_vocab(final_mass, lens_mass, min(vocab, len(final_mass)))
+    lens = TL.TunedLens(cfg)
+    t1 = time.perf_counter()
+    losses = fit(lm, lens, states, kept, epochs, batch, lr, seed, report)
+    info = {
+        "train_kl_sum_per_epoch": losses,
+        "train_vocab_mass": float(final_mass[kept].sum() / final_mass.sum()),
+        "tokens": int(states.shape[1]),
+        "train_seconds": round(time.perf_counter() - t1, 1),
+    }
+    return lens.rounded(), info  # the numbers a card reports are measured on the rounded lens
 
 
 def comparisons(lm: CausalLM, lens: TL.TunedLens, max_tokens: int, max_len: int) -> dict:
@@ -178,17 +214,11 @@ def main(argv: list[str] | None = None) -> Path:
     cached = (
         cache_dir() / "tuned_lens" / f"{BASE}_bbc_{a.tokens}x{a.seq_len}_seed{a.seed}.safetensors"
     )
-    states, final_mass, lens_mass = cache_states(lm, chunks, cached)
-    vocab = training_vocab(final_mass, lens_mass, a.vocab)
     cfg = TL.TunedLensConfig(lm.n_layer, lm.hidden_size, a.rank, BASE)
-    lens = TL.TunedLens(cfg)
-    t1 = time.perf_counter()
-    losses = fit(lm, lens, states, vocab, a.epochs, a.batch, a.lr, a.seed)
-    train_s = time.perf_counter() - t1
-    lens = lens.rounded()  # what the file holds: the numbers below are measured on it
+    lens, info = train(lm, chunks, cfg, a.vocab, a.epochs, a.batch, a.lr, a.seed, cached)
     metrics = {
-        "train_kl_sum_per_epoch": losses,
-        "train_vocab_mass": float(final_mass[vocab].sum() / final_mass.sum()),
+        "train_kl_sum_per_epoch": info["train_kl_sum_per_epoch"],
+        "train_vocab_mass": info["train_vocab_mass"],
         **comparisons(lm, lens, a.eval_tokens, a.eval_len),
     }
     card = {
@@ -203,7 +233,7 @@ def main(argv: list[str] | None = None) -> Path:
         "training": {
             "objective": f"sum over layers of KL(final || lens_l) over the {a.vocab} tokens of "
             "most final and logit-lens mass (renormalised); metrics over the full vocabulary",
-            "tokens": int(states.shape[1]),
+            "tokens": info["tokens"],
             "texts": len(chunks),
             "seq_len": a.seq_len,
             "batch": a.batch,
@@ -214,7 +244,7 @@ def main(argv: list[str] | None = None) -> Path:
         "seed": a.seed,
         "epochs": a.epochs,
         "training_command": "python -m engine.families.hf_causal_lm.train_lens " + shlex.join(argv),
-        "train_seconds": round(train_s, 1),
+        "train_seconds": info["train_seconds"],
         "total_seconds": round(time.perf_counter() - t0, 1),
         "metrics": metrics,
         "model_card": {

@@ -31,7 +31,7 @@ from torch import nn
 
 from engine.families.hf_causal_lm import analysis
 from engine.families.hf_causal_lm.model import CausalLM, encode
-from engine.paths import LENSES_DIR
+from engine.paths import LENSES_DIR, user_lenses_dir
 from engine.registry import ModelCard, RegistryError, get_card, verified_weights
 
 DATASETS = ("bbc", "tweets")  # held-out text the comparison reads
@@ -107,6 +107,45 @@ def lens_card(base: str = "smollm2_135m", lenses_dir: Path = LENSES_DIR) -> Mode
     if card.config.get("kind") != "tuned_lens" or card.config.get("base") != base:
         raise RegistryError(f"{card.path.name}: not a tuned lens for {base}")
     return card
+
+
+def lens_for(card: ModelCard) -> ModelCard | None:
+    """The tuned lens trained for the model ``card`` (bundled: in LENSES_DIR; the user's: in
+    the user's lens folder), or None when it has none."""
+    if card.family != "hf_causal_lm":
+        return None
+    try:
+        return lens_card(card.model_id, user_lenses_dir() if card.user else LENSES_DIR)
+    except RegistryError:
+        return None
+
+
+def save_user_lens(lens: TunedLens, raw: dict, overwrite: bool = False) -> ModelCard:
+    """Write a user model's lens (float16 safetensors, then its card with their SHA-256, each
+    through a temporary file) into the user's lens folder; an existing one only with
+    ``overwrite``."""
+    import copy
+
+    from engine.core.training import save_model
+
+    if not overwrite:
+        check_new_user_lens(raw["config"]["base"])
+    folder = user_lenses_dir()
+    save_model(copy.deepcopy(lens).half(), {**raw, "user": True}, folder)
+    return get_card(raw["model_id"], folder)
+
+
+def check_new_user_lens(model_id: str) -> None:
+    """RegistryError if the user model ``model_id`` already has a lens (or a part of one)."""
+    card = user_lenses_dir() / f"{card_id(model_id)}.json"
+    if card.exists() or card.with_suffix(".safetensors").exists():
+        raise RegistryError(f"the tuned lens {card.name} exists; pass --overwrite to replace it")
+
+
+def remove_user_lens(model_id: str) -> None:
+    """Delete the user model ``model_id``'s lens (its model was replaced without one)."""
+    for suffix in (".json", ".safetensors"):
+        (user_lenses_dir() / f"{card_id(model_id)}{suffix}").unlink(missing_ok=True)
 
 
 def config_of(card: ModelCard) -> TunedLensConfig:
