@@ -546,16 +546,11 @@ def lm_study(model_id: str):
 
 
 def lm_lens_card(ref: str):
-    """The card of the tuned lens trained for this model, or None (read from the lens folder
-    at call time, so a test can point it elsewhere)."""
-    from engine import paths
+    """The card of the tuned lens trained for this model (the shipped one, or the one trained
+    on the user's text when they added it), or None."""
     from engine.families.hf_causal_lm import tuned_lens
-    from engine.registry import RegistryError
 
-    try:
-        return tuned_lens.lens_card(lm_card(ref).model_id, paths.LENSES_DIR)
-    except RegistryError:
-        return None
+    return tuned_lens.lens_for(lm_card(ref))
 
 
 @st.cache_resource(show_spinner="Loading the tuned lens…", max_entries=2)

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -519,3 +520,30 @@ def test_a_users_decoder_is_in_the_picker(tiny_card, tmp_path, monkeypatch):
     assert list(traces[0]["y"]) == [0.1, 0.2, 0.4, 1.0]
     generate(at, **{"slm.minlayer": 1, "slm.t.max_prob": 1.01, "slm.n": 4})
     assert {k for k, _ in token_spans(at)} == {3}  # the user's 4-layer model answered
+
+
+def test_a_users_decoder_added_with_its_text_shows_its_own_tuned_lens(tmp_path, monkeypatch):
+    """`engine.byo hf --text` trains a lens on the user's text; the page finds it (lens_for),
+    offers it for exits and draws it beside the logit lens, from the numbers in its card."""
+    from engine.byo import hf as byo_hf
+    from engine.families.hf_causal_lm import tuned_lens
+    from tests import helpers_byo
+
+    monkeypatch.setenv("AIE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("AIE_LM_CARD", raising=False)
+    need_bundled()
+    folder = helpers_byo.tiny_llama(tmp_path / "llama")
+    text = helpers_byo.pattern_text(tmp_path / "notes.txt")
+    card = byo_hf.add_checkpoint(folder, "my_lm", text=text)
+    lens = tuned_lens.lens_for(card)
+    assert lens is not None and lens.path.parent.name == "lenses"
+    want = tuned_lens.lens_comparison(lens, "comparison").filter(pl.col("lens") == "tuned")
+    at = AppTest.from_file(str(ROOT / "pages/language.py"), default_timeout=120)
+    at.run()
+    at.selectbox(key="slm.model").set_value("my_lm").run()
+    assert not at.exception, at.exception
+    assert not at.radio(key="slm.lens").disabled
+    traces = {t["name"]: t for t in chart_named(at, "tuned lens")}
+    assert set(traces) == {"logit lens", "tuned lens"}
+    got = list(traces["tuned lens"]["y"])
+    assert got == pytest.approx(want.sort("layer")["agreement"].to_list())

@@ -29,9 +29,10 @@ import polars as pl
 import torch
 from torch import nn
 
+from engine import paths
 from engine.families.hf_causal_lm import analysis
 from engine.families.hf_causal_lm.model import CausalLM, encode
-from engine.paths import LENSES_DIR, user_lenses_dir
+from engine.paths import user_lenses_dir
 from engine.registry import ModelCard, RegistryError, get_card, verified_weights
 
 DATASETS = ("bbc", "tweets")  # held-out text the comparison reads
@@ -101,9 +102,9 @@ def card_id(base: str) -> str:
     return f"{base}_tuned_lens"
 
 
-def lens_card(base: str = "smollm2_135m", lenses_dir: Path = LENSES_DIR) -> ModelCard:
+def lens_card(base: str = "smollm2_135m", lenses_dir: Path | None = None) -> ModelCard:
     """The card of the tuned lens trained for the base model ``base`` (RegistryError if none)."""
-    card = get_card(card_id(base), lenses_dir)
+    card = get_card(card_id(base), paths.LENSES_DIR if lenses_dir is None else lenses_dir)
     if card.config.get("kind") != "tuned_lens" or card.config.get("base") != base:
         raise RegistryError(f"{card.path.name}: not a tuned lens for {base}")
     return card
@@ -115,7 +116,7 @@ def lens_for(card: ModelCard) -> ModelCard | None:
     if card.family != "hf_causal_lm":
         return None
     try:
-        return lens_card(card.model_id, user_lenses_dir() if card.user else LENSES_DIR)
+        return lens_card(card.model_id, user_lenses_dir() if card.user else paths.LENSES_DIR)
     except RegistryError:
         return None
 
