@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 
 import numpy as np
 import polars as pl
@@ -41,6 +42,7 @@ from engine.families.multi_exit_bert import analysis as language
 from engine.registry import RegistryError, list_cards
 
 ATTR = "aie.lang.attributions"
+STUDY_TIMING_KEY = "aie.lang.study_fragment_ms"  # server-side time of its last run (bench)
 # The browser counts 1 MB as 10^6 bytes (outside Windows), the unit of language.MAX_UPLOAD_BYTES.
 UPLOAD_MB = language.MAX_UPLOAD_BYTES // 1_000_000
 KINDS = ("entropy", "max_prob", "margin", "patience")
@@ -376,6 +378,7 @@ def study_chart_data(study, metric: str) -> tuple[dict, float]:
 def slm_threshold_chart(model_id: str) -> None:
     from engine.families.hf_causal_lm.study import METHOD_LABELS
 
+    t0 = time.perf_counter()
     study = loaders.lm_study(model_id)
     n = study.n_layer
     a, b, c = st.columns([2, 3, 2])
@@ -431,6 +434,7 @@ def slm_threshold_chart(model_id: str) -> None:
         ),
     )
     st.plotly_chart(fig, width="stretch", key="slm.st.chart")
+    st.session_state[STUDY_TIMING_KEY] = (time.perf_counter() - t0) * 1e3
 
 
 def slm_quality_curves(card) -> None:
