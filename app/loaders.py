@@ -533,16 +533,22 @@ def lm_decoders() -> list:
     return [c for c in list_cards("hf_causal_lm") if c.user]
 
 
-@st.cache_resource(show_spinner="Loading the study's per-layer records…", max_entries=4)
 def lm_study(model_id: str):
     """The stored study of early exit against skipping for this model, or None if none was
-    built (engine.families.hf_causal_lm.study); shared, read-only: every slider move reads it."""
+    built (engine.families.hf_causal_lm.study); keyed by the file's time, so a study built
+    while the app runs is picked up."""
+    from engine.families.hf_causal_lm.study import study_card
+
+    path = study_card(model_id)
+    return _lm_study(str(path), path.stat().st_mtime_ns) if path.is_file() else None
+
+
+@st.cache_resource(show_spinner="Loading the study's per-layer records…", max_entries=4)
+def _lm_study(path: str, mtime_ns: int):
+    """Shared, read-only: every slider move reads it (``mtime_ns``: part of the key)."""
     from engine.families.hf_causal_lm.study import load_study
 
-    try:
-        return load_study(model_id)
-    except FileNotFoundError:
-        return None
+    return load_study(path)
 
 
 def lm_lens_card(ref: str):

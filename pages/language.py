@@ -444,10 +444,11 @@ def slm_quality_curves(card) -> None:
     study = loaders.lm_study(card.model_id)
     if study is None:
         st.info(
-            f"Not built for this model: the study of early exit against skipping (and the "
-            f"per-sequence oracle) is stored for SmolLM2-135M only. Its builder, "
-            f"`python -m engine.families.hf_causal_lm.study`, runs on SmolLM2 (minutes on "
-            f"this CPU); {card.model_id} would need its own run of `build_study`."
+            f"Not built for this model yet: the study of early exit against skipping (and the "
+            f"per-sequence oracle) on held-out BBC News passages is built with "
+            f"`python -m engine.families.hf_causal_lm.study --model {card.model_id}` "
+            f"(minutes on a CPU for a model of SmolLM2's size); it is then kept beside the "
+            f"model's traces and shown here."
         )
         return
     slm_threshold_chart(card.model_id)

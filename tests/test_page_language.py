@@ -203,7 +203,7 @@ def test_the_pretrained_tab_waits_for_generate_and_says_what_is_not_built(slm):
     assert not token_spans(slm)
     assert any("Press Generate" in c.value for c in slm.caption)
     infos = [i.value for i in slm.info]
-    assert any(i.startswith("Not built for this model: the study") for i in infos)
+    assert any(i.startswith("Not built for this model yet: the study") for i in infos)
     assert any(i.startswith("No tuned lens for tiny_lm") and "train_lens" in i for i in infos)
     lens = slm.radio(key="slm.lens")  # no tuned lens: the option is there, but off
     assert lens.disabled and lens.options == ["logit lens"]
@@ -547,3 +547,34 @@ def test_a_users_decoder_added_with_its_text_shows_its_own_tuned_lens(tmp_path, 
     assert set(traces) == {"logit lens", "tuned lens"}
     got = list(traces["tuned lens"]["y"])
     assert got == pytest.approx(want.sort("layer")["agreement"].to_list())
+
+
+def test_a_users_decoder_gets_its_own_study_and_the_page_shows_it(tmp_path, monkeypatch):
+    """`python -m engine.families.hf_causal_lm.study --model ID` on a decoder the user added:
+    the grids follow its depth, the files go beside its traces, and the page, which said "not
+    built yet", draws its curves and oracle without a restart."""
+    from engine.byo import hf as byo_hf
+    from engine.families.hf_causal_lm import study
+    from engine.paths import user_traces_dir
+    from tests import helpers_byo
+
+    monkeypatch.setenv("AIE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("AIE_LM_CARD", raising=False)
+    need_bundled()
+    folder = helpers_byo.tiny_llama(tmp_path / "llama", layers=4)
+    byo_hf.add_checkpoint(folder, "my_lm", text=helpers_byo.pattern_text(tmp_path / "t.txt"))
+    at = AppTest.from_file(str(ROOT / "pages/language.py"), default_timeout=120)
+    at.run()
+    at.selectbox(key="slm.model").set_value("my_lm").run()
+    assert any(i.value.startswith("Not built for this model yet") for i in at.info)
+    assert study.StudyConfig.for_depth(4).kept_grid == (4, 3, 2)
+    argv = ["--model", "my_lm", "--sequences", "2", "--tokens", "40", "--calibration", "2"]
+    assert study.main(argv) == 0
+    built = study.load_study("my_lm")
+    assert built.n_layer == 4 and built.card["model_id"] == "my_lm"
+    assert study.study_card("my_lm").parent == user_traces_dir()
+    at.run()
+    assert not at.exception, at.exception
+    assert not any(i.value.startswith("Not built for this model yet") for i in at.info)
+    traces = chart_named(at, ORACLE)
+    assert {"skip the least harmful layers (greedy order)"} <= {t["name"] for t in traces}

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from engine.core.policies import first_true
 from engine.families.hf_causal_lm import analysis as A
 from engine.families.hf_causal_lm.model import CausalLM, LayerCache, encode, walk
-from engine.paths import RECORDS_DIR
+from engine.paths import RECORDS_DIR, user_traces_dir
 
 MODEL_ID = "smollm2_135m"
 GLAVAS_ORACLE_FRACTION = 0.233  # Glavas et al. 2024: per-sequence oracle, fraction of layers
@@ -79,6 +79,15 @@ class StudyConfig:
     gate_hidden: int = 32
     gate_epochs: int = 200
     seed: int = 0
+
+    @classmethod
+    def for_depth(cls, n_layer: int, **kw) -> StudyConfig:
+        """SmolLM2's sizes with the layer grids scaled to another decoder's depth (a user's)."""
+        if n_layer == 30:
+            return cls(**kw)
+        grid = sorted({max(2, round(n_layer * f)) for f in (1, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.2)})
+        order = max(1, min(n_layer - 2, round(n_layer * 0.8)))
+        return cls(kept_grid=tuple(reversed(grid)), max_order=order, **kw)
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -970,13 +979,20 @@ class Study:
         return self.curves.filter(pl.col("method") == method).sort("layers")
 
 
+def study_card(model_id: str) -> Path:
+    """A bundled model's study (assets), else a user model's (beside its traces)."""
+    bundled = study_files(model_id)["card"]
+    user = study_files(model_id, user_traces_dir())["card"]
+    return user if not bundled.is_file() and user.is_file() else bundled
+
+
 def load_study(card_or_path=None) -> Study:
     """A model card (its ``model_id``), a model id, the study's JSON card or a folder holding
     it; default: SmolLM2's shipped study."""
     if card_or_path is None:
         path = study_files()["card"]
     elif hasattr(card_or_path, "model_id"):
-        path = study_files(card_or_path.model_id)["card"]
+        path = study_card(card_or_path.model_id)
     else:
         p = Path(card_or_path)
         if p.is_dir():
@@ -984,7 +1000,7 @@ def load_study(card_or_path=None) -> Study:
         elif p.suffix == ".json":
             path = p
         else:
-            path = study_files(str(card_or_path))["card"]
+            path = study_card(str(card_or_path))
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: no study; build it with python -m engine.families.hf_causal_lm.study"
@@ -1009,7 +1025,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--calibration", type=int, default=StudyConfig.n_calib)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=StudyConfig.seed)
-    ap.add_argument("--out", type=Path, default=RECORDS_DIR, help="folder for the four files")
+    ap.add_argument(
+        "--model",
+        default=MODEL_ID,
+        help="a decoder's model id (default: the bundled SmolLM2; or one added with "
+        "python -m engine.byo hf, whose study is kept beside its traces)",
+    )
+    ap.add_argument("--out", type=Path, help="folder for the four files (default: see --model)")
     ap.add_argument("--checkpoint", type=Path, help="keep finished stages here (resumable)")
     ap.add_argument(
         "--oracle-helper", action="store_true", help="second process: oracle passages only"
@@ -1018,19 +1040,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--refresh", action="store_true", help="re-derive exit curves + summary from the records"
     )
     args = ap.parse_args(argv)
-    if args.refresh:
-        print(json.dumps(refresh_study(args.out)["summary"]["at_layers"], indent=1))
-        return 0
-    from engine.families.hf_causal_lm.model import load_smollm2
+    from engine import families
+    from engine.registry import get_card
 
+    card = get_card(args.model)
+    out = args.out or (user_traces_dir() if card.user else RECORDS_DIR)
+    if args.refresh:
+        print(json.dumps(refresh_study(out, args.model)["summary"]["at_layers"], indent=1))
+        return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    cfg = StudyConfig(
-        n_eval=args.sequences, n_tokens=args.tokens, n_calib=args.calibration, seed=args.seed
-    )
     t = time.perf_counter()
-    lm = load_smollm2()
+    lm = families.load_model(args.model)
     load_s = time.perf_counter() - t
+    cfg = StudyConfig.for_depth(
+        lm.n_layer,
+        n_eval=args.sequences,
+        n_tokens=args.tokens,
+        n_calib=args.calibration,
+        seed=args.seed,
+    )
     built = build_study(lm, cfg, checkpoint=args.checkpoint, oracle_helper=args.oracle_helper)
     if built is None:
         return 0
@@ -1046,7 +1075,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": platform.machine(),
         "built_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    card = save_study(built, cfg, meta, root=args.out)
+    card = save_study(built, cfg, meta, args.model, root=out)
     print(json.dumps({k: card[k] for k in ("wall_time_s", "gate", "timings_s")}, indent=1))
     print(json.dumps(card["summary"]["oracle"], indent=1))
     return 0
