@@ -23,6 +23,19 @@ from safetensors.torch import load_file
 
 from engine.paths import MODELS_DIR, user_models_dir
 
+# Checkpoint formats that unpickle (run code) when read: refused by every loader, never opened.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def is_pickle(path: Path) -> bool:
+    return Path(path).suffix.lower() in PICKLE_SUFFIXES
+
+
+def pickled_files(folder: Path) -> list[str]:
+    """Names of the pickled checkpoints in ``folder``, sorted."""
+    return sorted(p.name for p in Path(folder).iterdir() if is_pickle(p))
+
+
 MODEL_ID = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")  # a file stem on every OS
 
 

