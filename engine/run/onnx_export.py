@@ -6,8 +6,9 @@ chain of ONNX Runtime sessions, compacting the batch between them. Every graph h
 batch dimension (the dynamo exporter with ``torch.export.Dim("batch")``) so compacted batches of
 any size run through the same session.
 
-The int8 variant is made with ``onnxruntime.quantization.quantize_static`` (QDQ format, int8
-weights and activations, per-channel weights, MinMax calibration). Static quantisation was chosen
+The int8 variant is made with ``onnxruntime.quantization.quantize_static`` (by default QOperator
+format, int8 per-channel weights, uint8 activations, MinMax calibration; ``Int8Scheme`` says why
+and names the alternatives the benchmark compares). Static quantisation was chosen
 over ``quantize_dynamic`` because dynamic int8 turns convolutions into ``ConvInteger``, which
 ONNX Runtime's CPU provider runs several times *slower* than float32 (measured in
 bench/README.md), while QDQ convolutions are fused into fast ``QLinearConv`` kernels. Static
@@ -160,17 +161,48 @@ def _input_name(path: Path) -> str:
     return onnx.load(str(path), load_external_data=False).graph.input[0].name
 
 
+@dataclass(frozen=True)
+class Int8Scheme:
+    """How a graph is quantised (``onnxruntime.quantization.quantize_static`` arguments).
+
+    ``fmt``: "qdq" (QuantizeLinear/DequantizeLinear pairs around float ops, fused by ORT into
+    int8 kernels at session start) or "qoperator" (QLinearConv/QLinearMatMul written into the
+    graph); ``per_channel``: one weight scale per output channel instead of per tensor;
+    ``activation``: "int8" or "uint8" activations (weights are always int8).
+
+    The default is what bench/multi_exit_cost.py measured fastest on this x86 CPU (AVX-512
+    VNNI): uint8 activations × int8 weights, the pairing ONNX Runtime's x86 kernels are built
+    for, ~0.6× float32's time; int8 × int8 (the former default, QDQ) was *slower* than float32
+    (1.3×), and QOperator with int8 activations 4×."""
+
+    fmt: str = "qoperator"
+    per_channel: bool = True
+    activation: str = "uint8"
+
+    @property
+    def tag(self) -> str:
+        """Cache-folder name."""
+        return f"int8-{self.fmt}-{'pc' if self.per_channel else 'pt'}-{self.activation}"
+
+
 def quantize_chain(
-    model: nn.Module, chain: OnnxChain, calibration: torch.Tensor, tag: str = "int8"
+    model: nn.Module,
+    chain: OnnxChain,
+    calibration: torch.Tensor,
+    scheme: Int8Scheme | None = None,
 ) -> OnnxChain:
-    """Static int8 (QDQ) copies of every graph in ``chain``, calibrated on the float model's
-    activations for ``calibration`` (a float input batch [M, *input_shape]). Cached next to the
-    float export; the calibration set is part of the cache key."""
+    """Static int8 copies of every graph in ``chain`` (``scheme``, default ``Int8Scheme()``),
+    calibrated on the float model's activations for ``calibration`` (a float
+    input batch [M, *input_shape]). Cached next to the float export; the scheme and the
+    calibration set are part of the cache key."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    scheme = scheme or Int8Scheme()
+    if scheme.fmt not in ("qdq", "qoperator") or scheme.activation not in ("int8", "uint8"):
+        raise ValueError(f"unknown int8 scheme {scheme}")
     calib_hash = hashlib.sha256(calibration.detach().cpu().numpy().tobytes()).hexdigest()[:8]
-    qdir = chain.directory / f"{tag}-{calib_hash}"
+    qdir = chain.directory / f"{scheme.tag}-{calib_hash}"
     qdir.mkdir(parents=True, exist_ok=True)
     stages = tuple(qdir / p.name for p in chain.stages)
     heads = tuple(qdir / p.name for p in chain.heads)
@@ -198,10 +230,12 @@ def quantize_chain(
                 str(pre),
                 str(tmp),
                 _Reader(_input_name(src), np.ascontiguousarray(data, dtype=np.float32)),
-                quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QInt8,
+                quant_format=QuantFormat.QDQ if scheme.fmt == "qdq" else QuantFormat.QOperator,
+                activation_type=QuantType.QInt8
+                if scheme.activation == "int8"
+                else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
-                per_channel=True,
+                per_channel=scheme.per_channel,
                 calibrate_method=CalibrationMethod.MinMax,
                 extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
             )
@@ -210,24 +244,59 @@ def quantize_chain(
     return OnnxChain(qdir, stages, heads, "int8")
 
 
+GRAPH_LEVELS = ("disable", "basic", "extended", "all")  # SessionOptions.graph_optimization_level
+
+
+def session_options(threads: int, level: str = "all", optimized_path: Path | None = None):
+    """ONNX Runtime options: ``threads`` intra-op threads, sequential, graph optimisation
+    ``level`` (one of ``GRAPH_LEVELS``; "all" adds the layout transforms, NCHWc on x86, to
+    "extended"'s fusions), and the optimised graph written to ``optimized_path`` if given."""
+    import onnxruntime as ort
+
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    if level not in levels:
+        raise ValueError(f"unknown graph optimisation level {level!r}; one of {GRAPH_LEVELS}")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = levels[level]
+    opts.log_severity_level = 3
+    if optimized_path is not None:
+        opts.optimized_model_filepath = str(optimized_path)
+    return opts
+
+
 class OnnxSessions:
     """ONNX Runtime sessions for a chain; ``stage(k, x)`` and ``head(k, h)`` take and return
-    float32 numpy arrays."""
+    float32 numpy arrays. ``level``: graph optimisation level (``GRAPH_LEVELS``); with
+    ``save_optimized`` each optimised graph is written to ``chain.directory/opt-<level>/``."""
 
-    def __init__(self, chain: OnnxChain, threads: int | None = None):
+    def __init__(
+        self,
+        chain: OnnxChain,
+        threads: int | None = None,
+        level: str = "all",
+        save_optimized: bool = False,
+    ):
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
         threads = threads or torch.get_num_threads()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
         self.chain = chain
         self.threads = threads
+        self.level = level
+        out = chain.directory / f"opt-{level}"
+        if save_optimized:
+            out.mkdir(exist_ok=True)
 
         def make(p: Path):
+            dst = out / f"{p.parent.name}-{p.name}" if save_optimized else None
+            opts = session_options(threads, level, dst)
             s = ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
             return s, s.get_inputs()[0].name
 

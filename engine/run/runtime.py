@@ -13,9 +13,12 @@ h_k -> logits [B, C].
 
 Backends:
 - ``"torch"``: PyTorch eager on ``device`` (CUDA when present, else CPU).
+- ``"torch_opt"``: the same with batch norm folded into the convolutions, channels_last
+  (``engine.run.optimize.RUNTIME_VARIANT``): the same decisions up to float rounding, not
+  bit-for-bit (agreement with the traces measured in bench/README.md and tests/test_optimize.py).
 - ``"onnx"``: every stage and head exported to ONNX (``engine.run.onnx_export``) and run as a chain of
   ONNX Runtime sessions, float32.
-- ``"onnx_int8"``: the same chain statically quantised to int8 (QDQ, calibrated).
+- ``"onnx_int8"``: the same chain statically quantised to int8 (``onnx_export.Int8Scheme``, calibrated).
 - ``"quee"``: QuEE-style three-way choice at every exit (Regol, Chataoui, Coates): a sample the
   policy stops *exits*; one it does not stop but whose max softmax probability is at least
   ``quee_band`` (confident, not confident enough) *continues in int8* for all remaining stages;
@@ -55,7 +58,7 @@ from engine.core.policies import Policy, PolicyError, stop_mask
 from engine.core.trace import max_prob_of
 from engine.run.exits import check_contract, exit_costs, model_input_shape
 
-BACKENDS = ("torch", "onnx", "onnx_int8", "quee")
+BACKENDS = ("torch", "onnx", "onnx_int8", "quee", "torch_opt")
 DEFAULT_MIN_ROWS = 16
 DEFAULT_QUEE_BAND = 0.5
 
@@ -114,9 +117,11 @@ class _TorchChain:
     def __init__(self, model: nn.Module, device: torch.device):
         self.device = device
         self.stages, self.heads = model.stages, model.heads
+        self.channels_last = getattr(model, "channels_last", False)  # optimize.TorchStages
 
     def start(self, x: torch.Tensor):
-        return x.to(self.device, torch.float32)
+        x = x.to(self.device, torch.float32)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def stage(self, k: int, h):
         return self.stages[k](h)
@@ -226,12 +231,17 @@ class EarlyExitRunner:
         self.costs = exit_costs(model, self.input_shape)
         self.num_exits = len(model.stages)
         self.device = torch.device(device) if device is not None else default_device()
-        if backend != "torch":
+        if backend not in ("torch", "torch_opt"):
             self.device = torch.device("cpu")
         self._float: object | None = None
         self._int8: object | None = None
         if backend == "torch":
             self._float = _TorchChain(self._model_on(self.device), self.device)
+        elif backend == "torch_opt":
+            from engine.run.optimize import RUNTIME_VARIANT, torch_stages
+
+            stages = torch_stages(self._model_on(self.device), RUNTIME_VARIANT)
+            self._float = _TorchChain(stages, self.device)
 
     def _model_on(self, device: torch.device) -> nn.Module:
         """The model on ``device``; a moved copy, so a cached (shared) model is never mutated."""
@@ -256,7 +266,7 @@ class EarlyExitRunner:
 
     def _chains(self, x: torch.Tensor):
         """(chain new samples start in, int8 chain or None)."""
-        if self.backend == "torch":
+        if self.backend in ("torch", "torch_opt"):
             return self._float, None
         if self.backend == "onnx":
             return self._onnx(False, x), None
