@@ -1,6 +1,6 @@
 """FLOPs vs wall-clock per exit, and what inference optimisations do to each stage's time.
 
-    python bench/multi_exit_cost.py [--no-compile] [--repeats 7] [--n-agree 2000]
+    python bench/multi_exit_cost.py [--compile] [--repeats 7] [--n-agree 2000]
 
 Part 1, per exit of the bundled multi-exit CNN and cascade: the cumulative FLOPs and the
 cumulative measured time (stages and heads up to that exit, median of repeats, 1 thread), both as
@@ -10,7 +10,7 @@ Part 2, the multi-exit CNN at batch 256, 1 thread: each inference variant's time
 head k (the runtime's unit), as a ratio to its baseline, per stage and for the whole network,
 and the whole network against torch eager. Variants (``engine.run.optimize``): torch eager,
 batch norm folded into the convolutions (torch.fx ``fuse``), + channels_last, + torch.compile
-(compile time printed apart); ONNX Runtime float32 at each graph optimisation level (baseline:
+(``--compile``, off by default: about a minute of compilation; compile time printed apart); ONNX Runtime float32 at each graph optimisation level (baseline:
 no optimisation); int8 schemes (QDQ / QOperator, per-channel / per-tensor weights; baseline:
 ONNX Runtime float32 at level "all", the runtime's default) and a mixed chain that keeps int8
 only on the stages where the fastest scheme measured ≤ 0.9 × float. Variants are timed
@@ -223,13 +223,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--n-agree", type=int, default=2000)
-    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (~30-60 s)")
+    ap.add_argument("--compile", action="store_true", help="add torch.compile (~60 s to compile)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)
     print(f"load average before: {load_str()}")
     per_exit(REPEATS)
-    optimisations(args.n_agree, args.repeats, not args.no_compile)
+    optimisations(args.n_agree, args.repeats, args.compile)
     print(f"\nload average after: {load_str()}")
 
 

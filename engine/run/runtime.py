@@ -133,7 +133,10 @@ class _TorchChain:
         return h.shape[0]
 
     def take(self, h, idx: np.ndarray):
-        return h.index_select(0, torch.as_tensor(idx, device=h.device))
+        idx = torch.as_tensor(idx, device=h.device)
+        if self.channels_last and h.dim() == 4:  # rows of the NHWC view: stays channels_last
+            return h.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)
+        return h.index_select(0, idx)
 
     def pad(self, h, n: int):
         return torch.cat([h, h[:1].expand(n - h.shape[0], *h.shape[1:])])
