@@ -27,6 +27,12 @@ from engine.run.onnx_export import (
 from engine.run.runtime import EarlyExitRunner
 
 
+def _ops(path) -> set[tuple[str, str]]:
+    import onnx
+
+    return {(n.domain, n.op_type) for n in onnx.load(str(path)).graph.node}
+
+
 def _bn_count(module: nn.Module) -> int:
     return sum(isinstance(m, nn.BatchNorm2d) for m in module.modules())
 
@@ -106,6 +112,10 @@ def test_ort_graph_levels_keep_predictions(small, tmp_path):
         assert (ag.argmax_equal == 1.0).all() and ag.max_abs_dprob.max() < 1e-4, level
         saved = sorted((chain.directory / f"opt-{level}").glob("*.onnx"))
         assert len(saved) == 8, f"{level}: every optimised graph saved"
+        ops = _ops(chain.directory / f"opt-{level}" / f"{chain.directory.name}-stage_0.onnx")
+        # the level really applied: "extended" fuses Conv+ReLU, "all" adds NCHWc convolutions
+        assert (("com.microsoft", "FusedConv") in ops) == (level == "extended"), (level, ops)
+        assert any(d == "com.microsoft.nchwc" for d, _ in ops) == (level == "all"), (level, ops)
     with pytest.raises(ValueError, match="level"):
         OnnxSessions(chain, 1, level="max")
 
@@ -143,7 +153,12 @@ def bundled():
 
 @pytest.mark.parametrize(
     "scheme",
-    [Int8Scheme(), Int8Scheme("qdq", True, "uint8"), Int8Scheme("qoperator", False, "uint8")],
+    [
+        Int8Scheme(),
+        Int8Scheme("qdq", True, "uint8"),
+        Int8Scheme("qoperator", False, "uint8"),
+        Int8Scheme("qdq", True, "int8"),
+    ],
     ids=lambda s: s.tag,
 )
 def test_int8_schemes_keep_accuracy(bundled, scheme):
@@ -151,6 +166,23 @@ def test_int8_schemes_keep_accuracy(bundled, scheme):
     chain = export_chain(model, model_id="mnist_multi_exit_cnn")
     q = quantize_chain(model, chain, calib, scheme)
     assert scheme.tag in q.directory.name
+    import onnx
+    from onnx import numpy_helper
+
+    g = onnx.load(str(q.stages[1])).graph
+    ops = {n.op_type for n in g.node}
+    assert ("QLinearConv" in ops) == (scheme.fmt == "qoperator"), ops
+    assert "DequantizeLinear" in ops
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    conv = next(n for n in g.node if n.op_type in ("QLinearConv", "Conv"))
+    if scheme.fmt == "qoperator":
+        w_scale, x_zero = inits[conv.input[4]], inits[conv.input[2]]
+    else:  # Conv's weight comes from a DequantizeLinear of the int8 initialiser
+        deq = {n.output[0]: n for n in g.node if n.op_type == "DequantizeLinear"}
+        w_scale = inits[deq[conv.input[1]].input[1]]
+        x_zero = inits[deq[conv.input[0]].input[2]]
+    assert (w_scale.size > 1) == scheme.per_channel
+    assert x_zero.dtype == (np.uint8 if scheme.activation == "uint8" else np.int8)
     f_sess, q_sess = OnnxSessions(chain, 1), OnnxSessions(q, 1)
     xs = np.ascontiguousarray(x.numpy())
     ref = optimize.all_logits(f_sess.stage, f_sess.head, xs, 4)
