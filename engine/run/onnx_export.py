@@ -10,8 +10,9 @@ The int8 variant is made with ``onnxruntime.quantization.quantize_static`` (by d
 format, int8 per-channel weights, uint8 activations, MinMax calibration; ``Int8Scheme`` says why
 and names the alternatives the benchmark compares). Static quantisation was chosen
 over ``quantize_dynamic`` because dynamic int8 turns convolutions into ``ConvInteger``, which
-ONNX Runtime's CPU provider runs several times *slower* than float32 (measured in
-bench/README.md), while QDQ convolutions are fused into fast ``QLinearConv`` kernels. Static
+ONNX Runtime's CPU provider runs several times *slower* than float32 (bench/README.md), while
+static int8 convolutions run as ``QLinearConv`` kernels (written as such in QOperator format,
+fused from QuantizeLinear/DequantizeLinear pairs in QDQ format). Static
 quantisation needs calibration inputs for every graph: the float model's own activations on a
 few hundred calibration images.
 
@@ -172,8 +173,8 @@ class Int8Scheme:
 
     The default is what bench/multi_exit_cost.py measured fastest on this x86 CPU (AVX-512
     VNNI): uint8 activations × int8 weights, the pairing ONNX Runtime's x86 kernels are built
-    for, ~0.6× float32's time; int8 × int8 (the former default, QDQ) was *slower* than float32
-    (1.3×), and QOperator with int8 activations 4×."""
+    for, ~0.65× float32's time; int8 × int8 (the former default, QDQ) was *slower* than float32
+    (1.3–1.5×), and QOperator with int8 activations 4–6×."""
 
     fmt: str = "qoperator"
     per_channel: bool = True
