@@ -11,8 +11,12 @@ interleaved, median of repeats. Printed per row:
 - measured: full-model wall-clock / early-exit wall-clock;
 - realised: measured / time pred. (target >= 0.9 at batch 256 for torch and ONNX Runtime) and
   measured / FLOPs pred.;
-- bookkeeping: share of the early-exit run spent outside stage and head calls (softmax, the
-  policy's ``stop_mask``, index copies, padding);
+- CPU-time pred., measured and realised on CPU time: the same with process CPU time
+  (``time.process_time``) instead of wall-clock: on a shared machine a process waiting for a
+  core accrues wall time but no CPU time, so these ratios survive load far better (1 thread,
+  so CPU time is compute time; memory stalls still count);
+- bookkeeping: share of the early-exit run (wall) spent outside stage and head calls (softmax,
+  the policy's ``stop_mask``, index copies, padding);
 - agree: share of samples whose exit and prediction equal the cached trace's.
 Load average printed before and after.
 
@@ -76,8 +80,9 @@ def main(argv: list[str] | None = None) -> None:
             calibration=calib,
         )
         runners[b].run(x[:256], Policy("max_prob", threshold=0.9))  # export, sessions, warm-up
-    compute = {b: instrument(r) for b, r in runners.items()}
+    calls = {b: instrument(r) for b, r in runners.items()}
     costs = runners[backends[0]].costs
+    k_count = len(costs.stage)
     print(
         f"model {args.model}: {costs.full / 1e6:.2f} MFLOPs/sample full, exits at "
         + ", ".join(f"{c / 1e6:.2f}" for c in costs.cumulative)
@@ -87,54 +92,68 @@ def main(argv: list[str] | None = None) -> None:
     policies = [Policy("max_prob", threshold=t) for t in args.thresholds]
     header = (
         "| backend | batch | threshold | mean exit | FLOPs pred. | time pred. | measured "
-        "| realised / time pred. | measured / FLOPs pred. | bookkeeping | agree | accuracy |"
+        "| realised / time pred. | CPU-time pred. | measured, CPU time | realised, CPU time "
+        "| measured / FLOPs pred. | bookkeeping | agree | accuracy |"
     )
     print(header)
-    print("|" + "---|" * 12)
+    print("|" + "---|" * 15)
     full_ms_by: dict[tuple[str, int], float] = {}
     for bs in args.batch_sizes:
         n = args.n if bs > 1 else args.n1
         xs, ts = x[:n], trace.subset(np.arange(n))
         min_rows = 16 if bs > 1 else 1  # padding would multiply the work at batch 1
-        times: dict[tuple[str, float | None], list[float]] = {}
+        wall: dict[tuple[str, float | None], list[float]] = {}
+        cpu: dict[tuple[str, float | None], list[float]] = {}
         inside: dict[tuple[str, float], list[float]] = {}
         results = {}
-        stage_runs: dict[str, list[np.ndarray]] = {}
+        stage_wall: dict[str, list[np.ndarray]] = {}
+        stage_cpu: dict[str, list[np.ndarray]] = {}
         for _ in range(args.repeats):  # interleaved, so drift in machine load hits every row
             for b in backends:
+                calls[b].reset(k_count)
+                c0 = time.process_time()
                 full = runners[b].run_full(xs, bs)
-                times.setdefault((b, None), []).append(full.total_ms)
-                stage_runs.setdefault(b, []).append(full.stage_ms)
+                cpu.setdefault((b, None), []).append(time.process_time() - c0)
+                wall.setdefault((b, None), []).append(full.total_ms)
+                stage_wall.setdefault(b, []).append(full.stage_ms)
+                stage_cpu.setdefault(b, []).append(calls[b].cpu.copy())
                 for p in policies:
-                    compute[b][0] = 0.0
+                    calls[b].reset(k_count)
+                    c0 = time.process_time()
                     res = runners[b].run(xs, p, batch_size=bs, min_rows=min_rows)
-                    times.setdefault((b, p.threshold), []).append(res.total_ms)
-                    inside.setdefault((b, p.threshold), []).append(compute[b][0] / res.total_ms)
+                    cpu.setdefault((b, p.threshold), []).append(time.process_time() - c0)
+                    wall.setdefault((b, p.threshold), []).append(res.total_ms)
+                    inside.setdefault((b, p.threshold), []).append(calls[b].ms / res.total_ms)
                     results[(b, p.threshold)] = res
         for b in backends:
-            full_ms = statistics.median(times[(b, None)])
+            full_ms = statistics.median(wall[(b, None)])
+            full_cpu = statistics.median(cpu[(b, None)])
             full_ms_by[(b, bs)] = full_ms
             print(
-                f"| {b} | {bs} | full model | {len(costs.stage) - 1} | 1.00 | 1.00 | "
-                f"1.00 ({full_ms:.0f} ms) | | | | | |"
+                f"| {b} | {bs} | full model | {k_count - 1} | 1.00 | 1.00 | "
+                f"1.00 ({full_ms:.0f} ms) | | 1.00 | 1.00 ({full_cpu * 1e3:.0f} ms) | | | | | |"
             )
-            st = np.median(np.array(stage_runs[b]), axis=0)
+            st = np.median(np.array(stage_wall[b]), axis=0)
+            st_cpu = np.median(np.array(stage_cpu[b]), axis=0)
             for p in policies:
                 res = results[(b, p.threshold)]
-                ee_ms = statistics.median(times[(b, p.threshold)])
+                ee_ms = statistics.median(wall[(b, p.threshold)])
+                ee_cpu = statistics.median(cpu[(b, p.threshold)])
                 want = exit_index(ts, p)
                 agree = np.mean((res.exit == want) & (res.pred == ts.pred[np.arange(n), want]))
-                reach = np.array([(res.exit >= k).mean() for k in range(len(costs.stage))])
+                reach = np.array([(res.exit >= k).mean() for k in range(k_count)])
                 predicted = costs.full / res.flops.mean()
                 stage_pred = st.sum() / (st * reach).sum()
-                measured = full_ms / ee_ms
+                cpu_pred = st_cpu.sum() / (st_cpu * reach).sum()
+                measured, measured_cpu = full_ms / ee_ms, full_cpu / ee_cpu
                 acc = np.mean(res.pred == ts.label)
                 book = 1 - statistics.median(inside[(b, p.threshold)])
                 print(
                     f"| {b} | {bs} | {p.threshold:g} | {res.exit.mean():.2f} | {predicted:.2f} | "
                     f"{stage_pred:.2f} | {measured:.2f} ({ee_ms:.0f} ms) | "
-                    f"{measured / stage_pred:.2f} | {measured / predicted:.2f} | {book:.1%} | "
-                    f"{agree:.2%} | {acc:.4f} |"
+                    f"{measured / stage_pred:.2f} | {cpu_pred:.2f} | "
+                    f"{measured_cpu:.2f} ({ee_cpu * 1e3:.0f} ms) | {measured_cpu / cpu_pred:.2f} | "
+                    f"{measured / predicted:.2f} | {book:.1%} | {agree:.2%} | {acc:.4f} |"
                 )
     print()
     for bs in args.batch_sizes:
@@ -149,10 +168,17 @@ def load_str() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def instrument(runner: EarlyExitRunner) -> list[float]:
-    """Time the stage and head calls of the runner's chains: returns a one-element list that
-    accumulates their milliseconds (the bench resets it before each run)."""
-    acc = [0.0]
+class _Calls:
+    """What the instrumented stage and head calls spent since ``reset``: wall milliseconds in
+    all (``ms``) and process CPU seconds per stage index (``cpu``, stage k + head k)."""
+
+    def reset(self, k_count: int) -> None:
+        self.ms, self.cpu = 0.0, np.zeros(k_count)
+
+
+def instrument(runner: EarlyExitRunner) -> _Calls:
+    """Time every stage and head call of the runner's chains (wall and process CPU time)."""
+    acc = _Calls()
     for chain in (runner._float, runner._int8):
         if chain is None:
             continue
@@ -160,9 +186,10 @@ def instrument(runner: EarlyExitRunner) -> list[float]:
             call = getattr(chain, name)
 
             def timed(k, h, call=call):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out = call(k, h)
-                acc[0] += (time.perf_counter() - t0) * 1e3
+                acc.cpu[k] += time.process_time() - c0
+                acc.ms += (time.perf_counter() - t0) * 1e3
                 return out
 
             setattr(chain, name, timed)
