@@ -17,6 +17,11 @@ interleaved, median of repeats. Printed per row:
   so CPU time is compute time; memory stalls still count);
 - bookkeeping: share of the early-exit run (wall) spent outside stage and head calls (softmax,
   the policy's ``stop_mask``, index copies, padding);
+- stage calls / proportional: CPU time of the early-exit run's stage and head calls / the
+  full run's per-stage CPU time weighted by the share of samples reaching each stage (> 1: the
+  compacted, smaller batches cost more per row: fixed per-call costs, padding to min_rows);
+  realised on CPU time ~= (1 - bookkeeping) / (stage calls / proportional), up to the full run's
+  own small bookkeeping;
 - agree: share of samples whose exit and prediction equal the cached trace's.
 Load average printed before and after.
 
@@ -93,10 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     header = (
         "| backend | batch | threshold | mean exit | FLOPs pred. | time pred. | measured "
         "| realised / time pred. | CPU-time pred. | measured, CPU time | realised, CPU time "
-        "| measured / FLOPs pred. | bookkeeping | agree | accuracy |"
+        "| measured / FLOPs pred. | bookkeeping | stage calls / proportional | agree | accuracy |"
     )
     print(header)
-    print("|" + "---|" * 15)
+    print("|" + "---|" * 16)
     full_ms_by: dict[tuple[str, int], float] = {}
     for bs in args.batch_sizes:
         n = args.n if bs > 1 else args.n1
@@ -105,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         wall: dict[tuple[str, float | None], list[float]] = {}
         cpu: dict[tuple[str, float | None], list[float]] = {}
         inside: dict[tuple[str, float], list[float]] = {}
+        calls_cpu: dict[tuple[str, float], list[np.ndarray]] = {}
         results = {}
         stage_wall: dict[str, list[np.ndarray]] = {}
         stage_cpu: dict[str, list[np.ndarray]] = {}
@@ -124,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
                     cpu.setdefault((b, p.threshold), []).append(time.process_time() - c0)
                     wall.setdefault((b, p.threshold), []).append(res.total_ms)
                     inside.setdefault((b, p.threshold), []).append(calls[b].ms / res.total_ms)
+                    calls_cpu.setdefault((b, p.threshold), []).append(calls[b].cpu.copy())
                     results[(b, p.threshold)] = res
         for b in backends:
             full_ms = statistics.median(wall[(b, None)])
@@ -131,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
             full_ms_by[(b, bs)] = full_ms
             print(
                 f"| {b} | {bs} | full model | {k_count - 1} | 1.00 | 1.00 | "
-                f"1.00 ({full_ms:.0f} ms) | | 1.00 | 1.00 ({full_cpu * 1e3:.0f} ms) | | | | | |"
+                f"1.00 ({full_ms:.0f} ms) | | 1.00 | 1.00 ({full_cpu * 1e3:.0f} ms) | | | | | | |"
             )
             st = np.median(np.array(stage_wall[b]), axis=0)
             st_cpu = np.median(np.array(stage_cpu[b]), axis=0)
@@ -148,12 +155,15 @@ def main(argv: list[str] | None = None) -> None:
                 measured, measured_cpu = full_ms / ee_ms, full_cpu / ee_cpu
                 acc = np.mean(res.pred == ts.label)
                 book = 1 - statistics.median(inside[(b, p.threshold)])
+                ee_calls = np.median(np.array(calls_cpu[(b, p.threshold)]), axis=0)
+                proportional = ee_calls.sum() / (st_cpu * reach).sum()
                 print(
                     f"| {b} | {bs} | {p.threshold:g} | {res.exit.mean():.2f} | {predicted:.2f} | "
                     f"{stage_pred:.2f} | {measured:.2f} ({ee_ms:.0f} ms) | "
                     f"{measured / stage_pred:.2f} | {cpu_pred:.2f} | "
                     f"{measured_cpu:.2f} ({ee_cpu * 1e3:.0f} ms) | {measured_cpu / cpu_pred:.2f} | "
-                    f"{measured / predicted:.2f} | {book:.1%} | {agree:.2%} | {acc:.4f} |"
+                    f"{measured / predicted:.2f} | {book:.1%} | {proportional:.2f} | "
+                    f"{agree:.2%} | {acc:.4f} |"
                 )
     print()
     for bs in args.batch_sizes:
