@@ -64,7 +64,10 @@ def fold_bn(module: nn.Module) -> nn.Module:
 
     if module.training:
         raise ValueError("batch norm can only be folded in eval mode (model.eval())")
-    return fuse(module, inplace=False)
+    try:
+        return fuse(module, inplace=False)
+    except Exception as e:  # torch.fx cannot trace data-dependent control flow
+        raise ValueError(f"cannot fold batch norm: torch.fx cannot trace this stage ({e})") from e
 
 
 def torch_stages(model: nn.Module, variant: str = "fold_bn_cl") -> TorchStages:
