@@ -1,6 +1,6 @@
 """FLOPs vs wall-clock per exit, and what inference optimisations do to each stage's time.
 
-    python bench/multi_exit_cost.py [--compile] [--repeats 7] [--n-agree 2000]
+    python bench/multi_exit_cost.py [--compile] [--clock cpu|wall] [--repeats 7] [--n-agree 2000]
 
 Part 1, per exit of the bundled multi-exit CNN and cascade: the cumulative FLOPs and the
 cumulative measured time (stages and heads up to that exit, median of repeats, 1 thread), both as
@@ -10,13 +10,15 @@ Part 2, the multi-exit CNN at batch 256, 1 thread: each inference variant's time
 head k (the runtime's unit), as a ratio to its baseline, per stage and for the whole network,
 and the whole network against torch eager. Variants (``engine.run.optimize``): torch eager,
 batch norm folded into the convolutions (torch.fx ``fuse``), + channels_last, + torch.compile
-(``--compile``, off by default: about a minute of compilation; compile time printed apart); ONNX Runtime float32 at each graph optimisation level (baseline:
-no optimisation); int8 schemes (QDQ / QOperator, per-channel / per-tensor weights; baseline:
-ONNX Runtime float32 at level "all", the runtime's default) and a mixed chain that keeps int8
-only on the stages where the fastest scheme measured ≤ 0.9 × float. Variants are timed
-interleaved (one pass of each per repeat), median of repeats. Agreement with torch eager on the
-first ``--n-agree`` MNIST test images: argmax equal (worst exit) and max |Δprob| (float
-variants), accuracy at the last exit (all). Load average printed before and after.
+(``--compile``, off by default: about a minute of compilation, printed apart); ONNX Runtime
+float32 at each graph optimisation level (baseline: no optimisation); int8 schemes (QDQ /
+QOperator, per-channel / per-tensor weights, u8 / s8 activations; baseline: ONNX Runtime float32
+at level "all", the runtime's default) and a mixed chain that keeps int8 only on the stages
+where the fastest scheme measured <= 0.9 x float. Variants are timed interleaved (one pass of
+each per repeat), median of repeats, by process CPU time (``--clock wall`` for wall-clock).
+Agreement with torch eager on the first ``--n-agree`` MNIST test images: argmax equal (worst
+exit) and max |dprob| (float variants), accuracy at the last exit (all). Load average printed
+before and after.
 """
 
 from __future__ import annotations
@@ -120,7 +122,8 @@ def _ort_variant(name: str, sess: OnnxSessions, baseline: str, is_float: bool) -
     )
 
 
-def optimisations(n_agree: int, repeats: int, compile_: bool) -> None:
+def optimisations(n_agree: int, repeats: int, compile_: bool, clock_name: str) -> None:
+    clock = time.process_time if clock_name == "cpu" else time.perf_counter
     model = load_model(MODEL)
     data = images.load("mnist", "test")
     x_all = images.to_model_input(data.images[:n_agree])
@@ -128,7 +131,10 @@ def optimisations(n_agree: int, repeats: int, compile_: bool) -> None:
     calib = images.to_model_input(images.load("mnist", "train").images[:512])
     k_count = len(model.stages)
     chain = export_chain(model, model_id=MODEL)
-    print(f"\n{MODEL}: inference variants, batch 256, 1 thread, median of {repeats}")
+    print(
+        f"\n{MODEL}: inference variants, batch 256, 1 thread, median of {repeats}, "
+        f"{'process CPU time' if clock_name == 'cpu' else 'wall-clock'}"
+    )
 
     variants: list[_Variant] = []
     for name in optimize.TORCH_VARIANTS:
@@ -156,10 +162,12 @@ def optimisations(n_agree: int, repeats: int, compile_: bool) -> None:
     def timed_pass(vs: list[_Variant], reps: int) -> None:
         with torch.inference_mode():
             for v in vs:  # warm-up
-                optimize.stage_times(v.stage, v.head, v.start(x), k_count, repeats=1)
+                optimize.stage_times(v.stage, v.head, v.start(x), k_count, 1, clock)
             for _ in range(reps):  # interleaved: drift in machine load hits every row
                 for v in vs:
-                    v.ms.append(optimize.stage_times(v.stage, v.head, v.start(x), k_count, 1))
+                    v.ms.append(
+                        optimize.stage_times(v.stage, v.head, v.start(x), k_count, 1, clock)
+                    )
 
     timed_pass(variants, repeats)
     med = {v.name: np.median(np.array(v.ms), axis=0) for v in variants}
@@ -224,12 +232,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--n-agree", type=int, default=2000)
     ap.add_argument("--compile", action="store_true", help="add torch.compile (~60 s to compile)")
+    ap.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default="cpu",
+        help="time the variants by process CPU time (default: robust on a shared machine; one "
+        "thread, so it is compute time) or wall-clock",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)
     print(f"load average before: {load_str()}")
     per_exit(REPEATS)
-    optimisations(args.n_agree, args.repeats, args.compile)
+    optimisations(args.n_agree, args.repeats, args.compile, args.clock)
     print(f"\nload average after: {load_str()}")
 
 
