@@ -32,6 +32,7 @@ minutes with the defaults on the 2-core machine).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     print(f"load average before: {load_str()}")
     torch.set_num_threads(args.threads)
-    torch.set_num_interop_threads(1)
+    with contextlib.suppress(RuntimeError):  # already set in this process (e.g. under pytest)
+        torch.set_num_interop_threads(1)
 
     model = load_model(args.model)
     trace = load_trace(args.model, "test")

@@ -24,6 +24,7 @@ before and after.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -241,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    torch.set_num_interop_threads(1)
+    with contextlib.suppress(RuntimeError):  # already set in this process (e.g. under pytest)
+        torch.set_num_interop_threads(1)
     print(f"load average before: {load_str()}")
     per_exit(REPEATS)
     optimisations(args.n_agree, args.repeats, args.compile, args.clock)

@@ -199,3 +199,32 @@ def test_int8_scheme_validation(bundled):
     chain = export_chain(model, model_id="mnist_multi_exit_cnn")
     with pytest.raises(ValueError, match="scheme"):
         quantize_chain(model, chain, calib, Int8Scheme("int4"))
+
+
+def test_early_exit_benchmark_prints_both_predictions(bundled, capsys):
+    """A smoke run of bench/early_exit_speedup.py: per row the FLOPs- and time-predicted
+    speed-ups, the measured one and the realised ratio, and the load average around it."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "early_exit_speedup.py"
+    spec = importlib.util.spec_from_file_location("early_exit_speedup", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = "--n 256 --repeats 1 --batch-sizes 256 --thresholds 0.9 --backends torch torch_opt"
+    before = torch.get_num_threads()
+    try:
+        bench.main(args.split())
+    finally:
+        torch.set_num_threads(before)
+    out = capsys.readouterr().out
+    assert "load average before" in out and "load average after" in out
+    header = next(line for line in out.splitlines() if line.startswith("| backend"))
+    for col in ("FLOPs pred.", "time pred.", "measured", "realised / time pred."):
+        assert col in header
+    rows = [
+        line
+        for line in out.splitlines()
+        if line.startswith(("| torch | 256 | 0.9", "| torch_opt | 256 | 0.9"))
+    ]
+    assert len(rows) == 2 and all("100.00%" in r for r in rows), rows
