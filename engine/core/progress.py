@@ -67,14 +67,3 @@ def track(
         yield item
         progress(min(i, n), n, label)
 
-
-def scaled(progress: Progress | None, start: float, stop: float, label: str) -> Progress | None:
-    """A part of one bar: the callee's (done, total) maps to [start, stop] of a 0..1 bar called
-    ``label`` (one long job made of several loops, e.g. features then heads)."""
-    if progress is None:
-        return None
-
-    def part(done: float, total: float, _label: str) -> None:
-        progress(start + (stop - start) * (done / total if total else 1.0), 1.0, label)
-
-    return part

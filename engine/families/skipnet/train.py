@@ -183,7 +183,15 @@ def main(argv: list[str] | None = None, progress: Progress | None = None) -> dic
     path = save_model(model, card, args.out_dir)
     if not args.no_traces:
         skipping.write_assets(
-            model, model_id, args.dataset, xt, yt_np, test_idx, class_names, args.traces_dir
+            model,
+            model_id,
+            args.dataset,
+            xt,
+            yt_np,
+            test_idx,
+            class_names,
+            args.traces_dir,
+            progress or terminal(args.quiet),
         )
     if not args.quiet:
         print(f"wrote {path}  ({train_seconds:.0f}s training)")
