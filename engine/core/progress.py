@@ -66,4 +66,3 @@ def track(
     for i, item in enumerate(items, 1):
         yield item
         progress(min(i, n), n, label)
-
