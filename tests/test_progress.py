@@ -227,3 +227,19 @@ def test_page_builds_a_missing_trace_with_a_bar_and_the_time_left(user_copy, tmp
     # built once: the next run reads it, with no box
     at.run()
     assert not at.exception and not [s for s in at.status if user_copy in s.label]
+
+
+def test_language_page_shows_the_models_first_load(tmp_path, monkeypatch):
+    from tests.helpers_lm import save_tiny_lm
+
+    monkeypatch.setenv("AIE_LM_CARD", str(save_tiny_lm(tmp_path / "tiny_lm")))
+    st.cache_resource.clear()  # a first load in this process
+    at = AppTest.from_file(str(ROOT / "pages" / "language.py"), default_timeout=180).run()
+    assert not at.exception, at.exception
+    at.button(key="slm.go").click().run()
+    assert not at.exception, at.exception
+    box = [s for s in at.status if s.label.startswith("Loaded ")]
+    assert len(box) == 1 and box[0].state == "complete", [s.label for s in at.status]
+    bars = [p for p in at.get("progress") if p.text.startswith("Loading weights:")]
+    assert bars and bars[-1].value == 100 and bars[-1].text.endswith(" left"), bars
+    st.cache_resource.clear()

@@ -597,7 +597,8 @@ def add_decoder(
 
     logging.disable_progress_bar()  # one load of a few seconds; the page shows its own status
     try:
-        lm = lm_model.load(ck.folder, ck.gguf)
+        loading = _as_progress(_report_part(report, 0.0, 0.1), "loading the model")
+        lm = lm_model.load(ck.folder, ck.gguf, loading)
     except lm_model.LoadError as e:
         raise ByoError(str(e)) from None
     except (OSError, ValueError, RuntimeError) as e:
