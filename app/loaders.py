@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -520,27 +521,36 @@ def lm_card(ref: str):
     return get_card(ref)
 
 
+LMS_KEPT = 2
+
+
 @st.cache_resource(show_spinner=False)
-def _lm_loaded() -> set:
-    """The refs whose model this process holds: a page can say "loading, ~25 s" only when due."""
-    return set()
+def _lms() -> tuple[dict, threading.Lock]:
+    """The causal LMs this process holds, by ref (the newest ``LMS_KEPT``), and the lock one
+    load at a time takes."""
+    return {}, threading.Lock()
 
 
 def lm_is_loaded(ref: str) -> bool:
-    return ref in _lm_loaded()
+    """Whether this process holds the model: a page shows the load's progress only when due."""
+    return ref in _lms()[0]
 
 
-@st.cache_resource(show_spinner=False, max_entries=2)
-def causal_lm(ref: str, _progress=None):
-    """The causal LM, loaded once per process (Streamlit runs one load per key at a time) and
-    shared by every session: never mutate it. Raises LoadError / RegistryError / FamilyError.
-    ``_progress`` (not part of the key) hears how far the first load has got."""
+def causal_lm(ref: str, progress=None):
+    """The causal LM, loaded once per process and shared by every session: never mutate it.
+    Raises LoadError / RegistryError / FamilyError. ``progress`` (a page's bar) hears how far
+    the first load has got: the load runs outside a cached function, whose replay could not
+    draw into a box made outside it."""
     from engine import families
 
-    card = lm_card(ref)
-    lm = families.get(card.family).load(card, progress=_progress)
-    _lm_loaded().add(ref)
-    return lm
+    models, lock = _lms()
+    with lock:
+        if ref not in models:
+            card = lm_card(ref)
+            models[ref] = families.get(card.family).load(card, progress=progress)
+            while len(models) > LMS_KEPT:
+                models.pop(next(iter(models)))
+        return models[ref]
 
 
 def lm_depth(ref: str) -> int:

@@ -199,7 +199,7 @@ def slm_model(ref: str, title: str):
     if loaders.lm_is_loaded(ref):
         return loaders.causal_lm(ref)
     with progress.status(f"Loading {title} (once per server)…", f"Loaded {title}") as bar:
-        return loaders.causal_lm(ref, _progress=bar)
+        return loaders.causal_lm(ref, progress=bar)
 
 
 def slm_output(res: live.LiveResult) -> None:

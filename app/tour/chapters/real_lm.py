@@ -57,7 +57,7 @@ def real_lm(ctx: Ctx, card: ModelCard) -> None:
                 right,
                 progress.status(f"Loading {name} (once per server)…", f"Loaded {name}") as bar,
             ):
-                loaders.causal_lm(ref, _progress=bar)
+                loaders.causal_lm(ref, progress=bar)
         with right, st.spinner(f"Reading every layer of {name}…"):
             ans = loaders.lm_answer_lens(ref, PROMPT, N_TOKENS)
     except (live.LoadError, RegistryError, FamilyError, OSError) as e:
