@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import streamlit as st
 
+from app import progress
 from engine import compare, compare_sources
 from engine.byo import foreign
 from engine.core import calibration, tradeoff
@@ -38,13 +40,30 @@ MAX_TRACE_MB = 200
 
 
 def bundled_sources() -> list[str]:
+    """Every trace on disk, and the test split of every model whose family builds traces but
+    has none yet (``get_trace`` builds it, with a progress bar, when it is picked)."""
     from engine.trace_store import available_traces
 
     out = []
     for model_id, split in available_traces():
         out.append(model_id if split == "test" else f"{model_id}@{split}")
+    out += [m for m in buildable_models() if m not in out]
     # test splits first, then others
     return sorted(out, key=lambda s: ("@" in s, s))
+
+
+def buildable_models() -> list[str]:
+    """Models with a card whose family builds traces, without a test trace on disk."""
+    from engine import families
+    from engine.registry import list_cards
+    from engine.trace_store import available_traces
+
+    have = {m for m, split in available_traces() if split == "test"}
+    return [
+        c.model_id
+        for c in list_cards()
+        if c.model_id not in have and families.get(c.family).traces and c.family != "foreign_trace"
+    ]
 
 
 def uploaded_sources() -> list[str]:
@@ -138,7 +157,27 @@ def get_trace(source: str) -> Trace:
                 "this uploaded trace is not in this browser session; upload it again"
             )
         return parse_uploaded_trace(*entry)
-    return load_bundled_trace(*split_source(source))
+    model_id, split = split_source(source)
+    if split == "test" and model_id in buildable_models():
+        build_trace(model_id, split)
+    return load_bundled_trace(model_id, split)
+
+
+def build_trace(model_id: str, split: str = "test") -> None:
+    """Run the model over its split once and store the trace where ``load_trace`` finds it,
+    showing how far the run has got and the time left; FileNotFoundError (one sentence)
+    when it cannot be built here."""
+    from engine.core.family import FamilyError
+    from engine.data.images import DatasetUnavailable
+    from engine.registry import RegistryError
+    from engine.trace_store import load_trace
+
+    label = f"Building the trace of {model_id} ({split} split)…"
+    try:
+        with progress.status(label, f"Built the trace of {model_id}") as bar:
+            load_trace(model_id, split, progress=bar)
+    except (FamilyError, RegistryError, DatasetUnavailable, OSError, ValueError, RuntimeError) as e:
+        raise FileNotFoundError(f"its trace could not be built here: {e}") from None
 
 
 # --- per-trace summaries (computed once per trace and policy kind) ----------------------------
@@ -482,26 +521,36 @@ def lm_card(ref: str):
     return get_card(ref)
 
 
+LMS_KEPT = 2
+
+
 @st.cache_resource(show_spinner=False)
-def _lm_loaded() -> set:
-    """The refs whose model this process holds: a page can say "loading, ~25 s" only when due."""
-    return set()
+def _lms() -> tuple[dict, threading.Lock]:
+    """The causal LMs this process holds, by ref (the newest ``LMS_KEPT``), and the lock one
+    load at a time takes."""
+    return {}, threading.Lock()
 
 
 def lm_is_loaded(ref: str) -> bool:
-    return ref in _lm_loaded()
+    """Whether this process holds the model: a page shows the load's progress only when due."""
+    return ref in _lms()[0]
 
 
-@st.cache_resource(show_spinner=False, max_entries=2)
-def causal_lm(ref: str):
-    """The causal LM, loaded once per process (Streamlit runs one load per key at a time) and
-    shared by every session: never mutate it. Raises LoadError / RegistryError / FamilyError."""
+def causal_lm(ref: str, progress=None):
+    """The causal LM, loaded once per process and shared by every session: never mutate it.
+    Raises LoadError / RegistryError / FamilyError. ``progress`` (a page's bar) hears how far
+    the first load has got: the load runs outside a cached function, whose replay could not
+    draw into a box made outside it."""
     from engine import families
 
-    card = lm_card(ref)
-    lm = families.get(card.family).load(card)
-    _lm_loaded().add(ref)
-    return lm
+    models, lock = _lms()
+    with lock:
+        if ref not in models:
+            card = lm_card(ref)
+            models[ref] = families.get(card.family).load(card, progress=progress)
+            while len(models) > LMS_KEPT:
+                models.pop(next(iter(models)))
+        return models[ref]
 
 
 def lm_depth(ref: str) -> int:

@@ -44,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.core.policies import Policy, exit_index  # noqa: E402
+from engine.core.progress import terminal  # noqa: E402
 from engine.data.images import load, to_model_input  # noqa: E402
 from engine.families import load_model  # noqa: E402
 from engine.run.runtime import EarlyExitRunner  # noqa: E402
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
             threads=args.threads,
             model_id=args.model,
             calibration=calib,
+            progress=terminal(),
         )
         runners[b].run(x[:256], Policy("max_prob", threshold=0.9))  # export, sessions, warm-up
     calls = {b: instrument(r) for b, r in runners.items()}

@@ -16,6 +16,7 @@ import torch
 
 from engine import families
 from engine.core.family import FamilyError
+from engine.core.progress import Progress, terminal
 from engine.data.images import DatasetUnavailable
 from engine.registry import RegistryError, get_card
 
@@ -28,16 +29,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="output .parquet (traces: or .csv)")
     p.add_argument("--force", action="store_true", help="allow a data set the model never saw")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
-def build(model_id: str, out: Path | None, split: str, dataset: str | None, force: bool) -> str:
+def build(
+    model_id: str,
+    out: Path | None,
+    split: str,
+    dataset: str | None,
+    force: bool,
+    progress: Progress | None = None,
+) -> str:
     """Build and write; returns the line to print. Raises FamilyError/RegistryError/... with
-    a one-line reason."""
+    a one-line reason. ``progress`` hears of the model runs (the command line's tqdm bars)."""
     card = get_card(model_id)
     fam = families.get(card.family)
     if fam.traces:
-        trace = fam.checked_trace(card, split, dataset, force)
+        trace = fam.checked_trace(card, split, dataset, force, progress=progress)
         out = out or Path(f"{model_id}__{split}.parquet")
         if out.suffix.lower() == ".csv":
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -57,7 +66,7 @@ def build(model_id: str, out: Path | None, split: str, dataset: str | None, forc
     try:
         results = fam.results(card)
     except FileNotFoundError:
-        fam.build_results(card)
+        fam.build_results(card, progress=progress)
         results = fam.results(card)
     if results is None:
         raise FamilyError(f"{model_id}: {fam.title} has no setting to sweep, so no results")
@@ -74,7 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
     try:
-        print(build(args.model, args.out, args.split, args.dataset, args.force))
+        print(
+            build(args.model, args.out, args.split, args.dataset, args.force, terminal(args.quiet))
+        )
     except (FamilyError, RegistryError, DatasetUnavailable, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

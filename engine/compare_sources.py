@@ -139,6 +139,8 @@ def build_sparsity(model_id: str, dataset: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from engine.core.progress import terminal
+
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] != ["build"]:
         print("usage: python -m engine.compare_sources build")
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     for dataset in ("mnist", "fashion_mnist"):
         for card, fam in _cards(dataset):
             if fam.rebuilt_for_compare(card):
-                print(f"wrote {fam.build_results(card)}", flush=True)
+                print(f"wrote {fam.build_results(card, progress=terminal())}", flush=True)
         model_id = sparsity_model(dataset)
         if model_id:
             build_sparsity(model_id, dataset)

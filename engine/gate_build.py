@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from engine.core import gates, tradeoff
+from engine.core.progress import Progress, terminal
 from engine.core.trace import Trace, read_parquet
 from engine.paths import TRACES_DIR
 
@@ -58,19 +59,26 @@ def comparison(trace: Trace, budgets=BUDGETS) -> dict:
     return out
 
 
-def build(model_id: str, cross_fit: bool, hidden: int, seed: int, out: Path | None) -> dict:
+def build(
+    model_id: str,
+    cross_fit: bool,
+    hidden: int,
+    seed: int,
+    out: Path | None,
+    progress: Progress | None = None,
+) -> dict:
     from engine.trace_store import load_trace, trace_file
 
     src = trace_file(model_id, "test")
     test = read_parquet(src, model_id)
     t0 = time.perf_counter()
     if cross_fit:
-        scores = gates.cross_fit_scores(test, folds=2, hidden=hidden, seed=seed)
+        scores = gates.cross_fit_scores(test, folds=2, hidden=hidden, seed=seed, progress=progress)
         data = {"fitted_on": "test split, 2 seeded folds (each half scored by the other's gates)"}
         data["samples"] = test.num_samples
     else:
-        train = load_trace(model_id, "train")
-        fitted = gates.fit(train, hidden=hidden, seed=seed)
+        train = load_trace(model_id, "train", progress=progress)
+        fitted = gates.fit(train, hidden=hidden, seed=seed, progress=progress)
         scores = fitted.score(test.probs)
         data = {"fitted_on": "train split", "samples": train.num_samples}
         data["train_target_agreement"] = [
@@ -121,10 +129,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hidden", type=int, default=0, help="0: logistic gates; else MLP width")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="default: overwrite the bundled trace")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(1)
     try:
-        card = build(args.model, args.cross_fit, args.hidden, args.seed, args.out)
+        card = build(
+            args.model, args.cross_fit, args.hidden, args.seed, args.out, terminal(args.quiet)
+        )
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine import families
+from engine.core.progress import Progress
 from engine.core.trace import Trace, read_parquet
 from engine.paths import TRACES_DIR, cache_dir, user_traces_dir
 from engine.registry import get_card
@@ -38,9 +39,15 @@ def available_traces() -> list[tuple[str, str]]:
     return sorted(found)
 
 
-def load_trace(model_id: str, split: str = "test", build_if_missing: bool = True) -> Trace:
+def load_trace(
+    model_id: str,
+    split: str = "test",
+    build_if_missing: bool = True,
+    progress: Progress | None = None,
+) -> Trace:
     """The bundled trace, else the cached one, else build it with the model's family (the
-    families whose results are traces implement ``trace(card, split)``)."""
+    families whose results are traces implement ``trace(card, split)``), reporting to
+    ``progress``."""
     paths = (
         trace_file(model_id, split),
         user_trace_file(model_id, split),
@@ -55,7 +62,7 @@ def load_trace(model_id: str, split: str = "test", build_if_missing: bool = True
     fam = families.get(card.family)
     if not fam.traces:
         raise FileNotFoundError(f"no trace for {model_id} and its family cannot build one")
-    trace = fam.trace(card, split)
+    trace = fam.trace(card, split, progress=progress)
     out = user_trace_file(model_id, split) if card.user else cached_trace_file(model_id, split)
     trace.write_parquet(out)
     return trace

@@ -32,7 +32,7 @@ import streamlit as st
 
 from app import figures_lm as flm
 from app import figures_text as ft
-from app import loaders, navigation
+from app import loaders, navigation, progress
 from engine.core.family import FamilyError
 from engine.core.policies import POLICY_LABELS, Policy, exit_index, oracle_correct
 from engine.families.hf_causal_lm import live
@@ -195,11 +195,11 @@ def slm_setting(n_layer: int, has_tuned: bool) -> live.Setting:
 
 
 def slm_model(ref: str, title: str):
-    """The shared model; the first call in this process shows that it is loading."""
+    """The shared model; the first call in this process shows how far the load has got."""
     if loaders.lm_is_loaded(ref):
         return loaders.causal_lm(ref)
-    with st.spinner(f"Loading {title} (about 25 s, once per server)…"):
-        return loaders.causal_lm(ref)
+    with progress.status(f"Loading {title} (once per server)…", f"Loaded {title}") as bar:
+        return loaders.causal_lm(ref, progress=bar)
 
 
 def slm_output(res: live.LiveResult) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import polars as pl
 import streamlit as st
 
-from app import loaders, navigation
+from app import loaders, navigation, progress
 from engine.byo import ByoError
 from engine.byo import hf as byo_hf
 from engine.registry import RegistryError
@@ -78,7 +78,7 @@ if submitted:
     else:
         problem = None
         with st.status(f"Adding {name}…", expanded=True) as status:
-            bar = st.progress(0.0, text="checking the checkpoint")
+            bar = progress.PageBar("checking the checkpoint")
             try:
                 card = byo_hf.add_checkpoint(
                     path,
@@ -87,7 +87,7 @@ if submitted:
                     text=text,
                     joint=joint,
                     overwrite=overwrite,
-                    report=lambda what, f: bar.progress(float(f), text=what),
+                    report=bar.report,
                 )
             except (ByoError, RegistryError) as e:
                 # the engine speaks in the command line's terms; the form's box is its --overwrite

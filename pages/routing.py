@@ -6,7 +6,7 @@ import numpy as np
 import streamlit as st
 
 from app import figures_moe as figs
-from app import loaders, navigation, widgets
+from app import loaders, navigation, progress, widgets
 from app.query import choice_param, float_param
 from engine.data import images as image_data
 from engine.data import photo
@@ -204,8 +204,8 @@ if (
 ):
     st.session_state[live_key] = True
 if st.session_state.get(live_key) and can_run:
-    bar = st.progress(0.0, text="routing sweep")
-    points = loaders.moe_live_sweep(model_id, dataset, n_sweep, _progress=bar.progress)
+    bar = progress.PageBar("routing sweep")
+    points = loaders.moe_live_sweep(model_id, dataset, n_sweep, _progress=bar)
     bar.empty()
     origin = f"live sweep on {n_sweep:,} images of the {sweep_source} (cached)"
 elif saved is not None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine.core.progress import silent
 from engine.families.early_exit_lm import model as lm
 
 SMALL = {"n_layer": 4, "n_head": 2, "d_model": 32, "block_size": 48}
@@ -232,7 +233,7 @@ def test_training_step_and_evaluation_small(model):
     m = lm.build(SMALL)
     data = tr.encode_array("the cat sat on the mat. " * 200, m.config.vocab)
     args = tr.parse(["--steps", "20", "--batch", "8", "--seq", "32", "--lr", "1e-2"])
-    losses = tr.train(m, data, args, log_every=0)
+    losses = tr.train(m, data, args, progress=silent)
     assert losses[-1] < losses[0] - 0.5
     idx = torch.from_numpy(data[:120].astype(np.int64)).view(4, 30)
     res = tr.evaluate(m, idx, 10, {"max_prob": [0.5], "margin": [0.3], "saturation": [0.9]})

@@ -202,9 +202,9 @@ def test_sweep_progress_and_compute_score():
         imgs,
         labels,
         [Routing(tau=t) for t in (0, 0.5, 1)],
-        progress=lambda f, t: calls.append(f),
+        progress=lambda done, total, label: calls.append((done, total)),
     )
-    assert calls == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert calls == [(0, 3), (1, 3), (2, 3), (3, 3)]
     assert [p["experts_per_token_mean"] for p in pts][0] == E
     assert pts[-1]["experts_per_token_mean"] == 1
     score = moe.compute_score(model, imgs, 0.5)

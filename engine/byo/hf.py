@@ -387,8 +387,12 @@ def add_encoder(
             model, feats[rows_train], y[rows_train], epochs, options.lr, options.seed, report
         )
     model.eval()
-    trace = train.make_trace(name, model, x[rows_test], data, rows_test)
-    train_trace = train.make_trace(name, model, x[rows_train], data, rows_train, "train")
+    trace = train.make_trace(
+        name, model, x[rows_test], data, rows_test, progress=_as_progress(report, "test trace")
+    )
+    train_trace = train.make_trace(
+        name, model, x[rows_train], data, rows_train, "train", _as_progress(report, "train trace")
+    )
     test_acc = trace.correct.mean(0)
     train_acc = train_trace.correct.mean(0)
     raw = {
@@ -481,6 +485,16 @@ def _lens_split(ids: list[int], text: Path, o: LensOptions) -> tuple[list[int], 
 def _chunks(ids: list[int], size: int) -> list[list[int]]:
     """Consecutive pieces of ``size`` tokens (each read as its own sequence), none under two."""
     return [c for c in (ids[i : i + size] for i in range(0, len(ids), size)) if len(c) >= 2]
+
+
+def _as_progress(report, what: str):
+    """A ``Progress`` (``engine.core.progress``) for the calls that take one, told to
+    ``report`` as (what, fraction); tqdm on a terminal when there is no report."""
+    from engine.core.progress import terminal
+
+    if report is None:
+        return terminal()
+    return lambda done, total, _label: report(what, done / total if total else 1.0)
 
 
 def _report_part(report, lo: float, hi: float):
@@ -583,7 +597,8 @@ def add_decoder(
 
     logging.disable_progress_bar()  # one load of a few seconds; the page shows its own status
     try:
-        lm = lm_model.load(ck.folder, ck.gguf)
+        loading = _as_progress(_report_part(report, 0.0, 0.1), "loading the model")
+        lm = lm_model.load(ck.folder, ck.gguf, loading)
     except lm_model.LoadError as e:
         raise ByoError(str(e)) from None
     except (OSError, ValueError, RuntimeError) as e:

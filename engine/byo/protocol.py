@@ -81,8 +81,10 @@ def register(
     name: str,
     overwrite: bool = False,
     title: str | None = None,
+    progress=None,
 ):
-    """Check everything, trace, then save card, weights and trace; returns (card, trace)."""
+    """Check everything, trace (reporting to ``progress``), then save card, weights and
+    trace; returns (card, trace)."""
     from engine.families.torch_protocol.family import FAMILY_NAME, trace_of_model
     from engine.registry import save_user_model
     from engine.trace_store import user_trace_file
@@ -103,7 +105,7 @@ def register(
     # named by content: models registered on the same data line up on the compare page
     dataset = f"user:{data.name}:{data_sha[:8]}"
     try:
-        trace = trace_of_model(model, arrays, name, dataset)
+        trace = trace_of_model(model, arrays, name, dataset, progress=progress)
     except TraceError as e:
         raise ByoError(f"the model's outputs on {data.name} are not usable ({e})") from None
     card = save_user_model(
@@ -135,8 +137,10 @@ def register(
 
 
 def main(args: argparse.Namespace) -> int:
+    from engine.core.progress import terminal
+
     card, trace = register(
-        args.model_file, args.weights, args.data, args.name, args.overwrite, args.title
+        args.model_file, args.weights, args.data, args.name, args.overwrite, args.title, terminal()
     )
     acc = (trace.pred[:, -1] == trace.label).mean()
     print(

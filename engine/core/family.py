@@ -20,6 +20,7 @@ import numpy as np
 from torch import nn
 
 if TYPE_CHECKING:
+    from engine.core.progress import Progress
     from engine.core.results import Results
     from engine.registry import ModelCard
 
@@ -82,9 +83,9 @@ class Family:
         must be built first (the message says how)."""
         return None
 
-    def build_results(self, card: ModelCard) -> Path:
+    def build_results(self, card: ModelCard, progress: Progress | None = None) -> Path:
         """Run the model on its test split and write the file ``results`` reads; returns
-        its path."""
+        its path. ``progress`` (``engine.core.progress``) hears how far it has got."""
         raise FamilyError(
             f"{card.model_id}: the {self.title or self.name} family writes its results when it "
             f"is trained ({card.raw.get('training_command', 'python -m engine.train')})"

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.core.progress import Progress, track
 from engine.core.trace import Trace
 
 FEATURE_NAMES_TAIL = ("entropy", "margin", "agrees with previous exit", "previous max-prob")
@@ -147,8 +148,11 @@ def _fit_one(x: np.ndarray, y: np.ndarray, hidden: int, l2: float, seed: int) ->
     return ExitGate(mean, scale, tuple(p.detach().numpy().copy() for p in params))
 
 
-def fit(trace: Trace, hidden: int = 0, l2: float = 1e-4, seed: int = 0) -> Gates:
-    """Fit one gate per exit (but the last) on a labelled trace; deterministic for a seed."""
+def fit(
+    trace: Trace, hidden: int = 0, l2: float = 1e-4, seed: int = 0, progress: Progress | None = None
+) -> Gates:
+    """Fit one gate per exit (but the last) on a labelled trace; deterministic for a seed;
+    ``progress`` hears of every exit."""
     if not trace.has_labels:
         raise ValueError("gates are trained on a labelled trace")
     lab = trace.label != -1
@@ -156,13 +160,19 @@ def fit(trace: Trace, hidden: int = 0, l2: float = 1e-4, seed: int = 0) -> Gates
     x = features(sub.probs)
     y = target(sub)
     exits = tuple(
-        _fit_one(x[:, k], y[:, k], hidden, l2, seed + k) for k in range(trace.num_exits - 1)
+        _fit_one(x[:, k], y[:, k], hidden, l2, seed + k)
+        for k in track(range(trace.num_exits - 1), "gates (exits)", progress)
     )
     return Gates(exits, hidden, seed)
 
 
 def cross_fit_scores(
-    trace: Trace, folds: int = 2, hidden: int = 0, l2: float = 1e-4, seed: int = 0
+    trace: Trace,
+    folds: int = 2,
+    hidden: int = 0,
+    l2: float = 1e-4,
+    seed: int = 0,
+    progress: Progress | None = None,
 ) -> np.ndarray:
     """[N, K] gate scores where each sample is scored by gates fitted on the other folds.
 
@@ -173,7 +183,7 @@ def cross_fit_scores(
     fold = np.empty(trace.num_samples, dtype=np.int64)
     fold[order] = np.arange(trace.num_samples) % folds
     out = np.ones((trace.num_samples, trace.num_exits), dtype=np.float32)
-    for f in range(folds):
+    for f in track(range(folds), "gates (folds)", progress):
         gates = fit(trace.subset(fold != f), hidden, l2, seed)
         out[fold == f] = gates.score(trace.probs[fold == f])
     return out

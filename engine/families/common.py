@@ -14,6 +14,7 @@ from torch import nn
 
 from engine.core.family import Family, FamilyError, LiveRun
 from engine.core.policies import Policy
+from engine.core.progress import Progress
 from engine.core.results import Results, from_trace
 from engine.core.trace import Trace
 from engine.data.images import to_model_input
@@ -31,12 +32,23 @@ class TraceFamily(Family):
     setting = "max_prob threshold"
     traces = True  # the tuning page and the inspector read its trace
 
-    def trace(self, card: ModelCard, split: str = "test", dataset: str | None = None) -> Trace:
+    def trace(
+        self,
+        card: ModelCard,
+        split: str = "test",
+        dataset: str | None = None,
+        progress: Progress | None = None,
+    ) -> Trace:
         """Run the model over ``split`` of ``dataset`` (default: the data set it was trained on)."""
-        return build_trace_for_card(card.model_id, split, dataset)
+        return build_trace_for_card(card.model_id, split, dataset, progress=progress)
 
     def checked_trace(
-        self, card: ModelCard, split: str = "test", dataset: str | None = None, force: bool = False
+        self,
+        card: ModelCard,
+        split: str = "test",
+        dataset: str | None = None,
+        force: bool = False,
+        progress: Progress | None = None,
     ) -> Trace:
         """``trace``, refusing a data set the model was not trained on unless ``force``."""
         if dataset not in (None, card.dataset) and not force:
@@ -44,15 +56,15 @@ class TraceFamily(Family):
                 f"{card.model_id} was trained on {card.dataset}; its exits on {dataset} would "
                 "measure a model on data it never saw (add --force to build it anyway)"
             )
-        return self.trace(card, split, dataset)
+        return self.trace(card, split, dataset, progress=progress)
 
     def results(self, card: ModelCard) -> Results:
         return from_trace(load_trace(card.model_id, build_if_missing=False), self.label(card))
 
-    def build_results(self, card: ModelCard) -> Path:
+    def build_results(self, card: ModelCard, progress: Progress | None = None) -> Path:
         """The test trace, written where ``load_trace`` finds it."""
         path = cached_trace_file(card.model_id, "test")
-        self.trace(card).write_parquet(path)
+        self.trace(card, progress=progress).write_parquet(path)
         return path
 
     def live_input(self, card: ModelCard) -> str:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from engine.core.costs import count_flops
+from engine.core.progress import Progress, track
 from engine.data.images import to_model_input
 
 IMAGE_SHAPE = (1, 28, 28)
@@ -75,19 +76,19 @@ def exit_costs(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> 
 
 @torch.no_grad()
 def run_exits(
-    model: nn.Module, x: torch.Tensor, batch_size: int = 256
+    model: nn.Module, x: torch.Tensor, batch_size: int = 256, progress: Progress | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(probs [N, K, C] float32, latency_ms [N, K] cumulative, per sample) of ``model`` on x.
 
     Probabilities are the float32 softmax of each head's logits. Latency is measured per batch,
     piece by piece (stage k, then head k), divided by the batch size: the amortised per-sample
-    wall-clock of reaching exit k at this batch size.
+    wall-clock of reaching exit k at this batch size. ``progress`` hears of every batch.
     """
     k = check_contract(model)
     model.eval()
     n = len(x)
     probs, lat = None, np.zeros((n, k), dtype=np.float64)
-    for i in range(0, n, batch_size):
+    for i in track(range(0, n, batch_size), "trace", progress):
         h = x[i : i + batch_size]
         b = len(h)
         spent = 0.0

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.core.progress import Progress, track
 from engine.paths import cache_dir
 
 
@@ -108,8 +109,10 @@ def export_chain(
     input_shape: tuple[int, ...] | None = None,
     model_id: str | None = None,
     directory: Path | None = None,
+    progress: Progress | None = None,
 ) -> OnnxChain:
-    """Export every stage and head of ``model`` (cached; re-exported only when missing).
+    """Export every stage and head of ``model`` (cached; re-exported only when missing),
+    reporting each stage to ``progress``.
 
     ``input_shape`` is the shape of one sample (without the batch dimension; default
     ``engine.run.exits.model_input_shape``).
@@ -129,7 +132,8 @@ def export_chain(
     # batch 2: torch.export specialises dimensions of size 0 and 1
     h = torch.zeros((2, *input_shape))
     with torch.no_grad():
-        for i, (stage, head) in enumerate(zip(model.stages, model.heads, strict=True)):
+        pairs = list(enumerate(zip(model.stages, model.heads, strict=True)))
+        for i, (stage, head) in track(pairs, "ONNX export (stages)", progress):
             if not stages[i].exists():
                 _export_one(stage, h, stages[i])
             h = stage(h)
@@ -191,11 +195,12 @@ def quantize_chain(
     chain: OnnxChain,
     calibration: torch.Tensor,
     scheme: Int8Scheme | None = None,
+    progress: Progress | None = None,
 ) -> OnnxChain:
     """Static int8 copies of every graph in ``chain`` (``scheme``, default ``Int8Scheme()``),
     calibrated on the float model's activations for ``calibration`` (a float
     input batch [M, *input_shape]). Cached next to the float export; the scheme and the
-    calibration set are part of the cache key."""
+    calibration set are part of the cache key. ``progress``: each graph."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -217,7 +222,7 @@ def quantize_chain(
             inputs.append((chain.stages[i], stages[i], h.numpy()))
             h = stage(h)
             inputs.append((chain.heads[i], heads[i], h.numpy()))
-    for src, dst, data in inputs:
+    for src, dst, data in track(inputs, "int8 quantisation (graphs)", progress):
         if dst.exists():
             continue
         pre = dst.with_suffix(f".pre{os.getpid()}.onnx")

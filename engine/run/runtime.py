@@ -219,7 +219,9 @@ class EarlyExitRunner:
         model_id: str | None = None,
         calibration: torch.Tensor | None = None,
         input_shape: tuple[int, ...] | None = None,
+        progress=None,  # engine.core.progress: the first ONNX export / int8 quantisation
     ):
+        self.progress = progress
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
         check_contract(model)
@@ -256,14 +258,16 @@ class EarlyExitRunner:
     def _onnx(self, int8: bool, x: torch.Tensor):
         from engine.run.onnx_export import OnnxSessions, export_chain, quantize_chain
 
-        chain = export_chain(self.model, self.input_shape, self.model_id)
+        chain = export_chain(self.model, self.input_shape, self.model_id, progress=self.progress)
         if not int8:
             if self._float is None:
                 self._float = _OnnxChain(OnnxSessions(chain, self.threads), "float32")
             return self._float
         if self._int8 is None:
             calib = self.calibration if self.calibration is not None else x[:256]
-            q = quantize_chain(self.model, chain, calib.detach().cpu().float())
+            q = quantize_chain(
+                self.model, chain, calib.detach().cpu().float(), progress=self.progress
+            )
             self._int8 = _OnnxChain(OnnxSessions(q, self.threads), "int8")
         return self._int8
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.core.progress import Progress
 from engine.core.trace import Trace, TraceMeta
 from engine.data import images
 from engine.run.exits import exit_costs, run_exits
@@ -33,6 +34,7 @@ def build_trace(
     exit_names: list[str] | None = None,
     sample_ids: np.ndarray | None = None,
     extra_meta: dict | None = None,
+    progress: Progress | None = None,
 ) -> Trace:
     """The trace of ``model`` on a data split (a data set name, or an ``ImageSet`` already loaded).
 
@@ -52,6 +54,7 @@ def build_trace(
         exit_names,
         sample_ids,
         extra_meta,
+        progress,
     )
 
 
@@ -67,10 +70,11 @@ def trace_of_inputs(
     exit_names: list[str] | None = None,
     sample_ids: np.ndarray | None = None,
     extra_meta: dict | None = None,
+    progress: Progress | None = None,
 ) -> Trace:
     """The trace of ``model`` on inputs already prepared for it (x [N, *input_shape] float32),
     for models whose inputs are not one of the image data sets (the user's own models)."""
-    probs, latency = run_exits(model, x, batch_size)
+    probs, latency = run_exits(model, x, batch_size, progress)
     costs = exit_costs(model, tuple(x.shape[1:]))
     cumulative = costs.cumulative
     k = probs.shape[1]
@@ -101,7 +105,11 @@ def trace_of_inputs(
 
 
 def build_trace_for_card(
-    model_id: str, split: str = "test", dataset: str | None = None, batch_size: int = 256
+    model_id: str,
+    split: str = "test",
+    dataset: str | None = None,
+    batch_size: int = 256,
+    progress: Progress | None = None,
 ) -> Trace:
     """Load a bundled model (SHA-256 checked) and trace it on its data set's split."""
     from engine.families import load_model
@@ -118,4 +126,5 @@ def build_trace_for_card(
         batch_size,
         exit_names=names,
         extra_meta={"family": card.family, "weights_sha256": card.raw.get("weights_sha256")},
+        progress=progress,
     )

@@ -10,7 +10,7 @@ import numpy as np
 import streamlit as st
 
 from app import figures_lm as flm
-from app import loaders
+from app import loaders, progress
 from app.tour import data
 from app.tour.common import Chapter, Ctx, deeper, pct, show_figure, text_and_figure
 from engine.core.family import FamilyError
@@ -52,7 +52,13 @@ def real_lm(ctx: Ctx, card: ModelCard) -> None:
             )
         return
     try:
-        with right, st.spinner(f"Loading {name} and reading every layer…"):
+        if not loaders.lm_is_loaded(ref):
+            with (
+                right,
+                progress.status(f"Loading {name} (once per server)…", f"Loaded {name}") as bar,
+            ):
+                loaders.causal_lm(ref, progress=bar)
+        with right, st.spinner(f"Reading every layer of {name}…"):
             ans = loaders.lm_answer_lens(ref, PROMPT, N_TOKENS)
     except (live.LoadError, RegistryError, FamilyError, OSError) as e:
         with right:

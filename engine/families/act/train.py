@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from engine.core.progress import Progress, terminal, track
 from engine.core.stats import spearman
 from engine.core.training import command_line, cosine_lr, save_model, seed_everything
 from engine.families.act import model as act
@@ -51,37 +52,26 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def train(model: act.ACTNet, args) -> None:
+def train(model: act.ACTNet, args, progress: Progress | None = None) -> None:
     steps = args.steps if args.max_steps_train is None else min(args.steps, args.max_steps_train)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sched = cosine_lr(opt, steps)
     rng_seed = args.seed * 1_000_003
     model.train()
-    t0, run_loss, run_acc, run_steps = time.perf_counter(), 0.0, 0.0, 0.0
-    for i in range(steps):
+    for i in track(range(steps), "steps", progress or terminal(args.quiet)):
         x, y, _ = act.parity_data(args.batch_size, args.num_bits, seed=rng_seed + i)
         x, y = torch.from_numpy(x), torch.from_numpy(y)
         out = model(x)
-        loss, nll = act.act_loss(out, y, args.ponder_cost)
+        loss, _ = act.act_loss(out, y, args.ponder_cost)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        run_loss += nll.item()
-        run_acc += (out["probs"].argmax(1) == y).float().mean().item()
-        run_steps += out["steps"].float().mean().item()
-        if not args.quiet and (i + 1) % 500 == 0:
-            print(
-                f"step {i + 1}/{steps}  nll {run_loss / 500:.4f}  acc {run_acc / 500:.3f}  "
-                f"ponder steps {run_steps / 500:.2f}  {time.perf_counter() - t0:.0f}s",
-                flush=True,
-            )
-            run_loss, run_acc, run_steps = 0.0, 0.0, 0.0
     model.eval()
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, progress: Progress | None = None) -> dict:
     argv = list(argv or [])
     args = parser().parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -95,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     model = act.ACTNet(config)
     t0 = time.perf_counter()
-    train(model, args)
+    train(model, args, progress)
     train_seconds = time.perf_counter() - t0
 
     x, y, length = act.parity_data(args.test_size, args.num_bits, seed=args.test_seed)

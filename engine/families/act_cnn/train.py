@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.core.progress import Progress, terminal, track
 from engine.core.training import (
     command_line,
     cosine_lr,
@@ -65,38 +66,27 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def train(model: act_cnn.ACTConvNet, x: torch.Tensor, y: torch.Tensor, args) -> None:
+def train(model: act_cnn.ACTConvNet, x: torch.Tensor, y: torch.Tensor, args, progress=None) -> None:
     total, epochs = epoch_batches(
         len(y), args.batch_size, args.epochs, args.seed, args.max_steps_train
     )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     sched = cosine_lr(opt, total)
     model.train()
+    progress = progress or terminal(args.quiet)
     for epoch, batches in enumerate(epochs):
-        t0, tot_nll, tot_acc, tot_steps, seen = time.perf_counter(), 0.0, 0.0, 0.0, 0
-        for b in batches:
+        for b in track(batches, f"epoch {epoch + 1}/{args.epochs}", progress):
             out = model(x[b])
-            loss, nll = act.act_loss(out, y[b], args.ponder_cost)
+            loss, _ = act.act_loss(out, y[b], args.ponder_cost)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            seen += len(b)
-            tot_nll += nll.item() * len(b)
-            tot_acc += (out["probs"].argmax(1) == y[b]).float().sum().item()
-            tot_steps += out["steps"].float().sum().item()
-        if not args.quiet and seen:
-            print(
-                f"epoch {epoch + 1}/{args.epochs}  nll {tot_nll / seen:.4f}  "
-                f"acc {tot_acc / seen:.4f}  ponder steps {tot_steps / seen:.2f}  "
-                f"{time.perf_counter() - t0:.0f}s",
-                flush=True,
-            )
     model.eval()
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, progress: Progress | None = None) -> dict:
     argv = list(argv or [])
     args = parser().parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -115,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     model = act_cnn.ACTConvNet(config)
     t0 = time.perf_counter()
-    train(model, x, y, args)
+    train(model, x, y, args, progress)
     train_seconds = time.perf_counter() - t0
 
     from engine.families.act import records as halting

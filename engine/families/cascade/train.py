@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from engine.core.progress import Progress
 from engine.families.multi_exit_cnn.train import add_common_args, train_and_save
 
 FAMILY = "cascade"
@@ -29,7 +30,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str]) -> Path:
+def main(argv: list[str], progress: Progress | None = None) -> Path:
     from engine.families.cascade.model import build, exit_names
 
     args = parser().parse_args(argv)
@@ -42,4 +43,5 @@ def main(argv: list[str]) -> Path:
         make_config=lambda num_classes: {"num_classes": num_classes},
         title=lambda k: f"Cascade of {k} CNNs, small to large ({args.dataset})",
         card_config=lambda model, config: {**config, "members": model.config.members},
+        progress=progress,
     )

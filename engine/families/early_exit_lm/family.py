@@ -23,7 +23,7 @@ class EarlyExitLM(Family):
     def results(self, card) -> None:
         return None  # per-token exits: the language page evaluates them from its card
 
-    def build_results(self, card):
+    def build_results(self, card, progress=None):
         raise FamilyError(
             f"{card.model_id}: a language model exits per token, not per sample; its per-layer "
             "metrics are in its card and the language page runs it live"

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.core.progress import Progress, terminal, track
 from engine.core.training import command_line, save_model, seed_everything
 from engine.data.text import bbc_text
 from engine.families.early_exit_lm import model as lm
@@ -65,6 +66,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out-dir", default=None, help="where to write weights + card (tests)")
+    p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
 
@@ -92,7 +94,7 @@ def early_exit_loss(model: lm.EarlyExitLM, x: torch.Tensor, layer_dropout: float
     return sum(wi * ce for wi, ce in zip(w, ces, strict=True)), ces
 
 
-def train(model, data, args, log_every: int = 25) -> list[float]:
+def train(model, data, args, progress: Progress | None = None) -> list[float]:
     gen = np.random.default_rng(args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
     warm = max(1, args.steps // 20)
@@ -106,19 +108,14 @@ def train(model, data, args, log_every: int = 25) -> list[float]:
     model.train()
     losses = []
     it = batches(data, args.batch, args.seq, gen)
-    for s in range(args.steps):
-        loss, ces = early_exit_loss(model, next(it), args.layer_dropout)
+    for _ in track(range(args.steps), "steps", progress or terminal(args.quiet)):
+        loss, _ = early_exit_loss(model, next(it), args.layer_dropout)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
-        if log_every and (s % log_every == 0 or s == args.steps - 1):
-            print(
-                f"step {s:5d} loss {losses[-1]:.3f} per-layer CE",
-                [round(float(c.detach()), 2) for c in ces],
-            )
     model.eval()
     return losses
 
@@ -140,7 +137,11 @@ def seq_ppl(logits: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def evaluate(
-    model: lm.EarlyExitLM, idx: torch.Tensor, prefix: int, thresholds: dict | None = None
+    model: lm.EarlyExitLM,
+    idx: torch.Tensor,
+    prefix: int,
+    thresholds: dict | None = None,
+    progress: Progress | None = None,
 ) -> dict:
     n = model.n_layer
     targets = idx[:, prefix:]  # [B, T-prefix]: the characters predicted
@@ -162,7 +163,7 @@ def evaluate(
             plans.append({"kind": "skip", "exit_at": n - 1, "skip": list(sub), "layers": n - r})
     agree = np.zeros((len(plans), idx.shape[0]))
     ppl = np.zeros((len(plans), idx.shape[0]))
-    for j, plan in enumerate(plans):
+    for j, plan in enumerate(track(plans, "static plans", progress)):
         run = [i not in plan["skip"] for i in range(n)]
         lg = model.forward_config(idx, run, plan["exit_at"])[:, sl]
         agree[j] = (lg.argmax(-1) == full_arg).float().mean(1).numpy()
@@ -183,7 +184,8 @@ def evaluate(
         }
 
     sweep = []
-    for measure, mode in itertools.product(lm.MEASURES, lm.MODES):
+    rules = list(itertools.product(lm.MEASURES, lm.MODES))
+    for measure, mode in track(rules, "exit rules", progress):
         for thr in (thresholds or THRESHOLDS)[measure]:
             pol = lm.ExitPolicy(measure=measure, threshold=thr, mode=mode)
             lg, lr = lm.decode_teacher_forced(model, idx, prefix, pol)
@@ -240,7 +242,7 @@ def _plan_name(plan: dict) -> str:
     return "skip layers " + ",".join(str(i + 1) for i in plan["skip"])
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], progress: Progress | None = None) -> None:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
@@ -258,11 +260,12 @@ def main(argv: list[str]) -> None:
         f"train corpus: {len(data):,} characters; {sum(p.numel() for p in model.parameters()):,} parameters"
     )
     t0 = time.perf_counter()
-    losses = train(model, data, args)
+    progress = progress or terminal(args.quiet)
+    losses = train(model, data, args, progress)
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     idx = eval_windows(config.vocab, args.eval_seqs, args.eval_len)
-    metrics = evaluate(model, idx, args.eval_prefix)
+    metrics = evaluate(model, idx, args.eval_prefix, progress=progress)
     eval_s = time.perf_counter() - t0
     metrics.update(
         train_seconds_loop=round(train_s, 1),

@@ -28,8 +28,8 @@ class ForeignTrace(Family):
     trainer = None
     traces = True
 
-    def trace(self, card: ModelCard, split: str = "test") -> Trace:
-        """The stored conversion; the original file is read only by the command line."""
+    def trace(self, card: ModelCard, split: str = "test", progress=None) -> Trace:
+        """The stored conversion (no model run, so nothing to report); the original file is read only by the command line."""
         path = user_trace_file(card.model_id, split)
         if not path.exists():
             raise FileNotFoundError(

@@ -29,14 +29,15 @@ class HFCausalLM(Family):
             "a pretrained language model is loaded from its files (Family.load), not built"
         )
 
-    def load(self, card) -> hf.CausalLM:
+    def load(self, card, progress=None) -> hf.CausalLM:
         """The card's files: ``path`` (a local folder or GGUF file), or ``gguf`` inside the
-        installed data package ``source``. No weights of ours, so no SHA of ours to check."""
+        installed data package ``source``. No weights of ours, so no SHA of ours to check.
+        ``progress`` (``engine.core.progress``) hears how far the load has got."""
         c = card.config
         try:
             if "path" in c:
-                return hf.load(c["path"], c.get("gguf"))
-            return hf.load(hf.packaged_file(c["source"], c["gguf"]))
+                return hf.load(c["path"], c.get("gguf"), progress)
+            return hf.load(hf.packaged_file(c["source"], c["gguf"]), progress=progress)
         except KeyError as e:
             raise FamilyError(f"{card.model_id}: the card's config lacks {e}") from None
 

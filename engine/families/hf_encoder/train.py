@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from engine.core.progress import Progress
 from engine.core.trace import Trace, TraceMeta
 from engine.families.hf_encoder import model as hfe
 from engine.run.exits import exit_costs, run_exits
@@ -234,10 +235,11 @@ def make_trace(
     data: Labelled,
     rows: np.ndarray,
     split_name: str = "test",
+    progress: Progress | None = None,
 ) -> Trace:
     """The trace of ``rows`` of the CSV: probabilities from ``run_exits`` (the runtime's
     reference), cumulative FLOPs of the padded input counted by torch."""
-    probs, latency = run_exits(model, x)
+    probs, latency = run_exits(model, x, progress=progress)
     costs = exit_costs(model, tuple(x.shape[1:]))
     n, k = probs.shape[:2]
     meta = TraceMeta(

@@ -12,13 +12,14 @@ it in ``assets/traces/`` and answer a slider instantly.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from engine.core.progress import Progress, track
 from engine.core.stats import seeded_subset
 from engine.data import images as image_data
 from engine.families.moe.model import FlopMeter, MoEViT, Routing
@@ -137,21 +138,16 @@ def sweep(
     imgs: np.ndarray,
     labels: np.ndarray | None,
     settings: Sequence[Routing] | None = None,
-    progress: Callable[[float, str], object] | None = None,
+    progress: Progress | None = None,
     batch_size: int = 500,
 ) -> list[dict]:
-    """``stats`` for each routing setting (re-running the model each time).
-
-    ``progress(fraction, text)`` is called after every setting (the app passes st.progress's
-    ``progress`` method).
-    """
+    """``stats`` for each routing setting (re-running the model each time), reporting to
+    ``progress`` after every setting."""
     settings = list(settings or settings_for(model))
     out = []
-    for i, routing in enumerate(settings):
+    for routing in track(settings, "routing sweep", progress):
         rec = run(model, imgs, routing, batch_size)
         out.append(stats(rec, labels, model.config.num_classes))
-        if progress is not None:
-            progress((i + 1) / len(settings), f"{routing.label()}: {i + 1}/{len(settings)}")
     return out
 
 

@@ -9,6 +9,7 @@ import polars as pl
 import torch
 
 from engine.core.family import Family, FamilyError, LiveRun
+from engine.core.progress import track
 from engine.core.results import Results
 from engine.data import images
 from engine.families import load_model
@@ -92,7 +93,7 @@ class MoE(Family):
     def rebuilt_for_compare(self, card) -> bool:
         return card.raw.get("variant") == "dynamic"
 
-    def build_results(self, card) -> Path:
+    def build_results(self, card, progress=None) -> Path:
         """Re-run the dynamic-k model at every tau on the seeded test subset; write the file
         ``results`` reads."""
         if card.raw.get("variant") != "dynamic":
@@ -102,7 +103,7 @@ class MoE(Family):
         ids = analysis.sweep_subset(len(test))
         rows = []
         with torch.no_grad():
-            for tau in analysis.TAU_GRID:
+            for tau in track(analysis.TAU_GRID, "routing sweep (tau)", progress):
                 rec = analysis.run(model, test.images[ids], moe.Routing(tau=tau))
                 rows.append(
                     pl.DataFrame(
@@ -115,7 +116,6 @@ class MoE(Family):
                         }
                     )
                 )
-                print(f"{card.model_id} tau={tau}: mean FLOPs {rec.flops.mean():,.0f}", flush=True)
         path = analysis.compare_file(card.model_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         pl.concat(rows).write_parquet(path)

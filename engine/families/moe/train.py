@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.core.progress import Progress, terminal, track
 from engine.core.stats import seeded_subset
 from engine.core.training import command_line, cosine_lr, save_model, seed_everything
 from engine.data import images
@@ -82,41 +83,36 @@ def cosine(opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.L
     return cosine_lr(opt, total, warmup=max(1, min(100, total // 10)))
 
 
-def train_loop(params, loss_fn, n: int, args, epochs: int, label: str) -> None:
-    """AdamW + warm-up/cosine over ``epochs`` of ``n`` samples; ``loss_fn(idx, step)``."""
+def train_loop(params, loss_fn, n: int, args, epochs: int, label: str, progress=None) -> None:
+    """AdamW + warm-up/cosine over ``epochs`` of ``n`` samples; ``loss_fn(idx, step)``; one
+    bar of steps per epoch."""
+    progress = progress or terminal(args.quiet)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     steps = math.ceil(n / args.batch_size)
     sched = cosine(opt, epochs * steps)
     gen = torch.Generator().manual_seed(args.seed)
     step = 0
     for epoch in range(epochs):
-        perm, total, t0 = torch.randperm(n, generator=gen), 0.0, time.perf_counter()
-        for i in range(steps):
+        perm = torch.randperm(n, generator=gen)
+        for i in track(range(steps), f"{label} epoch {epoch + 1}/{epochs}", progress):
             loss = loss_fn(perm[i * args.batch_size : (i + 1) * args.batch_size], step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            total += loss.item()
             step += 1
-        if not args.quiet:
-            print(
-                f"{label} epoch {epoch + 1}/{epochs} loss {total / steps:.4f} "
-                f"{time.perf_counter() - t0:.1f}s",
-                flush=True,
-            )
 
 
-def train_topk(model: MoEViT, x, y, args) -> None:
+def train_topk(model: MoEViT, x, y, args, progress=None) -> None:
     def loss_fn(idx, step):
         out = model.forward_train(x[idx], k=1 + step % 2)  # k alternates: both modes work
         return F.cross_entropy(out.logits, y[idx]) + args.aux_weight * out.aux_loss
 
     model.train()
-    train_loop(list(model.parameters()), loss_fn, len(y), args, args.epochs, "topk")
+    train_loop(list(model.parameters()), loss_fn, len(y), args, args.epochs, "topk", progress)
 
 
-def train_dynamic(model: MoEViT, x, y, args) -> None:
+def train_dynamic(model: MoEViT, x, y, args, progress=None) -> None:
     cfg = model.config
     model.train()
     routers = [p for n, p in model.named_parameters() if ".router." in n]
@@ -129,7 +125,7 @@ def train_dynamic(model: MoEViT, x, y, args) -> None:
             loss = loss + args.act_l1 * hidden_l1(model, x[idx])
         return loss
 
-    train_loop(dense, dense_loss, len(y), args, args.epochs, "dense")
+    train_loop(dense, dense_loss, len(y), args, args.epochs, "dense", progress)
     for p in dense:
         p.requires_grad_(False)
     model.eval()  # no dropout/batch-norm here, but the dense model is now fixed
@@ -152,7 +148,7 @@ def train_dynamic(model: MoEViT, x, y, args) -> None:
             loss = loss + F.mse_loss(layer.router(z), target)
         return loss / cfg.depth
 
-    train_loop(routers, router_loss, len(y), args, args.router_epochs, "router")
+    train_loop(routers, router_loss, len(y), args, args.router_epochs, "router", progress)
 
 
 @torch.no_grad()
@@ -212,7 +208,7 @@ def router_r2(model: MoEViT, imgs: np.ndarray) -> list[float]:
     return out
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], progress: Progress | None = None) -> None:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
@@ -232,7 +228,8 @@ def main(argv: list[str]) -> None:
     )
     model = MoEViT(config)
     t0, cpu0 = time.perf_counter(), time.process_time()
-    (train_topk if args.variant == "topk" else train_dynamic)(model, x, y, args)
+    progress = progress or terminal(args.quiet)
+    (train_topk if args.variant == "topk" else train_dynamic)(model, x, y, args, progress)
     train_seconds = time.perf_counter() - t0
     cpu_seconds = time.process_time() - cpu0  # honest on a shared machine: wall time varies
     model.eval()
@@ -242,7 +239,7 @@ def main(argv: list[str]) -> None:
         model,
         test.images[idx],
         test.labels[idx],
-        progress=None if args.quiet else lambda f, t: print(f"  sweep {t}", flush=True),
+        progress=progress,
     )
     full = moe_analysis.stats(
         moe_analysis.run(model, test.images, default_routing(config)),

@@ -22,10 +22,10 @@ class MultiExitBert(TraceFamily):
     def build(self, config: dict):
         return meb.build(config)
 
-    def trace(self, card, split: str = "test", dataset: str | None = None):
+    def trace(self, card, split: str = "test", dataset: str | None = None, progress=None):
         if dataset not in (None, card.dataset):
             raise FamilyError(f"{card.model_id}: this family reads one data set only")
-        return trace_for(card.model_id, split)
+        return trace_for(card.model_id, split, progress)
 
     def live_input(self, card) -> str:
         return "text"

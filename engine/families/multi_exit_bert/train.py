@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.core.progress import Progress, terminal, track
 from engine.core.stats import spearman
 from engine.core.trace import Trace, TraceMeta
 from engine.core.training import command_line, save_model, seed_everything
@@ -51,6 +52,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out-dir", default=None, help="where to write weights + card (tests)")
     p.add_argument("--trace-dir", default=None, help="where to write the test trace (tests)")
+    p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
 
@@ -59,20 +61,24 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 @torch.no_grad()
 def compute_features(
-    model: meb.MultiExitBert, texts: list[str], max_length: int, batch: int = 64
+    model: meb.MultiExitBert,
+    texts: list[str],
+    max_length: int,
+    batch: int = 64,
+    progress: Progress | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-layer pooled features [N, K, H] float32 and token counts [N], batched by length."""
     lengths = np.array([len(e.ids) for e in meb.tokenizer(max_length).encode_batch(texts)])
     order = np.argsort(lengths, kind="stable")
     feats = np.zeros((len(texts), model.num_exits, model.config.hidden_size), np.float32)
-    for i in range(0, len(texts), batch):
+    for i in track(range(0, len(texts), batch), "features", progress):
         idx = order[i : i + batch]
         ids, mask = meb.encode([texts[j] for j in idx], max_length)
         feats[idx] = model.layer_features(ids, mask).numpy()
     return feats, lengths
 
 
-def cached_features(model, split: str, limit: int, max_length: int):
+def cached_features(model, split: str, limit: int, max_length: int, progress=None):
     """Features of one tweets split, computed once and cached as .npz."""
     data = load_tweets(split, limit=limit)
     path = cache_dir() / "features" / f"minilm_tweets_{split}_{limit}_{max_length}.npz"
@@ -80,7 +86,7 @@ def cached_features(model, split: str, limit: int, max_length: int):
         z = np.load(path)
         if np.array_equal(z["ids"], data.ids):
             return data, z["feats"], z["lengths"]
-    feats, lengths = compute_features(model, data.texts, max_length)
+    feats, lengths = compute_features(model, data.texts, max_length, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, feats=feats, lengths=lengths, ids=data.ids)
@@ -113,7 +119,7 @@ def cumulative_cost(coef: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 # --- heads -------------------------------------------------------------------------------------
 
 
-def train_heads(model, feats: np.ndarray, labels: np.ndarray, args) -> list[float]:
+def train_heads(model, feats: np.ndarray, labels: np.ndarray, args, progress=None) -> list[float]:
     """Train all heads on cached features; returns the loss per epoch."""
     x = torch.from_numpy(feats)
     y = torch.from_numpy(labels)
@@ -122,7 +128,7 @@ def train_heads(model, feats: np.ndarray, labels: np.ndarray, args) -> list[floa
     gen = torch.Generator().manual_seed(args.seed)
     losses = []
     model.heads.train()
-    for _ in range(args.epochs):
+    for _ in track(range(args.epochs), "heads (epochs)", progress):
         perm = torch.randperm(len(y), generator=gen)
         total = 0.0
         for i in range(0, len(y), 256):
@@ -182,7 +188,7 @@ def depth_vs_confidence(trace: Trace, exits: np.ndarray) -> dict:
     return {"spearman": spearman(exits[ok].astype(np.float64), conf[ok]), "n": int(ok.sum())}
 
 
-def trace_for(model_id: str, split: str = "test") -> Trace:
+def trace_for(model_id: str, split: str = "test", progress: Progress | None = None) -> Trace:
     """Rebuild a model's trace from the (cached) features: used by engine.trace_store."""
     from engine.families import load_model
     from engine.registry import get_card
@@ -190,11 +196,11 @@ def trace_for(model_id: str, split: str = "test") -> Trace:
     card = get_card(model_id)
     model = load_model(model_id)
     limit = card.raw.get("train_limit" if split == "train" else "test_limit")
-    data, feats, lengths = cached_features(model, split, limit, model.config.max_length)
+    data, feats, lengths = cached_features(model, split, limit, model.config.max_length, progress)
     return make_trace(model_id, model, data, feats, lengths, flops_model(model))
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], progress: Progress | None = None) -> None:
     from engine.core.policies import Policy, exit_index, oracle_correct
     from engine.paths import TRACES_DIR
 
@@ -202,17 +208,20 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     start = time.perf_counter()
+    progress = progress or terminal(args.quiet)
     config = meb.Config(max_length=args.max_length, head_hidden=args.head_hidden)
     model = meb.MultiExitBert(config).eval()
     t0 = time.perf_counter()
-    train, f_train, _ = cached_features(model, "train", args.train_limit, args.max_length)
-    test, f_test, len_test = cached_features(model, "test", args.test_limit, args.max_length)
+    train, f_train, _ = cached_features(model, "train", args.train_limit, args.max_length, progress)
+    test, f_test, len_test = cached_features(
+        model, "test", args.test_limit, args.max_length, progress
+    )
     feat_s = time.perf_counter() - t0
     print(f"features: {len(train)} train / {len(test)} test tweets in {feat_s:.1f} s")
     seed_everything(args.seed)
     model.heads.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
     t0 = time.perf_counter()
-    losses = train_heads(model, f_train, train.labels, args)
+    losses = train_heads(model, f_train, train.labels, args, progress)
     head_s = time.perf_counter() - t0
     coef = flops_model(model)
     trace = make_trace(args.model_id, model, test, f_test, len_test, coef)

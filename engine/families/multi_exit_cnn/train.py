@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.core.progress import Progress, terminal, track
 from engine.core.training import (
     command_line,
     cosine_lr,
@@ -80,7 +81,9 @@ def run_epochs(
     seed: int,
     label: str = "",
 ) -> None:
-    """Minibatch AdamW over (x, y) for ``epochs``; order from a generator seeded by ``seed``."""
+    """Minibatch AdamW over (x, y) for ``epochs``; order from a generator seeded by ``seed``;
+    a bar of steps per epoch to ``args.progress`` (set by ``train_and_save``), else tqdm."""
+    progress = getattr(args, "progress", None) or terminal(args.quiet)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(y) / args.batch_size)
     sched = cosine_schedule(opt, epochs * steps_per_epoch)
@@ -89,21 +92,13 @@ def run_epochs(
         m.train()
     for epoch in range(epochs):
         perm = torch.randperm(len(y), generator=gen)
-        total, t0 = 0.0, time.perf_counter()
-        for i in range(steps_per_epoch):
+        for i in track(range(steps_per_epoch), f"{label}epoch {epoch + 1}/{epochs}", progress):
             b = perm[i * args.batch_size : (i + 1) * args.batch_size]
             loss = loss_fn(x[b], y[b])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            total += loss.item() * len(b)
-        if not args.quiet:
-            print(
-                f"{label}epoch {epoch + 1}/{epochs}  loss {total / len(y):.4f}  "
-                f"{time.perf_counter() - t0:.1f}s",
-                flush=True,
-            )
 
 
 @torch.no_grad()
@@ -317,6 +312,7 @@ def train_and_save(
     make_config: Callable[[int], dict],
     title: Callable[[int], str],
     card_config: Callable[[nn.Module, dict], dict] | None = None,
+    progress: Progress | None = None,
 ) -> Path:
     """Train an image multi-exit family (CNN or cascade), evaluate every exit, write the card.
 
@@ -337,6 +333,7 @@ def train_and_save(
     weights = parse_weights(args.exit_weights, k)
     alpha = args.distill_alpha if args.distill else 0.0
 
+    args.progress = progress  # run_epochs reports there (None: tqdm unless --quiet)
     train_seconds = fit(model, x, y, args, weights, alpha)
 
     acc = exit_accuracy(model, xt, yt)
@@ -365,7 +362,7 @@ def train_and_save(
     )
 
 
-def main(argv: list[str]) -> Path:
+def main(argv: list[str], progress: Progress | None = None) -> Path:
     from engine.families.multi_exit_cnn.model import build, exit_names
 
     args = parser().parse_args(argv)
@@ -382,4 +379,5 @@ def main(argv: list[str]) -> Path:
             "head_pool": args.head_pool,
         },
         title=lambda k: f"Multi-exit residual CNN ({args.dataset}, {k} exits, {args.mode})",
+        progress=progress,
     )

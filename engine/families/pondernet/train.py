@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from engine.core.progress import Progress, terminal, track
 from engine.core.stats import spearman
 from engine.core.training import command_line, cosine_lr, save_model, seed_everything
 from engine.families.act.model import parity_data, step_flops
@@ -59,38 +60,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def train(model: pn.PonderNet, args, steps: int) -> None:
+def train(model: pn.PonderNet, args, steps: int, progress: Progress | None = None) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sched = cosine_lr(opt, steps)
     rng_seed = args.seed * 1_000_003  # ACT's training stream for the same seed
     model.train()
-    every = 500
-    t0, run_rec, run_kl, run_acc, run_en = time.perf_counter(), 0.0, 0.0, 0.0, 0.0
-    for i in range(steps):
+    for i in track(range(steps), "steps", progress or terminal(args.quiet)):
         x, y, _ = parity_data(args.batch_size, args.num_bits, seed=rng_seed + i)
         x, y = torch.from_numpy(x), torch.from_numpy(y)
         out = model(x)
-        loss, rec, kl = pn.ponder_loss(out, y, args.lambda_p, args.beta)
+        loss, _, _ = pn.ponder_loss(out, y, args.lambda_p, args.beta)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if not args.quiet:
-            with torch.no_grad():
-                p = out["log_p"].exp()
-                right = (out["logits"].argmax(2) == y[:, None]).float()
-                run_acc += (p * right).sum(1).mean().item()  # P(correct) under sampled halting
-                run_en += (p * torch.arange(1, p.shape[1] + 1)).sum(1).mean().item()
-            run_rec, run_kl = run_rec + rec.item(), run_kl + kl.item()
-            if (i + 1) % every == 0:
-                print(
-                    f"step {i + 1}/{steps}  rec {run_rec / every:.4f}  kl {run_kl / every:.3f}  "
-                    f"acc {run_acc / every:.3f}  E[N] {run_en / every:.2f}  "
-                    f"{time.perf_counter() - t0:.0f}s",
-                    flush=True,
-                )
-                run_rec, run_kl, run_acc, run_en = 0.0, 0.0, 0.0, 0.0
     model.eval()
 
 
@@ -122,7 +106,7 @@ def evaluate(model: pn.PonderNet, x, y, length, num_bits: int) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, progress: Progress | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -141,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     # wall-clock is inflated on a shared machine; the CPU time of this single-threaded process
     # is what the run costs on a quiet core
     load_before, t0, c0 = os.getloadavg()[0], time.perf_counter(), time.process_time()
-    train(model, args, steps)
+    train(model, args, steps, progress)
     train_seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
 
     x, y, length = parity_data(test_size, args.num_bits, seed=args.test_seed)

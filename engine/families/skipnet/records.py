@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from engine.core.progress import track
 from engine.paths import RECORDS_DIR, TRACES_DIR
 
 META_KEY = "aie.skip_records"
@@ -71,8 +72,11 @@ class SkipRecords:
 # --- writing (runs the model; used by the trainer) --------------------------------------------
 
 
-def write_assets(model, model_id, dataset, x, y, sample_id, class_names, traces_dir=None):
-    """Run the model on (x, y) for every threshold and variant; write records, variants, trace."""
+def write_assets(
+    model, model_id, dataset, x, y, sample_id, class_names, traces_dir=None, progress=None
+):
+    """Run the model on (x, y) for every threshold and variant; write records, variants, trace.
+    ``progress`` (``engine.core.progress``) hears of every threshold and variant."""
     from engine.core.trace import Trace, TraceMeta
     from engine.families.skipnet import model as skipnet
 
@@ -82,7 +86,7 @@ def write_assets(model, model_id, dataset, x, y, sample_id, class_names, traces_
     nb = model.num_blocks
     full = skipnet.full_flops(model)
     frames = []
-    for t in THRESHOLDS:
+    for t in track(THRESHOLDS, "gate threshold sweep", progress):
         r = skipnet.run_skipnet(model, x, threshold=float(t))
         bits = (r["executed"].astype(np.uint8) << np.arange(nb, dtype=np.uint8)).sum(1)
         cols = {
@@ -107,7 +111,7 @@ def write_assets(model, model_id, dataset, x, y, sample_id, class_names, traces_
         "note": "threshold t: a block runs for an input when its gate score >= t",
     }
     _write(pl.concat(frames), records_file(model_id, root=rec_dir), meta)
-    _write(variant_curves(model, x, y), variants_file(model_id, root=rec_dir), meta)
+    _write(variant_curves(model, x, y, progress), variants_file(model_id, root=rec_dir), meta)
 
     probs, cost = skipnet.exit_outputs(model, x)
     trace = Trace(
@@ -130,7 +134,7 @@ def write_assets(model, model_id, dataset, x, y, sample_id, class_names, traces_
     trace.write_parquet(traces_dir / f"{model_id}__test.parquet")
 
 
-def variant_curves(model, x, y) -> pl.DataFrame:
+def variant_curves(model, x, y, progress=None) -> pl.DataFrame:
     """Accuracy and mean FLOPs of the training-free skipping variants, k = 0 .. B-1 skipped.
 
     ``fixed``: skip the k blocks with the lowest *mean* gate score (over these inputs, all blocks
@@ -144,7 +148,7 @@ def variant_curves(model, x, y) -> pl.DataFrame:
         _, probs, _ = model.eval()(x, all_on=True)
     order = np.argsort(probs.mean(0).numpy(), kind="stable")
     rows = []
-    for k in range(model.num_blocks):
+    for k in track(range(model.num_blocks), "skipping variants (k)", progress):
         for method, r in (
             ("fixed", skipnet.skip_fixed(model, x, order[:k].tolist())),
             ("lowest", skipnet.skip_lowest(model, x, k)),

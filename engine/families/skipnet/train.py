@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.core.costs import count_flops
+from engine.core.progress import Progress, terminal, track
 from engine.core.training import (
     command_line,
     cosine_lr,
@@ -83,7 +84,9 @@ def block_flops(model: skipnet.SkipNet) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float32)
 
 
-def train_phase(model, x, y, args, epochs: int, gated: bool, weights: torch.Tensor, seed: int):
+def train_phase(
+    model, x, y, args, epochs: int, gated: bool, weights: torch.Tensor, seed: int, progress=None
+):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     total_steps, batches_per_epoch = epoch_batches(
         len(y), args.batch_size, epochs, seed, args.max_steps_train
@@ -91,10 +94,11 @@ def train_phase(model, x, y, args, epochs: int, gated: bool, weights: torch.Tens
     sched = cosine_lr(opt, total_steps)
     share = weights / weights.sum()
     model.train()
+    progress = progress or terminal(args.quiet)
+    phase = "gated" if gated else "warm-up"
     for epoch, batches in enumerate(batches_per_epoch):
-        t0, tot, tot_exec = time.perf_counter(), 0.0, 0.0
-        for b in batches:
-            logits, probs, applied = model(x[b], tau=args.gumbel_tau, all_on=not gated)
+        for b in track(batches, f"{phase} epoch {epoch + 1}/{epochs}", progress):
+            logits, probs, _ = model(x[b], tau=args.gumbel_tau, all_on=not gated)
             ce = [F.cross_entropy(z, y[b]) for z in logits]
             if gated:
                 compute = (probs * share).sum(1).mean()  # expected fraction of block FLOPs
@@ -109,19 +113,10 @@ def train_phase(model, x, y, args, epochs: int, gated: bool, weights: torch.Tens
             loss.backward()
             opt.step()
             sched.step()
-            tot += loss.item() * len(b)
-            tot_exec += applied.detach().mean().item() * len(b)
-        if not args.quiet:
-            print(
-                f"{'gated' if gated else 'warm-up'} epoch {epoch + 1}/{epochs}  "
-                f"loss {tot / len(y):.4f}  executed {tot_exec / len(y):.3f}  "
-                f"{time.perf_counter() - t0:.1f}s",
-                flush=True,
-            )
     model.eval()
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, progress: Progress | None = None) -> dict:
     argv = list(argv or [])
     args = parser().parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -134,8 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = skipnet.SkipNet(config)
     weights = block_flops(model)
     t0 = time.perf_counter()
-    train_phase(model, x, y, args, args.warmup_epochs, False, weights, args.seed)
-    train_phase(model, x, y, args, args.epochs, True, weights, args.seed + 1)
+    train_phase(model, x, y, args, args.warmup_epochs, False, weights, args.seed, progress)
+    train_phase(model, x, y, args, args.epochs, True, weights, args.seed + 1, progress)
     train_seconds = time.perf_counter() - t0
 
     from engine.families.skipnet import records as skipping
@@ -188,7 +183,15 @@ def main(argv: list[str] | None = None) -> dict:
     path = save_model(model, card, args.out_dir)
     if not args.no_traces:
         skipping.write_assets(
-            model, model_id, args.dataset, xt, yt_np, test_idx, class_names, args.traces_dir
+            model,
+            model_id,
+            args.dataset,
+            xt,
+            yt_np,
+            test_idx,
+            class_names,
+            args.traces_dir,
+            progress or terminal(args.quiet),
         )
     if not args.quiet:
         print(f"wrote {path}  ({train_seconds:.0f}s training)")

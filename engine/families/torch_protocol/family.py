@@ -34,10 +34,12 @@ class TorchProtocol(TraceFamily):
         protocol.load_weights(model.network, verified_weights(card), card.weights_path.name)
         return model.eval()
 
-    def trace(self, card: ModelCard, split: str = "test", dataset: str | None = None) -> Trace:
+    def trace(
+        self, card: ModelCard, split: str = "test", dataset: str | None = None, progress=None
+    ) -> Trace:
         """The trace over the evaluation data the card was registered with."""
         data = protocol.read_card_data(card.config)
-        return trace_of_model(self.load(card), data, card.model_id, card.dataset, split)
+        return trace_of_model(self.load(card), data, card.model_id, card.dataset, split, progress)
 
     def inputs(self, card: ModelCard) -> protocol.Data:
         """The registered evaluation data: the inspector's test samples, by row."""
@@ -47,7 +49,9 @@ class TorchProtocol(TraceFamily):
         return None  # its inputs are its own data's rows, not the app's 28×28 images
 
 
-def trace_of_model(model, data: protocol.Data, model_id: str, dataset: str, split: str = "test"):
+def trace_of_model(
+    model, data: protocol.Data, model_id: str, dataset: str, split: str = "test", progress=None
+):
     import torch
 
     return trace_of_inputs(
@@ -59,6 +63,7 @@ def trace_of_model(model, data: protocol.Data, model_id: str, dataset: str, spli
         split,
         model_id,
         extra_meta={"family": FAMILY_NAME, "input_shape": list(model.input_shape)},
+        progress=progress,
     )
 
 
