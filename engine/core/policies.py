@@ -190,9 +190,14 @@ def stop_mask(
 
 def first_true(mask: np.ndarray) -> np.ndarray:
     """Index of the first True along the last axis; the last index where none is True."""
-    m = mask.copy()
-    m[..., -1] = True
-    return m.argmax(axis=-1)
+    k = mask.shape[-1]
+    out = np.full(mask.shape[:-1], k - 1, dtype=np.intp)
+    # exit by exit from the back: each pass is one vectorised step over all samples (and
+    # reads a contiguous column of a compact trace's column-major scores), where argmax
+    # along a short last axis loops per sample
+    for e in range(k - 2, -1, -1):
+        np.copyto(out, e, where=mask[..., e])
+    return out
 
 
 def patience_mask(pred: np.ndarray, patience: int) -> np.ndarray:

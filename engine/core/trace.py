@@ -719,11 +719,12 @@ def scan(
     del df
     if c < 2:
         raise TraceError("probs", "at least two classes are needed")
-    pred = np.empty((n, k), dtype=np.int16 if c < 2**15 else np.int32)
-    max_prob = np.empty((n, k))
+    # column-major: a policy reads the scores exit by exit (policies.first_true)
+    pred = np.empty((n, k), dtype=np.int16 if c < 2**15 else np.int32, order="F")
+    max_prob = np.empty((n, k), order="F")
     whole = rest["confidence"] is None
-    entropy = np.empty((n, k)) if whole else None
-    margin = np.empty((n, k)) if whole else None
+    entropy = np.empty((n, k), order="F") if whole else None
+    margin = np.empty((n, k), order="F") if whole else None
     for e in range(k):
         try:
             part = lf.select(lay.exit_columns(e)).collect()
