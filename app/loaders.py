@@ -276,8 +276,9 @@ def _curve_summary(_trace: Trace, kind: str) -> CurveSummary:
         tradeoff.evaluate(_trace, np.full(_trace.num_samples, e, dtype=np.int64)) for e in range(k)
     ]
     front = tradeoff.pareto_front(c.mean_cost, c.accuracy)
-    idx = tradeoff.thin(len(c), front)
-    plot_front = np.searchsorted(idx, front)  # front is ordered by cost already
+    drawn = tradeoff.front_to_draw(front)  # solvers read the whole curve; charts a few points
+    idx = tradeoff.thin(len(c), drawn)
+    plot_front = np.searchsorted(idx, drawn)  # front is ordered by cost already
     return CurveSummary(
         curve=c,
         front=front,

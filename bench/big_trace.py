@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -75,13 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     frag, total = [], []
     values = [0.5 + 0.49 * i / max(1, args.moves - 1) for i in range(args.moves)]
     prof = cProfile.Profile() if args.profile else None
+    if prof:  # AppTest runs the script in a thread of its own: profile the threads it starts
+        threading.setprofile(lambda *_: prof.enable())
     for v in values:
         start = time.perf_counter()
-        if prof:
-            prof.enable()
         at.slider(key="w.t.max_prob").set_value(round(v, 3)).run()
-        if prof:
-            prof.disable()
         total.append((time.perf_counter() - start) * 1e3)
         frag.append(at.session_state["aie.tuning_fragment_ms"])
     if at.exception:
@@ -101,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{'met' if peak < TARGET_MB else 'NOT met'})"
     )
     if prof:
-        pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+        st_ = pstats.Stats(prof)
+        st_.sort_stats("tottime").print_stats(25)
+        st_.print_callers("blake2b|iterencode|dataframe_to_arrays")
     print(f"load average after: {os.getloadavg()}")
     return 0
 

@@ -29,18 +29,29 @@ def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> 
     conf = np.asarray(confidence, dtype=np.float64)
     ok = np.asarray(correct, dtype=np.float64)
     edges = np.linspace(0.0, 1.0, bins + 1)
-    # bin i holds edges[i] < conf <= edges[i + 1] (np.digitize(..., right=True)), counted edge by
-    # edge: a few vectorised comparisons beat a binary search per value on a million of them
-    which = np.zeros(conf.shape, dtype=np.int64)
-    for edge in edges[1:-1]:
-        which += conf > edge
+    which = _bin_index(conf, edges)
     count = np.bincount(which, minlength=bins).astype(np.int64)
     acc_sum = np.bincount(which, weights=ok, minlength=bins)
     conf_sum = np.bincount(which, weights=conf, minlength=bins)
+    return _from_sums(edges, count, acc_sum, conf_sum, conf.size)
+
+
+def _bin_index(conf: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Bin i holds edges[i] < conf <= edges[i + 1] (``np.digitize(..., right=True)``), counted
+    edge by edge: a few vectorised comparisons beat a binary search per value on a million."""
+    which = np.zeros(conf.shape, dtype=np.int64)
+    for edge in edges[1:-1]:
+        which += conf > edge
+    return which
+
+
+def _from_sums(
+    edges: np.ndarray, count: np.ndarray, acc_sum: np.ndarray, conf_sum: np.ndarray, size: int
+) -> Reliability:
     with np.errstate(invalid="ignore", divide="ignore"):
         acc = np.where(count > 0, acc_sum / count, np.nan)
         mean_conf = np.where(count > 0, conf_sum / count, np.nan)
-    n = max(1, conf.size)
+    n = max(1, size)
     gap = np.abs(np.nan_to_num(acc) - np.nan_to_num(mean_conf))
     return Reliability(edges, acc, mean_conf, count, float((count / n * gap).sum()))
 
@@ -106,12 +117,19 @@ def exit_gaps(trace: Trace, exits: np.ndarray) -> ExitGaps:
 
 
 def exited_reliability(trace: Trace, exits: np.ndarray, bins: int = 15) -> list[Reliability]:
-    """One reliability diagram per exit over the labelled samples that leave there."""
+    """One reliability diagram per exit over the labelled samples that leave there.
+
+    One pass: samples are binned once and counted per (exit, bin), in the order a per-exit
+    ``reliability`` would see them, so the sums are the same to the last bit."""
     lab = trace.label != -1
     rows = np.arange(trace.num_samples)
-    conf = trace.max_prob[rows, exits]
-    ok = trace.correct[rows, exits]
-    return [
-        reliability(conf[lab & (exits == e)], ok[lab & (exits == e)], bins)
-        for e in range(trace.num_exits)
-    ]
+    conf = trace.max_prob[rows, exits][lab]
+    ok = trace.correct[rows, exits][lab].astype(np.float64)
+    k = trace.num_exits
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    group = np.asarray(exits)[lab] * bins + _bin_index(conf, edges)
+    count = np.bincount(group, minlength=k * bins).reshape(k, bins)
+    acc_sum = np.bincount(group, weights=ok, minlength=k * bins).reshape(k, bins)
+    conf_sum = np.bincount(group, weights=conf, minlength=k * bins).reshape(k, bins)
+    sizes = count.sum(axis=1)
+    return [_from_sums(edges, count[e], acc_sum[e], conf_sum[e], sizes[e]) for e in range(k)]

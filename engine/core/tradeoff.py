@@ -138,24 +138,30 @@ def _score(trace: Trace, kind: str) -> np.ndarray:
 def _score_curve(trace: Trace, kind: str) -> Curve:
     s = _score(trace, kind)
     n, k = s.shape
-    correct = trace.correct.astype(np.int32)
+    correct = trace.correct
     cost = trace.cost
     # records: exits whose score beats every earlier exit's (only they can be the first to pass)
     rec = np.ones((n, k), dtype=bool)
     if k > 1:
         rec[:, 1:] = s[:, 1:] > np.maximum.accumulate(s, axis=1)[:, :-1]
     # for each record, where the sample goes when the threshold is just above its score:
-    # the next record, or the last exit when no later record exists
-    idx = np.where(rec, np.arange(k), k)
-    after = np.full((n, k), k)
+    # the next record, or the last exit when no later record exists (exit numbers in the
+    # narrowest type: on a million samples x 12 exits every [N, K] int64 is 96 MB)
+    small = np.int8 if k < 127 else np.int32
+    idx = np.where(rec, np.arange(k, dtype=small), small(k))
+    after = np.full((n, k), k, dtype=small)
     if k > 1:
         after[:, :-1] = np.minimum.accumulate(idx[:, ::-1], axis=1)[:, ::-1][:, 1:]
-    after = np.minimum(after, k - 1)
-    flat = np.flatnonzero(rec)  # row-major positions n * k + exit
-    src = flat - flat % k + after.ravel()[flat]
-    value = s.ravel()[flat]
-    d_cost = cost.ravel()[flat] - cost.ravel()[src]
-    d_correct = correct.ravel()[flat] - correct.ravel()[src]
+    del idx
+    np.minimum(after, k - 1, out=after)
+    sample, at = np.nonzero(rec)  # row-major, as the events are summed below
+    del rec
+    to = after[sample, at]
+    del after
+    value = s[sample, at]
+    d_cost = cost[sample, at] - cost[sample, to]
+    d_correct = correct[sample, at].astype(np.int8) - correct[sample, to]
+    del sample, at, to
 
     # order within a group of equal scores does not matter: only group ends are read
     order = np.argsort(value)[::-1]
@@ -168,7 +174,7 @@ def _score_curve(trace: Trace, kind: str) -> Curve:
 
     n_lab = int((trace.label != -1).sum()) or np.nan  # no labels: accuracy is undefined
     base_cost = cost[:, -1].sum()
-    base_correct = correct[:, -1].sum()
+    base_correct = int(correct[:, -1].sum())
     top = np.nextafter(thresholds[0], np.inf)  # above every score: nobody leaves early
     params = np.r_[top, thresholds]
     accuracy = np.r_[base_correct, base_correct + cum_correct[last_of_group]] / n_lab
@@ -206,6 +212,19 @@ def pareto_front(mean_cost: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
     return order[keep]
 
 
+# A Pareto front longer than this is drawn through this many of its points: a million-sample
+# trace's front has hundreds of thousands, far more than a chart shows and megabytes per rerun.
+MAX_FRONT_POINTS = 2000
+
+
+def front_to_draw(front: np.ndarray, max_points: int = MAX_FRONT_POINTS) -> np.ndarray:
+    """The front itself, or ~max_points evenly spread points of it (both ends kept)."""
+    front = np.asarray(front, dtype=np.int64)
+    if len(front) <= max_points:
+        return front
+    return front[np.unique(np.linspace(0, len(front) - 1, max_points).round().astype(np.int64))]
+
+
 def thin(n: int, keep: np.ndarray, max_points: int = 400) -> np.ndarray:
     """Sorted indices of at most ~max_points evenly spread points out of n, plus every index in keep.
 
@@ -222,11 +241,12 @@ def thin(n: int, keep: np.ndarray, max_points: int = 400) -> np.ndarray:
 def drawing_indices(
     mean_cost: np.ndarray, accuracy: np.ndarray, max_points: int = 400
 ) -> np.ndarray:
-    """Indices of a curve to draw: ~max_points evenly spread along it plus its whole Pareto front."""
+    """Indices of a curve to draw: ~max_points evenly spread along it plus its Pareto front
+    (thinned to ``MAX_FRONT_POINTS`` when longer)."""
     mean_cost, accuracy = np.asarray(mean_cost), np.asarray(accuracy)
     if len(mean_cost) <= max_points:
         return np.arange(len(mean_cost))
-    return thin(len(mean_cost), pareto_front(mean_cost, accuracy), max_points)
+    return thin(len(mean_cost), front_to_draw(pareto_front(mean_cost, accuracy)), max_points)
 
 
 # --- solvers ------------------------------------------------------------------------------------
