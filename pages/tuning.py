@@ -375,13 +375,19 @@ def _direction(gap: float) -> str:
 
 
 def bias_section(
-    trace: Trace, key: str, policy: Policy, exits: np.ndarray, stats: tradeoff.PolicyStats
+    trace: Trace,
+    key: str,
+    policy: Policy,
+    exits: np.ndarray,
+    stats: tradeoff.PolicyStats,
+    outputs: calibration.PolicyOutputs | None = None,
 ) -> None:
     """Signed gap (mean confidence − accuracy) of the samples that exit, per exit and overall,
     for the current policy and, at matched cost, for the learned gate (or max-prob, when the
     gate is the current policy). JEI-DNN says thresholding biases it upwards; this shows it."""
     st.subheader("Confidence bias of the samples that exit")
-    gaps = calibration.exit_gaps(trace, exits)
+    outputs = outputs if outputs is not None else calibration.policy_outputs(trace, exits)
+    gaps = calibration.exit_gaps(trace, exits, outputs=outputs)
     has_gate = "gate" in widgets.available_kinds(trace)
     other_kind = "max_prob" if policy.kind == "gate" else "gate" if has_gate else None
     columns = {"exit": [*trace.meta.exit_names, "whole policy"]}
@@ -389,8 +395,8 @@ def bias_section(
     panels = [
         (
             f"current: {policy.describe()}",
-            calibration.exited_reliability(trace, exits),
-            calibration.of_policy(trace, exits),
+            calibration.exited_reliability(trace, exits, outputs=outputs),
+            calibration.of_policy(trace, exits, outputs=outputs),
         )
     ]
     line = (
@@ -402,13 +408,14 @@ def bias_section(
         other = c.policy(tradeoff.nearest_cost(c, stats.mean_cost))
         o_exits = exit_index(trace, other)
         o_stats = tradeoff.evaluate(trace, o_exits)
-        o_gaps = calibration.exit_gaps(trace, o_exits)
+        o_outputs = calibration.policy_outputs(trace, o_exits)
+        o_gaps = calibration.exit_gaps(trace, o_exits, outputs=o_outputs)
         columns |= _gap_columns(o_gaps, "matched")
         panels.append(
             (
                 f"{other.describe()} at matched cost",
-                calibration.exited_reliability(trace, o_exits),
-                calibration.of_policy(trace, o_exits),
+                calibration.exited_reliability(trace, o_exits, outputs=o_outputs),
+                calibration.of_policy(trace, o_exits, outputs=o_outputs),
             )
         )
         line += (
@@ -495,6 +502,8 @@ def tuning_panel(source: str) -> None:
 
     exits = exit_index(trace, policy)
     stats = tradeoff.evaluate(trace, exits)
+    # each sample's confidence and correctness at its exit, gathered once for every chart
+    outputs = calibration.policy_outputs(trace, exits)
     _metrics_row(stats, summary.last, unit)
     never = st.radio(
         "Oracle: samples no exit gets right are charged at",
@@ -584,7 +593,7 @@ def tuning_panel(source: str) -> None:
     with col4:
         if trace.has_labels:
             per_exit = loaders.per_exit_reliability(key, trace)
-            pol_rel = calibration.of_policy(trace, exits)
+            pol_rel = calibration.of_policy(trace, exits, outputs=outputs)
             widgets.chart(
                 figures.reliability_figure(per_exit, pol_rel, trace.meta.exit_names),
                 "chart.reliability",
@@ -599,7 +608,7 @@ def tuning_panel(source: str) -> None:
             )
 
     if trace.has_labels:
-        bias_section(trace, key, policy, exits, stats)
+        bias_section(trace, key, policy, exits, stats, outputs)
 
     st.subheader("Samples" + (" in the selected slice" if mask is not None else ""))
     table = sample_table(trace, exits, mask, limit=MAX_TABLE_ROWS)

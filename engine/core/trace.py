@@ -195,6 +195,21 @@ class LazyProbs:
         )
 
 
+def pick(values: np.ndarray, exits: np.ndarray) -> np.ndarray:
+    """``values[n, exits[n]]`` for every row of an [N, K] array.
+
+    Through the flat buffer when it is contiguous (either order): about twice as fast as
+    ``values[arange(N), exits]`` on a million rows, and the same numbers."""
+    exits = np.asarray(exits)
+    n, k = values.shape
+    rows = np.arange(n)
+    if values.flags.c_contiguous:
+        return values.ravel().take(rows * k + exits)
+    if values.flags.f_contiguous:
+        return values.ravel(order="F").take(exits * n + rows)
+    return values[rows, exits]
+
+
 class TraceError(ValueError):
     """A trace failed validation; ``field`` names the offending field or column."""
 
@@ -304,9 +319,14 @@ class Trace:
         """Read compactly (big): scores in memory, whole distributions in the file."""
         return self.scores is not None
 
-    @property
+    @cached_property
+    def labelled(self) -> np.ndarray:
+        """[N] bool: the samples with a known label."""
+        return self.label != UNKNOWN_LABEL
+
+    @cached_property
     def has_labels(self) -> bool:
-        return bool((self.label != UNKNOWN_LABEL).any())
+        return bool(self.labelled.any())
 
     # --- derived per-exit quantities [N, K] (computed once, traces are immutable) ------
     @cached_property

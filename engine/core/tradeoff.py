@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.core.policies import NeverCorrect, Policy, PolicyError, exit_index, oracle_correct
-from engine.core.trace import Trace
+from engine.core.trace import Trace, pick
 
 SCORE_KINDS = ("max_prob", "entropy", "margin", "gate")
 # Slack of the solvers' constraints: absolute on accuracy, relative on a cost budget. Accuracies
@@ -49,7 +49,7 @@ class PolicyStats:
 
 def chosen(trace: Trace, exits: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Pick ``values[n, exits[n]]`` for every sample of an [N, K] array."""
-    return values[np.arange(trace.num_samples), exits]
+    return pick(values, exits)
 
 
 def evaluate(trace: Trace, exits: np.ndarray) -> PolicyStats:
@@ -60,13 +60,15 @@ def evaluate(trace: Trace, exits: np.ndarray) -> PolicyStats:
             f"need one exit per sample ({trace.num_samples}), got shape {exits.shape}"
         )
     cost = chosen(trace, exits, trace.cost)
-    labelled = trace.label != -1
+    labelled = trace.labelled
     n_lab = int(labelled.sum())
     correct = chosen(trace, exits, trace.correct)
+    if n_lab < trace.num_samples:
+        correct = correct[labelled]
     full = float(trace.cost[:, -1].mean())
     mean = float(cost.mean())
     return PolicyStats(
-        accuracy=float(correct[labelled].mean()) if n_lab else float("nan"),
+        accuracy=float(correct.mean()) if n_lab else float("nan"),
         mean_cost=mean,
         p95_cost=float(np.percentile(cost, 95)),
         full_cost=full,
