@@ -87,8 +87,9 @@ def margin_of(probs: np.ndarray) -> np.ndarray:
 LAZY_MIN_CELLS = 20_000_000
 # A CSV file above this size is streamed into Parquet first and then read compactly.
 LAZY_CSV_BYTES = 100 * 1024 * 1024
-# At most this many samples' whole distributions are read back from the file at once.
-MAX_LAZY_ROWS = 100_000
+# At most this many probabilities (80 MB as float32) are read back from the file at once: one
+# exit of a million samples (the inspector's difficulty order), not every exit.
+MAX_LAZY_CELLS = 20_000_000
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,7 +124,7 @@ class LazyProbs:
 
     Reading one sample (``probs[i]``, ``probs[i, k]``) or a few thousand is cheap; anything
     that would need the whole distribution of a big trace in memory (``np.asarray``, more
-    than ``MAX_LAZY_ROWS`` rows) raises a TraceError that says so instead.
+    than ``MAX_LAZY_CELLS`` probabilities) raises a TraceError that says so instead.
     """
 
     ndim = 3
@@ -157,35 +158,46 @@ class LazyProbs:
         rows = idx if self.rows is None else self.rows[idx]
         return LazyProbs(self.path, self.columns, self.logits, self.n_file, rows)
 
-    def read(self, positions: np.ndarray) -> np.ndarray:
-        """[len(positions), K, C] float32, read from the file (only the rows' span of it)."""
+    def read(self, positions: np.ndarray, exit: int | None = None) -> np.ndarray:
+        """[len(positions), K, C] float32 read from the file (only the rows' span of it), or
+        [len(positions), C] of one exit (only its C columns read)."""
         pos = np.asarray(positions, dtype=np.int64).reshape(-1)
-        if pos.size > MAX_LAZY_ROWS:
+        n, k, c = self.shape
+        exits = range(k) if exit is None else [range(k)[exit]]
+        if pos.size * len(exits) * c > MAX_LAZY_CELLS:
             raise TraceError(
                 "probs",
-                f"this trace is read compactly ({self.shape[0]} samples); whole output "
-                f"distributions are read from its file for at most {MAX_LAZY_ROWS} samples at once",
+                f"this trace is read compactly ({n} samples); whole output distributions are "
+                f"read back from its file for at most {MAX_LAZY_CELLS} probabilities at once",
             )
-        k, c = self.shape[1:]
-        if pos.size == 0:
-            return np.empty((0, k, c), dtype=np.float32)
         rows = pos if self.rows is None else self.rows[pos]
-        lo, hi = int(rows.min()), int(rows.max())
-        flat = [col for exit_cols in self.columns for col in exit_cols]
-        df = pl.scan_parquet(self.path).select(flat).slice(lo, hi - lo + 1).collect()
-        raw = df.to_numpy().astype(np.float64)[rows - lo].reshape(-1, k, c)
-        return _softmax(raw) if self.logits else raw.astype(np.float32)
+        if pos.size == 0:
+            out = np.empty((0, len(exits), c), dtype=np.float32)
+        else:
+            lo, hi = int(rows.min()), int(rows.max())
+            cols = [col for e in exits for col in self.columns[e]]
+            df = pl.scan_parquet(self.path).select(cols).slice(lo, hi - lo + 1).collect()
+            raw = df.to_numpy().astype(np.float64)[rows - lo].reshape(-1, len(exits), c)
+            out = _softmax(raw) if self.logits else raw.astype(np.float32)
+        return out if exit is None else out[:, 0]
 
     def __getitem__(self, index):
+        """numpy indexing, with the samples (first index) and one exit (second) read lazily."""
         first, rest = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
+        n = self.shape[0]
         if isinstance(first, (int, np.integer)):
-            n = self.shape[0]
             if not -n <= first < n:
                 raise IndexError(f"sample {first} is out of range for {n} samples")
-            out = self.read(np.array([first % n]))[0]
-            return out[rest] if rest else out
-        out = self.read(np.arange(self.shape[0])[first])
-        return out[(slice(None), *rest)] if rest else out
+            pos = np.array([first % n])
+        else:
+            pos = np.arange(n)[first]
+        exit = rest[0] if rest and isinstance(rest[0], (int, np.integer)) else None
+        block = self.read(pos, exit)
+        if exit is not None:
+            rest = rest[1:]
+        if isinstance(first, (int, np.integer)):
+            return block[0][rest] if rest else block[0]
+        return block[(np.arange(len(pos)), *rest)] if rest else block
 
     def __array__(self, dtype=None, copy=None):
         raise TraceError(
