@@ -108,7 +108,7 @@ def _card_title(model_id: str) -> str:
 
 def _warm(trace: Trace) -> Trace:
     """Compute the derived arrays once so the cached copy carries them."""
-    _ = trace.pred, trace.max_prob, trace.correct
+    _ = trace.pred, trace.max_prob, trace.correct, trace.labelled, trace.uniform_cost
     return trace
 
 
@@ -294,6 +294,24 @@ def _curve_summary(_trace: Trace, kind: str) -> CurveSummary:
 def oracle_stats(key: str, never_correct: NeverCorrect, _trace: Trace) -> tradeoff.PolicyStats:
     """The oracle under one convention for samples no exit gets right (both are cheap)."""
     return tradeoff.oracle_stats(_trace, never_correct)
+
+
+def confidence_bins(key: str, trace: Trace) -> np.ndarray:
+    """Every sample's reliability bin at every exit (``calibration.confidence_bins``), once
+    per trace: shared for a compact (big) trace, copied (``cache_data``) for the others."""
+    if trace.is_compact:
+        return _shared_confidence_bins(key, trace)
+    return _copied_confidence_bins(key, trace)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _copied_confidence_bins(key: str, _trace: Trace) -> np.ndarray:
+    return calibration.confidence_bins(_trace)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _shared_confidence_bins(key: str, _trace: Trace) -> np.ndarray:
+    return calibration.confidence_bins(_trace)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

@@ -287,11 +287,9 @@ def _show_msg() -> None:
         getattr(st, msg[0])(msg[1])
 
 
-def _exit_accuracy(trace: Trace, exits: np.ndarray) -> np.ndarray:
-    lab = trace.label != -1
-    right = tradeoff.chosen(trace, exits, trace.correct)
-    n = np.bincount(exits[lab], minlength=trace.num_exits)
-    ok = np.bincount(exits[lab], weights=right[lab], minlength=trace.num_exits)
+def _exit_accuracy(trace: Trace, outputs: calibration.PolicyOutputs) -> np.ndarray:
+    n = np.bincount(outputs.exits, minlength=trace.num_exits)
+    ok = np.bincount(outputs.exits, weights=outputs.correct, minlength=trace.num_exits)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(n > 0, ok / np.maximum(n, 1), np.nan)
 
@@ -387,7 +385,9 @@ def bias_section(
     for the current policy and, at matched cost, for the learned gate (or max-prob, when the
     gate is the current policy). JEI-DNN says thresholding biases it upwards; this shows it."""
     st.subheader("Confidence bias of the samples that exit")
-    outputs = outputs if outputs is not None else calibration.policy_outputs(trace, exits)
+    bin_table = loaders.confidence_bins(key, trace)
+    if outputs is None:
+        outputs = calibration.policy_outputs(trace, exits, bin_table=bin_table)
     gaps = calibration.exit_gaps(trace, exits, outputs=outputs)
     has_gate = "gate" in widgets.available_kinds(trace)
     other_kind = "max_prob" if policy.kind == "gate" else "gate" if has_gate else None
@@ -409,7 +409,7 @@ def bias_section(
         other = c.policy(tradeoff.nearest_cost(c, stats.mean_cost))
         o_exits = exit_index(trace, other)
         o_stats = tradeoff.evaluate(trace, o_exits)
-        o_outputs = calibration.policy_outputs(trace, o_exits)
+        o_outputs = calibration.policy_outputs(trace, o_exits, bin_table=bin_table)
         o_gaps = calibration.exit_gaps(trace, o_exits, outputs=o_outputs)
         columns |= _gap_columns(o_gaps, "matched")
         panels.append(
@@ -504,7 +504,9 @@ def tuning_panel(source: str) -> None:
     exits = exit_index(trace, policy)
     stats = tradeoff.evaluate(trace, exits)
     # each sample's confidence and correctness at its exit, gathered once for every chart
-    outputs = calibration.policy_outputs(trace, exits)
+    outputs = calibration.policy_outputs(
+        trace, exits, bin_table=loaders.confidence_bins(key, trace)
+    )
     _metrics_row(stats, summary.last, unit)
     never = st.radio(
         "Oracle: samples no exit gets right are charged at",
@@ -572,7 +574,7 @@ def tuning_panel(source: str) -> None:
     with col2:
         widgets.chart(
             figures.exit_histogram(
-                stats.exit_counts, _exit_accuracy(trace, exits), trace.meta.exit_names
+                stats.exit_counts, _exit_accuracy(trace, outputs), trace.meta.exit_names
             ),
             "sel.exits",
             "exit_histogram",

@@ -82,16 +82,33 @@ class PolicyOutputs:
     num_exits: int
 
 
-def policy_outputs(trace: Trace, exits: np.ndarray, bins: int = 15) -> PolicyOutputs:
+def confidence_bins(trace: Trace, bins: int = 15) -> np.ndarray:
+    """[N, K] int8: the reliability bin of every sample's max-prob at every exit.
+
+    Computed once per trace (the pages cache it) so that a policy's outputs are binned by a
+    lookup at their exits (``policy_outputs(..., bin_table=)``) instead of afresh each time."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    conf = trace.max_prob
+    table = np.empty(conf.shape, dtype=np.int8 if bins < 127 else np.int64, order="F")
+    for e in range(conf.shape[1]):
+        table[:, e] = _bin_index(np.ascontiguousarray(conf[:, e]), edges)
+    return table
+
+
+def policy_outputs(
+    trace: Trace, exits: np.ndarray, bins: int = 15, bin_table: np.ndarray | None = None
+) -> PolicyOutputs:
+    """Gather what the policy returns; ``bin_table`` is ``confidence_bins(trace, bins)``."""
     exits = np.asarray(exits)
     conf = pick(trace.max_prob, exits)
     ok = pick(trace.correct, exits)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = _bin_index(conf, edges) if bin_table is None else pick(bin_table, exits)
     lab = trace.labelled
     if not lab.all():
-        conf, ok, exits = conf[lab], ok[lab], exits[lab]
-    edges = np.linspace(0.0, 1.0, bins + 1)
+        conf, ok, exits, which = conf[lab], ok[lab], exits[lab], which[lab]
     return PolicyOutputs(
-        exits, conf, ok.astype(np.float64), _bin_index(conf, edges), edges, trace.num_exits
+        exits, conf, ok.astype(np.float64), which.astype(np.int64), edges, trace.num_exits
     )
 
 

@@ -191,13 +191,15 @@ def stop_mask(
 def first_true(mask: np.ndarray) -> np.ndarray:
     """Index of the first True along the last axis; the last index where none is True."""
     k = mask.shape[-1]
-    out = np.full(mask.shape[:-1], k - 1, dtype=np.intp)
-    # exit by exit from the back: each pass is one vectorised step over all samples (and
-    # reads a contiguous column of a compact trace's column-major scores), where argmax
-    # along a short last axis loops per sample
-    for e in range(k - 2, -1, -1):
-        np.copyto(out, e, where=mask[..., e])
-    return out
+    # count the leading exits before the first True, exit by exit: each step is one
+    # vectorised pass over all samples (contiguous in a compact trace's column-major scores),
+    # several times faster on a million samples than argmax along a short last axis
+    seen = np.zeros(mask.shape[:-1], dtype=bool)
+    out = np.zeros(mask.shape[:-1], dtype=np.int8 if k < 127 else np.intp)
+    for e in range(k - 1):
+        np.logical_or(seen, mask[..., e], out=seen)
+        out += ~seen
+    return out.astype(np.intp)
 
 
 def patience_mask(pred: np.ndarray, patience: int) -> np.ndarray:

@@ -337,6 +337,13 @@ class Trace:
         return self.label != UNKNOWN_LABEL
 
     @cached_property
+    def uniform_cost(self) -> np.ndarray | None:
+        """[K] each exit's cost when every sample pays the same there (FLOPs of a fixed
+        network), else None: then a policy's per-sample cost is a lookup, not a gather."""
+        first = self.cost[0]
+        return first.copy() if (self.cost == first).all() else None
+
+    @cached_property
     def has_labels(self) -> bool:
         return bool(self.labelled.any())
 

@@ -59,7 +59,8 @@ def evaluate(trace: Trace, exits: np.ndarray) -> PolicyStats:
         raise PolicyError(
             f"need one exit per sample ({trace.num_samples}), got shape {exits.shape}"
         )
-    cost = chosen(trace, exits, trace.cost)
+    uniform = trace.uniform_cost
+    cost = uniform[exits] if uniform is not None else chosen(trace, exits, trace.cost)
     labelled = trace.labelled
     n_lab = int(labelled.sum())
     correct = chosen(trace, exits, trace.correct)
