@@ -9,7 +9,11 @@ every curve the page draws), the fragment's own server-side time per slider move
 this process's peak resident memory (``getrusage``; target < 2 GB), with the load average
 before and after.
 
-    python bench/big_trace.py [--samples 1000000] [--exits 12] [--moves 15] [--profile]
+The same is measured first on a small trace (``--baseline``, 10,000 samples), so the ratio
+of the two holds on a busy machine.
+
+    python bench/big_trace.py [--samples 1000000] [--exits 12] [--moves 15] [--baseline 10000]
+                              [--profile]
 """
 
 from __future__ import annotations
@@ -38,30 +42,24 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--samples", type=int, default=1_000_000)
-    ap.add_argument("--exits", type=int, default=12)
-    ap.add_argument("--moves", type=int, default=15)
-    ap.add_argument("--trace", type=Path, default=None, help="an existing trace file instead")
-    ap.add_argument("--profile", action="store_true", help="cProfile the slider moves")
-    args = ap.parse_args(argv)
-    print(f"load average before: {os.getloadavg()}")
-    path = args.trace or ROOT / ".cache" / f"big_trace_{args.samples}x{args.exits}.parquet"
+def ensure(samples: int, exits: int) -> Path:
+    """The synthetic trace's file, made in a subprocess (its memory not counted here)."""
+    path = ROOT / ".cache" / f"big_trace_{samples}x{exits}.parquet"
     if not path.exists():
         t0 = time.perf_counter()
         subprocess.run(
             [sys.executable, str(ROOT / "bench" / "make_big_trace.py"), "--samples",
-             str(args.samples), "--exits", str(args.exits), "--out", str(path)],
+             str(samples), "--exits", str(exits), "--out", str(path)],
             check=True,
         )  # fmt: skip
-        print(f"made {path} in {time.perf_counter() - t0:.1f} s")
-    os.environ.setdefault("AIE_DATA_DIR", tempfile.mkdtemp(prefix="aie-bench-"))
-    os.environ["AIE_LOCAL_PATHS"] = "1"
+        print(f"made {path.name} in {time.perf_counter() - t0:.1f} s")
+    return path
 
+
+def measure(path: Path, moves: int, prof: cProfile.Profile | None = None) -> dict | None:
+    """Load ``path`` through the page's path input, then move the slider ``moves`` times."""
     from streamlit.testing.v1 import AppTest
 
-    print(f"peak memory before the app: {peak_mb():.0f} MB")
     at = AppTest.from_file(str(ROOT / "pages" / "tuning.py"), default_timeout=600)
     at.run()
     t0 = time.perf_counter()
@@ -70,44 +68,82 @@ def main(argv: list[str] | None = None) -> int:
     load_s = time.perf_counter() - t0
     if at.exception or at.error:
         print("the page failed:", [e.value for e in at.exception] + [e.value for e in at.error])
-        return 1
-    print(f"trace: {path.name}; first load (read + every curve drawn): {load_s:.1f} s")
-    print(f"peak memory after loading: {peak_mb():.0f} MB")
+        return None
     frag, total, cpu = [], [], []
-    values = [0.5 + 0.49 * i / max(1, args.moves - 1) for i in range(args.moves)]
-    prof = cProfile.Profile() if args.profile else None
     if prof:  # AppTest runs the script in a thread of its own: profile the threads it starts
         threading.setprofile(lambda *_: prof.enable())
-    for v in values:
+    for i in range(moves):
         start = time.perf_counter()
-        at.slider(key="w.t.max_prob").set_value(round(v, 3)).run()
+        at.slider(key="w.t.max_prob").set_value(round(0.5 + 0.49 * i / max(1, moves - 1), 3))
+        at.run()
         total.append((time.perf_counter() - start) * 1e3)
         frag.append(at.session_state["aie.tuning_fragment_ms"])
         cpu.append(at.session_state["aie.tuning_fragment_cpu_ms"])
+    threading.setprofile(None)
     if at.exception:
         print("the page raised:", at.exception[0].value)
+        return None
+
+    def p90(x: list[float]) -> float:
+        return sorted(x)[int(0.9 * (len(x) - 1))]
+
+    return {
+        "load_s": load_s,
+        "median": statistics.median(frag),
+        "p90": p90(frag),
+        "max": max(frag),
+        "cpu": statistics.median(cpu),
+        "cpu_p90": p90(cpu),
+        "total": statistics.median(total),
+    }
+
+
+def report(name: str, r: dict) -> None:
+    print(
+        f"{name}: first load (read + every curve drawn) {r['load_s']:.1f} s; fragment, server "
+        f"side: median {r['median']:.1f} ms, p90 {r['p90']:.1f} ms, max {r['max']:.1f} ms; its "
+        f"CPU time median {r['cpu']:.1f} ms (p90 {r['cpu_p90']:.1f}); AppTest round trip "
+        f"{r['total']:.1f} ms"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=1_000_000)
+    ap.add_argument("--exits", type=int, default=12)
+    ap.add_argument("--moves", type=int, default=15)
+    ap.add_argument("--baseline", type=int, default=10_000, help="samples of the small trace")
+    ap.add_argument("--profile", action="store_true", help="cProfile the big trace's moves")
+    args = ap.parse_args(argv)
+    print(f"load average before: {os.getloadavg()}")
+    small = ensure(args.baseline, args.exits) if args.baseline else None
+    big = ensure(args.samples, args.exits)
+    os.environ.setdefault("AIE_DATA_DIR", tempfile.mkdtemp(prefix="aie-bench-"))
+    os.environ["AIE_LOCAL_PATHS"] = "1"
+    print(f"peak memory before the app: {peak_mb():.0f} MB")
+    base = None
+    if small is not None:  # the same page on a small trace, in the same run: the ratio holds
+        base = measure(small, args.moves)
+        if base is None:
+            return 1
+        report(f"{args.baseline} x {args.exits} (baseline)", base)
+    prof = cProfile.Profile() if args.profile else None
+    r = measure(big, args.moves, prof)
+    if r is None:
         return 1
-    med = statistics.median(frag)
-    p90 = sorted(frag)[int(0.9 * (len(frag) - 1))]
+    report(f"{args.samples} x {args.exits}", r)
     peak = peak_mb()
     print(
-        f"tuning fragment, server side, {len(frag)} slider moves: median {med:.1f} ms, "
-        f"p90 {p90:.1f} ms, max {max(frag):.1f} ms (target < {TARGET_MS:.0f} ms: "
-        f"{'met' if med < TARGET_MS else 'NOT met'})"
-    )
-    print(
-        f"its CPU time (thread_time; what a busy machine does not inflate): median "
-        f"{statistics.median(cpu):.1f} ms, p90 {sorted(cpu)[int(0.9 * (len(cpu) - 1))]:.1f} ms"
-    )
-    print(f"AppTest round trip (whole script + harness): median {statistics.median(total):.1f} ms")
+        f"target: fragment median < {TARGET_MS:.0f} ms: {'met' if r['median'] < TARGET_MS else 'NOT met'}"
+        + (f"; {r['median'] / base['median']:.1f}x the baseline's time, "
+           f"{r['cpu'] / base['cpu']:.1f}x its CPU time" if base else "")
+    )  # fmt: skip
     print(
         f"peak resident memory: {peak:.0f} MB (target < {TARGET_MB:.0f} MB: "
         f"{'met' if peak < TARGET_MB else 'NOT met'})"
     )
     if prof:
-        st_ = pstats.Stats(prof)
-        st_.sort_stats("tottime").print_stats(25)
-        st_.print_callers("blake2b|iterencode|dataframe_to_arrays")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     print(f"load average after: {os.getloadavg()}")
     return 0
 

@@ -207,13 +207,13 @@ def patience_mask(pred: np.ndarray, patience: int) -> np.ndarray:
     k = pred.shape[-1]
     if patience == 0:
         return np.ones(pred.shape, dtype=bool)
-    same = np.zeros(pred.shape, dtype=bool)
-    same[..., 1:] = pred[..., 1:] == pred[..., :-1]
-    # run length of consecutive "same as previous" ending at k, via cumulative sums with resets
-    idx = np.arange(k)
-    last_break = np.maximum.accumulate(np.where(~same, idx, 0), axis=-1)
-    run = idx - last_break
-    return run >= patience
+    mask = np.zeros(pred.shape, dtype=bool)
+    # PABEE's counter itself, run exit by exit over all samples at once
+    run = np.zeros(pred.shape[:-1], dtype=np.int32)
+    for e in range(1, k):
+        run = np.where(pred[..., e] == pred[..., e - 1], run + 1, 0)
+        mask[..., e] = run >= patience
+    return mask
 
 
 def exit_index(
