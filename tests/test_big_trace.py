@@ -275,3 +275,16 @@ def test_a_medium_trace_loads_from_its_path_and_the_slider_works(page_env, mediu
     i = tradeoff.cheapest_with_accuracy(c, 0.9)
     assert at.slider(key="w.t.max_prob").value == pytest.approx(c.params[i])
     assert _metrics(at)["Accuracy"] == f"{c.accuracy[i]:.4f}"
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [np.r_[np.arange(49), 3], np.r_[np.arange(49), 3][::-1].copy(), np.array([7] * 50)],
+)
+def test_duplicate_sample_ids_are_refused_in_any_order(ids):
+    t = make_trace(n=50)
+    with pytest.raises(TraceError, match="unique"):
+        dataclasses.replace(t, sample_id=ids)
+    with pytest.raises(TraceError, match="unique"):
+        dataclasses.replace(t, sample_id=np.array([str(i) for i in ids], dtype=object))
+    dataclasses.replace(t, sample_id=np.arange(50)[::-1].copy())  # unique, in any order
