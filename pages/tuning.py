@@ -541,7 +541,7 @@ def tuning_panel(source: str) -> None:
         st.markdown(f"**Selected slice: {n_sel} samples** (double-click a chart to clear)")
         if n_sel:
             _metrics_row(
-                tradeoff.evaluate(trace.subset(mask), exits[mask]), summary.last, unit, " (slice)"
+                tradeoff.evaluate_slice(trace, exits, mask), summary.last, unit, " (slice)"
             )
 
     col1, col2 = st.columns(2)

@@ -288,3 +288,11 @@ def test_duplicate_sample_ids_are_refused_in_any_order(ids):
     with pytest.raises(TraceError, match="unique"):
         dataclasses.replace(t, sample_id=np.array([str(i) for i in ids], dtype=object))
     dataclasses.replace(t, sample_id=np.arange(50)[::-1].copy())  # unique, in any order
+
+
+def test_a_slice_is_evaluated_without_copying_the_trace(small):
+    for t in _both(small):
+        exits = exit_index(t, Policy("max_prob", threshold=0.7))
+        for mask in (exits == 1, t.label == 4, np.arange(t.num_samples) % 3 == 0):
+            whole = tradeoff.evaluate(t.subset(mask), exits[mask])
+            assert repr(tradeoff.evaluate_slice(t, exits, mask)) == repr(whole)

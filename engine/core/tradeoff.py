@@ -59,14 +59,26 @@ def evaluate(trace: Trace, exits: np.ndarray) -> PolicyStats:
         raise PolicyError(
             f"need one exit per sample ({trace.num_samples}), got shape {exits.shape}"
         )
+    return evaluate_slice(trace, exits, None)
+
+
+def evaluate_slice(trace: Trace, exits: np.ndarray, mask: np.ndarray | None) -> PolicyStats:
+    """``evaluate(trace.subset(mask), exits[mask])``, the same numbers, without copying the
+    trace (a slice of a million-sample trace would copy hundreds of MB on every rerun)."""
+    exits = np.asarray(exits)
     uniform = trace.uniform_cost
     cost = uniform[exits] if uniform is not None else chosen(trace, exits, trace.cost)
-    labelled = trace.labelled
-    n_lab = int(labelled.sum())
     correct = chosen(trace, exits, trace.correct)
-    if n_lab < trace.num_samples:
+    labelled = trace.labelled
+    last_cost = trace.cost[:, -1]
+    if mask is not None:
+        cost, correct, labelled = cost[mask], correct[mask], labelled[mask]
+        exits, last_cost = exits[mask], last_cost[mask]
+    n = len(exits)
+    n_lab = int(labelled.sum())
+    if n_lab < n:
         correct = correct[labelled]
-    full = float(trace.cost[:, -1].mean())
+    full = float(last_cost.mean())
     mean = float(cost.mean())
     return PolicyStats(
         accuracy=float(correct.mean()) if n_lab else float("nan"),
@@ -75,7 +87,7 @@ def evaluate(trace: Trace, exits: np.ndarray) -> PolicyStats:
         full_cost=full,
         speedup=full / mean if mean > 0 else float("inf"),
         exit_counts=np.bincount(exits, minlength=trace.num_exits),
-        n=trace.num_samples,
+        n=n,
         n_labelled=n_lab,
     )
 
