@@ -606,6 +606,7 @@ class _Layout:
     per_exit: dict[str, dict[int, str]]
     k: int
     c: int
+    columns: tuple[str, ...]  # every column of the table but unused logits beside probs
 
     def exit_columns(self, e: int) -> list[str]:
         return [self.grid[(e, j)] for j in range(self.c)]
@@ -615,8 +616,6 @@ class _Layout:
         """Every column but the probabilities: ids, labels, costs, gates, extras."""
         prob = set(self.grid.values())
         return [c for c in self.columns if c not in prob]
-
-    columns: tuple[str, ...] = ()
 
 
 def _layout(columns: list[str]) -> _Layout:
