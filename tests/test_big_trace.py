@@ -256,6 +256,10 @@ def test_a_medium_trace_loads_from_its_path_and_the_slider_works(page_env, mediu
     assert any("it is the selected trace now" in s.value for s in at.success)
     source = at.selectbox(key="w.model").value
     assert loaders.is_local(source)
+    stat = medium.stat()  # the page's own (shared) copy of the trace is the compact one
+    assert loaders.load_local_trace(
+        str(medium.resolve()), stat.st_mtime_ns, stat.st_size
+    ).is_compact
     t = trace_mod.read(medium)
     assert any(f"{MEDIUM} samples" in c.value for c in at.sidebar.caption)
     for threshold in (0.6, 0.93):
