@@ -2,7 +2,8 @@
 
 A *source* is what the model picker offers: a trace on disk (``"<model_id>"`` for the test
 split, ``"<model_id>@<split>"`` for another split) or a trace uploaded in this session
-(``"upload:<name>"``). Uploaded bytes live in ``st.session_state`` (per browser session) and
+(``"upload:<name>"``), or a trace file on this machine (``"file:<name>"``, read from its
+path: the way to load traces over the upload limit). Uploaded bytes live in ``st.session_state`` (per browser session) and
 are parsed once per content hash. Math stays in ``engine/``; these functions only call it and
 cache the answers.
 """
@@ -34,6 +35,14 @@ from engine.run import inspection
 UPLOAD_PREFIX = "upload:"
 UPLOADS_KEY = "aie.uploaded_traces"  # session_state: name -> (bytes, filename)
 MAX_TRACE_MB = 200
+LOCAL_PREFIX = "file:"
+LOCAL_KEY = "aie.local_traces"  # session_state: name -> absolute path of a trace file
+LOCAL_SUFFIXES = (".parquet", ".pq", ".csv")
+# "1" shows the "load from a path on this machine" input, "0" hides it; unset: shown only when
+# the server listens on a loopback address (``make app`` binds 127.0.0.1), since whoever can
+# reach the app could otherwise read any trace file the server's user can
+LOCAL_PATHS_ENV = "AIE_LOCAL_PATHS"
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 # --- sources ---------------------------------------------------------------------------------
@@ -70,8 +79,16 @@ def uploaded_sources() -> list[str]:
     return [UPLOAD_PREFIX + name for name in st.session_state.get(UPLOADS_KEY, {})]
 
 
+def local_sources() -> list[str]:
+    return [LOCAL_PREFIX + name for name in st.session_state.get(LOCAL_KEY, {})]
+
+
 def all_sources() -> list[str]:
-    return bundled_sources() + uploaded_sources()
+    return bundled_sources() + uploaded_sources() + local_sources()
+
+
+def is_local(source: str) -> bool:
+    return source.startswith(LOCAL_PREFIX)
 
 
 def is_upload(source: str) -> bool:
@@ -87,6 +104,8 @@ def split_source(source: str) -> tuple[str, str]:
 def source_label(source: str) -> str:
     if is_upload(source):
         return f"{source[len(UPLOAD_PREFIX) :]} (uploaded trace)"
+    if is_local(source):
+        return f"{source[len(LOCAL_PREFIX) :]} (file on this machine)"
     model_id, split = split_source(source)
     title = _card_title(model_id)
     return f"{title} [{split}]" if split != "test" else title
@@ -108,7 +127,7 @@ def _card_title(model_id: str) -> str:
 
 def _warm(trace: Trace) -> Trace:
     """Compute the derived arrays once so the cached copy carries them."""
-    _ = trace.pred, trace.max_prob, trace.correct
+    _ = trace.pred, trace.max_prob, trace.correct, trace.labelled, trace.uniform_cost
     return trace
 
 
@@ -140,8 +159,81 @@ def add_upload(data: bytes, filename: str) -> str:
     return UPLOAD_PREFIX + name
 
 
+def local_paths_allowed() -> bool:
+    """Whether this app may read trace files from paths typed into it (``LOCAL_PATHS_ENV``)."""
+    flag = os.environ.get(LOCAL_PATHS_ENV, "").strip()
+    if flag:
+        return flag == "1"
+    return st.get_option("server.address") in _LOOPBACK
+
+
+def local_trace_path(text: str) -> Path:
+    """The trace file a typed path names; TraceError("path", why) when it cannot be one."""
+    from engine.registry import is_pickle
+
+    text = text.strip().strip("'\"")
+    if not text:
+        raise TraceError("path", "type the path of a .parquet or .csv trace file")
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        path = Path.cwd() / path
+    if is_pickle(path):
+        raise TraceError(
+            "path",
+            f"{path.name} is a pickle, which is never loaded (unpickling can run any code); "
+            "write the trace as Parquet or CSV",
+        )
+    if not path.exists():
+        raise TraceError("path", f"there is no file at {path}")
+    if path.is_dir():
+        raise TraceError("path", f"{path} is a folder; give the trace file inside it")
+    if path.suffix.lower() not in LOCAL_SUFFIXES:
+        raise TraceError(
+            "path", f"expected a .parquet, .pq or .csv file, got {path.suffix or 'no suffix'!r}"
+        )
+    if not os.access(path, os.R_OK):
+        raise TraceError("path", f"{path} is not readable by the user running this app")
+    return path.resolve()
+
+
+@st.cache_resource(show_spinner="Reading the trace file…", max_entries=2)
+def load_local_trace(path: str, mtime_ns: int, size: int) -> Trace:
+    """A trace file read from disk, compactly when big (``engine.core.trace.read``).
+
+    Shared, not copied (``cache_resource``): ``cache_data`` would pickle hundreds of MB of a
+    million-sample trace on every rerun. ``mtime_ns``/``size`` re-read a rewritten file."""
+    return _warm(read_trace(path))
+
+
+def add_local(text: str) -> str:
+    """Read (raising TraceError) and register a trace file from a path; returns its source."""
+    path = local_trace_path(text)
+    st_ = path.stat()
+    trace = load_local_trace(str(path), st_.st_mtime_ns, st_.st_size)
+    name = trace.meta.model_id if trace.meta.model_id != path.stem else path.name
+    name = name.replace(":", "_").replace("@", "_")
+    st.session_state.setdefault(LOCAL_KEY, {})[name] = str(path)
+    return LOCAL_PREFIX + name
+
+
+def _local_entry(source: str) -> tuple[str, int, int]:
+    path = st.session_state.get(LOCAL_KEY, {}).get(source[len(LOCAL_PREFIX) :])
+    if path is None:
+        raise FileNotFoundError(
+            "this trace file was loaded in another browser session; load it again from its path"
+        )
+    try:
+        stat = os.stat(path)
+    except OSError:
+        raise FileNotFoundError(f"the trace file {path} is no longer there") from None
+    return path, stat.st_mtime_ns, stat.st_size
+
+
 def source_key(source: str) -> str:
     """A cache key that changes when an uploaded trace's content changes."""
+    if is_local(source):
+        path, mtime, size = _local_entry(source)
+        return f"{source}:{path}:{mtime}:{size}"
     if is_upload(source):
         data, _ = st.session_state.get(UPLOADS_KEY, {}).get(source[len(UPLOAD_PREFIX) :], (b"", ""))
         return source + ":" + hashlib.sha256(data).hexdigest()[:16]
@@ -157,6 +249,8 @@ def get_trace(source: str) -> Trace:
                 "this uploaded trace is not in this browser session; upload it again"
             )
         return parse_uploaded_trace(*entry)
+    if is_local(source):
+        return load_local_trace(*_local_entry(source))
     model_id, split = split_source(source)
     if split == "test" and model_id in buildable_models():
         build_trace(model_id, split)
@@ -194,17 +288,36 @@ class CurveSummary:
     plot_front: np.ndarray  # indices into the plot arrays: the front, by cost
 
 
+def curve_summary(key: str, kind: str, trace: Trace) -> CurveSummary:
+    """The whole curve of one policy kind on one trace (``key`` identifies the trace).
+
+    A compact (big) trace's curves have millions of points: they are shared
+    (``cache_resource``), not unpickled afresh on every rerun as ``cache_data`` would."""
+    if trace.is_compact:
+        return _shared_curve_summary(key, kind, trace)
+    return _copied_curve_summary(key, kind, trace)
+
+
 @st.cache_data(show_spinner="Computing the trade-off curve…", max_entries=64)
-def curve_summary(key: str, kind: str, _trace: Trace) -> CurveSummary:
-    """The whole curve of one policy kind on one trace (``key`` identifies the trace)."""
+def _copied_curve_summary(key: str, kind: str, _trace: Trace) -> CurveSummary:
+    return _curve_summary(_trace, kind)
+
+
+@st.cache_resource(show_spinner="Computing the trade-off curve…", max_entries=8)
+def _shared_curve_summary(key: str, kind: str, _trace: Trace) -> CurveSummary:
+    return _curve_summary(_trace, kind)
+
+
+def _curve_summary(_trace: Trace, kind: str) -> CurveSummary:
     c = tradeoff.curve(_trace, kind)
     k = _trace.num_exits
     fixed_stats = [
         tradeoff.evaluate(_trace, np.full(_trace.num_samples, e, dtype=np.int64)) for e in range(k)
     ]
     front = tradeoff.pareto_front(c.mean_cost, c.accuracy)
-    idx = tradeoff.thin(len(c), front)
-    plot_front = np.searchsorted(idx, front)  # front is ordered by cost already
+    drawn = tradeoff.front_to_draw(front)  # solvers read the whole curve; charts a few points
+    idx = tradeoff.thin(len(c), drawn)
+    plot_front = np.searchsorted(idx, drawn)  # front is ordered by cost already
     return CurveSummary(
         curve=c,
         front=front,
@@ -220,6 +333,30 @@ def curve_summary(key: str, kind: str, _trace: Trace) -> CurveSummary:
 def oracle_stats(key: str, never_correct: NeverCorrect, _trace: Trace) -> tradeoff.PolicyStats:
     """The oracle under one convention for samples no exit gets right (both are cheap)."""
     return tradeoff.oracle_stats(_trace, never_correct)
+
+
+def confidence_bins(key: str, trace: Trace) -> np.ndarray:
+    """Every sample's reliability bin at every exit (``calibration.confidence_bins``), once
+    per trace: shared for a compact (big) trace, copied (``cache_data``) for the others."""
+    if trace.is_compact:
+        return _shared_confidence_bins(key, trace)
+    return _copied_confidence_bins(key, trace)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _copied_confidence_bins(key: str, _trace: Trace) -> np.ndarray:
+    return calibration.confidence_bins(_trace)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _shared_confidence_bins(key: str, _trace: Trace) -> np.ndarray:
+    return calibration.confidence_bins(_trace)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def never_right(key: str, _trace: Trace) -> int:
+    """Labelled samples that no exit gets right."""
+    return int((~_trace.correct[_trace.label != -1].any(axis=1)).sum())
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

@@ -21,6 +21,7 @@ from engine.core.trace import Trace, TraceError
 from engine.policy_store import PolicyStore, PolicyStoreError, SavedPolicy
 
 TIMING_KEY = "aie.tuning_fragment_ms"  # server-side time of the last fragment run (bench)
+CPU_KEY = "aie.tuning_fragment_cpu_ms"  # its CPU time (a busy machine inflates only the above)
 MSG_KEY = "aie.tuning_msg"
 SOLVE_FOR = "aie.solve_acc_for"  # the trace the accuracy target's default was set for
 W_NEVER = "w.oracle_never_correct"
@@ -109,6 +110,7 @@ def upload_section() -> None:
             key="w.trace_upload",
             max_upload_size=loaders.MAX_TRACE_MB,
         )
+        st.caption(big_file_hint())
         if up is None:
             return
         try:
@@ -131,6 +133,48 @@ def upload_section() -> None:
             st.success(
                 f"Loaded {widgets.literal(up.name)}: pick **{label}** in the model picker below."
             )
+
+
+def big_file_hint() -> str:
+    """What the uploader says about files over its limit."""
+    how = (
+        "type its path in **Load a trace file from this machine** below: it is read from disk "
+        "(lazily, one exit's columns at a time), with no size limit"
+        if loaders.local_paths_allowed()
+        else f"run the app on the machine that holds the file (`make app`, or set "
+        f"`{loaders.LOCAL_PATHS_ENV}=1`) and type its path in **Load a trace file from this "
+        "machine**: it is read from disk (lazily), with no size limit"
+    )
+    return f"Uploads are limited to {loaders.MAX_TRACE_MB} MB. For a larger trace, {how}."
+
+
+def local_path_section() -> None:
+    """Read a trace file from a path on the server's machine (traces over the upload limit).
+
+    Offered only when the app is run locally (``loaders.local_paths_allowed``): anyone who
+    can reach a public app could otherwise read the server's files."""
+    if not loaders.local_paths_allowed():
+        return
+    with st.sidebar.expander("Load a trace file from this machine", expanded=False):
+        st.caption(
+            "A Parquet or CSV trace in the layout above, of any size: big files are read "
+            "lazily (only the columns each view needs) and kept compact in memory."
+        )
+        text = st.text_input("Path", key="w.trace_path", placeholder="/data/my_trace.parquet")
+        if not st.button("Load", key="b.trace_path") or not text.strip():
+            return
+        try:
+            source = loaders.add_local(text)
+        except TraceError as e:
+            st.error(f"This trace was rejected: {widgets.trace_error(e)}")
+            return
+        except Exception as e:  # anything else a malformed file can trigger
+            st.error(
+                f"This trace could not be read ({widgets.literal(f'{type(e).__name__}: {e}')})"
+            )
+            return
+        st.session_state[widgets.W_MODEL] = source  # select it (the picker renders next)
+        st.success(f"Loaded {widgets.literal(text.strip())}: it is the selected trace now.")
 
 
 def _apply_saved(name: str, num_exits: int) -> None:
@@ -243,33 +287,37 @@ def _show_msg() -> None:
         getattr(st, msg[0])(msg[1])
 
 
-def _exit_accuracy(trace: Trace, exits: np.ndarray) -> np.ndarray:
-    lab = trace.label != -1
-    right = tradeoff.chosen(trace, exits, trace.correct)
-    n = np.bincount(exits[lab], minlength=trace.num_exits)
-    ok = np.bincount(exits[lab], weights=right[lab], minlength=trace.num_exits)
+def _exit_accuracy(trace: Trace, outputs: calibration.PolicyOutputs) -> np.ndarray:
+    n = np.bincount(outputs.exits, minlength=trace.num_exits)
+    ok = np.bincount(outputs.exits, weights=outputs.correct, minlength=trace.num_exits)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(n > 0, ok / np.maximum(n, 1), np.nan)
 
 
-def sample_table(trace: Trace, exits: np.ndarray, mask: np.ndarray | None) -> pl.DataFrame:
-    rows = np.arange(trace.num_samples)
+def sample_table(
+    trace: Trace, exits: np.ndarray, mask: np.ndarray | None, limit: int | None = None
+) -> pl.DataFrame:
+    """The selected samples (all without ``mask``), the first ``limit`` of them only: the
+    page shows a few thousand rows, and building a million on every rerun would dominate it."""
+    rows = np.arange(trace.num_samples) if mask is None else np.flatnonzero(mask)
+    if limit is not None:
+        rows = rows[:limit]
+    ex = exits[rows]
     cls = np.asarray(trace.meta.class_names, dtype=object)
     names = np.asarray(trace.meta.exit_names, dtype=object)
-    pred = trace.pred[rows, exits]
+    label = trace.label[rows]
     cols = {
-        "sample_id": trace.sample_id,
-        "label": np.where(trace.label >= 0, cls[np.maximum(trace.label, 0)], "?"),
-        "exit": names[exits],
-        "exit_index": exits,
-        "prediction": cls[pred],
-        "correct": trace.correct[rows, exits],
-        "cost": trace.cost[rows, exits],
+        "sample_id": trace.sample_id[rows],
+        "label": np.where(label >= 0, cls[np.maximum(label, 0)], "?"),
+        "exit": names[ex],
+        "exit_index": ex,
+        "prediction": cls[trace.pred[rows, ex]],
+        "correct": trace.correct[rows, ex],
+        "cost": trace.cost[rows, ex],
     }
     for e, name in enumerate(trace.meta.exit_names):
-        cols[f"conf {name}"] = trace.max_prob[:, e]
-    df = pl.DataFrame(cols)
-    return df.filter(pl.Series(mask)) if mask is not None else df
+        cols[f"conf {name}"] = trace.max_prob[rows, e]
+    return pl.DataFrame(cols)
 
 
 def _metrics_row(stats: tradeoff.PolicyStats, last: tradeoff.PolicyStats, unit: str, label=""):
@@ -326,13 +374,21 @@ def _direction(gap: float) -> str:
 
 
 def bias_section(
-    trace: Trace, key: str, policy: Policy, exits: np.ndarray, stats: tradeoff.PolicyStats
+    trace: Trace,
+    key: str,
+    policy: Policy,
+    exits: np.ndarray,
+    stats: tradeoff.PolicyStats,
+    outputs: calibration.PolicyOutputs | None = None,
 ) -> None:
     """Signed gap (mean confidence − accuracy) of the samples that exit, per exit and overall,
     for the current policy and, at matched cost, for the learned gate (or max-prob, when the
     gate is the current policy). JEI-DNN says thresholding biases it upwards; this shows it."""
     st.subheader("Confidence bias of the samples that exit")
-    gaps = calibration.exit_gaps(trace, exits)
+    bin_table = loaders.confidence_bins(key, trace)
+    if outputs is None:
+        outputs = calibration.policy_outputs(trace, exits, bin_table=bin_table)
+    gaps = calibration.exit_gaps(trace, exits, outputs=outputs)
     has_gate = "gate" in widgets.available_kinds(trace)
     other_kind = "max_prob" if policy.kind == "gate" else "gate" if has_gate else None
     columns = {"exit": [*trace.meta.exit_names, "whole policy"]}
@@ -340,8 +396,8 @@ def bias_section(
     panels = [
         (
             f"current: {policy.describe()}",
-            calibration.exited_reliability(trace, exits),
-            calibration.of_policy(trace, exits),
+            calibration.exited_reliability(trace, exits, outputs=outputs),
+            calibration.of_policy(trace, exits, outputs=outputs),
         )
     ]
     line = (
@@ -353,13 +409,14 @@ def bias_section(
         other = c.policy(tradeoff.nearest_cost(c, stats.mean_cost))
         o_exits = exit_index(trace, other)
         o_stats = tradeoff.evaluate(trace, o_exits)
-        o_gaps = calibration.exit_gaps(trace, o_exits)
+        o_outputs = calibration.policy_outputs(trace, o_exits, bin_table=bin_table)
+        o_gaps = calibration.exit_gaps(trace, o_exits, outputs=o_outputs)
         columns |= _gap_columns(o_gaps, "matched")
         panels.append(
             (
                 f"{other.describe()} at matched cost",
-                calibration.exited_reliability(trace, o_exits),
-                calibration.of_policy(trace, o_exits),
+                calibration.exited_reliability(trace, o_exits, outputs=o_outputs),
+                calibration.of_policy(trace, o_exits, outputs=o_outputs),
             )
         )
         line += (
@@ -394,7 +451,7 @@ def bias_section(
 
 @st.fragment
 def tuning_panel(source: str) -> None:
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.thread_time()
     try:
         trace = loaders.get_trace(source)
     except FileNotFoundError as e:
@@ -446,6 +503,10 @@ def tuning_panel(source: str) -> None:
 
     exits = exit_index(trace, policy)
     stats = tradeoff.evaluate(trace, exits)
+    # each sample's confidence and correctness at its exit, gathered once for every chart
+    outputs = calibration.policy_outputs(
+        trace, exits, bin_table=loaders.confidence_bins(key, trace)
+    )
     _metrics_row(stats, summary.last, unit)
     never = st.radio(
         "Oracle: samples no exit gets right are charged at",
@@ -459,7 +520,7 @@ def tuning_panel(source: str) -> None:
         "on a trace with many such samples the oracle's speed-up differs a lot.",
     )
     oracle = loaders.oracle_stats(key, never, trace)
-    n_never = int((~trace.correct[trace.label != -1].any(axis=1)).sum())
+    n_never = loaders.never_right(key, trace)
     st.caption(
         f"{policy.describe()} · {trace.num_samples} samples ({stats.n_labelled} labelled) · "
         f"full model {figures.fmt_flops(stats.full_cost)}{unit} · oracle "
@@ -480,7 +541,7 @@ def tuning_panel(source: str) -> None:
         st.markdown(f"**Selected slice: {n_sel} samples** (double-click a chart to clear)")
         if n_sel:
             _metrics_row(
-                tradeoff.evaluate(trace.subset(mask), exits[mask]), summary.last, unit, " (slice)"
+                tradeoff.evaluate_slice(trace, exits, mask), summary.last, unit, " (slice)"
             )
 
     col1, col2 = st.columns(2)
@@ -513,7 +574,7 @@ def tuning_panel(source: str) -> None:
     with col2:
         widgets.chart(
             figures.exit_histogram(
-                stats.exit_counts, _exit_accuracy(trace, exits), trace.meta.exit_names
+                stats.exit_counts, _exit_accuracy(trace, outputs), trace.meta.exit_names
             ),
             "sel.exits",
             "exit_histogram",
@@ -535,7 +596,7 @@ def tuning_panel(source: str) -> None:
     with col4:
         if trace.has_labels:
             per_exit = loaders.per_exit_reliability(key, trace)
-            pol_rel = calibration.of_policy(trace, exits)
+            pol_rel = calibration.of_policy(trace, exits, outputs=outputs)
             widgets.chart(
                 figures.reliability_figure(per_exit, pol_rel, trace.meta.exit_names),
                 "chart.reliability",
@@ -550,17 +611,18 @@ def tuning_panel(source: str) -> None:
             )
 
     if trace.has_labels:
-        bias_section(trace, key, policy, exits, stats)
+        bias_section(trace, key, policy, exits, stats, outputs)
 
     st.subheader("Samples" + (" in the selected slice" if mask is not None else ""))
-    table = sample_table(trace, exits, mask)
-    st.dataframe(table.head(MAX_TABLE_ROWS), hide_index=True, height=280, key="table.samples")
-    if table.height > MAX_TABLE_ROWS:
-        st.caption(f"Showing the first {MAX_TABLE_ROWS} of {table.height} rows; exports hold all.")
+    table = sample_table(trace, exits, mask, limit=MAX_TABLE_ROWS)
+    n_rows = trace.num_samples if mask is None else int(mask.sum())
+    st.dataframe(table, hide_index=True, height=280, key="table.samples")
+    if n_rows > MAX_TABLE_ROWS:
+        st.caption(f"Showing the first {MAX_TABLE_ROWS} of {n_rows} rows; exports hold all.")
     d1, d2, _ = st.columns([1, 1, 4])
     d1.download_button(
         "Table as CSV",
-        data=lambda: table.write_csv().encode(),
+        data=lambda: sample_table(trace, exits, mask).write_csv().encode(),
         file_name="samples.csv",
         mime="text/csv",
         key="dl.table_csv",
@@ -569,7 +631,7 @@ def tuning_panel(source: str) -> None:
 
     def parquet_bytes() -> bytes:
         buf = io.BytesIO()
-        table.write_parquet(buf)
+        sample_table(trace, exits, mask).write_parquet(buf)
         return buf.getvalue()
 
     d2.download_button(
@@ -612,11 +674,13 @@ def tuning_panel(source: str) -> None:
         width="stretch",
     )
     st.session_state[TIMING_KEY] = (time.perf_counter() - t0) * 1e3
+    st.session_state[CPU_KEY] = (time.thread_time() - cpu0) * 1e3
 
 
 # --- page ------------------------------------------------------------------------------------
 
 upload_section()
+local_path_section()
 source = widgets.model_picker()
 if source is None:
     st.info("No traces yet: train a bundled model (see README) or upload a trace in the sidebar.")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.core.policies import NeverCorrect, Policy, PolicyError, exit_index, oracle_correct
-from engine.core.trace import Trace
+from engine.core.trace import Trace, pick
 
 SCORE_KINDS = ("max_prob", "entropy", "margin", "gate")
 # Slack of the solvers' constraints: absolute on accuracy, relative on a cost budget. Accuracies
@@ -49,7 +49,7 @@ class PolicyStats:
 
 def chosen(trace: Trace, exits: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Pick ``values[n, exits[n]]`` for every sample of an [N, K] array."""
-    return values[np.arange(trace.num_samples), exits]
+    return pick(values, exits)
 
 
 def evaluate(trace: Trace, exits: np.ndarray) -> PolicyStats:
@@ -59,20 +59,35 @@ def evaluate(trace: Trace, exits: np.ndarray) -> PolicyStats:
         raise PolicyError(
             f"need one exit per sample ({trace.num_samples}), got shape {exits.shape}"
         )
-    cost = chosen(trace, exits, trace.cost)
-    labelled = trace.label != -1
-    n_lab = int(labelled.sum())
+    return evaluate_slice(trace, exits, None)
+
+
+def evaluate_slice(trace: Trace, exits: np.ndarray, mask: np.ndarray | None) -> PolicyStats:
+    """``evaluate(trace.subset(mask), exits[mask])``, the same numbers, without copying the
+    trace (a slice of a million-sample trace would copy hundreds of MB on every rerun)."""
+    exits = np.asarray(exits)
+    uniform = trace.uniform_cost
+    cost = uniform[exits] if uniform is not None else chosen(trace, exits, trace.cost)
     correct = chosen(trace, exits, trace.correct)
-    full = float(trace.cost[:, -1].mean())
+    labelled = trace.labelled
+    last_cost = trace.cost[:, -1]
+    if mask is not None:
+        cost, correct, labelled = cost[mask], correct[mask], labelled[mask]
+        exits, last_cost = exits[mask], last_cost[mask]
+    n = len(exits)
+    n_lab = int(labelled.sum())
+    if n_lab < n:
+        correct = correct[labelled]
+    full = float(last_cost.mean())
     mean = float(cost.mean())
     return PolicyStats(
-        accuracy=float(correct[labelled].mean()) if n_lab else float("nan"),
+        accuracy=float(correct.mean()) if n_lab else float("nan"),
         mean_cost=mean,
         p95_cost=float(np.percentile(cost, 95)),
         full_cost=full,
         speedup=full / mean if mean > 0 else float("inf"),
         exit_counts=np.bincount(exits, minlength=trace.num_exits),
-        n=trace.num_samples,
+        n=n,
         n_labelled=n_lab,
     )
 
@@ -85,8 +100,9 @@ def per_class_exit_rates(trace: Trace, exits: np.ndarray) -> np.ndarray:
     """[C, K]: fraction of each (labelled) class's samples leaving at each exit."""
     c, k = trace.num_classes, trace.num_exits
     lab = trace.label != -1
-    counts = np.zeros((c, k))
-    np.add.at(counts, (trace.label[lab], exits[lab]), 1)
+    # one bincount over (class, exit) pairs: np.add.at takes ~100x longer on a million samples
+    pairs = trace.label[lab] * k + np.asarray(exits)[lab]
+    counts = np.bincount(pairs, minlength=c * k).reshape(c, k).astype(np.float64)
     totals = counts.sum(axis=1, keepdims=True)
     return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
 
@@ -137,24 +153,30 @@ def _score(trace: Trace, kind: str) -> np.ndarray:
 def _score_curve(trace: Trace, kind: str) -> Curve:
     s = _score(trace, kind)
     n, k = s.shape
-    correct = trace.correct.astype(np.int32)
+    correct = trace.correct
     cost = trace.cost
     # records: exits whose score beats every earlier exit's (only they can be the first to pass)
     rec = np.ones((n, k), dtype=bool)
     if k > 1:
         rec[:, 1:] = s[:, 1:] > np.maximum.accumulate(s, axis=1)[:, :-1]
     # for each record, where the sample goes when the threshold is just above its score:
-    # the next record, or the last exit when no later record exists
-    idx = np.where(rec, np.arange(k), k)
-    after = np.full((n, k), k)
+    # the next record, or the last exit when no later record exists (exit numbers in the
+    # narrowest type: on a million samples x 12 exits every [N, K] int64 is 96 MB)
+    small = np.int8 if k < 127 else np.int32
+    idx = np.where(rec, np.arange(k, dtype=small), small(k))
+    after = np.full((n, k), k, dtype=small)
     if k > 1:
         after[:, :-1] = np.minimum.accumulate(idx[:, ::-1], axis=1)[:, ::-1][:, 1:]
-    after = np.minimum(after, k - 1)
-    flat = np.flatnonzero(rec)  # row-major positions n * k + exit
-    src = flat - flat % k + after.ravel()[flat]
-    value = s.ravel()[flat]
-    d_cost = cost.ravel()[flat] - cost.ravel()[src]
-    d_correct = correct.ravel()[flat] - correct.ravel()[src]
+    del idx
+    np.minimum(after, k - 1, out=after)
+    sample, at = np.nonzero(rec)  # row-major, as the events are summed below
+    del rec
+    to = after[sample, at]
+    del after
+    value = s[sample, at]
+    d_cost = cost[sample, at] - cost[sample, to]
+    d_correct = correct[sample, at].astype(np.int8) - correct[sample, to]
+    del sample, at, to
 
     # order within a group of equal scores does not matter: only group ends are read
     order = np.argsort(value)[::-1]
@@ -167,7 +189,7 @@ def _score_curve(trace: Trace, kind: str) -> Curve:
 
     n_lab = int((trace.label != -1).sum()) or np.nan  # no labels: accuracy is undefined
     base_cost = cost[:, -1].sum()
-    base_correct = correct[:, -1].sum()
+    base_correct = int(correct[:, -1].sum())
     top = np.nextafter(thresholds[0], np.inf)  # above every score: nobody leaves early
     params = np.r_[top, thresholds]
     accuracy = np.r_[base_correct, base_correct + cum_correct[last_of_group]] / n_lab
@@ -205,6 +227,19 @@ def pareto_front(mean_cost: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
     return order[keep]
 
 
+# A Pareto front longer than this is drawn through this many of its points: a million-sample
+# trace's front has hundreds of thousands, far more than a chart shows and megabytes per rerun.
+MAX_FRONT_POINTS = 2000
+
+
+def front_to_draw(front: np.ndarray, max_points: int = MAX_FRONT_POINTS) -> np.ndarray:
+    """The front itself, or ~max_points evenly spread points of it (both ends kept)."""
+    front = np.asarray(front, dtype=np.int64)
+    if len(front) <= max_points:
+        return front
+    return front[np.unique(np.linspace(0, len(front) - 1, max_points).round().astype(np.int64))]
+
+
 def thin(n: int, keep: np.ndarray, max_points: int = 400) -> np.ndarray:
     """Sorted indices of at most ~max_points evenly spread points out of n, plus every index in keep.
 
@@ -221,11 +256,12 @@ def thin(n: int, keep: np.ndarray, max_points: int = 400) -> np.ndarray:
 def drawing_indices(
     mean_cost: np.ndarray, accuracy: np.ndarray, max_points: int = 400
 ) -> np.ndarray:
-    """Indices of a curve to draw: ~max_points evenly spread along it plus its whole Pareto front."""
+    """Indices of a curve to draw: ~max_points evenly spread along it plus its Pareto front
+    (thinned to ``MAX_FRONT_POINTS`` when longer)."""
     mean_cost, accuracy = np.asarray(mean_cost), np.asarray(accuracy)
     if len(mean_cost) <= max_points:
         return np.arange(len(mean_cost))
-    return thin(len(mean_cost), pareto_front(mean_cost, accuracy), max_points)
+    return thin(len(mean_cost), front_to_draw(pareto_front(mean_cost, accuracy)), max_points)
 
 
 # --- solvers ------------------------------------------------------------------------------------

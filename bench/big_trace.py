@@ -1,0 +1,152 @@
+"""The tuning page on a million-sample trace: load time, slider rerun time, peak memory.
+
+Makes the synthetic trace with bench/make_big_trace.py (in a subprocess, so its memory is not
+counted here; reused when the file exists), then drives pages/tuning.py with Streamlit's AppTest
+as a user would: types the file's path into "Load a trace file from this machine", presses
+Load, and moves the max-prob threshold slider ``--moves`` times. Printed: the load (read +
+every curve the page draws), the fragment's own server-side time per slider move
+(``aie.tuning_fragment_ms``, median / p90; target < 150 ms), the AppTest round trip, and
+this process's peak resident memory (``getrusage``; target < 2 GB), with the load average
+before and after.
+
+The same is measured first on a small trace (``--baseline``, 10,000 samples), so the ratio
+of the two holds on a busy machine.
+
+    python bench/big_trace.py [--samples 1000000] [--exits 12] [--moves 15] [--baseline 10000]
+                              [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TARGET_MS = 150.0
+TARGET_MB = 2048.0
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def ensure(samples: int, exits: int) -> Path:
+    """The synthetic trace's file, made in a subprocess (its memory not counted here)."""
+    path = ROOT / ".cache" / f"big_trace_{samples}x{exits}.parquet"
+    if not path.exists():
+        t0 = time.perf_counter()
+        subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "make_big_trace.py"), "--samples",
+             str(samples), "--exits", str(exits), "--out", str(path)],
+            check=True,
+        )  # fmt: skip
+        print(f"made {path.name} in {time.perf_counter() - t0:.1f} s")
+    return path
+
+
+def measure(path: Path, moves: int, prof: cProfile.Profile | None = None) -> dict | None:
+    """Load ``path`` through the page's path input, then move the slider ``moves`` times."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "pages" / "tuning.py"), default_timeout=600)
+    at.run()
+    t0 = time.perf_counter()
+    at.text_input(key="w.trace_path").set_value(str(path))
+    at.button(key="b.trace_path").click().run()
+    load_s = time.perf_counter() - t0
+    if at.exception or at.error:
+        print("the page failed:", [e.value for e in at.exception] + [e.value for e in at.error])
+        return None
+    frag, total, cpu = [], [], []
+    if prof:  # AppTest runs the script in a thread of its own: profile the threads it starts
+        threading.setprofile(lambda *_: prof.enable())
+    for i in range(moves):
+        start = time.perf_counter()
+        at.slider(key="w.t.max_prob").set_value(round(0.5 + 0.49 * i / max(1, moves - 1), 3))
+        at.run()
+        total.append((time.perf_counter() - start) * 1e3)
+        frag.append(at.session_state["aie.tuning_fragment_ms"])
+        cpu.append(at.session_state["aie.tuning_fragment_cpu_ms"])
+    threading.setprofile(None)
+    if at.exception:
+        print("the page raised:", at.exception[0].value)
+        return None
+
+    def p90(x: list[float]) -> float:
+        return sorted(x)[int(0.9 * (len(x) - 1))]
+
+    return {
+        "load_s": load_s,
+        "median": statistics.median(frag),
+        "p90": p90(frag),
+        "max": max(frag),
+        "cpu": statistics.median(cpu),
+        "cpu_p90": p90(cpu),
+        "total": statistics.median(total),
+    }
+
+
+def report(name: str, r: dict) -> None:
+    print(
+        f"{name}: first load (read + every curve drawn) {r['load_s']:.1f} s; fragment, server "
+        f"side: median {r['median']:.1f} ms, p90 {r['p90']:.1f} ms, max {r['max']:.1f} ms; its "
+        f"CPU time median {r['cpu']:.1f} ms (p90 {r['cpu_p90']:.1f}); AppTest round trip "
+        f"{r['total']:.1f} ms"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=1_000_000)
+    ap.add_argument("--exits", type=int, default=12)
+    ap.add_argument("--moves", type=int, default=15)
+    ap.add_argument("--baseline", type=int, default=10_000, help="samples of the small trace")
+    ap.add_argument("--profile", action="store_true", help="cProfile the big trace's moves")
+    args = ap.parse_args(argv)
+    print(f"load average before: {os.getloadavg()}")
+    small = ensure(args.baseline, args.exits) if args.baseline else None
+    big = ensure(args.samples, args.exits)
+    os.environ.setdefault("AIE_DATA_DIR", tempfile.mkdtemp(prefix="aie-bench-"))
+    os.environ["AIE_LOCAL_PATHS"] = "1"
+    print(f"peak memory before the app: {peak_mb():.0f} MB")
+    base = None
+    if small is not None:  # the same page on a small trace, in the same run: the ratio holds
+        base = measure(small, args.moves)
+        if base is None:
+            return 1
+        report(f"{args.baseline} x {args.exits} (baseline)", base)
+    prof = cProfile.Profile() if args.profile else None
+    r = measure(big, args.moves, prof)
+    if r is None:
+        return 1
+    report(f"{args.samples} x {args.exits}", r)
+    peak = peak_mb()
+    print(
+        f"target: fragment median < {TARGET_MS:.0f} ms: {'met' if r['median'] < TARGET_MS else 'NOT met'}"
+        + (f"; {r['median'] / base['median']:.1f}x the baseline's time, "
+           f"{r['cpu'] / base['cpu']:.1f}x its CPU time" if base else "")
+    )  # fmt: skip
+    print(
+        f"peak resident memory: {peak:.0f} MB (target < {TARGET_MB:.0f} MB: "
+        f"{'met' if peak < TARGET_MB else 'NOT met'})"
+    )
+    if prof:
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    print(f"load average after: {os.getloadavg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
