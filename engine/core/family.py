@@ -12,6 +12,7 @@ spent, and how to produce its per-sample results (``engine.core.results.Results`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -47,6 +48,21 @@ class LiveRun:
     ran: np.ndarray  # [M] bool: was that exit / block / step really computed
     probs: np.ndarray | None = None  # [M, C] class probabilities after each step, where known
     detail: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Timed:
+    """What the profiler (``engine.run.profile``) times for one model at one batch size:
+    ``run(i)`` does point i's real work on one prepared batch of ``batch`` inputs.
+
+    ``axis`` "exit": point k runs stages and heads 0..k (the cumulative cost of deciding at exit
+    k, as a trace counts it); "setting": point i runs the model at setting ``points[i]``.
+    """
+
+    axis: str
+    points: np.ndarray  # [M] exit index or setting value
+    run: Callable[[int], object]
+    batch: int
 
 
 class Family:
@@ -110,6 +126,12 @@ class Family:
         """A typed input (``live_input() == "bits"``) as the model's input; ValueError says what
         is wrong."""
         raise ValueError("this model takes no typed input")
+
+    def timed(self, card: ModelCard, model: nn.Module, batch: int) -> Timed:
+        """The real work per exit or setting on ``batch`` of the model's inputs, for the
+        profiler; a family where timing a setting is not meaningful raises ``FamilyError``
+        saying why, in one line."""
+        raise FamilyError(f"{self.title or self.name}: timing its settings is not supported")
 
     def sort_key(self, card: ModelCard) -> float:
         """Order of a data set's models of this family (e.g. by ponder cost)."""
