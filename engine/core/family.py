@@ -77,6 +77,7 @@ class Family:
     trainer: str | None = "train"  # engine.families.<name>.<trainer>.main(argv), None if none
     about: str = ""  # how the method works, in two or three sentences, for its page
     setting_help: str = ""  # what the knob does
+    untimed: str = ""  # why timing its settings is not meaningful, in one line (the profiler)
     traces: bool = False  # results are a multi-exit Trace (``TraceFamily``: trace(card, ...))
 
     def build(self, config: dict) -> nn.Module:
@@ -131,7 +132,7 @@ class Family:
         """The real work per exit or setting on ``batch`` of the model's inputs, for the
         profiler; a family where timing a setting is not meaningful raises ``FamilyError``
         saying why, in one line."""
-        raise FamilyError(f"{self.title or self.name}: timing its settings is not supported")
+        raise FamilyError(self.untimed or f"{self.title or self.name}: no timing of its settings")
 
     def sort_key(self, card: ModelCard) -> float:
         """Order of a data set's models of this family (e.g. by ponder cost)."""

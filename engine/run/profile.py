@@ -106,6 +106,8 @@ def profile(
         raise ValueError("repeats and batch must be at least 1")
     fam = families.get(card.family)
     base = dict(model_id=card.model_id, family=card.family, machine=machine())
+    if fam.untimed:
+        return Profile(**base, axis="none", points=np.zeros(0), timings={}, reason=fam.untimed)
     try:
         model = fam.load(card)
         sizes = sorted({1, int(batch)})
