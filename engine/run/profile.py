@@ -40,6 +40,12 @@ def profile_file(card: ModelCard) -> Path:
     return (user_traces_dir() if card.user else TRACES_DIR) / f"{card.model_id}__time.json"
 
 
+def user_profile_file(model_id: str) -> Path:
+    """Where a re-profile from the app goes (the user's data folder, never the bundled assets);
+    it is read before the shipped one."""
+    return user_traces_dir() / f"{model_id}__time.json"
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -153,8 +159,10 @@ def load_profile(model_id: str) -> Profile | None:
         card = get_card(model_id)
     except Exception:  # noqa: BLE001 - an uploaded trace has no card: no profile either
         return None
-    path = profile_file(card)
-    return read_profile(path) if path.is_file() else None
+    for path in (user_profile_file(model_id), profile_file(card)):
+        if path.is_file():
+            return read_profile(path)
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
