@@ -388,9 +388,11 @@ def cost_axis(profile, container=None, key: str = W_COST_AXIS) -> str:
     ("FLOPs", "ms (batch 1)", "ms (batch B)"). Only FLOPs, with the reason, when the model has
     no time profile."""
     c = container or st
-    options = costs.units(profile)
+    profiles = profile if isinstance(profile, list) else [profile]
+    options = [u for u in costs.units(profiles[0]) if all(u in costs.units(p) for p in profiles)]
+    profile = profiles[0]
     if len(options) == 1:
-        why = profile.reason if profile is not None and profile.reason else "not profiled yet"
+        why = next((p.reason for p in profiles if p is not None and p.reason), "not profiled")
         c.caption(f"Cost axis: FLOPs only ({why}).")
         return costs.FLOPS
     if st.session_state.get(key) not in options:
