@@ -654,7 +654,7 @@ def skip_variants(model_id: str):
 
 
 @st.cache_data(show_spinner=False)
-def early_exit_curve(model_id: str):
+def early_exit_curve(model_id: str, unit: str = costs.FLOPS):
     """(mean cost, accuracy, thresholds) of max-prob early exit on a bundled trace, or None.
 
     Thinned for drawing (a few hundred points plus the Pareto front): the whole curve has one
@@ -667,6 +667,11 @@ def early_exit_curve(model_id: str):
         trace = load_trace(model_id, "test", build_if_missing=False)
     except (FileNotFoundError, ValueError):
         return None
+    if unit != costs.FLOPS:  # measured time: None when the model was not timed at this unit
+        profile = time_profile(model_id)
+        if unit not in costs.units(profile):
+            return None
+        trace = costs.trace_on_axis(trace, profile, unit)
     c = curve(trace, "max_prob")
     idx = drawing_indices(c.mean_cost, c.accuracy)
     return c.mean_cost[idx], c.accuracy[idx], c.params[idx]
@@ -707,5 +712,5 @@ def reprofile(model_id: str, batch: int, progress=None):
 
     p = profile(get_card(model_id), batch=batch, repeats=5, progress=progress)
     write_profile(p, user_profile_file(model_id))
-    time_profile.clear()
+    st.cache_data.clear()  # every curve and table drawn from the old profile
     return p
