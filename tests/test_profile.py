@@ -168,3 +168,29 @@ def test_fmt_cost_names_the_unit():
     assert costs.fmt_cost(2.5e6, "FLOPs") == "2.5 MFLOPs"
     assert costs.fmt_cost(0.4123, "ms (batch 1)") == "0.412 ms (batch 1)"
     assert costs.unit_batch("ms (batch 256)") == 256 and costs.unit_batch("FLOPs") is None
+
+
+def test_readme_time_paragraph_is_the_shipped_profile():
+    """The README's "FLOPs or time" numbers are the shipped JSON's, as printed there."""
+    from pathlib import Path
+
+    from engine.core.policies import Policy, exit_index
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    para = " ".join(readme.split("### FLOPs or time: which to trust")[1].split("##")[0].split())
+    mid = "mnist_multi_exit_cnn"
+    p = prof.read_profile(TRACES_DIR / f"{mid}__time.json")
+    trace = load_trace(mid)
+    exits = exit_index(trace, Policy("max_prob", threshold=0.9))
+    f = trace.cost[0]
+    ms1, msb = p.timings[1].median_ms, p.timings[256].median_ms
+    on = {b: costs.trace_on_axis(trace, p, costs.time_unit(b)) for b in (1, 256)}
+    said = (
+        f"the first stage is {100 * f[0] / f[-1]:.1f} % of the FLOPs but "
+        f"{100 * ms1[0] / ms1[-1]:.1f} % of the time at batch 1 and "
+        f"{100 * msb[0] / msb[-1]:.1f} % at batch 256, so max-prob 0.9, a "
+        f"{tradeoff.evaluate(trace, exits).speedup:.2f}× speed-up in FLOPs, is "
+        f"{tradeoff.evaluate(on[1], exits).speedup:.2f}× in time at batch 1 and only "
+        f"{tradeoff.evaluate(on[256], exits).speedup:.2f}× at batch 256"
+    )
+    assert said in para
