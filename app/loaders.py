@@ -699,6 +699,18 @@ def trace_on_axis(key: str, unit: str, _trace: Trace, _profile) -> Trace:
     return _warm(costs.trace_on_axis(_trace, _profile, unit))
 
 
+def source_on_axis(source: str, unit: str) -> tuple[Trace, str]:
+    """A source's trace with its cost in ``unit`` (FLOPs when the source was not timed there),
+    and the cache key of that pair."""
+    trace, profile = get_trace(source), source_profile(source)
+    if unit not in costs.units(profile):
+        unit = costs.FLOPS
+    if unit == costs.FLOPS:
+        return trace, source_key(source)
+    key = f"{source_key(source)}|{unit}|{profile.created}"
+    return trace_on_axis(key, unit, trace, profile), key
+
+
 @st.cache_data(show_spinner=False, max_entries=64)
 def results_on_axis(key: str, unit: str, _results, _profile):
     return costs.results_on_axis(_results, _profile, unit)

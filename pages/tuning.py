@@ -209,15 +209,9 @@ def saved_section(source: str, trace: Trace) -> None:
 def _on_axis(source: str, unit: str | None = None) -> tuple[Trace, str]:
     """The source's trace with its cost on the chosen axis (FLOPs or measured ms), and the
     cache key of that pair."""
-    trace, profile = loaders.get_trace(source), loaders.source_profile(source)
-    if unit is None:
-        unit = st.session_state.get(widgets.W_COST_AXIS, costs.FLOPS)
-    if unit not in costs.units(profile):
-        unit = costs.FLOPS
-    key = widgets.axis_key(loaders.source_key(source), unit, profile)
-    if unit == costs.FLOPS:
-        return trace, key
-    return loaders.trace_on_axis(key, unit, trace, profile), key
+    return loaders.source_on_axis(
+        source, unit or st.session_state.get(widgets.W_COST_AXIS, costs.FLOPS)
+    )
 
 
 def _ms_budget_key(unit: str) -> str:

@@ -151,6 +151,11 @@ def units(profile: Profile | None) -> list[str]:
     return [FLOPS] + [time_unit(b) for b in profile.batches]
 
 
+def is_time(unit: str) -> bool:
+    """Whether a cost unit is a measured time ("ms (batch B)")."""
+    return unit.startswith("ms (batch ")
+
+
 def unit_batch(unit: str) -> int | None:
     """The batch size of a time unit ("ms (batch 256)" -> 256); None for FLOPs."""
     if unit == FLOPS:
