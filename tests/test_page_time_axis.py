@@ -43,11 +43,15 @@ def _metrics(at: AppTest) -> dict[str, str]:
     return {m.label: m.value for m in at.metric}
 
 
-def _x_title(at: AppTest, i: int = 0) -> str:
+def _x_titles(at: AppTest) -> list[str]:
     import json
 
-    spec = json.loads(at.get("plotly_chart")[i].proto.spec)
-    return spec["layout"]["xaxis"]["title"]["text"]
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    return [s["layout"].get("xaxis", {}).get("title", {}).get("text", "") for s in specs]
+
+
+def _x_title(at: AppTest, i: int = 0) -> str:
+    return _x_titles(at)[i]
 
 
 def test_tuning_page_switch_moves_curve_metrics_and_solver_to_ms():
@@ -102,3 +106,68 @@ def test_skipping_page_metrics_follow_the_switch():
     i = int(np.argmin(np.abs(profile.points - t)))
     want = costs.fmt_cost(profile.timings[256].median_ms[i], UNIT)
     assert _metrics(at)[f"Mean {UNIT} per input"] == want
+
+
+def test_halting_page_metric_and_curve_follow_the_switch():
+    from engine import families
+    from engine.registry import get_card
+
+    at = _run("halting")
+    assert "mean steps" in _x_title(at, -1)
+    at.radio(key="w.cost_axis").set_value(UNIT).run()
+    assert not at.exception, at.exception
+    card = get_card(at.selectbox(key="act_model").value)
+    fam = families.get(card.family)
+    value = at.select_slider(key=f"halt_{fam.setting}").value
+    res = costs.results_on_axis(fam.results(card), load_profile(card.model_id), UNIT)
+    want = costs.fmt_cost(res.mean_cost[res.index_of(value)], UNIT)
+    assert _metrics(at)[f"Mean {UNIT} per input"] == want
+    assert UNIT in _x_title(at, -1)
+
+
+def test_routing_page_metric_and_curve_follow_the_switch():
+    at = _run("routing")
+    assert "FLOPs per sample" in _metrics(at)
+    at.radio(key="w.cost_axis").set_value(UNIT).run()
+    assert not at.exception, at.exception
+    profile = load_profile(at.radio(key="moe.model").value)
+    tau = at.select_slider(key="moe.tau").value
+    i = int(np.argmin(np.abs(profile.points - tau)))
+    want = costs.fmt_cost(profile.timings[256].median_ms[i], UNIT)
+    assert _metrics(at)[f"{UNIT} per sample"] == want
+    assert f"measured {UNIT} per sample" in _x_titles(at)
+
+
+def test_inspector_shows_the_time_spent_at_the_exit_taken():
+    model = "mnist_multi_exit_cnn"
+    at = _run("inspector", model=model)
+    assert "FLOPs spent" in _metrics(at)
+    at.radio(key="w.cost_axis").set_value(UNIT).run()
+    assert not at.exception, at.exception
+    ms = np.maximum.accumulate(load_profile(model).timings[256].median_ms)
+    exit_name = _metrics(at)["Policy exits at"]
+    k = load_trace(model).meta.exit_names.index(exit_name)
+    assert _metrics(at)[f"{UNIT} spent"] == figures.fmt_flops(ms[k]) + UNIT
+
+
+def test_language_classifier_says_the_time_saved():
+    from engine.families.multi_exit_bert.model import backbone_available
+
+    if not backbone_available():
+        pytest.skip("the MiniLM backbone is not installed")
+    model = "tweets_multi_exit_minilm"
+    at = _run("language")
+    assert "Compute saved" in _metrics(at)
+    at.radio(key="w.cost_axis").set_value(UNIT).run()
+    assert not at.exception, at.exception
+    table = at.dataframe[0].value
+    names = list(table["exit"].unique())  # exit names as the page shows them
+    ms = np.maximum.accumulate(load_profile(model).timings[256].median_ms)
+    from engine.families.multi_exit_bert import analysis as language
+    from engine.registry import get_card
+
+    all_names = language.exit_names(get_card(model).config)
+    assert set(names) <= set(all_names)
+    k = np.array([all_names.index(e) for e in table["exit"].to_list()])
+    assert _metrics(at)[f"Time saved ({UNIT})"] == f"{(1 - ms[k] / ms[-1]).mean():.0%}"
+    assert "time saved" in table.columns
