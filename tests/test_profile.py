@@ -59,6 +59,10 @@ def test_profile_measures_every_exit_with_warmup_and_median(monkeypatch):
     k = families.get("cascade").load(card).heads.__len__()
     assert p.batches == [1, 8] and p.axis == "exit" and len(p.points) == k
     assert calls == [(i, 3, 1) for i in range(k)] * 2
+    for t in p.timings.values():  # per sample: the median (and IQR) of the repeats
+        np.testing.assert_allclose(t.median_ms, np.median(t.runs_ms, axis=1))
+        np.testing.assert_allclose(t.spread_ms, np.subtract(*np.percentile(t.runs_ms, [75, 25], 1)))
+    assert p.machine["cpu"] and p.machine["torch_threads"] >= 1
     again = costs.Profile.from_json(json.loads(json.dumps(p.to_json())))
     np.testing.assert_array_equal(again.timings[8].runs_ms, p.timings[8].runs_ms)
 
