@@ -171,3 +171,20 @@ def test_language_classifier_says_the_time_saved():
     k = np.array([all_names.index(e) for e in table["exit"].to_list()])
     assert _metrics(at)[f"Time saved ({UNIT})"] == f"{(1 - ms[k] / ms[-1]).mean():.0%}"
     assert "time saved" in table.columns
+
+
+def test_reprofile_button_times_the_model_at_the_users_batch(tmp_path):
+    model = "mnist_cascade"
+    at = _run("tuning", model=model)
+    assert "ms (batch 8)" not in at.radio(key="w.cost_axis").options
+    at.number_input(key="w.profile_batch").set_value(8).run()
+    at.button(key="b.reprofile").click().run()
+    assert not at.exception, at.exception
+    assert at.radio(key="w.cost_axis").options == ["FLOPs", "ms (batch 1)", "ms (batch 8)"]
+    saved = tmp_path / "data" / "traces" / f"{model}__time.json"
+    assert saved.is_file()  # in the user's data folder, never over the shipped profile
+    p = load_profile(model)
+    at.radio(key="w.cost_axis").set_value("ms (batch 8)").run()
+    ms = np.maximum.accumulate(p.timings[8].median_ms)
+    assert _metrics(at)["Mean ms (batch 8)"].endswith("ms (batch 8)")
+    assert figures.fmt_flops(ms[-1]) + "ms (batch 8)" in " ".join(c.value for c in at.caption)
