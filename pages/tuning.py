@@ -230,7 +230,7 @@ def _solve(source: str, mode: str) -> None:
         target = float(st.session_state["w.solve_acc"]) / 100
         i = tradeoff.cheapest_with_accuracy(c, target)
         what = f"accuracy ≥ {target:.2%}"
-    elif costs.unit_batch(unit) is not None:  # "best within X ms"
+    elif costs.is_time(unit):  # "best within X ms"
         budget = float(st.session_state[_ms_budget_key(unit)])
         i = tradeoff.best_within_budget(c, budget)
         what = f"mean cost ≤ {budget:.4g} {unit}"
@@ -446,7 +446,7 @@ def tuning_panel(source: str) -> None:
     widgets.cost_axis(profile)
     trace, key = _on_axis(source)
     unit = trace.meta.cost_unit
-    timed = costs.unit_batch(unit) is not None
+    timed = costs.is_time(unit)
 
     left, right = st.columns([1, 1])
     with left:
