@@ -198,3 +198,51 @@ def test_readme_time_paragraph_is_the_shipped_profile():
         f"{tradeoff.evaluate(on[256], exits).speedup:.2f}× at batch 256"
     )
     assert said in para
+
+
+def _recorded_pred(card, model, v: float, n: int) -> np.ndarray:
+    """The prediction of the family's recording runner (FLOPs counted) on the profiler's inputs."""
+    from engine.data import images
+    from engine.families.act import model as act
+    from engine.families.common import tile
+
+    if card.family in ("act", "act_cnn", "pondernet"):
+        if card.family == "act_cnn":
+            x = tile(images.to_model_input(images.load(card.dataset).images[:n]), n)
+        else:
+            x = act.parity_data(n, int(card.config["num_bits"]), seed=0)[0]
+        if card.family == "pondernet":
+            from engine.families.pondernet import model as pn
+
+            return pn.run(model, np.asarray(x, dtype=np.float32), q=v).pred
+        return act.run_act(model, np.asarray(x, dtype=np.float32), eps=v)["pred"]
+    imgs = images.load(card.dataset).images[:n]
+    if card.family == "skipnet":
+        from engine.families.skipnet import model as sk
+
+        return sk.run_skipnet(model, images.to_model_input(imgs), v)["pred"]
+    from engine.families.moe import analysis
+
+    return analysis.run(model, imgs, analysis.routing_setting(tau=v)).pred
+
+
+@pytest.mark.parametrize(
+    "model_id",
+    ["mnist_skipnet", "parity_act", "mnist_act", "parity_pondernet", "fashion_d2dmoe_vit"],
+)
+def test_timed_work_is_the_models_real_run(model_id):
+    """What the profiler times at a setting predicts what the recording runner predicts there:
+    the lean loops are the same computation, without counting."""
+    import torch
+
+    from engine.registry import get_card
+
+    card = get_card(model_id)
+    fam = families.get(card.family)
+    model = fam.load(card)
+    timed = fam.timed(card, model, 64)
+    for i in (0, len(timed.points) // 2, len(timed.points) - 1):
+        with torch.no_grad():
+            got = np.asarray(timed.run(i)).argmax(1)
+        want = _recorded_pred(card, model, float(timed.points[i]), 64)
+        np.testing.assert_array_equal(got, want)
