@@ -246,3 +246,15 @@ def test_timed_work_is_the_models_real_run(model_id):
             got = np.asarray(timed.run(i)).argmax(1)
         want = _recorded_pred(card, model, float(timed.points[i]), 64)
         np.testing.assert_array_equal(got, want)
+
+
+def test_missing_data_is_a_reason_not_a_crash(monkeypatch):
+    from engine.data import images
+
+    def gone(*a, **k):
+        raise images.DatasetUnavailable("mnist is not installed")
+
+    monkeypatch.setattr(images, "load", gone)
+    card = next(c for c in BUNDLED if c.family == "multi_exit_cnn")
+    p = prof.profile(card, batch=4, repeats=1)
+    assert "not installed" in p.reason and not p.timings

@@ -125,7 +125,8 @@ def profile(
                 timed = fam.timed(card, model, b)
                 timings[b] = measure(timed, repeats, warmup)
             points = timed.points
-    except (FamilyError, FileNotFoundError, ImportError, OSError) as e:
+    # missing data, backbone or weights (RuntimeError subclasses): a reason, not a crash
+    except (FamilyError, RuntimeError, ImportError, OSError, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         return Profile(**base, axis="none", points=np.zeros(0), timings={}, reason=reason)
     if progress:
