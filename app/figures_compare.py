@@ -141,21 +141,23 @@ def sparsity_histograms(layers: list[str], zeros: np.ndarray) -> go.Figure:
     return fig
 
 
-def budget_curves(sweeps, matched) -> go.Figure:
-    """Accuracy against mean compute for every method, with the matched setting marked."""
+def budget_curves(sweeps, matched, unit: str | None = None) -> go.Figure:
+    """Accuracy against mean compute for every method, with the matched setting marked;
+    ``unit`` (a time unit): against the measured mean time instead of the FLOPs fraction."""
     fig = go.Figure()
     for i, (s, m) in enumerate(zip(sweeps, matched, strict=True)):
-        order = np.argsort(s.mean_fraction)
+        x = s.mean_cost if unit else s.mean_fraction
+        order = np.argsort(x)
         color = palette.CATEGORICAL[i]
         fig.add_scatter(
-            x=s.mean_fraction[order],
+            x=x[order],
             y=s.accuracy[order],
             mode="lines",
             name=s.name,
             line_color=color,
         )
         fig.add_scatter(
-            x=[m.mean_fraction],
+            x=[m.mean_cost if unit else m.mean_fraction],
             y=[m.accuracy],
             mode="markers",
             showlegend=False,
@@ -163,7 +165,9 @@ def budget_curves(sweeps, matched) -> go.Figure:
             hovertemplate=f"{s.name}: {s.setting} {m.param:.3g}<extra></extra>",
         )
     fig.update_layout(
-        xaxis_title="mean compute (fraction of each method's full model)",
+        xaxis_title=f"mean {unit} per input"
+        if unit
+        else "mean compute (fraction of each method's full model)",
         yaxis_title="accuracy",
         height=360,
         margin=dict(l=10, r=10, t=30, b=10),

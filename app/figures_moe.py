@@ -284,11 +284,14 @@ def accuracy_compute(
     name: str = "dynamic-k (τ sweep)",
     others: list[dict] | None = None,
     others_name: str = "top-k",
+    time_ms: list[float] | None = None,
+    time_unit: str = "",
 ) -> go.Figure:
     """Accuracy against FLOPs (relative to the dense-equivalent model) for a routing sweep.
 
     points: ``engine.families.moe.analysis.stats`` dicts; ``current`` is the index of the point in use,
     drawn larger; ``others`` (e.g. the top-k model's settings) are drawn as separate markers.
+    ``time_ms`` (one per point): against the measured time per sample in ``time_unit`` instead.
     """
     fig = go.Figure()
 
@@ -296,6 +299,8 @@ def accuracy_compute(
         return [p["flops_mean"] / dense_flops for p in ps], [p["accuracy"] for p in ps]
 
     x, y = xy(points)
+    if time_ms is not None:
+        x, others = list(time_ms), None
     fig.add_trace(
         go.Scatter(
             x=x,
@@ -308,8 +313,9 @@ def accuracy_compute(
             line={"color": palette.exit_color(0)},
             name=name,
             customdata=[p["experts_per_token_mean"] for p in points],
-            hovertemplate="%{text}<br>%{x:.1%} of dense FLOPs<br>accuracy %{y:.2%}"
-            "<br>%{customdata:.2f} experts/token<extra></extra>",
+            hovertemplate="%{text}<br>"
+            + ("%{x:.3g} ms" if time_ms is not None else "%{x:.1%} of dense FLOPs")
+            + "<br>accuracy %{y:.2%}<br>%{customdata:.2f} experts/token<extra></extra>",
         )
     )
     if others:
@@ -341,8 +347,13 @@ def accuracy_compute(
                 hoverinfo="skip",
             )
         )
-    fig.add_vline(x=1.0, line={"dash": "dot", "color": palette.NEUTRAL}, annotation_text="dense")
-    fig.update_xaxes(title="FLOPs per sample / dense-equivalent model", tickformat=".0%")
+    if time_ms is not None:
+        fig.update_xaxes(title=f"measured {time_unit} per sample")
+    else:
+        fig.add_vline(
+            x=1.0, line={"dash": "dot", "color": palette.NEUTRAL}, annotation_text="dense"
+        )
+        fig.update_xaxes(title="FLOPs per sample / dense-equivalent model", tickformat=".0%")
     fig.update_yaxes(title="test accuracy", tickformat=".1%")
     fig.update_layout(height=400, margin={"l": 10, "r": 10, "t": 20, "b": 10})
     return fig

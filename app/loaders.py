@@ -22,7 +22,7 @@ import streamlit as st
 from app import progress
 from engine import compare, compare_sources
 from engine.byo import foreign
-from engine.core import calibration, tradeoff
+from engine.core import calibration, costs, tradeoff
 from engine.core.policies import NeverCorrect
 from engine.core.trace import Trace, TraceError
 from engine.core.trace import read as read_trace
@@ -840,7 +840,7 @@ def skip_variants(model_id: str):
 
 
 @st.cache_data(show_spinner=False)
-def early_exit_curve(model_id: str):
+def early_exit_curve(model_id: str, unit: str = costs.FLOPS):
     """(mean cost, accuracy, thresholds) of max-prob early exit on a bundled trace, or None.
 
     Thinned for drawing (a few hundred points plus the Pareto front): the whole curve has one
@@ -853,6 +853,62 @@ def early_exit_curve(model_id: str):
         trace = load_trace(model_id, "test", build_if_missing=False)
     except (FileNotFoundError, ValueError):
         return None
+    if unit != costs.FLOPS:  # measured time: None when the model was not timed at this unit
+        profile = time_profile(model_id)
+        if unit not in costs.units(profile):
+            return None
+        trace = costs.trace_on_axis(trace, profile, unit)
     c = curve(trace, "max_prob")
     idx = drawing_indices(c.mean_cost, c.accuracy)
     return c.mean_cost[idx], c.accuracy[idx], c.params[idx]
+
+
+# --- the cost axis: FLOPs or measured time ----------------------------------------------------
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def time_profile(model_id: str):
+    """The model's measured time per exit / setting (``engine.run.profile``), or None."""
+    from engine.run.profile import load_profile
+
+    return load_profile(model_id)
+
+
+def source_profile(source: str):
+    """The time profile behind a tuning-page source (none for an uploaded trace)."""
+    return None if is_upload(source) else time_profile(split_source(source)[0])
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def trace_on_axis(key: str, unit: str, _trace: Trace, _profile) -> Trace:
+    """The trace with its cost in ``unit`` (``key`` identifies the trace and its profile)."""
+    return _warm(costs.trace_on_axis(_trace, _profile, unit))
+
+
+def source_on_axis(source: str, unit: str) -> tuple[Trace, str]:
+    """A source's trace with its cost in ``unit`` (FLOPs when the source was not timed there),
+    and the cache key of that pair."""
+    trace, profile = get_trace(source), source_profile(source)
+    if unit not in costs.units(profile):
+        unit = costs.FLOPS
+    if unit == costs.FLOPS:
+        return trace, source_key(source)
+    key = f"{source_key(source)}|{unit}|{profile.created}"
+    return trace_on_axis(key, unit, trace, profile), key
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def results_on_axis(key: str, unit: str, _results, _profile):
+    return costs.results_on_axis(_results, _profile, unit)
+
+
+def reprofile(model_id: str, batch: int, progress=None):
+    """Time the model again here at ``batch`` (and 1), into the user's data folder; the new
+    profile replaces the shipped one on every page."""
+    from engine.registry import get_card
+    from engine.run.profile import profile, user_profile_file, write_profile
+
+    p = profile(get_card(model_id), batch=batch, repeats=5, progress=progress)
+    write_profile(p, user_profile_file(model_id))
+    st.cache_data.clear()  # every curve and table drawn from the old profile
+    return p

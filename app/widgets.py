@@ -36,6 +36,7 @@ import re
 import streamlit as st
 
 from app import figures, loaders, navigation
+from engine.core import costs
 from engine.core.policies import POLICY_LABELS, Policy
 from engine.core.trace import Trace, TraceError
 
@@ -375,3 +376,48 @@ def cost_delta(spent: float, full: float, versus: str = "the full model") -> dic
     if round(change, 2) == 0:
         return dict(delta=f"same as {versus}", delta_color="off", delta_arrow="off")
     return dict(delta=f"{change:+.0%}", delta_color="inverse", delta_description=f"vs {versus}")
+
+
+# --- the cost axis: FLOPs or measured time ----------------------------------------------------
+
+W_COST_AXIS = "w.cost_axis"
+
+
+def cost_axis(profile, container=None, key: str = W_COST_AXIS) -> str:
+    """The one FLOPs / time switch of every page with a cost axis; returns the unit chosen
+    ("FLOPs", "ms (batch 1)", "ms (batch B)"). Only FLOPs, with the reason, when the model has
+    no time profile."""
+    c = container or st
+    profiles = profile if isinstance(profile, list) else [profile]
+    options = [u for u in costs.units(profiles[0]) if all(u in costs.units(p) for p in profiles)]
+    profile = profiles[0]
+    if len(options) == 1:
+        why = next((p.reason for p in profiles if p is not None and p.reason), "not profiled")
+        c.caption(f"Cost axis: FLOPs only ({why}).")
+        return costs.FLOPS
+    if st.session_state.get(key) not in options:
+        st.session_state[key] = costs.FLOPS
+    unit = c.radio(
+        "Cost axis",
+        options,
+        key=key,
+        horizontal=True,
+        help="FLOPs are counted by torch; time is the median wall-clock per sample measured on "
+        "this machine (python -m engine.profile), at batch 1 and at a larger batch. On a CPU "
+        "the two disagree: a wide early stage is cheap in FLOPs and dear in time.",
+    )
+    if unit != costs.FLOPS:
+        m = profile.machine
+        c.caption(
+            f"Measured {profile.created[:10]} on {m.get('cpu', '?')} · torch {m.get('torch')} · "
+            f"{m.get('torch_threads')} thread(s) · median of {profile.repeats} runs after "
+            f"{profile.warmup} warm-up · load {m.get('load_average_1min')}"
+        )
+    return unit
+
+
+def axis_key(key: str, unit: str, profile) -> str:
+    """A cache key for a trace or results on one cost axis (changes when re-profiled)."""
+    if unit == costs.FLOPS or profile is None:
+        return key
+    return f"{key}|{unit}|{profile.created}"

@@ -53,11 +53,13 @@ class Matched:
     accuracy: float
     compute: np.ndarray  # [N] per-sample cost fraction at that setting
     correct: np.ndarray  # [N]
+    mean_cost: float = float("nan")  # in the results' cost unit (FLOPs or ms per sample)
 
 
-def match_budget(sweep: Results, target: float) -> Matched:
-    """The setting whose mean compute fraction is closest to ``target`` (ties: more accurate)."""
-    gap = np.abs(sweep.mean_fraction - target)
+def match_budget(sweep: Results, target: float, absolute: bool = False) -> Matched:
+    """The setting whose mean compute fraction is closest to ``target`` (ties: more accurate);
+    ``absolute``: whose mean cost is (a time budget in ms, the same for every method)."""
+    gap = np.abs((sweep.mean_cost if absolute else sweep.mean_fraction) - target)
     best = np.flatnonzero(gap <= gap.min() + 1e-12)
     i = int(best[np.argmax(sweep.accuracy[best])])
     return Matched(
@@ -68,6 +70,7 @@ def match_budget(sweep: Results, target: float) -> Matched:
         float(sweep.accuracy[i]),
         sweep.cost_fraction[i],
         sweep.correct[i],
+        float(sweep.mean_cost[i]),
     )
 
 

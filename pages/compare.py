@@ -6,8 +6,9 @@ import numpy as np
 import streamlit as st
 
 from app import figures_compare as figs
-from app import loaders, navigation
+from app import loaders, navigation, widgets
 from engine import compare, compare_sources
+from engine.core import costs
 
 NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "parity12": "12-bit parity"}
 
@@ -38,24 +39,47 @@ if methods is None:
     st.stop()
 sample_id, label = methods[0].sample_id, methods[0].label
 class_names = compare_sources.class_names(dataset)
-lo = max(m.mean_fraction.min() for m in methods)
-budget = c2.slider(
-    "Mean compute budget (fraction of each full model)",
-    0.0,
-    1.0,
-    float(np.clip(0.6, lo, 1.0)),
-    0.01,
-    key="cmp_budget",
-    help="Every method is re-matched to the setting whose mean compute is closest to this.",
-)
+profiles = [loaders.time_profile(m.meta.get("model_id", "")) for m in methods]
+unit = widgets.cost_axis(profiles, c1)
+timed = unit != costs.FLOPS
+if timed:  # every method in ms per sample, matched to one absolute time budget
+    methods = [
+        loaders.results_on_axis(widgets.axis_key(m.name, unit, p), unit, m, p)
+        for m, p in zip(methods, profiles, strict=True)
+    ]
+    lo = max(m.mean_cost.min() for m in methods)
+    hi = max(m.mean_cost.max() for m in methods)
+    budget = c2.slider(
+        f"Mean time budget ({unit} per input, the same for every method)",
+        0.0,
+        float(f"{hi:.3g}"),
+        float(f"{(lo + hi) / 2:.3g}"),
+        float(f"{hi / 200:.2g}"),
+        format="%.4f",
+        key=f"cmp_budget_ms.{unit}",
+        help="Every method is re-matched to the setting whose measured mean time is closest.",
+    )
+else:
+    lo = max(m.mean_fraction.min() for m in methods)
+    budget = c2.slider(
+        "Mean compute budget (fraction of each full model)",
+        0.0,
+        1.0,
+        float(np.clip(0.6, lo, 1.0)),
+        0.01,
+        key="cmp_budget",
+        help="Every method is re-matched to the setting whose mean compute is closest to this.",
+    )
 
-matched = [compare.match_budget(s, budget) for s in methods]
+matched = [compare.match_budget(s, budget, absolute=timed) for s in methods]
 compute = {m.name: m.compute for m in matched}
 if oracle_sweep is not None:
     compute["oracle exit"] = oracle_sweep.cost_fraction[0]
 names, rho, tau = compare.rank_correlations(compute)
 
-st.subheader(f"Matched at a mean budget of {budget:.2f} on {len(sample_id):,} shared test inputs")
+st.subheader(
+    f"Matched at a mean budget of {costs.fmt_cost(budget, unit) if timed else f'{budget:.2f}'} on {len(sample_id):,} shared test inputs"
+)
 if oracle_sweep is not None:
     st.caption(
         "**oracle exit**: each input's earliest correct exit of the multi-exit CNN, as a fraction "
@@ -68,14 +92,19 @@ st.dataframe(
         "method": [m.name for m in matched],
         "setting": [f"{s.setting} = {m.param:.3g}" for s, m in zip(methods, matched, strict=True)],
         "mean compute": [round(m.mean_fraction, 3) for m in matched],
+        **({f"mean {unit}": [float(f"{m.mean_cost:.4g}") for m in matched]} if timed else {}),
         "accuracy": [round(m.accuracy, 4) for m in matched],
     },
     hide_index=True,
 )
-far = [m.name for m in matched if abs(m.mean_fraction - budget) > 0.05]
+far = [
+    m.name
+    for m in matched
+    if abs((m.mean_cost if timed else m.mean_fraction) - budget) > 0.05 * (budget if timed else 1)
+]
 if far:
     st.info(f"Cannot reach this budget exactly: {', '.join(far)} (closest setting shown).")
-st.plotly_chart(figs.budget_curves(methods, matched), key="cmp_curves")
+st.plotly_chart(figs.budget_curves(methods, matched, unit if timed else None), key="cmp_curves")
 
 h1, h2 = st.columns(2)
 h1.plotly_chart(

@@ -11,9 +11,9 @@ import numpy as np
 import streamlit as st
 
 from app import figures_dynamic as figs
-from app import loaders, navigation, palette
+from app import loaders, navigation, palette, widgets
 from app.query import choice_param, float_param
-from engine.core import stats
+from engine.core import costs, stats
 from engine.core.results import at, summary_table
 from engine.data import photo
 
@@ -145,14 +145,29 @@ value = st.select_slider(
     key=f"halt_{fam.setting}",
     help=f"{model_id} was trained at {fam.setting} = {trained:g}.",
 )
+others = loaders.siblings(model_id)
+profiles = {m: loaders.time_profile(m) for m in others}
+unit = widgets.cost_axis(list(profiles.values()))
+timed = unit != costs.FLOPS
+
+
+def on_axis(mid: str, results):
+    """The model's results with their cost in the chosen unit (measured ms per setting)."""
+    p = profiles[mid]
+    return loaders.results_on_axis(widgets.axis_key(mid, unit, p), unit, results, p)
+
+
 r = at(res, value)
 steps = r.detail["steps"]
 names = card.raw.get("class_names") or [str(c) for c in range(int(res.label.max()) + 1)]
 difficulty = res.extra.get("difficulty")
 rho = stats.spearman(steps, difficulty) if difficulty is not None else float("nan")
 max_steps = int(res.meta.get("max_steps", steps.max()))
-cols = st.columns(3 + len(r.detail) - 1)
+cols = st.columns(3 + len(r.detail) - 1 + timed)
 cols[0].metric("Accuracy", f"{r.accuracy:.2%}")
+if timed:  # the measured time of a real run at this setting
+    ms = on_axis(model_id, res).mean_cost[res.index_of(value)]
+    cols.pop(-1).metric(f"Mean {unit} per input", costs.fmt_cost(ms, unit), help="measured")
 cols[1].metric("Mean steps", f"{steps.mean():.2f}", help=f"maximum {max_steps}")
 for c, (k, v) in zip(
     cols[2:-1], ((k, v) for k, v in r.detail.items() if k != "steps"), strict=False
@@ -241,12 +256,11 @@ classes, mean_c, _, acc_c, _ = stats.by_level(res.label, steps, r.correct)
 st.plotly_chart(figs.steps_by_class([names[c] for c in classes], mean_c, acc_c), width="stretch")
 
 st.subheader("Accuracy vs mean steps: every halting model on this data set")
-others = loaders.siblings(model_id)
 curves, table_rows = [], []
 for k, other in enumerate(others):
     o_card, o_fam = loaders.family_of(other)
     o = loaders.results(other)
-    o_steps = o.detail["steps"].mean(axis=1)
+    o_steps = on_axis(other, o).mean_cost if timed else o.detail["steps"].mean(axis=1)
     tag = o.meta.get("trained_with") or ""
     label = f"{o_fam.title} {tag}".strip() + (" (this model)" if other == model_id else "")
     curves.append(
@@ -262,9 +276,10 @@ for k, other in enumerate(others):
 st.plotly_chart(
     figs.tradeoff_figure(
         curves,
-        current=(float(steps.mean()), r.accuracy),
-        x_title="mean steps per input",
-        title="Accuracy vs mean steps (a curve per model, a point per setting)",
+        current=(float(ms if timed else steps.mean()), r.accuracy),
+        x_title=f"mean {unit} per input" if timed else "mean steps per input",
+        title=f"Accuracy vs mean {'time' if timed else 'steps'} (a curve per model, a point "
+        "per setting)",
     ),
     width="stretch",
 )

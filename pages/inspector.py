@@ -17,6 +17,7 @@ import polars as pl
 import streamlit as st
 
 from app import figures, loaders, navigation, widgets
+from engine.core import costs
 from engine.core.policies import Policy, exit_index
 from engine.core.trace import Trace, TraceError
 from engine.data import photo
@@ -105,6 +106,8 @@ def item_probs(item: dict, trace: Trace, model) -> tuple[np.ndarray, np.ndarray]
     if model is None or item.get("x") is None:  # no live run: the trace's recorded row
         return trace.probs[item["row"]], trace.cost[item["row"]]
     probs = input_exits(model, item["x"])
+    if costs.is_time(trace.meta.cost_unit):  # measured time per exit: the same for every input
+        return probs, trace.cost[0]
     return probs, loaders.exit_cumulative_flops(item["model_id"])
 
 
@@ -375,6 +378,8 @@ except (FileNotFoundError, TraceError) as e:
 
 with st.sidebar:
     policy = widgets.policy_controls(trace, compact=True)
+    # the cost spent per exit in FLOPs or in the measured time of deciding there
+    trace = loaders.source_on_axis(source, widgets.cost_axis(loaders.source_profile(source)))[0]
 
 model, card, images, why_not = live_setup(source)
 model_id = card["model_id"] if card is not None and model is not None else None

@@ -32,7 +32,8 @@ import streamlit as st
 
 from app import figures_lm as flm
 from app import figures_text as ft
-from app import loaders, navigation, progress
+from app import loaders, navigation, progress, widgets
+from engine.core import costs
 from engine.core.family import FamilyError
 from engine.core.policies import POLICY_LABELS, Policy, exit_index, oracle_correct
 from engine.families.hf_causal_lm import live
@@ -635,7 +636,7 @@ def read_items() -> list[str] | None:
         return None
 
 
-def live_classifier(card, policy: Policy):
+def live_classifier(card, policy: Policy, unit: str = costs.FLOPS):
     try:
         model = loaders.load_model(card.model_id)
     except language.BackboneUnavailable as e:
@@ -657,6 +658,12 @@ def live_classifier(card, policy: Policy):
     pred_last = probs[:, -1].argmax(-1)
     cost = cum_cost(card, num_tokens)
     saved = 1 - cost[rows, exits] / cost[:, -1] if cost is not None else 1 - (exits + 1) / k
+    if unit != costs.FLOPS:  # the measured time of deciding at each layer, at that batch size
+        ms = np.maximum.accumulate(
+            costs.timing(loaders.time_profile(card.model_id), unit).median_ms
+        )
+        saved = 1 - ms[exits] / ms[-1]
+    saved_col = "compute saved" if unit == costs.FLOPS else "time saved"
     table = pl.DataFrame(
         {
             "text": items,
@@ -665,19 +672,21 @@ def live_classifier(card, policy: Policy):
             "confidence": probs[rows, exits].max(-1).round(3),
             "last exit says": [classes[j] for j in pred_last],
             "same as last": pred_exit == pred_last,
-            "compute saved": (saved * 100).round(1),
+            saved_col: (saved * 100).round(1),
             "tokens": num_tokens.astype(int),
         }
     )
     m1, m2, m3 = st.columns(3)
     m1.metric("Mean layers run", f"{(exits + 1).mean():.2f} / {k}")
-    m2.metric("Compute saved", f"{saved.mean():.0%}")
+    m2.metric(
+        "Compute saved" if unit == costs.FLOPS else f"Time saved ({unit})", f"{saved.mean():.0%}"
+    )
     m3.metric("Agree with the last exit", f"{(pred_exit == pred_last).mean():.0%}")
     st.dataframe(
         table,
         hide_index=True,
         width="stretch",
-        column_config={"compute saved": st.column_config.NumberColumn(format="%.1f%%")},
+        column_config={saved_col: st.column_config.NumberColumn(format="%.1f%%")},
     )
 
     # Keyed by the texts: a keyed widget keeps its identity when its options change, and the
@@ -803,7 +812,8 @@ def classifier_tab():
     )
     k = int(card.config.get("num_layers", 6))
     policy = policy_controls(k)
-    live_classifier(card, policy)
+    unit = widgets.cost_axis(loaders.time_profile(card.model_id))
+    live_classifier(card, policy, unit)
     if card.family == "multi_exit_bert":  # the tweets' annotator agreement
         depth_vs_annotators(card, policy)
 

@@ -8,6 +8,7 @@ import streamlit as st
 from app import figures_moe as figs
 from app import loaders, navigation, progress, widgets
 from app.query import choice_param, float_param
+from engine.core import costs
 from engine.data import images as image_data
 from engine.data import photo
 from engine.families.moe import analysis as moe
@@ -226,13 +227,26 @@ if current is None:
 point = points[current]
 dense = loaders.moe_dense_flops(model_id)
 st.caption(f"{origin}. Setting shown: **{point['setting'].replace('tau=', 'τ=')}**.")
+profile = loaders.time_profile(model_id)
+unit = widgets.cost_axis(profile)
+time_ms = None
+if unit != costs.FLOPS:  # the measured time of a sparse run at each point's tau
+    ms = costs.timing(profile, unit).median_ms
+    by_label = {
+        moe.routing_setting(tau=float(t)).label(): v
+        for t, v in zip(profile.points, ms, strict=True)
+    }
+    time_ms = [by_label.get(p["setting"], float("nan")) for p in points]
 m = st.columns(4)
 m[0].metric("Test accuracy", f"{point['accuracy']:.2%}" if point["accuracy"] is not None else "—")
-m[1].metric(
-    "FLOPs per sample",
-    f"{point['flops_mean'] / 1e6:.2f} M",
-    **widgets.cost_delta(point["flops_mean"], dense, "dense"),
-)
+if time_ms is not None:
+    m[1].metric(f"{unit} per sample", costs.fmt_cost(time_ms[current], unit), help="measured")
+else:
+    m[1].metric(
+        "FLOPs per sample",
+        f"{point['flops_mean'] / 1e6:.2f} M",
+        **widgets.cost_delta(point["flops_mean"], dense, "dense"),
+    )
 m[2].metric("Experts per token", f"{point['experts_per_token_mean']:.2f}")
 m[3].metric("Tokens dropped (any layer)", f"{max(point['dropped_fraction']):.1%}")
 
@@ -249,7 +263,13 @@ with tabs[0]:
         others = other["points"] if other else None
     st.plotly_chart(
         figs.accuracy_compute(
-            points, dense, current, "dynamic-k (τ sweep)" if dynamic else "top-k settings", others
+            points,
+            dense,
+            current,
+            "dynamic-k (τ sweep)" if dynamic else "top-k settings",
+            others,
+            time_ms=time_ms,
+            time_unit=unit,
         ),
         key="moe.tradeoff",
     )

@@ -6,8 +6,9 @@ import numpy as np
 import streamlit as st
 
 from app import figures_dynamic as figs
-from app import loaders, navigation, palette
+from app import loaders, navigation, palette, widgets
 from app.query import float_param
+from engine.core import costs
 from engine.families.skipnet import records as skipping
 
 MODEL_ID = "mnist_skipnet"
@@ -51,10 +52,24 @@ threshold = st.select_slider(
 )
 ti = rec.index_of(threshold)
 s = skipping.summary(rec, ti)
+profile = loaders.time_profile(MODEL_ID)
+unit = widgets.cost_axis(profile)
+timed = unit != costs.FLOPS
+# the learned-gate curve's cost per threshold: FLOPs, or the measured time of a real run there
+curve_cost = sw.mean_flops
+if timed:
+    curve_cost = loaders.results_on_axis(
+        widgets.axis_key(MODEL_ID, unit, profile), unit, loaders.results(MODEL_ID), profile
+    ).mean_cost
 c1, c2, c3, c4 = st.columns(4)
 c1.metric("Accuracy", f"{s['accuracy']:.2%}")
-c2.metric("Mean FLOPs per input", f"{s['mean_flops'] / 1e6:.2f} M", help="counted by torch")
-c3.metric("Compute vs all blocks", f"{s['cost_fraction']:.1%}")
+if timed:
+    c2.metric(f"Mean {unit} per input", costs.fmt_cost(curve_cost[ti], unit), help="measured")
+    all_on = curve_cost[int(np.argmin(sw.thresholds))]
+    c3.metric("Time vs all blocks", f"{curve_cost[ti] / all_on:.1%}")
+else:
+    c2.metric("Mean FLOPs per input", f"{s['mean_flops'] / 1e6:.2f} M", help="counted by torch")
+    c3.metric("Compute vs all blocks", f"{s['cost_fraction']:.1%}")
 c4.metric("Blocks skipped", f"{s['skip_rate']:.1%}")
 
 st.subheader("One input")
@@ -110,13 +125,15 @@ st.markdown(
 curves = [
     figs.CurveSpec(
         "learned gates (threshold)",
-        sw.mean_flops,
+        curve_cost,
         sw.accuracy,
         palette.exit_color(0),
         labels=[f"threshold {t:g}" for t in sw.thresholds],
     )
 ]
 try:
+    if timed:
+        raise LookupError
     var = loaders.skip_variants(MODEL_ID)
     for method, name, colour, dash in (
         ("fixed", "fixed skip set (static)", palette.exit_color(1), "dash"),
@@ -135,7 +152,12 @@ try:
         )
 except FileNotFoundError:
     st.info("The training-free variant curves are missing; retrain to create them.")
-same = loaders.early_exit_curve(MODEL_ID)
+except LookupError:
+    st.caption(
+        f"In {unit}: the training-free variants and early exit on the same backbone are not "
+        "timed (FLOPs only); the learned gates and the multi-exit CNN are measured."
+    )
+same = None if timed else loaders.early_exit_curve(MODEL_ID)
 if same is not None:
     curves.append(
         figs.CurveSpec(
@@ -146,7 +168,7 @@ if same is not None:
             labels=[f"max-prob ≥ {t:.3f}" for t in same[2]],
         )
     )
-other = loaders.early_exit_curve(EARLY_EXIT_BASELINE)
+other = loaders.early_exit_curve(EARLY_EXIT_BASELINE, unit)
 if other is not None:
     curves.append(
         figs.CurveSpec(
@@ -163,7 +185,11 @@ else:
         f"The multi-exit CNN's trace ({EARLY_EXIT_BASELINE}) is not bundled yet, so it is not "
         "drawn."
     )
-fig = figs.tradeoff_figure(curves, current=(s["mean_flops"], s["accuracy"]))
+fig = figs.tradeoff_figure(
+    curves,
+    current=(curve_cost[ti], s["accuracy"]),
+    x_title=f"mean {unit} per input" if timed else "mean FLOPs per input",
+)
 st.plotly_chart(fig, width="stretch")
 with st.expander("Numbers behind the learned-gate curve"):
     st.dataframe(

@@ -15,7 +15,7 @@ import polars as pl
 import streamlit as st
 
 from app import figures, loaders, navigation, widgets
-from engine.core import calibration, tradeoff
+from engine.core import calibration, costs, tradeoff
 from engine.core.policies import POLICY_LABELS, Policy, exit_index
 from engine.core.trace import Trace, TraceError
 from engine.policy_store import PolicyStore, PolicyStoreError, SavedPolicy
@@ -250,17 +250,34 @@ def saved_section(source: str, trace: Trace) -> None:
 # --- the fast part: controls, metrics, charts -------------------------------------------------
 
 
+def _on_axis(source: str, unit: str | None = None) -> tuple[Trace, str]:
+    """The source's trace with its cost on the chosen axis (FLOPs or measured ms), and the
+    cache key of that pair."""
+    return loaders.source_on_axis(
+        source, unit or st.session_state.get(widgets.W_COST_AXIS, costs.FLOPS)
+    )
+
+
+def _ms_budget_key(unit: str) -> str:
+    return f"w.solve_ms.{unit}"
+
+
 def _solve(source: str, mode: str) -> None:
     """Solver callback: move the sliders to the chosen point of the current kind's curve."""
-    trace = loaders.get_trace(source)
+    trace, key = _on_axis(source)
     kind = st.session_state.get(widgets.W_KIND, "max_prob")
     curve_kind = "max_prob" if kind == "per_exit" else kind
-    summary = loaders.curve_summary(loaders.source_key(source), curve_kind, trace)
+    summary = loaders.curve_summary(key, curve_kind, trace)
     c = summary.curve
+    unit = trace.meta.cost_unit
     if mode == "accuracy":
         target = float(st.session_state["w.solve_acc"]) / 100
         i = tradeoff.cheapest_with_accuracy(c, target)
         what = f"accuracy ≥ {target:.2%}"
+    elif costs.is_time(unit):  # "best within X ms"
+        budget = float(st.session_state[_ms_budget_key(unit)])
+        i = tradeoff.best_within_budget(c, budget)
+        what = f"mean cost ≤ {budget:.4g} {unit}"
     else:
         budget = tradeoff.budget_target(
             trace, float(st.session_state["w.solve_budget"]) / 100, True
@@ -450,6 +467,28 @@ def bias_section(
 
 
 @st.fragment
+def profile_section(model_id: str, profile) -> None:
+    """Time the model again on this machine at the user's batch size (the time cost axis)."""
+    with st.expander("Time profile (measured on this machine)"):
+        if profile is not None and profile.reason:
+            st.caption(widgets.literal(profile.reason))
+            return
+        shown = [b for b in (profile.batches if profile else []) if b != 1]
+        b1, b2 = st.columns([1, 2])
+        batch = b1.number_input(
+            "Batch size", 1, 4096, value=shown[0] if shown else 256, key="w.profile_batch"
+        )
+        if b2.button("Re-profile at this batch size", key="b.reprofile"):
+            with st.status(f"Timing {model_id} at batch 1 and {batch}…") as status:
+                bar = st.progress(0.0)
+                p = loaders.reprofile(model_id, int(batch), lambda f, t: bar.progress(f, text=t))
+                status.update(label=f"Timed {model_id}", state="complete")
+            if p.reason:
+                st.warning(widgets.literal(p.reason))
+            else:
+                st.rerun()
+
+
 def tuning_panel(source: str) -> None:
     t0, cpu0 = time.perf_counter(), time.thread_time()
     try:
@@ -460,8 +499,11 @@ def tuning_panel(source: str) -> None:
     except TraceError as e:
         st.error(widgets.trace_error(e))
         return
-    key = loaders.source_key(source)
+    profile = loaders.source_profile(source)
+    widgets.cost_axis(profile)
+    trace, key = _on_axis(source)
     unit = trace.meta.cost_unit
+    timed = costs.is_time(unit)
 
     left, right = st.columns([1, 1])
     with left:
@@ -488,9 +530,21 @@ def tuning_panel(source: str) -> None:
             disabled=not trace.has_labels,
             width="stretch",
         )
-        s2.number_input(
-            f"Mean {unit} at most (% of full model)", 0.0, 100.0, step=1.0, key="w.solve_budget"
-        )
+        if timed:
+            st.session_state.setdefault(
+                _ms_budget_key(unit), float(f"{summary.last.mean_cost / 2:.3g}")
+            )
+            s2.number_input(
+                f"Mean {unit} at most", 0.0, step=0.001, format="%.4f", key=_ms_budget_key(unit)
+            )
+        else:
+            s2.number_input(
+                f"Mean {unit} at most (% of full model)",
+                0.0,
+                100.0,
+                step=1.0,
+                key="w.solve_budget",
+            )
         s2.button(
             "Best accuracy within this budget",
             key="b.solve_budget",
@@ -500,6 +554,8 @@ def tuning_panel(source: str) -> None:
             width="stretch",
         )
     _show_msg()
+    if not loaders.is_upload(source):
+        profile_section(_model_id(source), profile)
 
     exits = exit_index(trace, policy)
     stats = tradeoff.evaluate(trace, exits)

@@ -12,6 +12,7 @@ spent, and how to produce its per-sample results (``engine.core.results.Results`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -50,6 +51,21 @@ class LiveRun:
     detail: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Timed:
+    """What the profiler (``engine.run.profile``) times for one model at one batch size:
+    ``run(i)`` does point i's real work on one prepared batch of ``batch`` inputs.
+
+    ``axis`` "exit": point k runs stages and heads 0..k (the cumulative cost of deciding at exit
+    k, as a trace counts it); "setting": point i runs the model at setting ``points[i]``.
+    """
+
+    axis: str
+    points: np.ndarray  # [M] exit index or setting value
+    run: Callable[[int], object]
+    batch: int
+
+
 class Family:
     """Base class of a family; each ``engine/families/<name>/family.py`` defines ``FAMILY``."""
 
@@ -62,6 +78,7 @@ class Family:
     trainer: str | None = "train"  # engine.families.<name>.<trainer>.main(argv), None if none
     about: str = ""  # how the method works, in two or three sentences, for its page
     setting_help: str = ""  # what the knob does
+    untimed: str = ""  # why timing its settings is not meaningful, in one line (the profiler)
     traces: bool = False  # results are a multi-exit Trace (``TraceFamily``: trace(card, ...))
 
     def build(self, config: dict) -> nn.Module:
@@ -111,6 +128,12 @@ class Family:
         """A typed input (``live_input() == "bits"``) as the model's input; ValueError says what
         is wrong."""
         raise ValueError("this model takes no typed input")
+
+    def timed(self, card: ModelCard, model: nn.Module, batch: int) -> Timed:
+        """The real work per exit or setting on ``batch`` of the model's inputs, for the
+        profiler; a family where timing a setting is not meaningful raises ``FamilyError``
+        saying why, in one line."""
+        raise FamilyError(self.untimed or f"{self.title or self.name}: no timing of its settings")
 
     def sort_key(self, card: ModelCard) -> float:
         """Order of a data set's models of this family (e.g. by ponder cost)."""

@@ -10,13 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
-from engine.core.family import Family, FamilyError, LiveRun
+from engine.core.family import Family, FamilyError, LiveRun, Timed
 from engine.core.policies import Policy
 from engine.core.progress import Progress
 from engine.core.results import Results, from_trace
 from engine.core.trace import Trace
+from engine.data import images
 from engine.data.images import to_model_input
 from engine.registry import ModelCard
 from engine.run.runtime import EarlyExitRunner
@@ -70,6 +72,25 @@ class TraceFamily(Family):
     def live_input(self, card: ModelCard) -> str:
         return "image"
 
+    def timing_inputs(self, card: ModelCard, batch: int) -> torch.Tensor:
+        """``batch`` test inputs of the model's data set, prepared for it."""
+        return tile(to_model_input(images.load(card.dataset, "test").images[:batch]), batch)
+
+    def timed(self, card: ModelCard, model: nn.Module, batch: int) -> Timed:
+        """Point k: stages and heads 0..k on one batch (the work of deciding at exit k)."""
+        x = self.timing_inputs(card, batch)
+        pairs = list(zip(model.stages, model.heads, strict=True))
+
+        @torch.no_grad()
+        def run(k: int):
+            h = x
+            for stage, head in pairs[: k + 1]:
+                h = stage(h)
+                z = head(h)
+            return z
+
+        return Timed("exit", np.arange(len(pairs), dtype=np.float64), run, batch)
+
     def default_setting(self, card: ModelCard) -> float:
         return 0.9
 
@@ -91,3 +112,9 @@ class TraceFamily(Family):
             probs=None,
             detail={"exit": k},
         )
+
+
+def tile(x, batch: int):
+    """The first ``batch`` rows of ``x``, repeated when it has fewer."""
+    reps = -(-batch // max(1, len(x)))
+    return (x if reps == 1 else torch.cat([x] * reps))[:batch]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from engine.core.family import Family, LiveRun
+from engine.core.family import Family, LiveRun, Timed
 from engine.core.results import Results
 from engine.families.act import model as act
 from engine.families.act import records as halting
@@ -103,6 +104,17 @@ class ACT(Family):
 
     def default_setting(self, card) -> float:
         return float(card.config.get("eps", 0.01))
+
+    def timing_inputs(self, card, batch: int) -> torch.Tensor:
+        """``batch`` parity strings of the card's length (the test seed's generator)."""
+        x, _, _ = act.parity_data(batch, int(card.config["num_bits"]), seed=0)
+        return torch.as_tensor(np.asarray(x, dtype=np.float32))
+
+    def timed(self, card, model, batch: int) -> Timed:
+        """A real ponder run (halted inputs leave the batch) at each eps of the results."""
+        x = self.timing_inputs(card, batch)
+        eps = halting.EPS_GRID
+        return Timed("setting", eps, lambda i: act.infer(model, x, float(eps[i])), batch)
 
     def sort_key(self, card) -> float:
         return card.raw.get("training", {}).get("ponder_cost_weight_tau") or 0.0

@@ -335,3 +335,28 @@ def outputs_at(h: np.ndarray, step_probs: np.ndarray, eps: float, max_steps: int
     m = p.shape[-1]
     probs = (p[..., None] * step_probs[..., :m, :]).sum(-2)
     return steps, remainder, steps + remainder, probs
+
+
+@torch.no_grad()
+def infer(model: nn.Module, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``run_act``'s ponder loop with nothing counted or recorded (what a deployment runs, for
+    the profiler): halted inputs leave the batch; returns the mean-field class probabilities."""
+    m = model.config.max_steps
+    e = model.encode(x)
+    s = model.initial_state(e)
+    b = len(x)
+    cum = torch.zeros(b, dtype=torch.float64)
+    probs = torch.zeros(b, model.config.num_classes, dtype=torch.float64)
+    active = torch.arange(b)
+    for n in range(m):
+        s_new, h, z = model.step(e[active], s[active], n == 0)
+        s[active] = s_new
+        h = h.double()
+        halt = (cum[active] + h >= 1.0 - eps) | (n == m - 1)
+        p = torch.where(halt, 1.0 - cum[active], h)
+        probs[active] += p[:, None] * torch.softmax(z.double(), 1)
+        cum[active] += p
+        active = active[~halt]
+        if len(active) == 0:
+            break
+    return probs

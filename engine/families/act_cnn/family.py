@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine.data import images
 from engine.data.images import to_model_input
 from engine.families.act.family import ACT, live_act
 from engine.families.act_cnn import model as act_cnn
+from engine.families.common import tile
 
 
 class ACTImages(ACT):
@@ -22,6 +24,9 @@ class ACTImages(ACT):
 
     def live_input(self, card) -> str:
         return "image"
+
+    def timing_inputs(self, card, batch: int):
+        return tile(to_model_input(images.load(card.dataset, "test").images[:batch]), batch)
 
     def run_one(self, model, card, x: np.ndarray, value: float):
         """x: the prepared uint8 [28, 28] image."""

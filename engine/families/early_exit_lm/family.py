@@ -15,6 +15,7 @@ class EarlyExitLM(Family):
     paper = "Schuster 2022 (CALM); Elhoushi 2024 (LayerSkip)"
     setting = "confidence threshold"
     step_name = "layer"
+    untimed = "exits per generated token: its cost is layers per token, timed live on its page"
     about = "Per generated token, stop at the first layer whose confidence passes a threshold."
 
     def build(self, config: dict):

@@ -28,6 +28,8 @@ class ForeignTrace(Family):
     trainer = None
     traces = True
 
+    untimed = "a trace made elsewhere: no model here to time (its latency_e{k} columns, if any)"
+
     def trace(self, card: ModelCard, split: str = "test", progress=None) -> Trace:
         """The stored conversion (no model run, so nothing to report); the original file is read only by the command line."""
         path = user_trace_file(card.model_id, split)

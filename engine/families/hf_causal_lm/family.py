@@ -24,6 +24,11 @@ class HFCausalLM(Family):
     )
     setting_help = "Stop a token at the first layer whose confidence reaches this threshold."
 
+    untimed = (
+        "exits per generated token: its cost is layers per token; its measured speed is the "
+        "language page's batched study"
+    )
+
     def build(self, config: dict):
         raise FamilyError(
             "a pretrained language model is loaded from its files (Family.load), not built"

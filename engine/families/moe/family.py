@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from engine.core.family import Family, FamilyError, LiveRun
+from engine.core.family import Family, FamilyError, LiveRun, Timed
 from engine.core.progress import track
 from engine.core.results import Results
 from engine.data import images
@@ -88,6 +88,18 @@ class MoE(Family):
             steps=per_layer,
             ran=per_layer > 0,
             detail={"experts_per_token": rec.experts_per_token[0]},
+        )
+
+    def timed(self, card, model, batch: int) -> Timed:
+        """A sparse run (only the picked experts computed) at each tau of the results."""
+        if card.raw.get("variant") != "dynamic":
+            raise FamilyError(f"{card.model_id} routes top-k: it has no setting to time")
+        from engine.families.common import tile
+
+        x = tile(images.to_model_input(images.load(card.dataset, "test").images[:batch]), batch)
+        taus = np.asarray(analysis.TAU_GRID, dtype=np.float64)
+        return Timed(
+            "setting", taus, lambda i: model(x, moe.Routing(tau=float(taus[i]))).logits, batch
         )
 
     def rebuilt_for_compare(self, card) -> bool:

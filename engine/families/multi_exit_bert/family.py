@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from engine.core.costs import count_flops
-from engine.core.family import FamilyError, LiveRun
+from engine.core.family import FamilyError, LiveRun, Timed
 from engine.core.policies import Policy, stop_mask
 from engine.families.common import TraceFamily
 from engine.families.multi_exit_bert import model as meb
@@ -29,6 +29,26 @@ class MultiExitBert(TraceFamily):
 
     def live_input(self, card) -> str:
         return "text"
+
+    def timed(self, card, model, batch: int) -> Timed:
+        """Point k: embeddings, layers and heads 0..k on ``batch`` test tweets, padded to the
+        model's length (the work of deciding at layer k)."""
+        from engine.data.text import load_tweets
+
+        texts = list(load_tweets("test", limit=batch).texts)
+        texts = (texts * -(-batch // len(texts)))[:batch]
+        ids, mask = meb.encode(texts, model.config.max_length)
+        pairs = list(zip(model.stages, model.heads, strict=True))
+
+        @torch.no_grad()
+        def run(k: int):
+            h = ids
+            for stage, head in pairs[: k + 1]:
+                h = stage(h, mask)
+                z = head(h, mask)
+            return z
+
+        return Timed("exit", np.arange(len(pairs), dtype=np.float64), run, batch)
 
     @torch.no_grad()
     def run_one(self, model, card, x: str, value: float) -> LiveRun:

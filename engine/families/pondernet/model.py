@@ -271,3 +271,30 @@ def halting_scores(model: PonderNet, x: np.ndarray | torch.Tensor, chunk: int = 
         lams.append(lam.double().numpy())
         qs.append(torch.softmax(logits.double(), 2).numpy())
     return np.concatenate(lams), np.concatenate(qs)
+
+
+@torch.no_grad()
+def infer(model: PonderNet, x: torch.Tensor, q: float) -> torch.Tensor:
+    """``run``'s loop at threshold ``q`` with nothing counted or recorded (what a deployment
+    runs, for the profiler): halted inputs leave the batch; returns the class probabilities."""
+    m = model.config.max_steps
+    e = model.encode(x)
+    s = model.initial_state(e)
+    b = len(x)
+    survive = torch.ones(b, dtype=torch.float64)
+    cum = torch.zeros(b, dtype=torch.float64)
+    probs = torch.zeros(b, model.config.num_classes, dtype=torch.float64)
+    active = torch.arange(b)
+    for n in range(m):
+        s_new, a, z = model.step(e[active], s[active], n == 0)
+        s[active] = s_new
+        lam = torch.sigmoid(a).double()
+        last = n == m - 1
+        cum[active] += survive[active] if last else lam * survive[active]
+        survive[active] *= 1.0 - lam
+        halt = (cum[active] >= q) | last
+        probs[active[halt]] = torch.softmax(z[halt].double(), 1)
+        active = active[~halt]
+        if len(active) == 0:
+            break
+    return probs

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.core.family import Family, LiveRun
+from engine.core.family import Family, LiveRun, Timed
 from engine.core.results import Results
+from engine.data import images
 from engine.data.images import to_model_input
+from engine.families.common import tile
 from engine.families.skipnet import model as skipnet
 from engine.families.skipnet import records as skipping
 
@@ -51,6 +53,12 @@ class SkipNet(Family):
 
     def default_setting(self, card) -> float:
         return skipping.DEFAULT_THRESHOLD
+
+    def timed(self, card, model, batch: int) -> Timed:
+        """A real skipping run (skipped blocks not computed) at each gate threshold."""
+        x = tile(to_model_input(images.load(card.dataset, "test").images[:batch]), batch)
+        t = skipping.THRESHOLDS
+        return Timed("setting", t, lambda i: skipnet.infer(model, x, float(t[i])), batch)
 
     def live_input(self, card) -> str:
         return "image"

@@ -307,3 +307,16 @@ def full_flops(model: SkipNet) -> float:
     """FLOPs per sample with every block run and only the final head (no gates)."""
     x = torch.zeros(1, 1, INPUT_SIZE, INPUT_SIZE)
     return float(run_skipnet(model, x, execute=np.ones((1, model.num_blocks), bool))["flops"][0])
+
+
+@torch.no_grad()
+def infer(model: SkipNet, x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``run_skipnet``'s skipping with nothing counted or recorded (what a deployment runs, for
+    the profiler): each block runs on the gathered inputs whose gate passes; final logits."""
+    h = x
+    for entry, gate, branch in zip(model.entries, model.gates, model.branches, strict=True):
+        h = entry(h)
+        idx = torch.nonzero(torch.sigmoid(gate(h)) >= threshold)[:, 0]
+        if len(idx):
+            h = h.index_add(0, idx, branch(h[idx]))
+    return model.heads[-1](h)

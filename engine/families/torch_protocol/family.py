@@ -34,6 +34,15 @@ class TorchProtocol(TraceFamily):
         protocol.load_weights(model.network, verified_weights(card), card.weights_path.name)
         return model.eval()
 
+    def timing_inputs(self, card: ModelCard, batch: int):
+        """The first ``batch`` rows of the evaluation data the card was registered with."""
+        import torch
+
+        from engine.families.common import tile
+
+        x = protocol.read_card_data(card.config).x[:batch]
+        return tile(torch.as_tensor(x, dtype=torch.float32), batch)
+
     def trace(
         self, card: ModelCard, split: str = "test", dataset: str | None = None, progress=None
     ) -> Trace:

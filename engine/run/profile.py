@@ -1,0 +1,202 @@
+"""Measured time per exit / setting of a model on this machine, for the time cost axis.
+
+FLOPs mislead on CPUs: a wide first stage can be a small share of the FLOPs and most of the
+time. ``profile`` asks the model's family for the real work of each exit or setting on one batch
+of its own inputs (``Family.timed``), runs each after a warm-up ``repeats`` times at batch 1 and
+at a batch size the user picks, and keeps the median (and interquartile range) of the time per
+sample, with the machine's description, as a small JSON beside the model's traces::
+
+    python -m engine.profile MODEL [--batch 256] [--repeats 7] [--warmup 2]
+    python -m engine.profile --all          # every bundled model, into assets/traces/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine import families
+from engine.core.costs import BatchTiming, Profile
+from engine.core.family import FamilyError
+from engine.paths import TRACES_DIR, user_traces_dir
+from engine.registry import ModelCard, get_card, list_cards
+
+DEFAULT_BATCH = 256
+DEFAULT_REPEATS = 7
+DEFAULT_WARMUP = 2
+
+
+def profile_file(card: ModelCard) -> Path:
+    """Bundled models: assets/traces/<id>__time.json; the user's: beside their traces."""
+    return (user_traces_dir() if card.user else TRACES_DIR) / f"{card.model_id}__time.json"
+
+
+def user_profile_file(model_id: str) -> Path:
+    """Where a re-profile from the app goes (the user's data folder, never the bundled assets);
+    it is read before the shipped one."""
+    return user_traces_dir() / f"{model_id}__time.json"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """What the timings were measured on: they hold for this machine only."""
+    try:
+        import onnxruntime
+
+        ort = onnxruntime.__version__
+    except ImportError:
+        ort = None
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "onnxruntime": ort,
+        "device": "cpu",
+        "load_average_1min": round(load[0], 2),
+    }
+
+
+def time_point(run, i: int, repeats: int, warmup: int) -> np.ndarray:
+    """[repeats] wall-clock ms of ``run(i)``, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        run(i)
+    out = np.empty(repeats)
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        run(i)
+        out[r] = (time.perf_counter() - t0) * 1e3
+    return out
+
+
+def measure(timed, repeats: int, warmup: int) -> BatchTiming:
+    """Median and IQR per sample of every point of one ``Timed``."""
+    runs = np.stack([time_point(timed.run, i, repeats, warmup) for i in range(len(timed.points))])
+    runs = runs / timed.batch
+    q25, med, q75 = np.percentile(runs, [25, 50, 75], axis=1)
+    return BatchTiming(timed.batch, med, q75 - q25, runs)
+
+
+def profile(
+    card: ModelCard,
+    batch: int = DEFAULT_BATCH,
+    repeats: int = DEFAULT_REPEATS,
+    warmup: int = DEFAULT_WARMUP,
+    progress=None,
+) -> Profile:
+    """Time every exit / setting of ``card``'s model at batch 1 and ``batch``; a family that
+    cannot be timed gives a profile with its one-line ``reason``. ``progress(fraction, text)``
+    is called as it goes."""
+    if repeats < 1 or batch < 1:
+        raise ValueError("repeats and batch must be at least 1")
+    fam = families.get(card.family)
+    base = dict(model_id=card.model_id, family=card.family, machine=machine())
+    if fam.untimed:
+        return Profile(**base, axis="none", points=np.zeros(0), timings={}, reason=fam.untimed)
+    try:
+        model = fam.load(card)
+        sizes = sorted({1, int(batch)})
+        timings, points = {}, None
+        for j, b in enumerate(sizes):
+            if progress:
+                progress(j / len(sizes), f"{card.model_id}: batch {b}")
+            with torch.inference_mode():
+                timed = fam.timed(card, model, b)
+                timings[b] = measure(timed, repeats, warmup)
+            points = timed.points
+    # missing data, backbone or weights (RuntimeError subclasses): a reason, not a crash
+    except (FamilyError, RuntimeError, ImportError, OSError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return Profile(**base, axis="none", points=np.zeros(0), timings={}, reason=reason)
+    if progress:
+        progress(1.0, f"{card.model_id}: done")
+    return Profile(
+        **base,
+        axis=timed.axis,
+        points=np.asarray(points, dtype=np.float64),
+        timings=timings,
+        repeats=repeats,
+        warmup=warmup,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+
+
+def write_profile(p: Profile, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(p.to_json(), indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_profile(path: Path) -> Profile:
+    return Profile.from_json(json.loads(Path(path).read_text()))
+
+
+def load_profile(model_id: str) -> Profile | None:
+    """The stored profile of a model, or None when it was never profiled."""
+    try:
+        card = get_card(model_id)
+    except Exception:  # noqa: BLE001 - an uploaded trace has no card: no profile either
+        return None
+    for path in (user_profile_file(model_id), profile_file(card)):
+        if path.is_file():
+            return read_profile(path)
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m engine.profile", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument("model", nargs="?", help="model id (see python -m engine.build --list)")
+    ap.add_argument("--all", action="store_true", help="every bundled model")
+    ap.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="batch size besides 1")
+    ap.add_argument("--repeats", type=int, default=DEFAULT_REPEATS)
+    ap.add_argument("--warmup", type=int, default=DEFAULT_WARMUP)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.all:
+        cards = [c for c in list_cards() if not c.user]
+    elif args.model:
+        cards = [get_card(args.model)]
+    else:
+        ap.error("name a model or pass --all")
+    print(f"load average before: {os.getloadavg()[0]:.2f}")
+    for card in cards:
+        p = profile(card, args.batch, args.repeats, args.warmup)
+        path = write_profile(p, profile_file(card))
+        if p.reason:
+            print(f"{card.model_id}: not timed ({p.reason}) -> {path}")
+            continue
+        for b in p.batches:
+            ms = ", ".join(f"{v:.4g}" for v in p.timings[b].median_ms)
+            print(f"{card.model_id} [{p.axis}] batch {b}: {ms} ms/sample -> {path.name}")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
