@@ -1,0 +1,105 @@
+"""Slimmable CNN: real execution at each width and under the per-input width policy, measured
+wall-clock vs the FLOPs-predicted speed-up, at batch 256 and batch 1.
+
+Rows ``width w``: the network run at one width to its last exit (``last_exit``), against the
+full width on the same samples, interleaved, median of repeats. Rows ``policy t``: the real
+width cascade (``EarlyExitRunner``: the narrowest width first, the next width only for the
+inputs still below max-prob ``t``; the others never run it) against the full width alone.
+Printed per row: predicted = full-width FLOPs / mean FLOPs spent; measured = full-width time /
+time; and, for the policy, its accuracy and the share of samples whose width equals the
+bundled trace's. Load average before and after.
+
+Run: ``python bench/slimmable_speed.py [--threads 1] [--repeats 5]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from engine.core.policies import Policy, exit_index  # noqa: E402
+from engine.data.images import load, to_model_input  # noqa: E402
+from engine.families import load_model  # noqa: E402
+from engine.registry import get_card  # noqa: E402
+from engine.run.runtime import EarlyExitRunner  # noqa: E402
+from engine.trace_store import load_trace  # noqa: E402
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` (after one warm-up call)."""
+    fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="fashion_slimmable_cnn")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--n", type=int, default=2048, help="samples at batch 256")
+    ap.add_argument("--n1", type=int, default=128, help="samples at batch 1")
+    ap.add_argument("--thresholds", type=float, nargs="+", default=[0.6, 0.9, 0.99])
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"load average before: {os.getloadavg()}", flush=True)
+
+    card = get_card(args.model)
+    model = load_model(args.model)
+    trace = load_trace(args.model, "test", build_if_missing=False)
+    data = load(card.dataset, "test")
+    flops = np.asarray(card.raw["metrics"]["flops_width"], dtype=float)
+    mults = card.config["width_mults"]
+    full = len(mults) - 1
+    runner = EarlyExitRunner(model, backend="torch", device="cpu")
+
+    print(f"{'batch':>5} {'row':<14} {'predicted':>9} {'measured':>9} {'ms/sample':>9} extra")
+    for batch, n in ((256, args.n), (1, args.n1)):
+        x = to_model_input(data.images[:n])
+        chunks = [x[i : i + batch] for i in range(0, n, batch)]
+
+        def at_width(w, chunks=chunks):
+            with torch.inference_mode():
+                for c in chunks:
+                    model.last_exit(c, w)
+
+        t_full = timed(lambda: at_width(full), args.repeats)
+        for w, m in enumerate(mults):
+            t = timed(lambda w=w: at_width(w), args.repeats)
+            print(
+                f"{batch:>5} {'width ' + format(m, 'g'):<14} {flops[-1] / flops[w]:>9.2f} "
+                f"{t_full / t:>9.2f} {t / n * 1e3:>9.3f}",
+                flush=True,
+            )
+        for thr in args.thresholds:
+            policy = Policy("max_prob", threshold=thr)
+            out = runner.run(x, policy, batch_size=batch, min_rows=1)
+            t = timed(lambda p=policy, x=x, b=batch: runner.run(x, p, batch_size=b, min_rows=1), 3)
+            want = exit_index(trace.subset(np.arange(n)), policy)
+            agree = float((out.exit == want).mean())
+            acc = float((out.pred == data.labels[:n]).mean())
+            widths = np.bincount(out.exit, minlength=len(mults)) / n
+            print(
+                f"{batch:>5} {'policy ' + format(thr, 'g'):<14} "
+                f"{flops[-1] / out.flops.mean():>9.2f} {t_full / t:>9.2f} {t / n * 1e3:>9.3f} "
+                f"acc {acc:.4f}, stopped per width {np.round(widths, 3).tolist()}, "
+                f"agree with trace {agree:.3f}",
+                flush=True,
+            )
+    print(f"load average after: {os.getloadavg()}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
