@@ -6,8 +6,8 @@ full width on the same samples, interleaved, median of repeats. Rows ``policy t`
 width cascade (``EarlyExitRunner``: the narrowest width first, the next width only for the
 inputs still below max-prob ``t``; the others never run it) against the full width alone.
 Printed per row: predicted = full-width FLOPs / mean FLOPs spent; measured = full-width time /
-time; and, for the policy, its accuracy and the share of samples whose width equals the
-bundled trace's. Load average before and after.
+time (the two timed alternately); and, for the policy, its accuracy and the share of samples
+whose width equals the bundled trace's. Load average before and after.
 
 Run: ``python bench/slimmable_speed.py [--threads 1] [--repeats 5]``.
 """
@@ -33,15 +33,17 @@ from engine.run.runtime import EarlyExitRunner  # noqa: E402
 from engine.trace_store import load_trace  # noqa: E402
 
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` (after one warm-up call)."""
-    fn()
-    out = []
+def paired(fn, ref, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``fn()`` and of ``ref()``, called alternately ``repeats`` times each
+    (after one warm-up call of each), so that a noisy machine slows both alike."""
+    fn(), ref()
+    a, b = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+        for f, out in ((fn, a), (ref, b)):
+            t0 = time.perf_counter()
+            f()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(a), statistics.median(b)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,9 +77,11 @@ def main(argv: list[str] | None = None) -> None:
                 for c in chunks:
                     model.last_exit(c, w)
 
-        t_full = timed(lambda: at_width(full), args.repeats)
+        def full_width():
+            at_width(full)
+
         for w, m in enumerate(mults):
-            t = timed(lambda w=w: at_width(w), args.repeats)
+            t, t_full = paired(lambda w=w: at_width(w), full_width, args.repeats)
             print(
                 f"{batch:>5} {'width ' + format(m, 'g'):<14} {flops[-1] / flops[w]:>9.2f} "
                 f"{t_full / t:>9.2f} {t / n * 1e3:>9.3f}",
@@ -86,7 +90,11 @@ def main(argv: list[str] | None = None) -> None:
         for thr in args.thresholds:
             policy = Policy("max_prob", threshold=thr)
             out = runner.run(x, policy, batch_size=batch, min_rows=1)
-            t = timed(lambda p=policy, x=x, b=batch: runner.run(x, p, batch_size=b, min_rows=1), 3)
+            t, t_full = paired(
+                lambda p=policy, x=x, b=batch: runner.run(x, p, batch_size=b, min_rows=1),
+                full_width,
+                args.repeats,
+            )
             want = exit_index(trace.subset(np.arange(n)), policy)
             agree = float((out.exit == want).mean())
             acc = float((out.pred == data.labels[:n]).mean())
