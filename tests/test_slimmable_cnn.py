@@ -292,3 +292,61 @@ def test_readme_width_versus_depth_agreement_is_the_compare_pages():
     assert f"({rho[width, oracle]:.2f} against {rho[depth, oracle]:.2f})" in text
     off = rho[~np.eye(len(names), dtype=bool)]
     assert np.nanmax(off) == pytest.approx(rho[width, depth])  # on this page at least
+
+
+# --- its curve on the tuning page -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", [MODEL_ID, f"{MODEL_ID}@{WIDTH_DEPTH}"])
+def test_the_tuning_page_tunes_both_traces(source, tmp_path, monkeypatch):
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    from engine.core import tradeoff
+
+    monkeypatch.setenv("AIE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("AIE_DATA_DIR", str(tmp_path / "data"))
+    st.cache_data.clear()
+    page = Path(__file__).resolve().parent.parent / "pages" / "tuning.py"
+    at = AppTest.from_file(str(page), default_timeout=90)
+    at.query_params.update(model=source, policy="max_prob", t="0.9")
+    at.run()
+    assert not at.exception, at.exception
+    assert at.sidebar.selectbox[0].value == source
+    model_id, _, split = source.partition("@")
+    trace = load_trace(model_id, split or "test", build_if_missing=False)
+    s = tradeoff.evaluate(trace, exit_index(trace, Policy("max_prob", threshold=0.9)))
+    shown = {m.label: m.value for m in at.metric}
+    assert shown["Accuracy"] == f"{s.accuracy:.4f}"
+    st.cache_data.clear()
+
+
+def test_the_compare_page_puts_width_beside_depth_on_fashion():
+    import base64
+    import json
+
+    from streamlit.testing.v1 import AppTest
+
+    from engine import compare, compare_sources
+
+    page = Path(__file__).resolve().parent.parent / "pages" / "compare.py"
+    at = AppTest.from_file(str(page), default_timeout=90).run()
+    at.selectbox(key="cmp_dataset").set_value("fashion_mnist").run()
+    at.slider(key="cmp_budget").set_value(0.6).run()
+    assert not at.exception, at.exception
+    width, depth = families.get("slimmable_cnn").title, families.get("multi_exit_cnn").title
+    methods = list(at.dataframe[0].value["method"])
+    assert width in methods and depth in methods
+    found, _ = compare_sources.load_sweeps("fashion_mnist")
+    aligned = compare.align([*found, compare_sources.load_oracle("fashion_mnist")])
+    compute = {m.name: m.compute for m in (compare.match_budget(s, 0.6) for s in aligned[:-1])}
+    compute["oracle exit"] = aligned[-1].cost_fraction[0]
+    names, rho, _ = compare.rank_correlations(compute)
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    heat = next(s for s in specs if "Spearman" in s["layout"].get("title", {}).get("text", ""))
+    z = heat["data"][0]["z"]  # plotly's typed-array encoding
+    shape = [int(d) for d in z["shape"].split(",")]
+    z = np.frombuffer(base64.b64decode(z["bdata"]), dtype=z["dtype"]).reshape(shape)
+    labels = list(heat["data"][0]["x"])
+    i, j = labels.index(width), labels.index(depth)
+    assert z[i, j] == pytest.approx(rho[names.index(width), names.index(depth)], abs=1e-3)
