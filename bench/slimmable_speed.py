@@ -7,7 +7,8 @@ width cascade (``EarlyExitRunner``: the narrowest width first, the next width on
 inputs still below max-prob ``t``; the others never run it) against the full width alone.
 Printed per row: predicted = full-width FLOPs / mean FLOPs spent; measured = full-width time /
 time (the two timed alternately); and, for the policy, its accuracy and the share of samples
-whose width equals the bundled trace's. Load average before and after.
+whose width equals the bundled trace's. Rows ``w x d t``: the width × depth exits walked for real
+(``records.run_width_depth``, width-major, true termination). Load average before and after.
 
 Run: ``python bench/slimmable_speed.py [--threads 1] [--repeats 5]``.
 """
@@ -28,6 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.core.policies import Policy, exit_index  # noqa: E402
 from engine.data.images import load, to_model_input  # noqa: E402
 from engine.families import load_model  # noqa: E402
+from engine.families.slimmable_cnn.records import (  # noqa: E402
+    WIDTH_DEPTH,
+    grid_costs,
+    run_width_depth,
+)
 from engine.registry import get_card  # noqa: E402
 from engine.run.runtime import EarlyExitRunner  # noqa: E402
 from engine.trace_store import load_trace  # noqa: E402
@@ -103,6 +109,27 @@ def main(argv: list[str] | None = None) -> None:
                 f"{batch:>5} {'policy ' + format(thr, 'g'):<14} "
                 f"{flops[-1] / out.flops.mean():>9.2f} {t_full / t:>9.2f} {t / n * 1e3:>9.3f} "
                 f"acc {acc:.4f}, stopped per width {np.round(widths, 3).tolist()}, "
+                f"agree with trace {agree:.3f}",
+                flush=True,
+            )
+        # width × depth for real (records.run_width_depth), batch by batch
+        grid = load_trace(args.model, WIDTH_DEPTH, build_if_missing=False).subset(np.arange(n))
+        costs = grid_costs(model)
+        for thr in args.thresholds:
+            policy = Policy("max_prob", threshold=thr)
+
+            def wxd(p=policy, chunks=chunks, costs=costs):
+                return [run_width_depth(model, c, p, costs) for c in chunks]
+
+            outs = wxd()
+            exits = np.concatenate([o.exit for o in outs])
+            spent = np.concatenate([o.flops for o in outs]).mean()
+            t, t_full = paired(wxd, full_width, args.repeats)
+            agree = float((exits == exit_index(grid, policy)).mean())
+            acc = float((np.concatenate([o.pred for o in outs]) == data.labels[:n]).mean())
+            print(
+                f"{batch:>5} {'w x d ' + format(thr, 'g'):<14} {flops[-1] / spent:>9.2f} "
+                f"{t_full / t:>9.2f} {t / n * 1e3:>9.3f} acc {acc:.4f}, "
                 f"agree with trace {agree:.3f}",
                 flush=True,
             )

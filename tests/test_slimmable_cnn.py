@@ -21,6 +21,7 @@ from engine.families.slimmable_cnn.records import (
     RanCounter,
     grid_costs,
     grid_probs,
+    run_width_depth,
 )
 from engine.families.slimmable_cnn.train import sandwich_widths
 from engine.registry import get_card
@@ -226,6 +227,34 @@ def test_real_width_cascade_is_the_trace_and_skipped_widths_never_run(threshold,
     assert ran.rows("exit_heads.3.fc") == int((want + 1).sum())
     # rows x channels² per conv: the narrow widths are cheap because fewer channels ran
     assert sum(ran.widths_run("blocks.1.conv2").values()) == int((want + 1).sum())
+
+
+@pytest.mark.parametrize(
+    "policy", [Policy("max_prob", threshold=0.9), Policy("patience", patience=2)]
+)
+def test_real_width_by_depth_is_its_trace_and_runs_only_what_it_needs(policy, shipped):
+    data = images.load("fashion_mnist", "test")
+    n = 400
+    trace = load_trace(MODEL_ID, WIDTH_DEPTH, build_if_missing=False).subset(np.arange(n))
+    want = exit_index(trace, policy)
+    x, costs = images.to_model_input(data.images[:n]), grid_costs(shipped)
+    with RanCounter(shipped) as ran:
+        out = run_width_depth(shipped, x, policy, costs)
+    np.testing.assert_array_equal(out.exit, want)
+    np.testing.assert_array_equal(out.pred, trace.pred[np.arange(n), want])
+    np.testing.assert_array_equal(out.flops, trace.cost[np.arange(n), want])
+    assert len(np.unique(want)) >= 4
+    cfg = shipped.config
+    s_count = len(cfg.channels)
+    for i, mult in enumerate(cfg.width_mults):
+        for s, c_full in enumerate(cfg.channels):
+            reached = int((want >= i * s_count + s).sum())
+            c = slim_model.slim(c_full, mult)
+            assert ran.widths_run(f"blocks.{s}.conv2").get(c, 0) == reached, (i, s)
+            assert ran.rows(f"blocks.{s}.bn1.bns.{i}") == reached
+    for s in range(s_count):  # exit head s runs once for every width that reached stage s
+        reached = sum(int((want >= i * s_count + s).sum()) for i in range(len(cfg.width_mults)))
+        assert ran.rows(f"exit_heads.{s}.fc") == reached
 
 
 def test_live_run_says_which_width_it_stopped_at(shipped):

@@ -13,7 +13,8 @@ read them unchanged:
   narrow network's last exit is unsure; the cost of (w, s) is every width below w run to the
   end, exit heads included, plus width w up to exit s. Width-major keeps the cost honest (a
   wider network cannot reuse a narrower one's activations: the batch norms differ) and keeps
-  the cascade's exits as a subset (each width's last exit).
+  the cascade's exits as a subset (each width's last exit). ``run_width_depth`` runs it for
+  real, with true termination, through the same ``stop_mask``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from engine.core.costs import count_flops
+from engine.core.policies import Policy, stop_mask
 from engine.core.trace import Trace, TraceMeta
 from engine.data import images
 from engine.families.slimmable_cnn.model import (
@@ -36,6 +38,7 @@ from engine.families.slimmable_cnn.model import (
     grid_names,
 )
 from engine.paths import TRACES_DIR
+from engine.run.runtime import softmax32
 
 WIDTH_DEPTH = "width_depth"  # the split name of the width × depth trace
 
@@ -123,6 +126,53 @@ def width_depth_trace(model: SlimmableCNN, model_id: str, dataset: str, split: s
         label=np.asarray(data.labels, dtype=np.int64),
         probs=probs.reshape(n, w * s, c),
         cost=np.broadcast_to(costs.width_major, (n, w * s)).copy(),
+    )
+
+
+@dataclass(frozen=True)
+class WidthDepthRun:
+    """A real width × depth run: per sample the width-major exit taken, its prediction and the
+    FLOPs its trace charges for that exit."""
+
+    exit: np.ndarray  # [N] int64, index into grid_names
+    pred: np.ndarray  # [N] int64
+    flops: np.ndarray  # [N] float64
+
+
+@torch.no_grad()
+def run_width_depth(
+    model: SlimmableCNN, x: torch.Tensor, policy: Policy, costs: GridCosts | None = None
+) -> WidthDepthRun:
+    """Walk the width × depth exits for real, width-major, with true termination: a sample
+    stops at the first exit ``stop_mask`` allows; one that passes a width's last exit starts
+    again from the image at the next width; the rest of the network is never run for it.
+    ``costs`` (default: counted here, which runs the network once on one zero image)."""
+    model.eval()
+    n, w_count, s_count = len(x), model.num_widths, model.num_stages
+    k_count = w_count * s_count
+    seen: np.ndarray | None = None  # [N, K, C] outputs so far (zeros where not computed)
+    exits = np.full(n, k_count - 1, dtype=np.int64)
+    going = np.arange(n)  # samples that have not stopped
+    for w in range(w_count):
+        idx, h = going, x[going]
+        for s, (block, head) in enumerate(zip(model.blocks, model.exit_heads, strict=True)):
+            if idx.size == 0:
+                break
+            h = block(h, w)
+            p = softmax32(head(h))
+            if seen is None:
+                seen = np.zeros((n, k_count, p.shape[1]), dtype=np.float32)
+            k = w * s_count + s
+            seen[idx, k] = p
+            stop = stop_mask(policy, seen[idx])[:, k] | (k == k_count - 1)
+            exits[idx[stop]] = k
+            idx, h = idx[~stop], h[torch.as_tensor(~stop)]
+        going = idx  # still unsure after this width's last exit
+    assert seen is not None
+    return WidthDepthRun(
+        exit=exits,
+        pred=seen[np.arange(n), exits].argmax(-1),
+        flops=(costs or grid_costs(model)).width_major[exits],
     )
 
 
