@@ -302,6 +302,10 @@ def test_readme_row_and_paragraph_are_the_card_and_traces():
         f" %) at {_mflops(cost09)} MFLOPs, {share} of the full width, and answers "
         f"{100 * (k == 0).mean():.0f} % of the images at width 0.25" in text
     )
+    grid = load_trace(MODEL_ID, WIDTH_DEPTH, build_if_missing=False)
+    kg = exit_index(grid, Policy("max_prob", threshold=0.9))
+    acc_g, cost_g = grid.correct[rows, kg].mean(), grid.cost[rows, kg].mean()
+    assert f"gives {100 * acc_g:.1f} % at {_mflops(cost_g)} MFLOPs for the same threshold" in text
 
 
 def test_readme_width_versus_depth_agreement_is_the_compare_pages():
