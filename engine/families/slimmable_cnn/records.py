@@ -180,9 +180,8 @@ class RanCounter:
     """Forward hooks on every slimmable layer: what really ran, call by call.
 
     ``calls`` lists (layer name, rows, input channels, output channels) per call, read off
-    the tensors that went in and came out, never from the cost formula. ``rows_at(c)`` sums
-    the rows of one layer's calls at output width ``c``.
-    """
+    the tensors that went in and came out, never from the cost formula. ``rows(layer, c)``
+    sums the rows of one layer's calls (at output width ``c`` if given)."""
 
     def __init__(self, model: SlimmableCNN):
         self.calls: list[tuple[str, int, int, int]] = []
