@@ -186,6 +186,25 @@ class _Group:
         return _Group(self.chain, h, self.idx[sel], self.seen[sel])
 
 
+def _quee_actions(
+    choice, g: _Group, int8_chain, k: int, int8_from: np.ndarray
+) -> np.ndarray | None:
+    """The learned QuEE choice's actions (0 exit, 1 int8, 2 float) for group ``g`` at exit k,
+    or None without one. Float32 samples are decided by ``choice.actions`` on the exits they
+    have passed, as in the simulation; an int8 sample exits at the target the choice gave it
+    when it switched (recomputed from the float32 exits it had passed then)."""
+    if choice is None:
+        return None
+    if g.chain is not int8_chain:
+        return choice.actions(g.seen[:, : k + 1], k)
+    act = np.full(g.idx.size, 2, dtype=np.int64)
+    start = int8_from  # [m] first int8 stage of each sample of the group
+    for s in np.unique(start):
+        rows = np.flatnonzero(start == s)
+        act[rows[choice.int8_target(g.seen[rows][:, :s], s - 1) == k]] = 0
+    return act
+
+
 def softmax32(logits: torch.Tensor) -> np.ndarray:
     """float32 probabilities, computed on the CPU exactly as the trace builders do."""
     return torch.softmax(logits.float().cpu(), dim=-1).numpy()
@@ -272,8 +291,16 @@ class EarlyExitRunner:
         batch_size: int = 256,
         min_rows: int = DEFAULT_MIN_ROWS,
         quee_band: float = DEFAULT_QUEE_BAND,
+        quee_choice=None,
     ) -> RuntimeResult:
-        """Run ``x`` [N, *input_shape] under ``policy``, with batch compaction after every exit."""
+        """Run ``x`` [N, *input_shape] under ``policy``, with batch compaction after every exit.
+
+        ``quee_choice`` (backend "quee"; an ``engine.core.quee.Choice``) replaces the policy and
+        the band by the learned three-way choice: ``quee_choice.actions(seen, k)`` decides exit /
+        int8 / float for the float32 samples, and int8 samples run to the last exit.
+        """
+        if quee_choice is not None and self.backend != "quee":
+            raise ValueError("a learned QuEE choice runs on the 'quee' backend")
         if batch_size < 1 or min_rows < 1:
             raise ValueError("batch_size and min_rows must be at least 1")
         if policy.kind == "gate":
@@ -324,7 +351,11 @@ class EarlyExitRunner:
                             g.seen = np.zeros((m, k_count, p.shape[1]), dtype=np.float32)
                         g.seen[:, k] = p
                         # the decision: the traces' own rule, on exits 0..k (the rest are zeros)
-                        stop = stop_mask(policy, g.seen)[:, k] | (k == k_count - 1)
+                        act = _quee_actions(quee_choice, g, int8_chain, k, int8_from[b0 + g.idx])
+                        if act is None:
+                            stop = stop_mask(policy, g.seen)[:, k] | (k == k_count - 1)
+                        else:
+                            stop = (act == 0) | (k == k_count - 1)
                         cur = p.argmax(axis=-1)
                         done = b0 + g.idx[stop]
                         pred[done] = cur[stop]
@@ -334,7 +365,9 @@ class EarlyExitRunner:
                             continue
                         keep = np.flatnonzero(~stop)
                         to_int8 = np.zeros(keep.size, dtype=bool)
-                        if int8_chain is not None and g.chain is not int8_chain:
+                        if act is not None:
+                            to_int8 = act[keep] == 1
+                        elif int8_chain is not None and g.chain is not int8_chain:
                             to_int8 = max_prob_of(p[keep]) >= quee_band
                         stay = keep[~to_int8]
                         if stay.size:
@@ -431,6 +464,6 @@ def run(
 ) -> RuntimeResult:
     """One-shot early-exit run; see ``EarlyExitRunner`` for the keyword arguments
     (threads, model_id, calibration, input_shape; and min_rows, quee_band for the run)."""
-    run_kw = {k: kwargs.pop(k) for k in ("min_rows", "quee_band") if k in kwargs}
+    run_kw = {k: kwargs.pop(k) for k in ("min_rows", "quee_band", "quee_choice") if k in kwargs}
     runner = EarlyExitRunner(model, backend, device, **kwargs)
     return runner.run(x, policy, batch_size=batch_size, **run_kw)
