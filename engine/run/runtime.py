@@ -21,6 +21,9 @@ Backends:
   ``quee_band`` (confident, not confident enough) *continues in int8* for all remaining stages;
   the rest *continue in float32*. Float and int8 samples run as two compacted groups through the
   float and int8 ONNX chains. ``RuntimeResult.int8_from`` says where each sample switched.
+  With ``quee_choice`` (``engine.core.quee.Choice``) the learned choice replaces the policy
+  and the band: predicted accuracy gains decide exit / int8 / float per sample, exactly as in
+  the simulation over the QuEE records.
 
 Decisions are bit-for-bit those of the cached trace: probabilities are the float32 softmax of
 the logits (computed by torch on the CPU whatever the backend, as the trace builders do), and
