@@ -690,7 +690,7 @@ def _quee_stamp(model_id: str) -> int:
 
 
 @st.cache_resource(show_spinner=False)
-def quee_bundle(model_id: str, _stamp: int) -> dict:
+def quee_bundle(model_id: str, stamp: int) -> dict:
     """Records, regressors and cost models of one model (read-only, shared by sessions)."""
     from engine import quee_build
 

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="fashion_multi_exit_cnn")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.8])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--n", type=int, default=5000, help="test images (at most the records')")
+    ap.add_argument("--n", type=int, default=2000, help="test images (at most the records')")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     print(f"load average before: {os.getloadavg()}")

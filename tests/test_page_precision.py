@@ -55,7 +55,7 @@ def test_page_shows_the_engine_numbers_and_follows_the_budget():
     assert not app.exception
     want8 = engine_at(model_id, "measured", 0.8)
     assert metrics(app)["Mean cost"] == f"{want8.mean_cost:.3f}"
-    assert app.query_params["budget"] == ["0.80"]
+    assert app.query_params["budget"] == "0.80"
 
 
 @needs_records

@@ -253,12 +253,20 @@ def test_readme_quee_paragraph_matches_the_card():
     text = (ROOT / "README.md").read_text()
     m = re.search(r"<!-- quee -->(.*?)<!-- /quee -->", text, re.S)
     assert m, "README has no QuEE paragraph"
-    para = m.group(1)
-    cd = card("fashion_multi_exit_cnn")
-    sim = cd["simulated"]["measured"]["0.5"]
-    for number in (sim["learned"]["accuracy"], sim["float"]["accuracy"], sim["band"]["accuracy"]):
-        assert f"{number:.4f}" in para, number
-    ratio = sum(cd["int8_cost"]["stage_ms_int8"]) / sum(cd["int8_cost"]["stage_ms_float"])
-    assert f"{ratio:.2f}×" in para
-    nom = cd["simulated"]["nominal"]["0.5"]
-    assert f"{nom['learned']['accuracy']:.4f}" in para and f"{nom['int8']['accuracy']:.4f}" in para
+    para = " ".join(m.group(1).split())
+    fashion, mnist = card("fashion_multi_exit_cnn"), card("mnist_multi_exit_cnn")
+    for budget in ("0.4", "0.5"):
+        sim = fashion["simulated"]["measured"][budget]
+        for rule in ("learned", "float", "band"):
+            assert f"{sim[rule]['accuracy']:.4f}" in para, (budget, rule)
+    for rule in ("learned", "float"):
+        assert f"{mnist['simulated']['measured']['0.5'][rule]['accuracy']:.4f}" in para
+    for cd in (fashion, mnist):
+        ratio = sum(cd["int8_cost"]["stage_ms_int8"]) / sum(cd["int8_cost"]["stage_ms_float"])
+        assert f"{ratio:.2f}× " in para and not cd["int8_cost"]["int8_cheaper_here"]
+    nom = fashion["simulated"]["nominal"]["0.5"]
+    assert f"{nom['learned']['accuracy']:.4f}" in para
+    assert f"({nom['int8']['accuracy']:.4f} at {nom['int8']['cost'] * 100:.0f} %)" in para
+    real = {(r["budget"], r["rule"]): r for r in fashion["real"]["runs"]}
+    for rule in ("learned", "float"):
+        assert f"{real[(0.5, rule)]['ms_over_full_float']:.2f}×" in para
