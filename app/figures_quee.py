@@ -49,7 +49,7 @@ def tradeoff(
             go.Scatter(
                 x=x[keep],
                 y=y[keep],
-                mode="lines+markers" if key == "learned" else "lines",
+                mode="lines+markers" if key in ("learned", "oracle") else "lines",
                 name=label,
                 line=dict(color=colour, dash=dash, width=3 if key == "learned" else 2),
                 hovertemplate="cost %{x:.3f}<br>accuracy %{y:.4f}<extra>" + label + "</extra>",
