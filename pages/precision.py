@@ -101,6 +101,10 @@ c1.metric("Accuracy (learned choice)", f"{out.accuracy:.4f}")
 c2.metric("Mean cost", f"{out.mean_cost:.3f}")
 c3.metric("Finished in int8", f"{(out.int8_from < k).mean():.1%}")
 c4.metric("λ", f"{lam:.4g}")
+st.caption(
+    "λ is solved on the train records, so on these test records the mean cost can miss the "
+    "budget by a little; on the train records it never exceeds it (tests/test_quee.py)."
+)
 
 real = card.get("real", {}).get("runs", []) if cost_model == "measured" else []
 lo = min(float(curves["float"].accuracy.max()), float(curves["learned"].accuracy.min())) - 0.03
