@@ -316,8 +316,10 @@ def build(model_id: str, n_fit: int, n_test: int, seed: int, real: bool) -> dict
     from engine.run.runtime import DEFAULT_QUEE_BAND
 
     card = get_card(model_id)
+    from engine.run.exits import check_contract
+
     model = load_model(model_id).eval()
-    k = len(model.stages)
+    k = check_contract(model)
     train = images.load(card.dataset, "train")
     test = images.load(card.dataset, "test")
     calib = images.to_model_input(train.images[:CALIB])
@@ -406,8 +408,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     try:
         card = build(args.model, args.fit, args.test, args.seed, not args.no_real)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as e:
+        print(f"error: {args.model}: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(card["simulated"]["measured"]["0.5"]))
     print(json.dumps(card["int8_cost"]))

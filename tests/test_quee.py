@@ -270,3 +270,10 @@ def test_readme_quee_paragraph_matches_the_card():
     real = {(r["budget"], r["rule"]): r for r in fashion["real"]["runs"]}
     for rule in ("learned", "float"):
         assert f"{real[(0.5, rule)]['ms_over_full_float']:.2f}×" in para
+
+
+def test_builder_refuses_a_model_without_exits_with_a_message(capsys):
+    with pytest.raises(SystemExit) as e:
+        quee_build.main(["mnist_act", "--no-real"])
+    assert e.value.code == 2
+    assert "stages" in capsys.readouterr().err
