@@ -300,7 +300,8 @@ class EarlyExitRunner:
 
         ``quee_choice`` (backend "quee"; an ``engine.core.quee.Choice``) replaces the policy and
         the band by the learned three-way choice: ``quee_choice.actions(seen, k)`` decides exit /
-        int8 / float for the float32 samples, and int8 samples run to the last exit.
+        int8 / float for the float32 samples, and an int8 sample exits at the int8 exit the
+        choice picked for it (``quee_choice.int8_target``); ``policy`` is not consulted.
         """
         if quee_choice is not None and self.backend != "quee":
             raise ValueError("a learned QuEE choice runs on the 'quee' backend")
