@@ -17,6 +17,7 @@ PAGES = [
     ("pages/routing.py", "Mixture of experts", ":material/hub:"),
     ("pages/language.py", "Early-exit language model", ":material/text_fields:"),
     ("pages/compare.py", "Compare methods", ":material/compare_arrows:"),
+    ("pages/precision.py", "Exit or continue in int8 (QuEE)", ":material/memory:"),
     ("pages/my_models.py", "Your models", ":material/upload_file:"),
 ]
 

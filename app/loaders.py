@@ -912,3 +912,65 @@ def reprofile(model_id: str, batch: int, progress=None):
     write_profile(p, user_profile_file(model_id))
     st.cache_data.clear()  # every curve and table drawn from the old profile
     return p
+
+
+# --- QuEE (exit / continue in int8 / continue in float32) -------------------------------------
+
+
+def quee_models() -> list[str]:
+    """Models with QuEE records bundled (``python -m engine.quee_build MODEL``)."""
+    from engine.paths import RECORDS_DIR
+
+    return sorted(p.name.removesuffix("__quee.npz") for p in RECORDS_DIR.glob("*__quee.npz"))
+
+
+def _quee_stamp(model_id: str) -> int:
+    """The records file's mtime: a rebuilt (or replaced) file is read again."""
+    from engine import quee_build
+
+    return quee_build.records_file(model_id).stat().st_mtime_ns
+
+
+@st.cache_resource(show_spinner=False)
+def quee_bundle(model_id: str, stamp: int) -> dict:
+    """Records, regressors and cost models of one model (read-only, shared by sessions)."""
+    from engine import quee_build
+
+    return quee_build.load(quee_build.records_file(model_id))
+
+
+@st.cache_data(show_spinner=False)
+def quee_card(model_id: str) -> dict:
+    import json
+
+    from engine import quee_build
+
+    return json.loads(quee_build.card_file(model_id).read_text())
+
+
+def quee_curves(model_id: str, cost_model: str, band: float) -> dict:
+    """Every rule's curve on the test records (λ of the learned choice solved on the train
+    records, as the card's)."""
+    return _quee_curves(model_id, cost_model, band, _quee_stamp(model_id))
+
+
+@st.cache_data(show_spinner="Simulating every rule over the records…")
+def _quee_curves(model_id: str, cost_model: str, band: float, stamp: int) -> dict:
+    from engine.core import quee
+
+    b = quee_bundle(model_id, stamp)
+    return quee.curves(b["test"], b["gains"], b["costs"][cost_model], band, fit_on=b["fit"])
+
+
+def quee_at(model_id: str, cost_model: str, budget: float):
+    """(choice λ, simulated outcome on the test records) of the learned choice at a budget."""
+    return _quee_at(model_id, cost_model, budget, _quee_stamp(model_id))
+
+
+@st.cache_data(show_spinner=False)
+def _quee_at(model_id: str, cost_model: str, budget: float, stamp: int):
+    from engine.core import quee
+
+    b = quee_bundle(model_id, stamp)
+    choice = quee.solve(b["fit"], b["gains"], b["costs"][cost_model], budget)
+    return choice.lam, quee.simulate(b["test"], choice)

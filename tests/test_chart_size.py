@@ -31,6 +31,7 @@ PAGES = {
     "routing": ("select_slider", "moe.tau", 0.7, {}),
     "language": ("slider", "lang.t.entropy", 0.4, {}),
     "compare": ("slider", "cmp_budget", 0.5, {}),
+    "precision": ("slider", "quee_budget", 0.7, {}),
 }
 
 

@@ -24,6 +24,9 @@ Backends:
   ``quee_band`` (confident, not confident enough) *continues in int8* for all remaining stages;
   the rest *continue in float32*. Float and int8 samples run as two compacted groups through the
   float and int8 ONNX chains. ``RuntimeResult.int8_from`` says where each sample switched.
+  With ``quee_choice`` (``engine.core.quee.Choice``) the learned choice replaces the policy
+  and the band: predicted accuracy gains decide exit / int8 / float per sample, exactly as in
+  the simulation over the QuEE records.
 
 Decisions are bit-for-bit those of the cached trace: probabilities are the float32 softmax of
 the logits (computed by torch on the CPU whatever the backend, as the trace builders do), and
@@ -194,6 +197,25 @@ class _Group:
         return _Group(self.chain, h, self.idx[sel], self.seen[sel])
 
 
+def _quee_actions(
+    choice, g: _Group, int8_chain, k: int, int8_from: np.ndarray
+) -> np.ndarray | None:
+    """The learned QuEE choice's actions (0 exit, 1 int8, 2 float) for group ``g`` at exit k,
+    or None without one. Float32 samples are decided by ``choice.actions`` on the exits they
+    have passed, as in the simulation; an int8 sample exits at the target the choice gave it
+    when it switched (recomputed from the float32 exits it had passed then)."""
+    if choice is None:
+        return None
+    if g.chain is not int8_chain:
+        return choice.actions(g.seen[:, : k + 1], k)
+    act = np.full(g.idx.size, 2, dtype=np.int64)
+    start = int8_from  # [m] first int8 stage of each sample of the group
+    for s in np.unique(start):
+        rows = np.flatnonzero(start == s)
+        act[rows[choice.int8_target(g.seen[rows][:, :s], s - 1) == k]] = 0
+    return act
+
+
 def softmax32(logits: torch.Tensor) -> np.ndarray:
     """float32 probabilities, computed on the CPU exactly as the trace builders do."""
     return torch.softmax(logits.float().cpu(), dim=-1).numpy()
@@ -289,8 +311,17 @@ class EarlyExitRunner:
         batch_size: int = 256,
         min_rows: int = DEFAULT_MIN_ROWS,
         quee_band: float = DEFAULT_QUEE_BAND,
+        quee_choice=None,
     ) -> RuntimeResult:
-        """Run ``x`` [N, *input_shape] under ``policy``, with batch compaction after every exit."""
+        """Run ``x`` [N, *input_shape] under ``policy``, with batch compaction after every exit.
+
+        ``quee_choice`` (backend "quee"; an ``engine.core.quee.Choice``) replaces the policy and
+        the band by the learned three-way choice: ``quee_choice.actions(seen, k)`` decides exit /
+        int8 / float for the float32 samples, and an int8 sample exits at the int8 exit the
+        choice picked for it (``quee_choice.int8_target``); ``policy`` is not consulted.
+        """
+        if quee_choice is not None and self.backend != "quee":
+            raise ValueError("a learned QuEE choice runs on the 'quee' backend")
         if batch_size < 1 or min_rows < 1:
             raise ValueError("batch_size and min_rows must be at least 1")
         if policy.kind == "gate":
@@ -341,7 +372,11 @@ class EarlyExitRunner:
                             g.seen = np.zeros((m, k_count, p.shape[1]), dtype=np.float32)
                         g.seen[:, k] = p
                         # the decision: the traces' own rule, on exits 0..k (the rest are zeros)
-                        stop = stop_mask(policy, g.seen)[:, k] | (k == k_count - 1)
+                        act = _quee_actions(quee_choice, g, int8_chain, k, int8_from[b0 + g.idx])
+                        if act is None:
+                            stop = stop_mask(policy, g.seen)[:, k] | (k == k_count - 1)
+                        else:
+                            stop = (act == 0) | (k == k_count - 1)
                         cur = p.argmax(axis=-1)
                         done = b0 + g.idx[stop]
                         pred[done] = cur[stop]
@@ -351,7 +386,9 @@ class EarlyExitRunner:
                             continue
                         keep = np.flatnonzero(~stop)
                         to_int8 = np.zeros(keep.size, dtype=bool)
-                        if int8_chain is not None and g.chain is not int8_chain:
+                        if act is not None:
+                            to_int8 = act[keep] == 1
+                        elif int8_chain is not None and g.chain is not int8_chain:
                             to_int8 = max_prob_of(p[keep]) >= quee_band
                         stay = keep[~to_int8]
                         if stay.size:
@@ -448,6 +485,6 @@ def run(
 ) -> RuntimeResult:
     """One-shot early-exit run; see ``EarlyExitRunner`` for the keyword arguments
     (threads, model_id, calibration, input_shape; and min_rows, quee_band for the run)."""
-    run_kw = {k: kwargs.pop(k) for k in ("min_rows", "quee_band") if k in kwargs}
+    run_kw = {k: kwargs.pop(k) for k in ("min_rows", "quee_band", "quee_choice") if k in kwargs}
     runner = EarlyExitRunner(model, backend, device, **kwargs)
     return runner.run(x, policy, batch_size=batch_size, **run_kw)
