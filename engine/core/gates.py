@@ -8,8 +8,11 @@ value in (0, 1], stops every sample at its earliest correct exit and the never-r
 the first exit: exactly ``oracle_correct(trace, "first")``.
 
 This is the *post hoc* variant: the model is frozen and only the gates are fitted, on a trace
-of data the gates are then not scored on. JEI-DNN also trains gates and heads jointly (to
-remove the train–test mismatch of heads that were trained on the same data); that is not here.
+of data the gates are then not scored on. The joint variant, where gates and new heads are
+trained together on a frozen backbone (JEI-DNN's answer to the train–test mismatch of
+thresholding), reads the same features (``features_torch`` while it trains) and lives in
+``engine.families.multi_exit_cnn.train_jei``; its gates ship inside the model
+(``engine.families.multi_exit_cnn.model.JointGates``).
 
 Features of exit k (``features``), all read from exits 0..k so the gate fits ``stop_mask``'s
 contract: the exit's probabilities sorted in decreasing order, its normalised entropy and top-2
@@ -55,6 +58,21 @@ def features(probs: np.ndarray) -> np.ndarray:
     agree[:, 1:] = pred[:, 1:] == pred[:, :-1]
     prev_conf[:, 1:] = srt[:, :-1, 0]
     return np.concatenate([srt, np.stack([ent, margin, agree, prev_conf], axis=-1)], axis=-1)
+
+
+def features_torch(probs: torch.Tensor) -> torch.Tensor:
+    """``features`` in torch, differentiable in the probabilities (for jointly trained gates)."""
+    srt = torch.sort(probs, dim=-1, descending=True).values
+    c = probs.shape[-1]
+    ent = -torch.where(probs > 0, probs * torch.log(probs.clamp_min(1e-30)), 0.0).sum(-1)
+    ent = ent / float(np.log(c))
+    margin = srt[..., 0] - srt[..., 1]
+    pred = probs.argmax(dim=-1)
+    agree = torch.zeros_like(margin)
+    prev_conf = torch.zeros_like(margin)
+    agree[:, 1:] = (pred[:, 1:] == pred[:, :-1]).to(probs.dtype)
+    prev_conf[:, 1:] = srt[:, :-1, 0]
+    return torch.cat([srt, torch.stack([ent, margin, agree, prev_conf], dim=-1)], dim=-1)
 
 
 @dataclass(frozen=True)
