@@ -670,3 +670,11 @@ def early_exit_curve(model_id: str):
     c = curve(trace, "max_prob")
     idx = drawing_indices(c.mean_cost, c.accuracy)
     return c.mean_cost[idx], c.accuracy[idx], c.params[idx]
+
+
+@st.cache_data(show_spinner="Comparing the three trainings…", max_entries=1)
+def training_variants():
+    """The Fashion-MNIST CNN trained three ways (``engine.training_variants``), bundled traces."""
+    from engine.training_variants import variant_curves
+
+    return variant_curves()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -98,3 +99,156 @@ def test_torch_features_are_the_numpy_ones_and_gate_scores_agree():
     cut[:, 2:] = 0
     np.testing.assert_array_equal(gates.scores(cut)[:, :2], gates.scores(p)[:, :2])
     assert (gates.scores(p)[:, -1] == 1).all()
+
+
+# --- the shipped JEI model, its trace and real gate execution -------------------------------
+
+JEI = "fashion_multi_exit_cnn_jei"
+BACKBONE = "fashion_multi_exit_cnn"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from engine.data.images import load, to_model_input
+    from engine.families import load_model
+    from engine.registry import get_card
+    from engine.trace_store import load_trace
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    data = load("fashion_mnist", "test")
+    yield (
+        get_card(JEI).raw,
+        load_model(JEI),
+        load_trace(JEI, "test", build_if_missing=False),
+        to_model_input(data.images),
+    )
+    torch.set_num_threads(before)
+
+
+def test_backbone_is_the_sdn_models_frozen_stages_and_gates_ship_in_the_weights(shipped):
+    from engine.families import load_model
+
+    card, model, _, _ = shipped
+    assert card["training"]["mode"] == "jei" and card["training"]["backbone"] == BACKBONE
+    assert card["config"]["gates"] is True and isinstance(model.gates, JointGates)
+    base = load_model(BACKBONE)
+    for (name, a), (_, b) in zip(
+        model.stages.state_dict().items(), base.stages.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    # the heads are new: not the backbone's
+    assert not torch.equal(model.heads[0].fc.weight, base.heads[0].fc.weight)
+
+
+def test_bundled_trace_carries_the_models_own_gate_scores(shipped):
+    _, model, trace, _ = shipped
+    assert trace.meta.extra["gate"]["joint"] is True
+    np.testing.assert_array_equal(trace.gate, model.gates.scores(trace.probs))
+
+
+def test_card_numbers_are_measured_on_the_shipped_weights(shipped):
+    card, _, trace, _ = shipped
+    jei = card["jei"]
+    assert jei["accuracy_within_budget"] == train_jei.comparison(trace)
+    assert jei["bias_at_gate_0.5"] == train_jei.bias_at_gate(trace)
+    o = tradeoff.oracle_stats(trace)
+    assert jei["oracle"] == {
+        "accuracy": round(o.accuracy, 4),
+        "cost_fraction": round(o.cost_fraction, 4),
+    }
+    np.testing.assert_allclose(
+        trace.correct.mean(axis=0), card["metrics"]["test_accuracy"], atol=1e-4
+    )
+
+
+def _gate_policies(trace: Trace) -> list[Policy]:
+    """The trained operating point, a threshold equal to a trace score (ties are exact), and a
+    strict and a loose one."""
+    at_score = float(np.median(trace.gate[:, 0]))
+    return [Policy("gate", threshold=t) for t in (0.5, at_score, 0.9, 0.1)]
+
+
+def test_real_gate_execution_equals_the_trace(shipped):
+    from engine.run.runtime import EarlyExitRunner
+
+    _, model, trace, x = shipped
+    runner = EarlyExitRunner(model, "torch", device="cpu")
+    sub = trace.subset(np.arange(2000))
+    rows = np.arange(sub.num_samples)
+    for policy in _gate_policies(trace):
+        res = runner.run(x[:2000], policy)
+        want = exit_index(sub, policy)
+        bad = np.flatnonzero(res.exit != want)
+        assert bad.size == 0, f"{policy}: {bad.size} differ, e.g. {bad[:5]}"
+        assert np.array_equal(res.pred, sub.pred[rows, want]), policy
+        assert np.array_equal(res.flops, sub.cost[rows, want]), policy
+        assert res.stage_rows[-1] == int((want == 3).sum())  # later stages really skipped
+    one = runner.run(x[:64], Policy("gate", threshold=0.5), batch_size=1)
+    assert np.array_equal(one.exit, exit_index(sub, Policy("gate", threshold=0.5))[:64])
+
+
+def test_gate_policy_on_a_model_without_gates_is_refused():
+    from engine.core.policies import PolicyError
+    from engine.families import load_model
+    from engine.run.runtime import run
+
+    x = torch.zeros((2, 1, 28, 28))
+    with pytest.raises(PolicyError, match="no learned gates"):
+        run(load_model(BACKBONE), x, Policy("gate", threshold=0.5), device="cpu")
+
+
+# --- the tuning page: three trainings of one CNN on one chart --------------------------------
+
+
+@pytest.fixture
+def page_env(tmp_path, monkeypatch):
+    import streamlit as st
+
+    monkeypatch.setenv("AIE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("AIE_DATA_DIR", str(tmp_path / "data"))
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    yield
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+def _tuning(model_id: str):
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(
+        str(Path(__file__).resolve().parent.parent / "pages" / "tuning.py"), default_timeout=120
+    )
+    at.query_params["model"] = model_id
+    at.query_params["policy"] = "gate"
+    at.query_params["t"] = "0.5"
+    return at.run()
+
+
+def test_tuning_page_compares_the_three_trainings_with_the_engines_numbers(page_env):
+    from engine.training_variants import BUDGETS, VARIANTS, variant_curves
+
+    at = _tuning(JEI)
+    assert not at.exception, at.exception
+    assert any(s.value == "The same CNN trained three ways" for s in at.subheader)
+    curves = variant_curves()
+    assert [c.model_id for c in curves] == [m for m, _, _ in VARIANTS]
+    table = at.table[-1].value
+    assert list(table["training"]) == [c.label for c in curves]
+    for b in BUDGETS:
+        col = list(table[f"≤ {b:.0%} of the cost"])
+        assert col == [f"{c.within_budget[f'{b:g}']:.4f}" for c in curves]
+    spec = at.get("plotly_chart")[-1].proto.spec
+    for _, label, _ in VARIANTS:
+        assert label in spec
+    # the joint gate's caption says it was trained with the heads, not post hoc
+    assert any("trained jointly with the heads" in c.value for c in at.caption)
+
+
+def test_the_comparison_is_only_shown_for_the_three_trainings(page_env):
+    at = _tuning("mnist_multi_exit_cnn")
+    assert not at.exception, at.exception
+    assert not any(s.value == "The same CNN trained three ways" for s in at.subheader)

@@ -24,7 +24,7 @@ same gates, bit for bit, in seconds. The last exit's gate is 1: every sample sto
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -200,3 +200,12 @@ def cross_fit_scores(
 def target_accuracy(trace: Trace, gate: np.ndarray, at: float = 0.5) -> np.ndarray:
     """[K] fraction of samples whose gate (thresholded at ``at``) agrees with the target."""
     return ((np.asarray(gate) >= at) == target(trace)).mean(axis=0)
+
+
+JOINT_FITTED_ON = "trained jointly with the heads on the train split (JEI-DNN)"
+
+
+def with_joint_gates(trace: Trace, scores: np.ndarray) -> Trace:
+    """``trace`` carrying the scores of a model's own, jointly trained gates (a JEI model's)."""
+    extra = {**trace.meta.extra, "gate": {"fitted_on": JOINT_FITTED_ON, "joint": True}}
+    return replace(trace, meta=replace(trace.meta, extra=extra), gate=scores)

@@ -264,6 +264,21 @@ class EarlyExitRunner:
             return self._onnx(True, x), None
         return self._onnx(False, x), self._onnx(True, x)
 
+    def _gates(self, policy: Policy):
+        """The model's jointly trained gates when ``policy`` is a gate policy, else None.
+
+        Their scores are computed live from the probabilities of the exits passed (column k
+        reads exits 0..k, ``JointGates.scores``), so the decision is the trace's own."""
+        if policy.kind != "gate":
+            return None
+        gates = getattr(self.model, "gates", None)
+        if gates is None or not hasattr(gates, "scores"):
+            raise PolicyError(
+                "this model carries no learned gates (only a JEI model does, e.g. "
+                "fashion_multi_exit_cnn_jei); use a confidence policy"
+            )
+        return gates
+
     # ---------------------------------------------------------------------------------------
     def run(
         self,
@@ -276,8 +291,7 @@ class EarlyExitRunner:
         """Run ``x`` [N, *input_shape] under ``policy``, with batch compaction after every exit."""
         if batch_size < 1 or min_rows < 1:
             raise ValueError("batch_size and min_rows must be at least 1")
-        if policy.kind == "gate":
-            raise PolicyError("the runtime has no learned gate scores; use a confidence policy")
+        gates = self._gates(policy)
         x = torch.as_tensor(x)
         if tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(
@@ -324,7 +338,8 @@ class EarlyExitRunner:
                             g.seen = np.zeros((m, k_count, p.shape[1]), dtype=np.float32)
                         g.seen[:, k] = p
                         # the decision: the traces' own rule, on exits 0..k (the rest are zeros)
-                        stop = stop_mask(policy, g.seen)[:, k] | (k == k_count - 1)
+                        live = None if gates is None else gates.scores(g.seen)
+                        stop = stop_mask(policy, g.seen, live)[:, k] | (k == k_count - 1)
                         cur = p.argmax(axis=-1)
                         done = b0 + g.idx[stop]
                         pred[done] = cur[stop]

@@ -32,7 +32,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.core import calibration, tradeoff
+from engine.core.gates import with_joint_gates
 from engine.core.policies import Policy, exit_index
 from engine.core.training import command_line, image_split, save_model, seed_everything
 
@@ -159,21 +160,6 @@ def pooled_features(model: nn.Module, x: torch.Tensor, batch: int = 500) -> list
     return [torch.cat(o) for o in out]
 
 
-def gated_trace(model: nn.Module, trace):
-    """``trace`` with its gate column filled from the model's jointly trained gates."""
-    meta = replace(
-        trace.meta,
-        extra={
-            **trace.meta.extra,
-            "gate": {
-                "fitted_on": "trained jointly with the heads on the train split (JEI-DNN)",
-                "joint": True,
-            },
-        },
-    )
-    return replace(trace, meta=meta, gate=model.gates.scores(trace.probs))
-
-
 def comparison(trace, budgets=BUDGETS) -> dict:
     """Best accuracy of each policy kind within each budget (fraction of the full cost)."""
     full = float(trace.cost[:, -1].mean())
@@ -260,12 +246,10 @@ def train_jei(argv: list[str], args: argparse.Namespace):
     names = exit_names(config)
     acc = exit_accuracy(model, xt, yt)
     metrics = exit_metrics(model, acc, len(yt), names)
-    trace = gated_trace(
-        model,
-        trace_of_inputs(
-            model, xt, yt.numpy(), class_names, args.dataset, "test", "jei", 256, names
-        ),
+    trace = trace_of_inputs(
+        model, xt, yt.numpy(), class_names, args.dataset, "test", "jei", 256, names
     )
+    trace = with_joint_gates(trace, model.gates.scores(trace.probs))
     model_id = args.model_id or f"{args.backbone}_jei"
     card = {
         "model_id": model_id,
