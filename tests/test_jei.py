@@ -252,3 +252,60 @@ def test_the_comparison_is_only_shown_for_the_three_trainings(page_env):
     at = _tuning("mnist_multi_exit_cnn")
     assert not at.exception, at.exception
     assert not any(s.value == "The same CNN trained three ways" for s in at.subheader)
+
+
+# --- the README's numbers are the cards' and the traces' -------------------------------------
+
+
+def _p1(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def readme_numbers() -> dict[str, str]:
+    """Every number the README's JEI / self-distillation paragraph and table row state."""
+    from engine.registry import get_card
+    from engine.training_variants import variant_curves
+
+    rows = {}
+    for c in variant_curves():
+        rows[c.model_id] = " / ".join(_p1(c.within_budget[b]) for b in ("0.3", "0.4", "0.5"))
+    sdn = get_card(BACKBONE).raw["metrics"]["test_accuracy"]
+    sd = get_card("fashion_multi_exit_cnn_sd").raw["metrics"]["test_accuracy"]
+    bias = get_card(JEI).raw["jei"]["bias_at_gate_0.5"]
+    return {
+        "SDN_ROW": rows[BACKBONE],
+        "SD_ROW": rows["fashion_multi_exit_cnn_sd"],
+        "JEI_ROW": rows[JEI],
+        "EXIT0_SD": _p1(sd[0]),
+        "EXIT0_SDN": _p1(sdn[0]),
+        "LAST_SD": _p1(sd[-1]),
+        "LAST_SDN": _p1(sdn[-1]),
+        "SD_EXITS": " / ".join(_p1(a) for a in sd),
+        "GATE_ACC": _p1(bias["gate"]["accuracy"]),
+        "GATE_COST": _p1(bias["gate"]["cost_fraction"]),
+        "MP_ACC": _p1(bias["max_prob"]["accuracy"]),
+        "GATE_GAP": f"{100 * bias['gate']['overall_gap']:+.1f}".replace("-", "−"),
+        "MP_GAP": f"{100 * bias['max_prob']['overall_gap']:+.1f}".replace("-", "−"),
+    }
+
+
+README_TEMPLATE = (
+    "Best accuracy within 30 / 40 / 50 % of the full cost: joint (SDN)\n"
+    "with max-prob {SDN_ROW} %, self-distilled with max-prob {SD_ROW} %, JEI-DNN gates {JEI_ROW} %.\n"
+    "Self-distillation lifts the first exit ({EXIT0_SD} vs {EXIT0_SDN} %) and costs the last\n"
+    "({LAST_SD} vs {LAST_SDN} %)",
+    "The JEI gate at its trained point\n"
+    "(0.5) gives {GATE_ACC} % at {GATE_COST} % of the cost, max-prob on the same heads at that "
+    "cost\n{MP_ACC} %; the signed confidence gap of its exited samples is {GATE_GAP} points "
+    "overall against max-prob's\n{MP_GAP}",
+    "self-distilled exits {SD_EXITS} %; JEI gate 0.5: {GATE_ACC} % at {GATE_COST} % of the FLOPs",
+)
+
+
+def test_readme_jei_numbers_are_the_engines():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    nums = readme_numbers()
+    for part in README_TEMPLATE:
+        assert part.format(**nums) in readme, part.format(**nums)
