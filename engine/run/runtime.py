@@ -267,12 +267,12 @@ class EarlyExitRunner:
     def _gates(self, policy: Policy):
         """The model's jointly trained gates when ``policy`` is a gate policy, else None.
 
-        Their scores are computed live from the probabilities of the exits passed (column k
-        reads exits 0..k, ``JointGates.scores``), so the decision is the trace's own."""
+        Exit k's score is computed live from the probabilities of exits k-1 and k
+        (``JointGates.score_at``, what the trace's column k is), so the decision is the trace's."""
         if policy.kind != "gate":
             return None
         gates = getattr(self.model, "gates", None)
-        if gates is None or not hasattr(gates, "scores"):
+        if gates is None or not hasattr(gates, "score_at"):
             raise PolicyError(
                 "this model carries no learned gates (only a JEI model does, e.g. "
                 "fashion_multi_exit_cnn_jei); use a confidence policy"
@@ -338,7 +338,10 @@ class EarlyExitRunner:
                             g.seen = np.zeros((m, k_count, p.shape[1]), dtype=np.float32)
                         g.seen[:, k] = p
                         # the decision: the traces' own rule, on exits 0..k (the rest are zeros)
-                        live = None if gates is None else gates.scores(g.seen)
+                        live = None
+                        if gates is not None:  # column k is all stop_mask reads at exit k
+                            live = np.zeros(g.seen.shape[:2], dtype=np.float32)
+                            live[:, k] = gates.score_at(g.seen, k)
                         stop = stop_mask(policy, g.seen, live)[:, k] | (k == k_count - 1)
                         cur = p.argmax(axis=-1)
                         done = b0 + g.idx[stop]

@@ -130,16 +130,20 @@ class JointGates(nn.Module):
         return torch.stack([*g, torch.ones_like(g[0])], dim=1)
 
     @torch.no_grad()
+    def score_at(self, probs: np.ndarray, k: int) -> np.ndarray:
+        """[N] float32 gate score of exit k from probabilities [N, >k, C] (reads exits k-1, k)."""
+        if k >= len(self.linear):
+            return np.ones(len(probs), dtype=np.float32)
+        x = features(probs[:, max(0, k - 1) : k + 1])[:, -1]
+        lin = self.linear[k]
+        w = lin.weight.detach().cpu().double().numpy()[0]
+        b = float(lin.bias.detach().cpu().double().numpy()[0])
+        logit = (x * w).sum(axis=-1) + b
+        return (1.0 / (1.0 + np.exp(-np.clip(logit, -50, 50)))).astype(np.float32)
+
     def scores(self, probs: np.ndarray) -> np.ndarray:
         """[N, K] float32 gate scores from probabilities [N, K, C]; column k reads exits 0..k."""
-        x = features(probs)
-        out = np.ones(x.shape[:2], dtype=np.float64)
-        for k, lin in enumerate(self.linear):
-            w = lin.weight.detach().cpu().double().numpy()[0]
-            b = float(lin.bias.detach().cpu().double().numpy()[0])
-            logit = (x[:, k] * w).sum(axis=-1) + b
-            out[:, k] = 1.0 / (1.0 + np.exp(-np.clip(logit, -50, 50)))
-        return out.astype(np.float32)
+        return np.stack([self.score_at(probs, k) for k in range(probs.shape[1])], axis=1)
 
 
 def _out_size(size: int, stride: int) -> int:
