@@ -310,7 +310,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--head-pool", type=int, default=1)
     jei = p.add_argument_group("--mode jei (JEI-DNN joint gates on a frozen backbone)")
     jei.add_argument("--backbone", default=None, help="bundled multi_exit_cnn whose stages to use")
-    jei.add_argument("--cost-weight", type=float, default=0.1, help="lambda of the cost term")
+    jei.add_argument("--cost-weight", type=float, default=1.0, help="lambda of the cost term")
     jei.add_argument("--mix", type=float, default=0.5, help="uniform share of head weights")
     jei.add_argument("--warmup-epochs", type=int, default=2, help="heads alone, all samples")
     jei.add_argument("--gate-lr", type=float, default=3e-2)
