@@ -11,6 +11,20 @@ from app.palette import CATEGORICAL
 from engine.training_variants import VariantCurve
 
 
+def _accuracy_range(curves: Sequence[VariantCurve]) -> list[float] | None:
+    """From the worst accuracy any curve has above a quarter of the cost to the best oracle:
+    below that the curves only fall to the first exit, which would flatten the part that
+    differs."""
+    lows = [
+        float(c.accuracy[c.cost_fraction >= 0.25].min())
+        for c in curves
+        if (c.cost_fraction >= 0.25).any()
+    ]
+    if not lows:
+        return None
+    return [min(lows) - 0.01, max(c.oracle_accuracy for c in curves) + 0.01]
+
+
 def variants_figure(curves: Sequence[VariantCurve], current: str | None = None) -> go.Figure:
     """Accuracy against mean cost (fraction of the full model) of each training variant's
     policy sweep (its Pareto front), each with its oracle as a star in the same colour; the
@@ -45,6 +59,6 @@ def variants_figure(curves: Sequence[VariantCurve], current: str | None = None) 
         "Same CNN, three trainings: accuracy vs cost",
         height=380,
         xaxis=dict(title="mean cost (fraction of the full model)", tickformat=".0%"),
-        yaxis=dict(title="accuracy", range=[0.8, 0.96]),
+        yaxis=dict(title="accuracy", range=_accuracy_range(curves)),
     )
     return _figure(data, layout)

@@ -325,3 +325,19 @@ def test_shipped_fashion_gates_beat_max_prob_at_every_budget_as_the_readme_says(
 
     table = get_card(JEI).raw["jei"]["accuracy_within_budget"]
     assert all(table["gate"][b] > table["max_prob"][b] for b in table["gate"])
+
+
+def test_variants_figure_is_valid_plotly_with_a_curve_and_an_oracle_each():
+    import plotly.graph_objects as go
+
+    from app.figures_variants import variants_figure
+    from engine.training_variants import variant_curves
+
+    curves = variant_curves()
+    fig = variants_figure(curves, JEI)
+    go.Figure(fig.to_dict())  # raises on any invalid property
+    assert len(fig.data) == 2 * len(curves)
+    lo, hi = fig.layout.yaxis.range
+    assert lo < min(c.within_budget["0.3"] for c in curves) and hi > max(
+        c.oracle_accuracy for c in curves
+    )

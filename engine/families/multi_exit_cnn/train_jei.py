@@ -26,8 +26,8 @@ What was adopted from the paper and what was not: the exit distribution, the exp
 plus cost objective, the frozen backbone with new heads, and gates that read their head's
 output are JEI-DNN's; the warm-up and the uniform share are this trainer's way of keeping every
 head trained on every sample (the paper's text at hand did not say how it does this). lambda is
-one number per model: the bundled Fashion model uses 1 (0.5 was tried first and its gates lost
-to max-prob below half the cost).
+one number per model: the bundled Fashion model uses 1 (0.5 was tried first; its gates lost
+to max-prob at every budget up to half the cost).
 
 Because the backbone is frozen and a head is a fixed pooling and one linear layer, each head's
 input is the pooled feature map of its stage; those are computed once (``pooled_features``)
