@@ -974,3 +974,11 @@ def _quee_at(model_id: str, cost_model: str, budget: float, stamp: int):
     b = quee_bundle(model_id, stamp)
     choice = quee.solve(b["fit"], b["gains"], b["costs"][cost_model], budget)
     return choice.lam, quee.simulate(b["test"], choice)
+
+
+@st.cache_data(show_spinner="Comparing the three trainings…", max_entries=1)
+def training_variants():
+    """The Fashion-MNIST CNN trained three ways (``engine.training_variants``), bundled traces."""
+    from engine.training_variants import variant_curves
+
+    return variant_curves()

@@ -71,6 +71,10 @@ def build(
 
     src = trace_file(model_id, "test")
     test = read_parquet(src, model_id)
+    if (test.meta.extra.get("gate") or {}).get("joint"):
+        raise ValueError(
+            f"{model_id} carries jointly trained gates; post hoc ones would replace them"
+        )
     t0 = time.perf_counter()
     if cross_fit:
         scores = gates.cross_fit_scores(test, folds=2, hidden=hidden, seed=seed, progress=progress)

@@ -455,7 +455,13 @@ def bias_section(
             f" The learned gate was fitted post hoc on the frozen model ({gate_info['fitted_on']};"
             " logistic regression per exit on the exit's sorted probabilities, entropy, margin "
             "and agreement with the previous exit; not trained jointly with the heads)."
-            if isinstance(gate_info, dict) and "fitted_on" in gate_info
+            if isinstance(gate_info, dict)
+            and "fitted_on" in gate_info
+            and not gate_info.get("joint")
+            else " The learned gate was trained jointly with the heads (JEI-DNN: the expected "
+            "loss under the gates' exit distribution plus a cost term, on the train split), and "
+            "the model carries it: the real runtime runs it too."
+            if isinstance(gate_info, dict) and gate_info.get("joint")
             else ""
         )
     )
@@ -733,6 +739,37 @@ def tuning_panel(source: str) -> None:
     st.session_state[CPU_KEY] = (time.thread_time() - cpu0) * 1e3
 
 
+def training_variants_section(source: str) -> None:
+    """When the trace is one of the Fashion-MNIST CNN's three trainings (SDN, FastBERT, JEI-DNN),
+    their accuracy–cost curves and oracles on one chart, with a budget table."""
+    from app.figures_variants import variants_figure
+    from engine.training_variants import BUDGETS, is_variant
+
+    model_id = _model_id(source)
+    if loaders.is_upload(source) or not is_variant(model_id):
+        return
+    curves = loaders.training_variants()
+    if len(curves) < 2:
+        return
+    st.subheader("The same CNN trained three ways")
+    widgets.chart(variants_figure(curves, model_id), "chart.variants", "training_variants")
+    rows = {"training": [c.label for c in curves]}
+    for b in BUDGETS:
+        rows[f"≤ {b:.0%} of the cost"] = [
+            "–" if c.within_budget[f"{b:g}"] is None else f"{c.within_budget[f'{b:g}']:.4f}"
+            for c in curves
+        ]
+    rows["last exit"] = [f"{c.last_accuracy:.4f}" for c in curves]
+    rows["oracle"] = [f"{c.oracle_accuracy:.4f} at {c.oracle_cost_fraction:.0%}" for c in curves]
+    st.table(pl.DataFrame(rows))
+    st.caption(
+        "Best test accuracy of each training's policy sweep within each budget (mean cost as a "
+        "fraction of the full model). Joint (SDN) and self-distilled (FastBERT) exits are chosen "
+        "by max-probability thresholds, the JEI-DNN model by its jointly trained gates (new heads "
+        "and gates on the SDN model's frozen backbone). Stars: each model's oracle."
+    )
+
+
 # --- page ------------------------------------------------------------------------------------
 
 upload_section()
@@ -755,3 +792,4 @@ if note := trace.meta.extra.get("note"):  # what a converted trace cannot tell (
     st.info(widgets.literal(note))
 saved_section(source, trace)
 tuning_panel(source)
+training_variants_section(source)

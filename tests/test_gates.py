@@ -18,6 +18,7 @@ from engine.trace_store import load_trace, trace_file
 GATED = (
     "mnist_multi_exit_cnn",
     "fashion_multi_exit_cnn",
+    "fashion_multi_exit_cnn_sd",
     "digits_multi_exit_cnn",
     "tweets_multi_exit_minilm",
 )

@@ -27,7 +27,10 @@ SHIPPED = {
     # model id -> (data set, minimum last-exit accuracy, minimum gap last - first exit)
     "digits_multi_exit_cnn": ("digits", 0.98, 0.05),
     "mnist_multi_exit_cnn": ("mnist", 0.99, 0.03),
+    "mnist_multi_exit_cnn_jei": ("mnist", 0.99, 0.03),  # JEI-DNN heads and gates
     "fashion_multi_exit_cnn": ("fashion_mnist", 0.90, 0.05),
+    "fashion_multi_exit_cnn_sd": ("fashion_mnist", 0.90, 0.05),  # self-distilled (FastBERT)
+    "fashion_multi_exit_cnn_jei": ("fashion_mnist", 0.90, 0.05),  # JEI-DNN heads and gates
     "mnist_cascade": ("mnist", 0.99, 0.005),
 }
 

@@ -8,8 +8,11 @@ value in (0, 1], stops every sample at its earliest correct exit and the never-r
 the first exit: exactly ``oracle_correct(trace, "first")``.
 
 This is the *post hoc* variant: the model is frozen and only the gates are fitted, on a trace
-of data the gates are then not scored on. JEI-DNN also trains gates and heads jointly (to
-remove the train–test mismatch of heads that were trained on the same data); that is not here.
+of data the gates are then not scored on. The joint variant, where gates and new heads are
+trained together on a frozen backbone (JEI-DNN's answer to the train–test mismatch of
+thresholding), reads the same features (``features_torch`` while it trains) and lives in
+``engine.families.multi_exit_cnn.train_jei``; its gates ship inside the model
+(``engine.families.multi_exit_cnn.model.JointGates``).
 
 Features of exit k (``features``), all read from exits 0..k so the gate fits ``stop_mask``'s
 contract: the exit's probabilities sorted in decreasing order, its normalised entropy and top-2
@@ -21,7 +24,7 @@ same gates, bit for bit, in seconds. The last exit's gate is 1: every sample sto
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -56,6 +59,21 @@ def features(probs: np.ndarray) -> np.ndarray:
     agree[:, 1:] = pred[:, 1:] == pred[:, :-1]
     prev_conf[:, 1:] = srt[:, :-1, 0]
     return np.concatenate([srt, np.stack([ent, margin, agree, prev_conf], axis=-1)], axis=-1)
+
+
+def features_torch(probs: torch.Tensor) -> torch.Tensor:
+    """``features`` in torch, differentiable in the probabilities (for jointly trained gates)."""
+    srt = torch.sort(probs, dim=-1, descending=True).values
+    c = probs.shape[-1]
+    ent = -torch.where(probs > 0, probs * torch.log(probs.clamp_min(1e-30)), 0.0).sum(-1)
+    ent = ent / float(np.log(c))
+    margin = srt[..., 0] - srt[..., 1]
+    pred = probs.argmax(dim=-1)
+    agree = torch.zeros_like(margin)
+    prev_conf = torch.zeros_like(margin)
+    agree[:, 1:] = (pred[:, 1:] == pred[:, :-1]).to(probs.dtype)
+    prev_conf[:, 1:] = srt[:, :-1, 0]
+    return torch.cat([srt, torch.stack([ent, margin, agree, prev_conf], dim=-1)], dim=-1)
 
 
 @dataclass(frozen=True)
@@ -192,3 +210,12 @@ def cross_fit_scores(
 def target_accuracy(trace: Trace, gate: np.ndarray, at: float = 0.5) -> np.ndarray:
     """[K] fraction of samples whose gate (thresholded at ``at``) agrees with the target."""
     return ((np.asarray(gate) >= at) == target(trace)).mean(axis=0)
+
+
+JOINT_FITTED_ON = "trained jointly with the heads on the train split (JEI-DNN)"
+
+
+def with_joint_gates(trace: Trace, scores: np.ndarray) -> Trace:
+    """``trace`` carrying the scores of a model's own, jointly trained gates (a JEI model's)."""
+    extra = {**trace.meta.extra, "gate": {"fitted_on": JOINT_FITTED_ON, "joint": True}}
+    return replace(trace, meta=replace(trace.meta, extra=extra), gate=scores)

@@ -303,6 +303,21 @@ class EarlyExitRunner:
             return self._onnx(True, x), None
         return self._onnx(False, x), self._onnx(True, x)
 
+    def _gates(self, policy: Policy):
+        """The model's jointly trained gates when ``policy`` is a gate policy, else None.
+
+        Exit k's score is computed live from the probabilities of exits k-1 and k
+        (``JointGates.score_at``, what the trace's column k is), so the decision is the trace's."""
+        if policy.kind != "gate":
+            return None
+        gates = getattr(self.model, "gates", None)
+        if gates is None or not hasattr(gates, "score_at"):
+            raise PolicyError(
+                "this model carries no learned gates (only a JEI model does, e.g. "
+                "fashion_multi_exit_cnn_jei); use a confidence policy"
+            )
+        return gates
+
     # ---------------------------------------------------------------------------------------
     def run(
         self,
@@ -324,8 +339,7 @@ class EarlyExitRunner:
             raise ValueError("a learned QuEE choice runs on the 'quee' backend")
         if batch_size < 1 or min_rows < 1:
             raise ValueError("batch_size and min_rows must be at least 1")
-        if policy.kind == "gate":
-            raise PolicyError("the runtime has no learned gate scores; use a confidence policy")
+        gates = self._gates(policy)
         x = torch.as_tensor(x)
         if tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(
@@ -374,7 +388,11 @@ class EarlyExitRunner:
                         # the decision: the traces' own rule, on exits 0..k (the rest are zeros)
                         act = _quee_actions(quee_choice, g, int8_chain, k, int8_from[b0 + g.idx])
                         if act is None:
-                            stop = stop_mask(policy, g.seen)[:, k] | (k == k_count - 1)
+                            live = None
+                            if gates is not None:  # column k is all stop_mask reads at exit k
+                                live = np.zeros(g.seen.shape[:2], dtype=np.float32)
+                                live[:, k] = gates.score_at(g.seen, k)
+                            stop = stop_mask(policy, g.seen, live)[:, k] | (k == k_count - 1)
                         else:
                             stop = (act == 0) | (k == k_count - 1)
                         cur = p.argmax(axis=-1)

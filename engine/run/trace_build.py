@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.core.gates import with_joint_gates
 from engine.core.progress import Progress
 from engine.core.trace import Trace, TraceMeta
 from engine.data import images
@@ -118,7 +119,7 @@ def build_trace_for_card(
     card = get_card(model_id)
     model = load_model(model_id)
     names = card.raw.get("exit_names") or card.raw.get("metrics", {}).get("exit_names")
-    return build_trace(
+    trace = build_trace(
         model,
         dataset or card.dataset,
         split,
@@ -128,3 +129,6 @@ def build_trace_for_card(
         extra_meta={"family": card.family, "weights_sha256": card.raw.get("weights_sha256")},
         progress=progress,
     )
+    if getattr(model, "gates", None) is not None:  # a JEI model: its own gates' scores
+        trace = with_joint_gates(trace, model.gates.scores(trace.probs))
+    return trace

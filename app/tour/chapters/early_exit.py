@@ -26,9 +26,12 @@ EARLY_EXIT_TEXT = (
     "price: a confident exit can still be wrong, so a lower threshold saves compute and loses "
     "some accuracy. The **oracle** knows the answer and stops every input at the first exit "
     "that gets it right (inputs that no exit gets right are charged at the first exit): no "
-    "real policy can do better. A third option is to go on in cheaper **int8** arithmetic: "
-    "QuEE learns, per exit, how much accuracy going on in float32 or in int8 would buy, and "
-    "picks exit, int8 or float32 within a compute budget (page *Exit or continue in int8*)."
+    "real policy can do better. A threshold is not the only way to decide: JEI-DNN trains a "
+    "small *gate* per exit together with the exit's classifier, weighing the expected error "
+    "against the compute, and the tuning page runs such gates beside the thresholds. A third "
+    "option is to go on in cheaper **int8** arithmetic: QuEE learns, per exit, how much accuracy "
+    "going on in float32 or in int8 would buy, and picks exit, int8 or float32 within a compute "
+    "budget (page *Exit or continue in int8*)."
 )
 EARLY_EXIT_PAPER = (
     "BranchyNet (Teerapittayanon et al., 2016); Shallow-Deep Networks (Kaya et al., 2019): "

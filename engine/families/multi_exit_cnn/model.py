@@ -25,14 +25,21 @@ With the default widths on 28x28 inputs, stage by stage (FLOPs per sample counte
 Heads pool the feature map to ``head_pool`` x ``head_pool`` cells (average pooling with a fixed
 kernel, as SDN's internal classifiers reduce feature maps to a fixed size) and apply one linear
 layer: a few thousand FLOPs, negligible next to the stages, so early exits are nearly free.
+
+With ``gates: true`` in the config the model also carries JEI-DNN gates (``JointGates``), one
+per exit but the last, trained jointly with the heads (``train_jei``); the runtime runs the
+``gate`` policy on their live scores, and the trace builder writes them to the trace.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
+
+from engine.core.gates import features, features_torch
 
 INPUT_SIZE = 28
 
@@ -43,6 +50,7 @@ class Config:
     widths: list[int] = field(default_factory=lambda: [16, 32, 64, 64])  # channels per stage
     strides: list[int] = field(default_factory=lambda: [2, 2, 2, 1])  # stride of each block
     head_pool: int = 1  # heads average-pool to head_pool x head_pool cells (1 = global pool)
+    gates: bool = False  # carry jointly trained exit gates (JEI-DNN, ``JointGates``)
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
@@ -99,6 +107,45 @@ class ExitHead(nn.Module):
         return self.fc(self.flatten(self.pool(h)))  # [B, num_classes]
 
 
+class JointGates(nn.Module):
+    """JEI-DNN's gating mechanism: exit k's gate reads its head's output (the features of
+    ``engine.core.gates``: sorted probabilities, entropy, margin, agreement with exit k-1 and
+    exit k-1's max-prob) and gives g_k = P(stop at k | reached k) with one logistic unit. The
+    last exit's gate is 1.
+
+    ``forward`` (torch, differentiable) is what training uses; ``scores`` (numpy float64,
+    elementwise products summed per row) is what the trace and the runtime use, so a sample's
+    score does not depend on how many rows are computed with it.
+    """
+
+    def __init__(self, num_exits: int, num_classes: int):
+        super().__init__()
+        f = num_classes + 4
+        self.linear = nn.ModuleList(nn.Linear(f, 1) for _ in range(num_exits - 1))
+
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:
+        """[B, K] gate probabilities from probabilities [B, K, C]."""
+        x = features_torch(probs)
+        g = [torch.sigmoid(lin(x[:, k]).squeeze(-1)) for k, lin in enumerate(self.linear)]
+        return torch.stack([*g, torch.ones_like(g[0])], dim=1)
+
+    @torch.no_grad()
+    def score_at(self, probs: np.ndarray, k: int) -> np.ndarray:
+        """[N] float32 gate score of exit k from probabilities [N, >k, C] (reads exits k-1, k)."""
+        if k >= len(self.linear):
+            return np.ones(len(probs), dtype=np.float32)
+        x = features(probs[:, max(0, k - 1) : k + 1])[:, -1]
+        lin = self.linear[k]
+        w = lin.weight.detach().cpu().double().numpy()[0]
+        b = float(lin.bias.detach().cpu().double().numpy()[0])
+        logit = (x * w).sum(axis=-1) + b
+        return (1.0 / (1.0 + np.exp(-np.clip(logit, -50, 50)))).astype(np.float32)
+
+    def scores(self, probs: np.ndarray) -> np.ndarray:
+        """[N, K] float32 gate scores from probabilities [N, K, C]; column k reads exits 0..k."""
+        return np.stack([self.score_at(probs, k) for k in range(probs.shape[1])], axis=1)
+
+
 def _out_size(size: int, stride: int) -> int:
     return (size + 2 - 3) // stride + 1  # 3x3 conv, padding 1
 
@@ -121,6 +168,7 @@ class MultiExitCNN(nn.Module):
             c_in = c_out
         self.stages = nn.ModuleList(stages)
         self.heads = nn.ModuleList(heads)
+        self.gates = JointGates(len(stages), config.num_classes) if config.gates else None
 
     @property
     def num_exits(self) -> int:

@@ -9,6 +9,10 @@ Two training modes, both from the early-exit literature:
   the earlier heads are trained (``--head-epochs``). The backbone is then exactly a plain CNN,
   and the early exits cannot make it worse.
 
+* ``jei`` (JEI-DNN, ``train_jei``): the stages of a bundled model (``--backbone``) frozen, new
+  heads and one gate per exit trained jointly on the expected loss under the gates' exit
+  distribution plus ``--cost-weight`` times the expected cost; the gates ship in the weights.
+
 ``--distill`` adds FastBERT-style self-distillation: each earlier exit also matches the last
 exit's (detached) softened distribution, ``loss_k = (1 - a) CE + a T^2 KL(p_last^T || p_k^T)``
 with ``a = --distill-alpha`` and ``T = --temperature``.
@@ -290,7 +294,7 @@ def save_with_card(
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine.train multi_exit_cnn", description=__doc__)
     add_common_args(p)
-    p.add_argument("--mode", choices=("joint", "heads_only"), default="joint")
+    p.add_argument("--mode", choices=("joint", "heads_only", "jei"), default="joint")
     p.add_argument("--head-epochs", type=int, default=1, help="heads_only: epochs for the heads")
     p.add_argument("--exit-weights", default=None, help="comma-separated, one per exit")
     p.add_argument("--distill", action="store_true", help="self-distil from the last exit")
@@ -299,6 +303,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--widths", default="16,32,64,64")
     p.add_argument("--strides", default="2,2,2,1")
     p.add_argument("--head-pool", type=int, default=1)
+    jei = p.add_argument_group("--mode jei (JEI-DNN joint gates on a frozen backbone)")
+    jei.add_argument("--backbone", default=None, help="bundled multi_exit_cnn whose stages to use")
+    jei.add_argument("--cost-weight", type=float, default=1.0, help="lambda of the cost term")
+    jei.add_argument("--mix", type=float, default=0.5, help="uniform share of head weights")
+    jei.add_argument("--warmup-epochs", type=int, default=2, help="heads alone, all samples")
+    jei.add_argument("--gate-lr", type=float, default=3e-2)
     return p
 
 
@@ -366,6 +376,10 @@ def main(argv: list[str], progress: Progress | None = None) -> Path:
     from engine.families.multi_exit_cnn.model import build, exit_names
 
     args = parser().parse_args(argv)
+    if args.mode == "jei":
+        from engine.families.multi_exit_cnn.train_jei import train_jei
+
+        return train_jei(argv, args)
     return train_and_save(
         argv,
         args,
