@@ -22,6 +22,7 @@ from torch import nn
 if TYPE_CHECKING:
     from engine.core.results import Results
     from engine.registry import ModelCard
+    from engine.run.trace_build import TraceInputs
 
 # exit: multi-exit classifier (a Trace); cascade: a chain of models (a Trace); skip: per-input
 # layer skipping; halt: adaptive computation time; route: mixture of experts; lm: token-level
@@ -62,6 +63,11 @@ class Family:
     about: str = ""  # how the method works, in two or three sentences, for its page
     setting_help: str = ""  # what the knob does
     traces: bool = False  # results are a multi-exit Trace (``TraceFamily``: trace(card, ...))
+    # why ``python -m engine.build MODEL --ray`` cannot build this family (None: it can)
+    not_on_ray: str | None = (
+        "its results come from the per-step records its trainer stored; there is no "
+        "per-sample model run to shard"
+    )
 
     def build(self, config: dict) -> nn.Module:
         """An untrained network of this family with the card's config."""
@@ -89,6 +95,13 @@ class Family:
             f"{card.model_id}: the {self.title or self.name} family writes its results when it "
             f"is trained ({card.raw.get('training_command', 'python -m engine.train')})"
         )
+
+    def trace_inputs(
+        self, card: ModelCard, split: str = "test", dataset: str | None = None
+    ) -> TraceInputs:
+        """What ``trace`` runs the model on (``run_exits`` over prepared inputs, batch by
+        batch), so that other processes can run it (``engine.run.ray_build``)."""
+        raise FamilyError(f"{card.model_id} cannot be built on Ray: {self.not_on_ray}")
 
     def rebuilt_for_compare(self, card: ModelCard) -> bool:
         """Whether ``python -m engine.compare_sources build`` re-runs this model (its results

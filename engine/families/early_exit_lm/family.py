@@ -16,6 +16,7 @@ class EarlyExitLM(Family):
     setting = "confidence threshold"
     step_name = "layer"
     about = "Per generated token, stop at the first layer whose confidence passes a threshold."
+    not_on_ray = "a language model exits per token, in generation; there are no per-sample results"
 
     def build(self, config: dict):
         return lm.build(config)

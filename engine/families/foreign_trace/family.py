@@ -27,6 +27,7 @@ class ForeignTrace(Family):
     step_name = "layer"
     trainer = None
     traces = True
+    not_on_ray = "the trace came from another tool; there is no network to run"
 
     def trace(self, card: ModelCard, split: str = "test") -> Trace:
         """The stored conversion; the original file is read only by the command line."""
