@@ -211,7 +211,13 @@ def run_on_ray(
                 max_restarts=RETRIES,
                 max_task_retries=RETRIES,
             )
-        done = ds.take_all()  # in completion order: the gather below restores sample order
+        try:
+            done = ds.take_all()  # in completion order: the gather below restores sample order
+        except ray.exceptions.RayError as e:  # a worker died more often than it is retried
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise RayBuildError(
+                f"the Ray build failed ({RETRIES} retries per block): {first}"
+            ) from None
         by_block = {int(r["block"]): r for r in done}
         if sorted(by_block) != list(range(len(blocks))):
             missing = sorted(set(range(len(blocks))) - set(by_block))
