@@ -1,6 +1,6 @@
 """Trace building: one process vs Ray with 1 and 2 local workers (samples/s, one run).
 
-    python bench/ray_build.py [--model fashion_multi_exit_cnn] [--split train]
+    PYTHONPATH=. python bench/ray_build.py [--model fashion_multi_exit_cnn] [--split test|train]
 
 One local Ray instance (2 CPUs, no dashboard) serves both Ray runs; starting it is timed apart.
 A Ray run's time includes starting its actors and loading the model in each (what a user
@@ -34,7 +34,7 @@ def without_latency(t) -> bytes:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="fashion_multi_exit_cnn")
-    p.add_argument("--split", default="train", choices=("train", "test"))
+    p.add_argument("--split", default="test", choices=("train", "test"))
     args = p.parse_args()
     print(f"load average before: {os.getloadavg()}")
     torch.set_num_threads(1)

@@ -161,6 +161,17 @@ def cli(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
     )
 
 
+def test_the_readme_states_the_block_size():
+    import inspect
+
+    from engine.run.trace_build import TraceInputs
+
+    readme = (ROOT / "README.md").read_text()
+    per_block = inspect.signature(ray_build.build_on_ray).parameters["batches_per_block"].default
+    batch = TraceInputs.__dataclass_fields__["batch_size"].default
+    assert f"blocks of whole batches ({per_block} × {batch} samples)" in readme
+
+
 def test_the_cli_builds_on_a_local_ray_instance(one_thread, tmp_path):
     out = tmp_path / "t.parquet"
     res = cli("digits_multi_exit_cnn", "--ray", "--workers", "2", "--out", str(out))

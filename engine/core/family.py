@@ -22,7 +22,6 @@ from torch import nn
 if TYPE_CHECKING:
     from engine.core.results import Results
     from engine.registry import ModelCard
-    from engine.run.trace_build import TraceInputs
 
 # exit: multi-exit classifier (a Trace); cascade: a chain of models (a Trace); skip: per-input
 # layer skipping; halt: adaptive computation time; route: mixture of experts; lm: token-level
@@ -96,11 +95,10 @@ class Family:
             f"is trained ({card.raw.get('training_command', 'python -m engine.train')})"
         )
 
-    def trace_inputs(
-        self, card: ModelCard, split: str = "test", dataset: str | None = None
-    ) -> TraceInputs:
+    def trace_inputs(self, card: ModelCard, split: str = "test", dataset: str | None = None):
         """What ``trace`` runs the model on (``run_exits`` over prepared inputs, batch by
-        batch), so that other processes can run it (``engine.run.ray_build``)."""
+        batch): an ``engine.run.trace_build.TraceInputs`` (not imported here: that module
+        loads families), so that other processes can run it (``engine.run.ray_build``)."""
         raise FamilyError(f"{card.model_id} cannot be built on Ray: {self.not_on_ray}")
 
     def rebuilt_for_compare(self, card: ModelCard) -> bool:
