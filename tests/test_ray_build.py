@@ -180,6 +180,15 @@ def test_the_cli_builds_on_a_local_ray_instance(one_thread, tmp_path):
     assert_same_trace(trace_io.read_parquet(out), single_process("digits_multi_exit_cnn"))
 
 
+def test_the_cli_joins_a_running_cluster_by_its_address(local_ray, one_thread, tmp_path):
+    address = local_ray.get_runtime_context().gcs_address  # this process's instance, joined
+    out, shards = tmp_path / "t.parquet", tmp_path / "shards"
+    res = cli("digits_multi_exit_cnn", "--ray", address, "--shards", str(shards), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert f"shards in {shards}" in res.stdout and (shards / "block-000000.parquet").exists()
+    assert_same_trace(trace_io.read_parquet(out), single_process("digits_multi_exit_cnn"))
+
+
 def test_the_cli_says_in_one_line_what_stops_a_ray_build(tmp_path):
     no_ray = tmp_path / "no_ray" / "ray"
     no_ray.mkdir(parents=True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 import socket
 import tempfile
@@ -241,6 +242,40 @@ def run_on_ray(
             shutil.rmtree(shard_dir, ignore_errors=True)
 
 
+def token_file() -> Path:
+    """Where Ray 2.60 keeps the cluster token it authenticates every connection with."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+
+def ensure_token() -> None:
+    """Create Ray's token file once, atomically: two local instances starting together (two
+    test processes) must not each write their own and lock the other's workers out."""
+    if os.environ.get("RAY_AUTH_MODE", "token") != "token" or os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    path = token_file()
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(secrets.token_hex(32))
+    tmp.chmod(0o600)
+    try:
+        os.link(tmp, path)  # fails if another process made it first: then theirs is used
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+
+
+def use_token_to_join() -> None:
+    """Ray authenticates with the token only when asked to (``RAY_AUTH_MODE=token``) for an
+    explicit address; ask when a token is there and the user said nothing."""
+    if "RAY_AUTH_MODE" not in os.environ and (
+        os.environ.get("RAY_AUTH_TOKEN") or token_file().exists()
+    ):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 class connect:
     """``with connect(address, num_cpus):`` a Ray instance for the build: ``None`` starts a local
     one in a short private temp dir (never an existing cluster on this machine) and shuts it
@@ -252,6 +287,8 @@ class connect:
         self.temp_dir: str | None = None
 
     def __enter__(self):
+        if self.address is not None:
+            use_token_to_join()  # before Ray is imported: it reads the mode once, at import
         ray = import_ray()
         if ray.is_initialized():
             return ray
@@ -259,6 +296,7 @@ class connect:
         if self.address is None:
             # short: Ray's AF_UNIX socket paths live under it (108 bytes at most)
             self.temp_dir = tempfile.mkdtemp(prefix="aie-ray-", dir="/tmp")
+            ensure_token()
             ray.init(address="local", num_cpus=self.num_cpus, _temp_dir=self.temp_dir, **quiet)
         else:
             check_reachable(self.address)
@@ -271,7 +309,6 @@ class connect:
                 ) from None
         self.started = True
         ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         return ray
