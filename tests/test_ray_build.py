@@ -151,13 +151,16 @@ def test_a_worker_killed_mid_run_is_restarted_and_the_trace_is_complete(
 
 
 def cli(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The command line in a fresh process; RAY_AUTH_MODE, which starting this process's Ray
+    set, is not passed on (a user joining a cluster has not set it)."""
+    base = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
     return subprocess.run(
         [sys.executable, "-m", "engine.build", *argv],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=240,
-        env={**os.environ, **(env or {})},
+        env={**base, **(env or {})},
     )
 
 
