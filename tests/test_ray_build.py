@@ -150,6 +150,47 @@ def test_a_worker_killed_mid_run_is_restarted_and_the_trace_is_complete(
     assert_same_trace(done.trace, one)
 
 
+MLP = """
+from torch import nn
+
+INPUT_SHAPE = (12,)
+CLASSES = ["a", "b", "c"]
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.ModuleList([nn.Sequential(nn.Linear(12, 16), nn.ReLU()), nn.Linear(16, 16)])
+        self.heads = nn.ModuleList([nn.Linear(16, 3), nn.Linear(16, 3)])
+
+
+def build_model():
+    return MLP()
+"""
+
+
+def test_a_users_own_pytorch_model_builds_on_ray(local_ray, one_thread, tmp_path, monkeypatch):
+    """Registered with ``python -m engine.byo torch`` in a user folder the workers are told of."""
+    from safetensors.torch import save_file
+
+    from engine.byo.__main__ import main as byo
+    from engine.families.torch_protocol import model as protocol
+
+    monkeypatch.setenv("AIE_DATA_DIR", str(tmp_path / "data"))
+    (tmp_path / "mlp.py").write_text(MLP)
+    torch.manual_seed(0)
+    net = protocol.read_spec(protocol.import_file(tmp_path / "mlp.py")).network
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "w.safetensors")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(600, 12)).astype(np.float32), rng.integers(0, 3, 600)
+    np.savez(tmp_path / "eval.npz", x=x, y=y)
+    argv = ["torch", str(tmp_path / "mlp.py"), "--weights", str(tmp_path / "w.safetensors")]
+    assert byo([*argv, "--data", str(tmp_path / "eval.npz"), "--name", "ray_mlp"]) == 0
+    done = ray_build.build_on_ray("ray_mlp", workers=2, batches_per_block=1)
+    assert done.blocks == 3  # 600 samples: 256 + 256 + 88
+    assert_same_trace(done.trace, single_process("ray_mlp"))
+
+
 def cli(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """The command line in a fresh process; RAY_AUTH_MODE, which starting this process's Ray
     set, is not passed on (a user joining a cluster has not set it)."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -133,6 +134,14 @@ class ShardWorker:
         return {k: np.asarray(v) for k, v in out.items()}
 
 
+def worker_error(e: Exception) -> str:
+    """The worker's own error from Ray's report (its last ``SomeError: message`` line, e.g.
+    the registry's "unknown model"), else the report's first line."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    raised = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception): ", ln)]
+    return raised[-1] if raised else (lines or [type(e).__name__])[0]
+
+
 def write_shard(path: Path, block: int, start: int, probs: np.ndarray, latency: np.ndarray):
     """One block's rows (global index, probabilities, latency), atomically: temp + rename."""
     n, k, c = probs.shape
@@ -209,15 +218,18 @@ def run_on_ray(
                     "threads": threads,
                     "shard_dir": str(shard_dir),
                 },
+                # the driver's user model and cache folders (AIE_DATA_DIR, AIE_CACHE_DIR)
+                runtime_env={
+                    "env_vars": {k: v for k, v in os.environ.items() if k.startswith("AIE_")}
+                },
                 max_restarts=RETRIES,
                 max_task_retries=RETRIES,
             )
         try:
             done = ds.take_all()  # in completion order: the gather below restores sample order
         except ray.exceptions.RayError as e:  # a worker died more often than it is retried
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise RayBuildError(
-                f"the Ray build failed ({RETRIES} retries per block): {first}"
+                f"the Ray build failed ({RETRIES} retries per block): {worker_error(e)}"
             ) from None
         by_block = {int(r["block"]): r for r in done}
         if sorted(by_block) != list(range(len(blocks))):
