@@ -3,7 +3,8 @@
 Early-exit models and cascades get their trace (every exit's probabilities on the split);
 the other families write their per-sample results over their setting (``Results``, Parquet).
 A model is refused on a data set it was not trained on unless ``--force``; a family that cannot
-build results says why in one line.
+build results says why in one line. ``--ray [ADDRESS]`` builds the trace on Ray instead (a local
+instance with ``--workers`` workers, or the cluster at ADDRESS; ``engine.run.ray_build``).
 """
 
 from __future__ import annotations
@@ -28,9 +29,58 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("train", "test"))
     p.add_argument("--out", type=Path, default=None, help="output .parquet (traces: or .csv)")
     p.add_argument("--force", action="store_true", help="allow a data set the model never saw")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (per Ray worker)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="build the trace on Ray: alone, a local instance on this machine; with ADDRESS "
+        "(host:port of `ray start --head`, or auto), that cluster",
+    )
+    p.add_argument("--workers", type=int, default=2, help="Ray workers (actors); with --ray")
+    p.add_argument(
+        "--shards",
+        type=Path,
+        default=None,
+        help="with --ray: keep the Parquet shards here (on a cluster: a directory every node "
+        "shares); default a temp dir, removed after the gather",
+    )
     return p
+
+
+def write_trace(trace, out: Path) -> str:
+    """Write a trace as .parquet or .csv (by suffix); returns the line to print."""
+    if out.suffix.lower() == ".csv":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(trace.to_csv_bytes())
+    else:
+        trace.write_parquet(out)
+    acc = " ".join(f"{a:.4f}" for a in trace.correct.mean(axis=0))
+    return f"{out}: trace, {trace.num_samples} samples x {trace.num_exits} exits; accuracy {acc}"
+
+
+def build_ray(args) -> str:
+    """``--ray``: the trace built by Ray workers, written as the single-process build writes it."""
+    from engine.run.ray_build import build_on_ray
+
+    address = None if args.ray == "local" else args.ray
+    done = build_on_ray(
+        args.model,
+        args.split,
+        args.dataset,
+        args.force,
+        address,
+        args.workers,
+        args.threads,
+        args.shards,
+    )
+    out = args.out or Path(f"{args.model}__{args.split}.parquet")
+    where = f"; shards in {done.shard_dir}" if args.shards else ""
+    workers = len(set(done.pids))
+    return f"{write_trace(done.trace, out)} (Ray: {done.blocks} blocks, {workers} worker(s){where})"
 
 
 def build(
@@ -47,16 +97,7 @@ def build(
     fam = families.get(card.family)
     if fam.traces:
         trace = fam.checked_trace(card, split, dataset, force, progress=progress)
-        out = out or Path(f"{model_id}__{split}.parquet")
-        if out.suffix.lower() == ".csv":
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_bytes(trace.to_csv_bytes())
-        else:
-            trace.write_parquet(out)
-        acc = " ".join(f"{a:.4f}" for a in trace.correct.mean(axis=0))
-        return (
-            f"{out}: trace, {trace.num_samples} samples x {trace.num_exits} exits; accuracy {acc}"
-        )
+        return write_trace(trace, out or Path(f"{model_id}__{split}.parquet"))
     if dataset not in (None, card.dataset) and not force:
         raise FamilyError(
             f"{model_id} was trained on {card.dataset}, not {dataset} (add --force to try)"
@@ -82,11 +123,25 @@ def build(
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
+    from engine.run.ray_build import RayBuildError
+
     try:
-        print(
-            build(args.model, args.out, args.split, args.dataset, args.force, terminal(args.quiet))
-        )
-    except (FamilyError, RegistryError, DatasetUnavailable, FileNotFoundError, ValueError) as e:
+        if args.ray:
+            print(build_ray(args))
+        else:
+            print(
+                build(
+                    args.model, args.out, args.split, args.dataset, args.force, terminal(args.quiet)
+                )
+            )
+    except (
+        FamilyError,
+        RegistryError,
+        DatasetUnavailable,
+        FileNotFoundError,
+        ValueError,
+        RayBuildError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

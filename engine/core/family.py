@@ -80,6 +80,11 @@ class Family:
     setting_help: str = ""  # what the knob does
     untimed: str = ""  # why timing its settings is not meaningful, in one line (the profiler)
     traces: bool = False  # results are a multi-exit Trace (``TraceFamily``: trace(card, ...))
+    # why ``python -m engine.build MODEL --ray`` cannot build this family (None: it can)
+    not_on_ray: str | None = (
+        "its results come from the per-step records its trainer stored; there is no "
+        "per-sample model run to shard"
+    )
 
     def build(self, config: dict) -> nn.Module:
         """An untrained network of this family with the card's config."""
@@ -107,6 +112,12 @@ class Family:
             f"{card.model_id}: the {self.title or self.name} family writes its results when it "
             f"is trained ({card.raw.get('training_command', 'python -m engine.train')})"
         )
+
+    def trace_inputs(self, card: ModelCard, split: str = "test", dataset: str | None = None):
+        """What ``trace`` runs the model on (``run_exits`` over prepared inputs, batch by
+        batch): an ``engine.run.trace_build.TraceInputs`` (not imported here: that module
+        loads families), so that other processes can run it (``engine.run.ray_build``)."""
+        raise FamilyError(f"{card.model_id} cannot be built on Ray: {self.not_on_ray}")
 
     def rebuilt_for_compare(self, card: ModelCard) -> bool:
         """Whether ``python -m engine.compare_sources build`` re-runs this model (its results

@@ -22,7 +22,7 @@ from engine.data import images
 from engine.data.images import to_model_input
 from engine.registry import ModelCard
 from engine.run.runtime import EarlyExitRunner
-from engine.run.trace_build import build_trace_for_card
+from engine.run.trace_build import TraceInputs, build_trace_for_card, trace_inputs_for_card
 from engine.trace_store import cached_trace_file, load_trace
 
 
@@ -33,6 +33,7 @@ class TraceFamily(Family):
     kind = "exit"
     setting = "max_prob threshold"
     traces = True  # the tuning page and the inspector read its trace
+    not_on_ray = None
 
     def trace(
         self,
@@ -59,6 +60,17 @@ class TraceFamily(Family):
                 "measure a model on data it never saw (add --force to build it anyway)"
             )
         return self.trace(card, split, dataset, progress=progress)
+
+    def trace_inputs(
+        self, card: ModelCard, split: str = "test", dataset: str | None = None
+    ) -> TraceInputs:
+        """The inputs ``trace`` gives ``run_exits``; refused for a family that builds its trace
+        another way and has not said how to shard it."""
+        own_trace = type(self).trace is not TraceFamily.trace
+        if self.not_on_ray or (own_trace and type(self).trace_inputs is TraceFamily.trace_inputs):
+            reason = self.not_on_ray or "it builds its trace its own way"
+            raise FamilyError(f"{card.model_id} cannot be built on Ray: {reason}")
+        return trace_inputs_for_card(card.model_id, split, dataset)
 
     def results(self, card: ModelCard) -> Results:
         return from_trace(load_trace(card.model_id, build_if_missing=False), self.label(card))

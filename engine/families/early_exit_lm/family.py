@@ -17,6 +17,7 @@ class EarlyExitLM(Family):
     step_name = "layer"
     untimed = "exits per generated token: its cost is layers per token, timed live on its page"
     about = "Per generated token, stop at the first layer whose confidence passes a threshold."
+    not_on_ray = "a language model exits per token, in generation; there are no per-sample results"
 
     def build(self, config: dict):
         return lm.build(config)

@@ -27,6 +27,7 @@ class ForeignTrace(Family):
     step_name = "layer"
     trainer = None
     traces = True
+    not_on_ray = "the trace came from another tool; there is no network to run"
 
     untimed = "a trace made elsewhere: no model here to time (its latency_e{k} columns, if any)"
 

@@ -17,6 +17,7 @@ class HFCausalLM(Family):
     setting = "confidence threshold"
     step_name = "layer"
     trainer = None  # pretrained: nothing of ours to train
+    not_on_ray = "a language model exits per token, in generation; there are no per-sample results"
     about = (
         "A pretrained decoder read at every layer through its own final norm and head (the "
         "logit lens). Per generated token it can stop at the first confident layer (CALM), "

@@ -22,6 +22,9 @@ class HFEncoder(TraceFamily):
         "every layer trained on your labelled texts."
     )
     trainer = None  # trained by python -m engine.byo hf, from the user's files
+    not_on_ray = (
+        "its trace is assembled by its trainer (texts, checkpoint path); not ported to Ray yet"
+    )
 
     def build(self, config: dict) -> hfe.HFEncoderExits:
         return hfe.build(config)

@@ -18,6 +18,10 @@ class MultiExitBert(TraceFamily):
     title = "early exit (MiniLM)"
     paper = "Xin 2020 (DeeBERT)"
     about = "A frozen pretrained encoder with a classifier after every layer."
+    not_on_ray = (
+        "its trace comes from backbone features computed once in length-sorted batches and "
+        "cached; index-ordered shards would pad each batch differently"
+    )
 
     def build(self, config: dict):
         return meb.build(config)

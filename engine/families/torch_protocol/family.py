@@ -12,7 +12,7 @@ from engine.core.trace import Trace
 from engine.families.common import TraceFamily
 from engine.families.torch_protocol import model as protocol
 from engine.registry import ModelCard, verified_weights
-from engine.run.trace_build import trace_of_inputs
+from engine.run.trace_build import TraceInputs, trace_of_inputs
 
 FAMILY_NAME = "torch_protocol"
 
@@ -50,6 +50,12 @@ class TorchProtocol(TraceFamily):
         data = protocol.read_card_data(card.config)
         return trace_of_model(self.load(card), data, card.model_id, card.dataset, split, progress)
 
+    def trace_inputs(
+        self, card: ModelCard, split: str = "test", dataset: str | None = None
+    ) -> TraceInputs:
+        """What ``trace`` runs the model on: the registered evaluation data."""
+        return inputs_of_data(protocol.read_card_data(card.config), card, split)
+
     def inputs(self, card: ModelCard) -> protocol.Data:
         """The registered evaluation data: the inspector's test samples, by row."""
         return protocol.read_card_data(card.config)
@@ -73,6 +79,21 @@ def trace_of_model(
         model_id,
         extra_meta={"family": FAMILY_NAME, "input_shape": list(model.input_shape)},
         progress=progress,
+    )
+
+
+def inputs_of_data(data: protocol.Data, card: ModelCard, split: str = "test") -> TraceInputs:
+    """``trace_of_model``'s inputs, read from the card (the model itself is not loaded)."""
+    import torch
+
+    return TraceInputs(
+        torch.from_numpy(data.x),
+        data.y,
+        tuple(card.config["classes"]),
+        card.dataset,
+        split,
+        card.model_id,
+        extra_meta={"family": FAMILY_NAME, "input_shape": list(card.config["input_shape"])},
     )
 
 
