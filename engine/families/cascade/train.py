@@ -13,7 +13,8 @@ import argparse
 from pathlib import Path
 
 from engine.core.progress import Progress
-from engine.families.multi_exit_cnn.train import add_common_args, train_and_save
+from engine.families.multi_exit_cnn.loop import add_common_args
+from engine.families.multi_exit_cnn.train import train_and_save
 
 FAMILY = "cascade"
 

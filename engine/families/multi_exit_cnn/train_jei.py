@@ -101,7 +101,7 @@ def joint_losses(
 
 def _epochs(params_groups, loss_fn, n: int, cfg: JointConfig, epochs: int, seed: int, label=""):
     """AdamW with warm-up + cosine over ``epochs`` of minibatches of ``range(n)``."""
-    from engine.families.multi_exit_cnn.train import cosine_schedule
+    from engine.families.multi_exit_cnn.loop import cosine_schedule
 
     opt = torch.optim.AdamW(params_groups, weight_decay=cfg.weight_decay)
     steps = math.ceil(n / cfg.batch_size)
@@ -208,8 +208,8 @@ def bias_at_gate(trace, threshold: float = 0.5) -> dict:
 def train_jei(argv: list[str], args: argparse.Namespace):
     """The ``--mode jei`` run: load the backbone, train heads and gates, write card + weights."""
     from engine.families import load_model
+    from engine.families.multi_exit_cnn.loop import exit_accuracy, exit_metrics, split_description
     from engine.families.multi_exit_cnn.model import build, exit_names
-    from engine.families.multi_exit_cnn.train import exit_accuracy, exit_metrics, split_description
     from engine.registry import get_card
     from engine.run.trace_build import trace_of_inputs
 

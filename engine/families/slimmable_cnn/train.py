@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.core.training import command_line, image_split, save_model, seed_everything
-from engine.families.multi_exit_cnn.train import add_common_args, run_epochs, split_description
+from engine.families.multi_exit_cnn.loop import add_common_args, run_epochs, split_description
 from engine.families.slimmable_cnn.model import SlimmableCNN, build, grid_names, width_names
 from engine.families.slimmable_cnn.records import grid_accuracy, grid_costs
 
