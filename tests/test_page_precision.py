@@ -47,8 +47,14 @@ def test_page_shows_the_engine_numbers_and_follows_the_budget():
     assert m["Mean cost"] == f"{want.mean_cost:.3f}"
     assert len(app.get("plotly_chart")) == 2
     card = json.loads(quee_build.card_file(model_id).read_text())
-    if not card["int8_cost"]["int8_cheaper_here"]:
-        assert any("not cheaper" in w.value for w in app.warning)
+    cost = card["int8_cost"]
+    ratio = sum(cost["stage_ms_int8"]) / sum(cost["stage_ms_float"])
+    says = [w.value for w in app.warning] + [c.value for c in app.caption]
+    said = [t for t in says if f"{ratio:.2f}×" in t]
+    assert said, "the measured int8 / float32 time ratio is not on the page"
+    assert all(f"{r:.2f}×" in said[0] for r in cost["measured_ratio"])
+    assert ("not cheaper" in said[0]) != cost["int8_cheaper_here"]
+    assert f"batch {cost['batch']}" in said[0]
     if card.get("real"):
         assert len(app.dataframe) == 1
     app.slider(key="quee_budget").set_value(0.8).run()

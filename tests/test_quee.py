@@ -257,19 +257,29 @@ def test_readme_quee_paragraph_matches_the_card():
     fashion, mnist = card("fashion_multi_exit_cnn"), card("mnist_multi_exit_cnn")
     for budget in ("0.4", "0.5"):
         sim = fashion["simulated"]["measured"][budget]
-        for rule in ("learned", "float", "band"):
+        for rule in ("learned", "float", "band", "int8"):
             assert f"{sim[rule]['accuracy']:.4f}" in para, (budget, rule)
-    for rule in ("learned", "float"):
+    for rule in ("learned", "float", "int8"):
         assert f"{mnist['simulated']['measured']['0.5'][rule]['accuracy']:.4f}" in para
+    assert f"{fashion['test_accuracy']['int8_only_exits'][-1]:.4f} against " in para
+    assert f"{fashion['test_accuracy']['float_exits'][-1]:.4f} in float32" in para
     for cd in (fashion, mnist):
         ratio = sum(cd["int8_cost"]["stage_ms_int8"]) / sum(cd["int8_cost"]["stage_ms_float"])
-        assert f"{ratio:.2f}× " in para and not cd["int8_cost"]["int8_cheaper_here"]
+        assert f"{ratio:.2f}× " in para and cd["int8_cost"]["int8_cheaper_here"]
+        assert "batch 256" in para and cd["int8_cost"]["batch"] == 256
+    first, *later = fashion["int8_cost"]["measured_ratio"]
+    assert f"{first:.2f}× on the 28×28 stem stage" in para
+    assert f"{min(later):.2f}–{max(later):.2f}× on the later ones" in para
     nom = fashion["simulated"]["nominal"]["0.5"]
     assert f"{nom['learned']['accuracy']:.4f}" in para
     assert f"({nom['int8']['accuracy']:.4f} at {nom['int8']['cost'] * 100:.0f} %)" in para
     real = {(r["budget"], r["rule"]): r for r in fashion["real"]["runs"]}
-    for rule in ("learned", "float"):
-        assert f"{real[(0.5, rule)]['ms_over_full_float']:.2f}×" in para
+    assert (
+        f"{real[(0.5, 'learned')]['ms_over_full_float']:.2f}× the float32 full model's wall-clock "
+        f"against {real[(0.5, 'float')]['ms_over_full_float']:.2f}× for float32-only" in para
+    )
+    n_test = int(fashion["data"]["test"].removeprefix("test split, first ").split()[0])
+    assert f"(card, {n_test:,} images;" in para
 
 
 def test_builder_refuses_a_model_without_exits_with_a_message(capsys):
