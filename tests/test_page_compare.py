@@ -35,9 +35,15 @@ def table(at, i=0):
 
 def test_renders_with_all_mnist_methods_and_engine_numbers(at):
     df = table(at)
-    expected = ["early exit (CNN)", "cascade", "skip gates (SkipNet)", "pondering (ACT)"]
+    expected = [
+        "early exit (CNN) · mnist_multi_exit_cnn",
+        "early exit (CNN) · mnist_multi_exit_cnn_jei",  # the same backbone, JEI-DNN gates
+        "cascade",
+        "skip gates (SkipNet)",
+        "pondering (ACT)",
+    ]
     if not halting.records_file("mnist_act").exists():
-        expected = expected[:3]
+        expected = expected[:4]
     assert list(df["method"]) == expected
     budget = at.slider(key="cmp_budget").value
     for m, (_, row) in zip(engine_matched("mnist", budget), df.iterrows(), strict=True):
