@@ -45,20 +45,6 @@ def columns_digest(trace: Trace) -> str:
     return h.hexdigest()
 
 
-def comparison(trace: Trace, budgets=BUDGETS) -> dict:
-    """Best accuracy of each policy kind within each budget (fraction of the full cost)."""
-    full = float(trace.cost[:, -1].mean())
-    out = {}
-    for kind in COMPARED:
-        c = tradeoff.curve(trace, kind)
-        row = {}
-        for b in budgets:
-            i = tradeoff.best_within_budget(c, b * full)
-            row[f"{b:g}"] = None if i is None else round(float(c.accuracy[i]), 4)
-        out[kind] = row
-    return out
-
-
 def build(
     model_id: str,
     cross_fit: bool,
@@ -113,7 +99,7 @@ def build(
         "fit_seconds": round(seconds, 1),
         "trace_digest": columns_digest(test),
         "test_target_agreement": [round(float(a), 4) for a in gates.target_accuracy(test, scores)],
-        "accuracy_within_budget": comparison(gated),
+        "accuracy_within_budget": tradeoff.accuracy_within_budgets(gated, COMPARED, BUDGETS),
         "oracle": {
             "accuracy": round(tradeoff.oracle_stats(test).accuracy, 4),
             "cost_fraction": round(tradeoff.oracle_stats(test).cost_fraction, 4),

@@ -99,6 +99,18 @@ The same files load from the command line: `python -m engine.byo trace FILE --na
 """
 
 
+def _added(add, *args) -> str | None:
+    """The source of a trace added by ``add`` (an upload or a local path), or None after
+    saying in one line why it was refused."""
+    try:
+        return add(*args)
+    except TraceError as e:
+        st.error(f"This trace was rejected: {widgets.trace_error(e)}")
+    except Exception as e:  # anything else a malformed file can trigger
+        st.error(f"This trace could not be read ({widgets.literal(f'{type(e).__name__}: {e}')})")
+    return None
+
+
 def upload_section() -> None:
     with st.sidebar.expander("Upload a trace", expanded=False):
         st.markdown(TRACE_FORMAT)
@@ -113,15 +125,8 @@ def upload_section() -> None:
         st.caption(big_file_hint())
         if up is None:
             return
-        try:
-            source = loaders.add_upload(up.getvalue(), up.name)
-        except TraceError as e:
-            st.error(f"This trace was rejected: {widgets.trace_error(e)}")
-            return
-        except Exception as e:  # anything else a malformed file can trigger
-            st.error(
-                f"This trace could not be read ({widgets.literal(f'{type(e).__name__}: {e}')})"
-            )
+        source = _added(loaders.add_upload, up.getvalue(), up.name)
+        if source is None:
             return
         if st.session_state.get("aie.last_upload") != up.file_id:
             st.session_state["aie.last_upload"] = up.file_id
@@ -163,15 +168,8 @@ def local_path_section() -> None:
         text = st.text_input("Path", key="w.trace_path", placeholder="/data/my_trace.parquet")
         if not st.button("Load", key="b.trace_path") or not text.strip():
             return
-        try:
-            source = loaders.add_local(text)
-        except TraceError as e:
-            st.error(f"This trace was rejected: {widgets.trace_error(e)}")
-            return
-        except Exception as e:  # anything else a malformed file can trigger
-            st.error(
-                f"This trace could not be read ({widgets.literal(f'{type(e).__name__}: {e}')})"
-            )
+        source = _added(loaders.add_local, text)
+        if source is None:
             return
         st.session_state[widgets.W_MODEL] = source  # select it (the picker renders next)
         st.success(f"Loaded {widgets.literal(text.strip())}: it is the selected trace now.")

@@ -120,7 +120,9 @@ def test_card_reports_the_gate_against_thresholds_as_measured(model_id):
     """Mechanics, not a hoped-for win: the card's matched-budget table is what the curves say."""
     t = load_trace(model_id, build_if_missing=False)
     card = json.loads(gate_build.card_file(model_id).read_text())
-    assert card["accuracy_within_budget"] == gate_build.comparison(t)
+    assert card["accuracy_within_budget"] == tradeoff.accuracy_within_budgets(
+        t, gate_build.COMPARED, gate_build.BUDGETS
+    )
     np.testing.assert_allclose(
         card["test_target_agreement"], gates.target_accuracy(t, t.gate), atol=5e-5
     )

@@ -153,7 +153,9 @@ def test_bundled_trace_carries_the_models_own_gate_scores(shipped):
 def test_card_numbers_are_measured_on_the_shipped_weights(shipped):
     card, _, trace, _ = shipped
     jei = card["jei"]
-    assert jei["accuracy_within_budget"] == train_jei.comparison(trace)
+    assert jei["accuracy_within_budget"] == tradeoff.accuracy_within_budgets(
+        trace, train_jei.COMPARED, train_jei.BUDGETS
+    )
     assert jei["bias_at_gate_0.5"] == train_jei.bias_at_gate(trace)
     o = tradeoff.oracle_stats(trace)
     assert jei["oracle"] == {

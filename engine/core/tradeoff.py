@@ -313,3 +313,18 @@ def oracle_stats(trace: Trace, never_correct: NeverCorrect = "first") -> PolicyS
 
 def last_exit_stats(trace: Trace) -> PolicyStats:
     return evaluate(trace, np.full(trace.num_samples, trace.num_exits - 1))
+
+
+def accuracy_within_budgets(trace: Trace, kinds, budgets) -> dict[str, dict[str, float | None]]:
+    """Best accuracy of each policy kind within each budget (fractions of the full model's mean
+    cost): the comparison table the gate and JEI cards carry (None: no setting that cheap)."""
+    full = float(trace.cost[:, -1].mean())
+    out = {}
+    for kind in kinds:
+        c = curve(trace, kind)
+        row = {}
+        for b in budgets:
+            i = best_within_budget(c, b * full)
+            row[f"{b:g}"] = None if i is None else round(float(c.accuracy[i]), 4)
+        out[kind] = row
+    return out

@@ -167,20 +167,6 @@ def pooled_features(model: nn.Module, x: torch.Tensor, batch: int = 500) -> list
     return [torch.cat(o) for o in out]
 
 
-def comparison(trace, budgets=BUDGETS) -> dict:
-    """Best accuracy of each policy kind within each budget (fraction of the full cost)."""
-    full = float(trace.cost[:, -1].mean())
-    out = {}
-    for kind in COMPARED:
-        c = tradeoff.curve(trace, kind)
-        row = {}
-        for b in budgets:
-            i = tradeoff.best_within_budget(c, b * full)
-            row[f"{b:g}"] = None if i is None else round(float(c.accuracy[i]), 4)
-        out[kind] = row
-    return out
-
-
 def bias_at_gate(trace, threshold: float = 0.5) -> dict:
     """Signed confidence gap (calibration.exit_gaps) of the gate at ``threshold`` and of
     max-prob at matched cost: does the joint gate change the bias thresholding gives?"""
@@ -292,7 +278,7 @@ def train_jei(argv: list[str], args: argparse.Namespace):
         "metrics": metrics,
         "jei": {
             "gate_flops": "not counted: one 14-input logistic unit per exit, ~30 FLOPs",
-            "accuracy_within_budget": comparison(trace),
+            "accuracy_within_budget": tradeoff.accuracy_within_budgets(trace, COMPARED, BUDGETS),
             "bias_at_gate_0.5": bias_at_gate(trace),
             "oracle": {
                 "accuracy": round(tradeoff.oracle_stats(trace).accuracy, 4),
