@@ -3,18 +3,17 @@ an input runs the narrowest width first and a wider one only when the narrow one
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 from torch import nn
 
 from engine.core.family import LiveRun
-from engine.core.policies import Policy
 from engine.core.trace import Trace
-from engine.data.images import to_model_input
 from engine.families.common import TraceFamily
 from engine.families.slimmable_cnn import model as slimmable_cnn
 from engine.families.slimmable_cnn import records
 from engine.registry import ModelCard
-from engine.run.runtime import EarlyExitRunner
 
 
 class SlimmableCNN(TraceFamily):
@@ -43,22 +42,14 @@ class SlimmableCNN(TraceFamily):
         return super().trace(card, split, dataset)
 
     def run_one(self, model: nn.Module, card: ModelCard, x: np.ndarray, value: float) -> LiveRun:
-        """One uint8 [28, 28] image through the real width cascade (the widths above the one
-        it stops at are not run)."""
-        policy = Policy("max_prob", threshold=float(value))
-        runner = EarlyExitRunner(model, backend="torch", device="cpu")
-        out = runner.run(to_model_input(np.asarray(x, dtype=np.uint8)[None]), policy)
-        k, n = int(out.exit[0]), model.num_widths
+        """The early-exit run of ``TraceFamily`` (the real width cascade: the widths above the
+        one it stops at are not run), told in widths."""
+        run = super().run_one(model, card, x, value)
+        k, n = run.detail["exit"], model.num_widths
         mult = model.config.width_mults[k]
-        return LiveRun(
-            prediction=int(out.pred[0]),
-            confidence=float(out.probs[0].max()),
-            cost=float(out.flops[0]),
-            full_cost=float(runner.costs.cumulative[-1]),
+        return replace(
+            run,
             decision=f"stopped at width {mult:g} ({k + 1} of {n} widths run)",
-            steps=np.arange(n) == k,
-            ran=np.arange(n) <= k,
-            probs=None,
             detail={"exit": k, "width_mult": mult},
         )
 
