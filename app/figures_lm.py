@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
@@ -200,13 +200,19 @@ def study_curves_figure(
     full_quality: float,
     current: tuple[float, float, str] | None = None,
     max_points: int = 200,
+    time_axis: tuple[str, Callable[[float], float]] | None = None,
 ) -> go.Figure:
     """Quality (``metric``) against mean layers per token: one line per method (``curves``:
     method -> (layers, quality), sorted by layers; thinned for drawing), the per-sequence
     oracle(s) (``oracle``: (label, fraction of layers)) drawn at the full model's quality, the
-    published oracle's fraction as a vertical line, and ``current`` (layers, quality, label)."""
+    published oracle's fraction as a vertical line, and ``current`` (layers, quality, label).
+
+    ``time_axis`` (unit, layers -> ms of a static plan that deep): the x axis is time per
+    token; ``curves`` and ``current`` then carry ms, and the oracles (static plans) are placed
+    at the time of their depth."""
     from engine.core.tradeoff import drawing_indices
 
+    unit, to_x = time_axis or ("layers", lambda layers: layers)
     fig = go.Figure()
     ys = []
     for method, (x, y) in curves.items():
@@ -222,8 +228,8 @@ def study_curves_figure(
                 name=labels.get(method, method),
                 line=dict(color=color, dash=dash, width=2),
                 marker=dict(size=5),
-                hovertemplate="%{x:.2f} layers<br>" + metric + " %{y:.4g}<extra>%{fullData.name}"
-                "</extra>",
+                hovertemplate="%{x:.3g} " + unit + "<br>" + metric + " %{y:.4g}<extra>"
+                "%{fullData.name}</extra>",
             )
         )
     # two oracles at the same quality, often the same depth: tell them apart by mark and label
@@ -232,7 +238,7 @@ def study_curves_figure(
         short = label.split(": ", 1)[-1]
         fig.add_trace(
             go.Scatter(
-                x=[frac * n_layer],
+                x=[float(to_x(frac * n_layer))],
                 y=[full_quality],
                 mode="markers+text",
                 name=label,
@@ -240,12 +246,13 @@ def study_curves_figure(
                 textposition=where,
                 cliponaxis=False,
                 marker=dict(color=OUTLINE_DARK, symbol=symbol, size=12, line=dict(width=2)),
-                hovertemplate=f"{label}<br>%{{x:.2f}} layers ({frac:.1%})<extra></extra>",
+                hovertemplate=f"{label}<br>%{{x:.3g}} {unit} ({frac:.1%} of the layers)"
+                "<extra></extra>",
             )
         )
     flat = np.concatenate(ys) if ys else np.array([0.0, 1.0])
     lo, hi = (0.0, 1.02) if metric == "agreement" else (float(flat.min()), float(flat.max()))
-    x_ref = reference_fraction * n_layer
+    x_ref = float(to_x(reference_fraction * n_layer))
     fig.add_trace(
         go.Scatter(
             x=[x_ref, x_ref],
@@ -268,8 +275,8 @@ def study_curves_figure(
                 marker=dict(
                     color=HIGHLIGHT, symbol="star", size=18, line=dict(width=1.5, color="black")
                 ),
-                hovertemplate="%{x:.2f} layers<br>" + metric + " %{y:.4g}<extra>your setting"
-                "</extra>",
+                hovertemplate="%{x:.3g} " + unit + "<br>" + metric + " %{y:.4g}<extra>your "
+                "setting</extra>",
             )
         )
     fig.update_layout(
@@ -277,7 +284,13 @@ def study_curves_figure(
         margin=dict(l=60, r=20, t=60, b=40),  # room above the top for an oracle's label
         font=_FONT,
         template="plotly_white",
-        xaxis=dict(title=f"mean layers per token (of {n_layer})", range=[0, n_layer + 0.5]),
+        xaxis=dict(
+            title=f"mean layers per token (of {n_layer})"
+            if time_axis is None
+            else f"mean time per token, {unit} (a decode step, this machine)",
+            range=[0, n_layer + 0.5] if time_axis is None else None,
+            rangemode="tozero",  # time: CALM's reads can cost more than the full depth's step
+        ),
         yaxis=dict(
             title=QUALITY_LABELS[metric],
             type="log" if metric == "perplexity" else "linear",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Callable
 
 import numpy as np
 import plotly.graph_objects as go
@@ -170,12 +171,22 @@ def quality_vs_layers_figure(
     metric: str = "agreement",
     highlight: tuple[str, str] | None = None,
     current: dict | None = None,
+    time_axis: tuple[str, list[float], Callable[[float], float]] | None = None,
 ) -> go.Figure:
     """Quality against mean fraction of layers: policy sweeps (lines), static exits, oracle.
 
     metric: "agreement" (with the full model's tokens, higher is better) or "perplexity".
+    ``time_axis`` (unit, each sweep point's ms per token, fraction of layers -> ms of a static
+    exit that deep): the x axis is time per token instead.
     """
     fig = go.Figure()
+    ms = {}
+    if time_axis is not None:
+        unit, sweep_ms, static_x = time_axis
+        ms = {id(p): x for p, x in zip(sweep, sweep_ms, strict=True)}
+    else:
+        unit, static_x = "", lambda f: f
+    x_of = (lambda p: ms[id(p)]) if ms else (lambda p: p["fraction"])
     keys = sorted({(p["measure"], p["mode"]) for p in sweep})
     for j, (measure, mode) in enumerate(keys):
         pts = sorted(
@@ -185,14 +196,15 @@ def quality_vs_layers_figure(
         emph = highlight == (measure, mode)
         fig.add_trace(
             go.Scatter(
-                x=[p["fraction"] for p in pts],
+                x=[x_of(p) for p in pts],
                 y=[p[metric] for p in pts],
                 mode="lines+markers",
                 name=f"{MEASURE_LABELS.get(measure, measure)}, {mode}",
                 line=dict(color=exit_color(j), dash=_DASH.get(mode), width=4 if emph else 2),
                 marker=dict(symbol=_SYMBOL.get(measure, "circle"), size=9 if emph else 6),
-                customdata=[p["threshold"] for p in pts],
-                hovertemplate="threshold %{customdata}<br>layers %{x:.1%}<br>"
+                customdata=[[p["threshold"], p["fraction"]] for p in pts],
+                hovertemplate="threshold %{customdata[0]}<br>layers %{customdata[1]:.1%}<br>"
+                + (f"%{{x:.3g}} {unit}<br>" if unit else "")
                 + metric
                 + " %{y:.4g}<extra>%{fullData.name}</extra>",
             )
@@ -200,7 +212,7 @@ def quality_vs_layers_figure(
     n = len(per_layer[metric])
     fig.add_trace(
         go.Scatter(
-            x=[(k + 1) / n for k in range(n)],
+            x=[static_x((k + 1) / n) for k in range(n)],
             y=per_layer[metric],
             mode="markers",
             name="every token exits after layer k",
@@ -216,7 +228,7 @@ def quality_vs_layers_figure(
     if orc:
         fig.add_trace(
             go.Scatter(
-                x=[o["fraction"] for o in orc],
+                x=[static_x(o["fraction"]) for o in orc],
                 y=[o[metric] for o in orc],
                 mode="markers+text",
                 name="per-sequence oracle",
@@ -236,7 +248,7 @@ def quality_vs_layers_figure(
     if current is not None:
         fig.add_trace(
             go.Scatter(
-                x=[current["fraction"]],
+                x=[current["ms"] if unit else current["fraction"]],
                 y=[current[metric]],
                 mode="markers",
                 name="this prompt",
@@ -247,7 +259,9 @@ def quality_vs_layers_figure(
         **_layout(
             "Quality vs layers used (held-out BBC text)",
             height=520,
-            xaxis=dict(title="mean fraction of layers run", tickformat=".0%", range=[0, 1.04]),
+            xaxis=dict(title="mean fraction of layers run", tickformat=".0%", range=[0, 1.04])
+            if not unit
+            else dict(title=f"mean time per character, {unit} (this machine)", rangemode="tozero"),
             yaxis=dict(
                 title="agreement with full-model tokens"
                 if metric == "agreement"

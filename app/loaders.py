@@ -737,6 +737,25 @@ def _lm_study(path: str, mtime_ns: int):
     return load_study(path)
 
 
+def lm_study_ms(model_id: str, unit: str):
+    """[rows of the study's curves] ms per token of each point on this machine (``timing.
+    study_curves_ms``; about a second of re-simulation), or None without a time profile."""
+    profile, path = time_profile(model_id), None
+    if profile is None or unit not in costs.units(profile):
+        return None
+    from engine.families.hf_causal_lm.study import study_card
+
+    path = study_card(model_id)
+    return _lm_study_ms(str(path), path.stat().st_mtime_ns, model_id, unit, profile.created)
+
+
+@st.cache_data(show_spinner="Timing the study's curves…", max_entries=8)
+def _lm_study_ms(path: str, mtime_ns: int, model_id: str, unit: str, created: str):
+    from engine.families.hf_causal_lm.timing import study_curves_ms
+
+    return study_curves_ms(_lm_study(path, mtime_ns), time_profile(model_id), unit)
+
+
 def lm_lens_card(ref: str):
     """The card of the tuned lens trained for this model (the shipped one, or the one trained
     on the user's text when they added it), or None."""

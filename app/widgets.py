@@ -383,17 +383,18 @@ def cost_delta(spent: float, full: float, versus: str = "the full model") -> dic
 W_COST_AXIS = "w.cost_axis"
 
 
-def cost_axis(profile, container=None, key: str = W_COST_AXIS) -> str:
+def cost_axis(profile, container=None, key: str = W_COST_AXIS, native: str = "") -> str:
     """The one FLOPs / time switch of every page with a cost axis; returns the unit chosen
     ("FLOPs", "ms (batch 1)", "ms (batch B)"). Only FLOPs, with the reason, when the model has
-    no time profile."""
+    no time profile. ``native``: what the FLOPs option is called where the page counts its
+    compute in other units (a decoder: "layers per token"); it still returns "FLOPs"."""
     c = container or st
     profiles = profile if isinstance(profile, list) else [profile]
     options = [u for u in costs.units(profiles[0]) if all(u in costs.units(p) for p in profiles)]
     profile = profiles[0]
     if len(options) == 1:
         why = next((p.reason for p in profiles if p is not None and p.reason), "not profiled")
-        c.caption(f"Cost axis: FLOPs only ({why}).")
+        c.caption(f"Cost axis: {native or 'FLOPs'} only ({why}).")
         return costs.FLOPS
     if st.session_state.get(key) not in options:
         st.session_state[key] = costs.FLOPS
@@ -402,9 +403,18 @@ def cost_axis(profile, container=None, key: str = W_COST_AXIS) -> str:
         options,
         key=key,
         horizontal=True,
-        help="FLOPs are counted by torch; time is the median wall-clock per sample measured on "
-        "this machine (python -m engine.profile), at batch 1 and at a larger batch. On a CPU "
-        "the two disagree: a wide early stage is cheap in FLOPs and dear in time.",
+        format_func=lambda u: native if native and u == costs.FLOPS else u,
+        help=(
+            "Layers are what a decoder's exits count; time is the median wall-clock per "
+            "generated token, per sequence, of its KV-cached decode step at each depth, plus "
+            "what each confidence read and K/V fill adds, measured on this machine (python -m "
+            "engine.profile), alone and with a batch of sequences. On a CPU the two disagree: "
+            "every confidence read through the head costs about as much as several layers."
+            if native
+            else "FLOPs are counted by torch; time is the median wall-clock per sample measured "
+            "on this machine (python -m engine.profile), at batch 1 and at a larger batch. On a "
+            "CPU the two disagree: a wide early stage is cheap in FLOPs and dear in time."
+        ),
     )
     if unit != costs.FLOPS:
         m = profile.machine

@@ -203,7 +203,25 @@ def slm_model(ref: str, title: str):
         return loaders.causal_lm(ref, progress=bar)
 
 
-def slm_output(res: live.LiveResult) -> None:
+def slm_time_check(res: live.LiveResult, profile) -> None:
+    """The run's measured time per token next to what the time profile predicts for it."""
+    from engine.families.hf_causal_lm.timing import live_ms, measured_ms
+
+    unit = costs.time_unit(1)
+    if res.setting.mode == "speculate" or unit not in costs.units(profile):
+        return
+    pred, meas = live_ms(res, profile, unit), measured_ms(res)
+    if not (np.isfinite(pred) and np.isfinite(meas)):
+        return
+    st.caption(
+        f"Time per token after the first: {meas:.0f} ms measured in this run; the time profile "
+        f"predicts {pred:.0f} ms for its exits, confidence reads and K/V fills "
+        f"(measured / predicted {meas / pred:.2f}; the profile: "
+        f"`python -m engine.profile {profile.model_id}`)."
+    )
+
+
+def slm_output(res: live.LiveResult, profile=None) -> None:
     n = res.n_layer
     s = res.setting
     m = st.columns(4)
@@ -216,6 +234,7 @@ def slm_output(res: live.LiveResult) -> None:
     )
     m[2].metric("Tokens/s", f"{res.tokens_per_s:.1f}")
     m[3].metric("Full model, tokens/s", f"{res.reference_tokens_per_s:.1f}")
+    slm_time_check(res, profile)
     if s.mode == "speculate":
         k = st.columns(3)
         k[0].metric("Acceptance rate", f"{res.acceptance:.0%}", help="drafts the full model kept")
@@ -363,14 +382,17 @@ def study_caption(study) -> str:
     )
 
 
-def study_chart_data(study, metric: str) -> tuple[dict, float]:
-    """Each method's (layers, quality) curve and the full model's quality."""
+def study_chart_data(study, metric: str, ms: np.ndarray | None = None) -> tuple[dict, float]:
+    """Each method's (layers, quality) curve, or (ms per token, quality) given each curve row's
+    ``ms``, and the full model's quality."""
     from engine.families.hf_causal_lm.study import METHOD_LABELS
 
+    df = study.curves if ms is None else study.curves.with_columns(x=pl.Series(ms))
+    x = "layers" if ms is None else "x"
     curves = {}
     for m in METHOD_LABELS:
-        c = study.curve(m)
-        curves[m] = (c["layers"].to_numpy(), c[metric].to_numpy())
+        c = df.filter(pl.col("method") == m).sort(x)
+        curves[m] = (c[x].to_numpy(), c[metric].to_numpy())
     full = study.curve("exit_fixed").filter(pl.col("setting") == study.n_layer)[metric][0]
     return curves, float(full)
 
@@ -378,6 +400,7 @@ def study_chart_data(study, metric: str) -> tuple[dict, float]:
 @st.fragment  # a slider move reruns this chart only, on the cached records (no model)
 def slm_threshold_chart(model_id: str) -> None:
     from engine.families.hf_causal_lm.study import METHOD_LABELS
+    from engine.families.hf_causal_lm.timing import exits_ms, static_ms
 
     t0 = time.perf_counter()
     study = loaders.lm_study(model_id)
@@ -400,8 +423,10 @@ def slm_threshold_chart(model_id: str) -> None:
     metric = c.radio(
         "Quality", QUALITY_KEYS, format_func=flm.QUALITY_LABELS.get, key="slm.st.metric"
     )
+    profile = loaders.time_profile(model_id)
+    unit = widgets.cost_axis(profile, key="slm.st.axis", native="layers per token")
     out = study.simulate(measure, float(t))
-    m = st.columns(4)
+    m = st.columns(5 if unit != costs.FLOPS else 4)
     m[0].metric("Simulated mean layers per token", f"{out.mean_layers:.2f} / {n}")
     m[1].metric("Next-token agreement", f"{out.agreement:.1%}")
     ppl = out.perplexity
@@ -412,7 +437,21 @@ def slm_threshold_chart(model_id: str) -> None:
         help="a lazy K/V fill later runs the layers an exited token skipped, whenever a deeper "
         "token needs them: what that really costs per token",
     )
-    curves, full = study_chart_data(study, metric)
+    time_axis = None
+    ms_rows = loaders.lm_study_ms(model_id, unit) if unit != costs.FLOPS else None
+    curves, full = study_chart_data(study, metric, ms_rows)
+    if unit != costs.FLOPS:
+        ms = float(exits_ms(profile, unit, out.exit_layer, n, measure).mean())
+        whole = float(static_ms(profile, unit, n))
+        m[4].metric(
+            f"Time per token, {unit}",
+            f"{ms:.3g} ms",
+            f"{ms / whole - 1:+.0%} against the full depth",
+            delta_color="inverse",
+            help="the profile's decode step at each token's exit depth, plus a confidence read "
+            "through the head at every layer the rule asked (max-prob and margin read it)",
+        )
+        time_axis = (unit, lambda layers: float(static_ms(profile, unit, layers)))
     o = study.oracle
     fig = flm.study_curves_figure(
         curves,
@@ -429,12 +468,22 @@ def slm_threshold_chart(model_id: str) -> None:
         o.reference_fraction,
         full,
         (
-            out.mean_layers,
+            out.mean_layers if time_axis is None else ms,
             getattr(out, metric),
             f"your setting: {STUDY_MEASURES[measure]} ≥ {t:.3f}",
         ),
+        time_axis=time_axis,
     )
     st.plotly_chart(fig, width="stretch", key="slm.st.chart")
+    if time_axis is not None:
+        st.caption(
+            "On the time axis every point is this machine's time per generated token: the "
+            "profiled decode step at each token's depth, plus one confidence read through the "
+            "head for every layer CALM asked at (max-prob and margin; saturation and the gate "
+            f"read no head). One read costs {costs.read_in_layers(profile, unit):.1f} layers' "
+            "time here, so a rule that asks at every layer can be slower than never exiting; "
+            "the oracles and static plans ask nothing."
+        )
     st.session_state[STUDY_TIMING_KEY] = (time.perf_counter() - t0) * 1e3
 
 
@@ -590,7 +639,7 @@ def pretrained_lm_tab():
             st.error(f"Cannot generate: {e}.")
             return
         key = hashlib.sha256(repr((ref, req)).encode()).hexdigest()[:12]
-        slm_output(res)
+        slm_output(res, loaders.time_profile(card.model_id))
         slm_heatmap(res, key)
         slm_attribution(ref, res, key)
     slm_quality_curves(card)
@@ -875,9 +924,23 @@ def lm_tab():
     conf = [
         next((c for c in reversed(cs) if not math.isnan(c)), float("nan")) for cs in g.confidence
     ]
+    profile = loaders.time_profile(card.model_id)
+    unit = widgets.cost_axis(profile, key="lm.axis", native="layers per token")
     m1, m2, m3 = st.columns(3)
     m1.metric("Mean layers per token", f"{np.mean(g.layers_run):.2f} / {n_layer}")
-    m2.metric("Layers saved", f"{1 - np.mean(g.layers_run) / n_layer:.0%}")
+    if unit == costs.FLOPS:
+        m2.metric("Layers saved", f"{1 - np.mean(g.layers_run) / n_layer:.0%}")
+    else:
+        ms = lm.generation_ms(model, g, profile, unit, mode, float(t))
+        whole = lm.generation_ms(model, full, profile, unit, mode, 2.0)
+        m2.metric(
+            f"Time per character, {unit}",
+            f"{ms:.3g} ms",
+            f"{ms / whole - 1:+.0%} against the full depth",
+            delta_color="inverse",
+            help="predicted by the time profile from each character's layers and the "
+            "confidence reads its policy asked",
+        )
     m3.metric("Same characters as full depth", f"{agree:.0%}")
     st.markdown(ft.layer_legend_html(n_layer), unsafe_allow_html=True)
     st.markdown(
@@ -903,13 +966,34 @@ def lm_tab():
             "perplexity": "perplexity",
         }.get,
     )
+    time_axis = None
+    if unit != costs.FLOPS:
+        static = lm.static_ms(profile, unit, n_layer)
+        time_axis = (
+            unit,
+            lm.sweep_ms(metrics["sweep"], profile, unit, n_layer),
+            lambda f: float(np.interp(f * n_layer, np.arange(1, n_layer + 1), static)),
+        )
     st.plotly_chart(
         ft.quality_vs_layers_figure(
-            metrics["sweep"], metrics["oracle"], metrics["per_layer"], metric, (measure, mode)
+            metrics["sweep"],
+            metrics["oracle"],
+            metrics["per_layer"],
+            metric,
+            (measure, mode),
+            time_axis=time_axis,
         ),
         width="stretch",
         key="lm.quality",
     )
+    if time_axis is not None:
+        st.caption(
+            "Time per character from the time profile: the decode step at each policy's mean "
+            "depth plus a confidence read at every layer it ran (which overstates a policy by "
+            "at most one read per character). Policies that ask at every layer pay for it: "
+            f"one ask (mostly the step's bookkeeping in a model this small) costs "
+            f"{costs.read_in_layers(profile, unit):.2f} layers' time here."
+        )
     st.caption(
         f"{metrics['eval_sequences']} held-out BBC windows, {metrics['eval_positions']} "
         "predicted characters each, teacher-forced. The oracle picks, per sequence, the "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -67,15 +67,20 @@ class BatchTiming:
     median_ms: np.ndarray  # [M] median over repeats, per sample (batch time / batch)
     spread_ms: np.ndarray  # [M] interquartile range over repeats, per sample
     runs_ms: np.ndarray  # [M, R] every repeat, per sample
+    # named pieces of work, median ms per sample and per unit (a decoder: "read", one confidence
+    # read through the head; "fill", one layer's K/V propagated from an exit state)
+    parts_ms: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Profile:
     """What ``python -m engine.profile`` measured for one model (``<model_id>__time.json``).
 
-    ``axis`` is "exit" (cumulative time of reaching and deciding at exit k, like a trace's cost)
-    or "setting" (time per sample of a real run at each setting of the family's knob);
-    ``reason`` is set instead of timings when timing the model is not meaningful.
+    ``axis`` is "exit" (cumulative time of reaching and deciding at exit k, like a trace's cost),
+    "setting" (time per sample of a real run at each setting of the family's knob) or "layers"
+    (a decoder: time per generated token, per sequence, of a KV-cached decode step that runs
+    ``points[i]`` layers; see ``decode_ms``); ``reason`` is set instead of timings when timing
+    the model is not meaningful.
     """
 
     model_id: str
@@ -110,6 +115,7 @@ class Profile:
                     "median_ms": t.median_ms.tolist(),
                     "spread_ms": t.spread_ms.tolist(),
                     "runs_ms": t.runs_ms.tolist(),
+                    **({"parts_ms": t.parts_ms} if t.parts_ms else {}),
                 }
                 for b, t in sorted(self.timings.items())
             },
@@ -123,6 +129,7 @@ class Profile:
                 np.asarray(t["median_ms"], dtype=np.float64),
                 np.asarray(t["spread_ms"], dtype=np.float64),
                 np.asarray(t["runs_ms"], dtype=np.float64),
+                {str(k): float(v) for k, v in t.get("parts_ms", {}).items()},
             )
             for b, t in d.get("timings", {}).items()
         }
@@ -226,6 +233,57 @@ def results_on_axis(results, profile: Profile | None, unit: str):
         per_flop = t[top] / mean[top] if mean[top] > 0 else 0.0
         full = np.maximum(results.full_cost * per_flop, 1e-12)
     return replace(results, cost=cost, full_cost=full, meta={**results.meta, "cost_unit": unit})
+
+
+def decode_ms(
+    profile: Profile,
+    unit: str,
+    layers,
+    asked=0.0,
+    filled=None,
+) -> np.ndarray:
+    """Milliseconds per generated token of a decoder, from its "layers" profile.
+
+    The profile measured, per layer count d, a decode step that runs the first d layers with
+    the exit fixed there (no confidence asked), fills the K/V of the layers above by CALM's
+    propagation and reads the token through the final norm and head once. A real rule differs
+    by what it asks and fills: ``asked`` confidence reads through the head (CALM's max-prob and
+    margin read once per layer they ask at: on a 30-layer SmolLM2 one read costs about as much
+    as three layers), and ``filled`` layers above the exit whose K/V are written (default: all
+    of them, "propagate"; 0 for a lazy fill or skipped layers that get no K/V), plus the
+    generator's own work per token ("token" part, where it was measured). Every argument
+    broadcasts: per token arrays give per token times.
+    """
+    if profile is None or profile.axis != "layers":
+        raise ValueError("per-token decode time needs a decoder's per-layer profile")
+    t = timing(profile, unit)
+    depth = float(profile.points.max())
+    layers = np.asarray(layers, dtype=np.float64)
+    step = np.interp(layers, profile.points, t.median_ms)
+    above = depth - layers
+    filled = above if filled is None else np.asarray(filled, dtype=np.float64)
+    parts = t.parts_ms
+    if "fill" not in parts and np.any(filled != above):
+        raise ValueError(f"{profile.model_id}: no K/V fill timed at {unit}")
+    read, fill, token = (parts.get(k, 0.0) for k in ("read", "fill", "token"))
+    return step + token + np.asarray(asked, dtype=np.float64) * read - (above - filled) * fill
+
+
+def read_in_layers(profile: Profile, unit: str) -> float:
+    """What one confidence read costs, in layers' time (the profile's mean time per layer)."""
+    t = timing(profile, unit)
+    span = float(profile.points[-1] - profile.points[0])
+    slope = float(t.median_ms[-1] - t.median_ms[0]) / span if span > 0 else 0.0
+    return t.parts_ms.get("read", 0.0) / slope if slope > 0 else float("nan")
+
+
+def asked_reads(exit_layer, n_layer: int, min_layer: int = 0, reads: bool = True) -> np.ndarray:
+    """Confidence reads a CALM rule makes for a token that exits after ``exit_layer`` (0-based;
+    ``n_layer - 1``: full depth): one at every layer from ``min_layer`` on that it asks at, and
+    it never asks at the last. ``reads`` False: a measure that reads no head (saturation, a
+    gate on the state), whose asks cost next to nothing."""
+    e = np.minimum(np.asarray(exit_layer, dtype=np.int64), n_layer - 2)
+    return np.maximum(0, e - int(min_layer) + 1) * (1.0 if reads else 0.0)
 
 
 def fmt_cost(value: float, unit: str) -> str:

@@ -52,18 +52,33 @@ class LiveRun:
 
 
 @dataclass(frozen=True)
+class Part:
+    """A piece of work the profiler times as the difference of two runs of the model's own
+    code (``run`` does it ``units`` times more than ``baseline``), so what it measures is what
+    the real decoding pays, bookkeeping included."""
+
+    run: Callable[[], object]
+    baseline: Callable[[], object]
+    units: int
+
+
+@dataclass(frozen=True)
 class Timed:
     """What the profiler (``engine.run.profile``) times for one model at one batch size:
     ``run(i)`` does point i's real work on one prepared batch of ``batch`` inputs.
 
     ``axis`` "exit": point k runs stages and heads 0..k (the cumulative cost of deciding at exit
-    k, as a trace counts it); "setting": point i runs the model at setting ``points[i]``.
+    k, as a trace counts it); "setting": point i runs the model at setting ``points[i]``;
+    "layers" (a decoder): point i is one KV-cached decode step of the batch's next token that
+    runs ``points[i]`` layers. ``parts``: named pieces of work timed beside the points (a
+    decoder's confidence read, its K/V fill), each kept per sample and unit.
     """
 
     axis: str
-    points: np.ndarray  # [M] exit index or setting value
+    points: np.ndarray  # [M] exit index, setting value or layer count
     run: Callable[[int], object]
     batch: int
+    parts: dict[str, Part] = field(default_factory=dict)
 
 
 class Family:
@@ -79,6 +94,7 @@ class Family:
     about: str = ""  # how the method works, in two or three sentences, for its page
     setting_help: str = ""  # what the knob does
     untimed: str = ""  # why timing its settings is not meaningful, in one line (the profiler)
+    profile_batch: int = 256  # the profiler's batch size besides 1 (a decoder: sequences)
     traces: bool = False  # results are a multi-exit Trace (``TraceFamily``: trace(card, ...))
     # why ``python -m engine.build MODEL --ray`` cannot build this family (None: it can)
     not_on_ray: str | None = (

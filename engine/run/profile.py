@@ -3,10 +3,10 @@
 FLOPs mislead on CPUs: a wide first stage can be a small share of the FLOPs and most of the
 time. ``profile`` asks the model's family for the real work of each exit or setting on one batch
 of its own inputs (``Family.timed``), runs each after a warm-up ``repeats`` times at batch 1 and
-at a batch size the user picks, and keeps the median (and interquartile range) of the time per
+at a batch size the user picks (default: the family's, 256 samples or 8 sequences of a decoder), and keeps the median (and interquartile range) of the time per
 sample, with the machine's description, as a small JSON beside the model's traces::
 
-    python -m engine.profile MODEL [--batch 256] [--repeats 7] [--warmup 2]
+    python -m engine.profile MODEL [--batch B] [--repeats 7] [--warmup 2]
     python -m engine.profile --all          # every bundled model, into assets/traces/
 """
 
@@ -27,10 +27,10 @@ import torch
 from engine import families
 from engine.core.costs import BatchTiming, Profile
 from engine.core.family import FamilyError
+from engine.core.progress import terminal
 from engine.paths import TRACES_DIR, user_traces_dir
 from engine.registry import ModelCard, get_card, list_cards
 
-DEFAULT_BATCH = 256
 DEFAULT_REPEATS = 7
 DEFAULT_WARMUP = 2
 
@@ -90,27 +90,44 @@ def time_point(run, i: int, repeats: int, warmup: int) -> np.ndarray:
     return out
 
 
-def measure(timed, repeats: int, warmup: int) -> BatchTiming:
-    """Median and IQR per sample of every point of one ``Timed``."""
-    runs = np.stack([time_point(timed.run, i, repeats, warmup) for i in range(len(timed.points))])
+def measure(timed, repeats: int, warmup: int, done=None) -> BatchTiming:
+    """Median and IQR per sample of every point of one ``Timed``; its parts' medians per
+    sample and unit. ``done(k, n)`` hears after each of its n points and parts."""
+    n = len(timed.points) + len(timed.parts)
+    runs = []
+    for i in range(len(timed.points)):
+        runs.append(time_point(timed.run, i, repeats, warmup))
+        if done:
+            done(i + 1, n)
+    runs = np.stack(runs)
     runs = runs / timed.batch
     q25, med, q75 = np.percentile(runs, [25, 50, 75], axis=1)
-    return BatchTiming(timed.batch, med, q75 - q25, runs)
+    parts = {}
+    for name, part in timed.parts.items():
+        pair = (part.baseline, part.run)
+        run = lambda k, pair=pair: pair[k]()  # noqa: E731
+        extra = float(np.median(time_point(run, 1, repeats, warmup)))
+        extra -= float(np.median(time_point(run, 0, repeats, warmup)))
+        parts[name] = max(0.0, extra) / (timed.batch * part.units)
+        if done:
+            done(len(timed.points) + len(parts), n)
+    return BatchTiming(timed.batch, med, q75 - q25, runs, parts)
 
 
 def profile(
     card: ModelCard,
-    batch: int = DEFAULT_BATCH,
+    batch: int | None = None,
     repeats: int = DEFAULT_REPEATS,
     warmup: int = DEFAULT_WARMUP,
     progress=None,
 ) -> Profile:
-    """Time every exit / setting of ``card``'s model at batch 1 and ``batch``; a family that
-    cannot be timed gives a profile with its one-line ``reason``. ``progress(fraction, text)``
-    is called as it goes."""
+    """Time every exit / setting of ``card``'s model at batch 1 and ``batch`` (default: the
+    family's ``profile_batch``); a family that cannot be timed gives a profile with its one-line
+    ``reason``. ``progress(fraction, text)`` is called as it goes."""
+    fam = families.get(card.family)
+    batch = fam.profile_batch if batch is None else batch
     if repeats < 1 or batch < 1:
         raise ValueError("repeats and batch must be at least 1")
-    fam = families.get(card.family)
     base = dict(model_id=card.model_id, family=card.family, machine=machine())
     if fam.untimed:
         return Profile(**base, axis="none", points=np.zeros(0), timings={}, reason=fam.untimed)
@@ -119,11 +136,17 @@ def profile(
         sizes = sorted({1, int(batch)})
         timings, points = {}, None
         for j, b in enumerate(sizes):
+            text = f"{card.model_id}: batch {b}"
             if progress:
-                progress(j / len(sizes), f"{card.model_id}: batch {b}")
+                progress(j / len(sizes), text)
+            step = (
+                (lambda k, n, j=j, text=text: progress((j + k / n) / len(sizes), text))
+                if progress
+                else None
+            )
             with torch.inference_mode():
                 timed = fam.timed(card, model, b)
-                timings[b] = measure(timed, repeats, warmup)
+                timings[b] = measure(timed, repeats, warmup, step)
             points = timed.points
     # missing data, backbone or weights (RuntimeError subclasses): a reason, not a crash
     except (FamilyError, RuntimeError, ImportError, OSError, ValueError) as e:
@@ -172,10 +195,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("model", nargs="?", help="model id (see python -m engine.build --list)")
     ap.add_argument("--all", action="store_true", help="every bundled model")
-    ap.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="batch size besides 1")
+    ap.add_argument(
+        "--batch", type=int, default=None, help="batch size besides 1 (default: the family's)"
+    )
     ap.add_argument("--repeats", type=int, default=DEFAULT_REPEATS)
     ap.add_argument("--warmup", type=int, default=DEFAULT_WARMUP)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -186,8 +212,16 @@ def main(argv: list[str] | None = None) -> None:
     else:
         ap.error("name a model or pass --all")
     print(f"load average before: {os.getloadavg()[0]:.2f}")
+    bars = terminal(args.quiet)
     for card in cards:
-        p = profile(card, args.batch, args.repeats, args.warmup)
+        label = f"profiling {card.model_id}"
+        p = profile(
+            card,
+            args.batch,
+            args.repeats,
+            args.warmup,
+            lambda f, _text, label=label: bars(round(100 * f, 1), 100, label),
+        )
         path = write_profile(p, profile_file(card))
         if p.reason:
             print(f"{card.model_id}: not timed ({p.reason}) -> {path}")

@@ -15,7 +15,7 @@ class EarlyExitLM(Family):
     paper = "Schuster 2022 (CALM); Elhoushi 2024 (LayerSkip)"
     setting = "confidence threshold"
     step_name = "layer"
-    untimed = "exits per generated token: its cost is layers per token, timed live on its page"
+    profile_batch = 64  # sequences decoded together
     about = "Per generated token, stop at the first layer whose confidence passes a threshold."
     not_on_ray = "a language model exits per token, in generation; there are no per-sample results"
 
@@ -30,6 +30,12 @@ class EarlyExitLM(Family):
             f"{card.model_id}: a language model exits per token, not per sample; its per-layer "
             "metrics are in its card and the language page runs it live"
         )
+
+    def timed(self, card, model, batch: int):
+        """A KV-cached decode step per layer count (``timing``): the time axis of its page."""
+        from engine.families.early_exit_lm.timing import decode_timed
+
+        return decode_timed(model, batch)
 
     def live_input(self, card) -> str:
         return "text"

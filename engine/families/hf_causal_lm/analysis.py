@@ -222,6 +222,7 @@ class Generation:
     layer_rows: list[int] = field(default_factory=list)  # layer computations of that step
     prefill_rows: int = 0  # layer computations of the prompt (the first token's step)
     seconds: float = 0.0  # wall-clock, the prompt's prefill included
+    prefill_seconds: float = 0.0  # of which the prompt's prefill (and the first token)
 
     @property
     def tokens_per_s(self) -> float:
@@ -266,6 +267,7 @@ def generate(
     t = time.perf_counter()
     cache = LayerCache(n)
     w = walk(lm, cache, ids, skip=skip)
+    out.prefill_seconds = time.perf_counter() - t
     while True:
         logits = w.logits[-1]
         if rule is not None and rule.lens is not None and w.exit_layer < n - 1:

@@ -111,12 +111,15 @@ def walk_batch(
     skip=frozenset(),
     rule: ExitRule | None = None,
     compact: bool = True,
+    stop_after: int | None = None,
 ) -> BatchStep:
     """Feed ``ids`` [b, n] (new positions of cache rows ``rows``) through the decoder.
 
     With ``rule``, each row's newest position stops after the first layer >= ``rule.min_layer``
     whose confidence reaches the threshold; ``compact`` decides whether the layers above run on
     the remaining rows only (see the module docstring). Layers in ``skip`` never run.
+    ``stop_after``: every row exits after that layer, no confidence asked (the profiler's fixed
+    depth).
     """
     base = lm.hf.model
     n_layer = lm.n_layer
@@ -164,6 +167,10 @@ def walk_batch(
             keep = torch.zeros(b, dtype=torch.bool)
             keep[active] = True
             h = torch.where(keep[:, None, None], h_out, h)
+        if stop_after is not None and stop_after <= j < n_layer - 1:
+            for r in active.tolist():
+                exit_layer[r] = j
+            break
         if not scored:
             continue
         hit = s >= rule.threshold

@@ -25,10 +25,7 @@ class HFCausalLM(Family):
     )
     setting_help = "Stop a token at the first layer whose confidence reaches this threshold."
 
-    untimed = (
-        "exits per generated token: its cost is layers per token; its measured speed is the "
-        "language page's batched study"
-    )
+    profile_batch = 8  # sequences decoded together (a 135M decoder at batch 256 takes minutes)
 
     def build(self, config: dict):
         raise FamilyError(
@@ -55,6 +52,13 @@ class HFCausalLM(Family):
             f"{card.model_id}: a pretrained language model exits per token, not per sample; "
             "the language page runs it live"
         )
+
+    def timed(self, card, model, batch: int):
+        """A KV-cached decode step per layer count, a confidence read and a K/V fill
+        (``timing``): the time axis of the language page."""
+        from engine.families.hf_causal_lm.timing import decode_timed
+
+        return decode_timed(model, batch)
 
     def live_input(self, card) -> str:
         return "text"

@@ -98,6 +98,7 @@ class LiveResult:
     quality: A.GenerationQuality
     lens_max_prob: np.ndarray  # [L, n]: each layer's top probability, predicting each token
     lens_agrees: np.ndarray  # [L, n]: each layer's top-1 equals the last layer's
+    prefill_seconds: float = 0.0  # of ``seconds``, the prompt's prefill (0: not measured)
     drafted: int = 0  # self-speculation only
     accepted: int = 0
     rounds: int = 0
@@ -187,6 +188,7 @@ def run(lm: CausalLM, prompt: Sequence[int], s: Setting, tuned=None) -> LiveResu
             g = A.generate(lm, prompt, n_new, skip=s.skip)
         tokens, seconds = g.tokens, g.seconds
         exits, run_, conf, prob = g.exit_layer, g.layer_rows, g.confidence, g.prob
+        extra = dict(prefill_seconds=g.prefill_seconds)
     quality = A.generation_quality(lm, prompt, tokens, ref.tokens)
     max_prob, agrees = read_layers(lm, prompt, tokens)
     return LiveResult(
