@@ -152,7 +152,8 @@ timed = unit != costs.FLOPS
 
 
 def on_axis(mid: str, results):
-    """The model's results with their cost in the chosen unit (measured ms per setting)."""
+    """The model's results with their cost in the chosen unit: FLOPs as counted on the steps
+    that ran, or the measured ms of a real run per setting."""
     p = profiles[mid]
     return loaders.results_on_axis(widgets.axis_key(mid, unit, p), unit, results, p)
 
@@ -163,14 +164,17 @@ names = card.raw.get("class_names") or [str(c) for c in range(int(res.label.max(
 difficulty = res.extra.get("difficulty")
 rho = stats.spearman(steps, difficulty) if difficulty is not None else float("nan")
 max_steps = int(res.meta.get("max_steps", steps.max()))
-cols = st.columns(3 + len(r.detail) - 1 + timed)
+mean_cost = float(on_axis(model_id, res).mean_cost[res.index_of(value)])
+cols = st.columns(4 + len(r.detail) - 1)
 cols[0].metric("Accuracy", f"{r.accuracy:.2%}")
-if timed:  # the measured time of a real run at this setting
-    ms = on_axis(model_id, res).mean_cost[res.index_of(value)]
-    cols.pop(-1).metric(f"Mean {unit} per input", costs.fmt_cost(ms, unit), help="measured")
-cols[1].metric("Mean steps", f"{steps.mean():.2f}", help=f"maximum {max_steps}")
+cols[1].metric(
+    f"Mean {unit} per input",
+    costs.fmt_cost(mean_cost, unit),
+    help="measured on this machine" if timed else "counted by torch on the steps that ran",
+)
+cols[2].metric("Mean steps", f"{steps.mean():.2f}", help=f"maximum {max_steps}")
 for c, (k, v) in zip(
-    cols[2:-1], ((k, v) for k, v in r.detail.items() if k != "steps"), strict=False
+    cols[3:-1], ((k, v) for k, v in r.detail.items() if k != "steps"), strict=False
 ):
     c.metric(f"Mean {k}", f"{v.mean():.3f}")
 cols[-1].metric(
@@ -255,38 +259,42 @@ else:
 classes, mean_c, _, acc_c, _ = stats.by_level(res.label, steps, r.correct)
 st.plotly_chart(figs.steps_by_class([names[c] for c in classes], mean_c, acc_c), width="stretch")
 
-st.subheader("Accuracy vs mean steps: every halting model on this data set")
+st.subheader("Accuracy vs compute: every halting model on this data set")
 curves, table_rows = [], []
 for k, other in enumerate(others):
     o_card, o_fam = loaders.family_of(other)
     o = loaders.results(other)
-    o_steps = on_axis(other, o).mean_cost if timed else o.detail["steps"].mean(axis=1)
+    o_cost, o_steps = on_axis(other, o).mean_cost, o.detail["steps"].mean(axis=1)
     tag = o.meta.get("trained_with") or ""
     label = f"{o_fam.title} {tag}".strip() + (" (this model)" if other == model_id else "")
     curves.append(
         figs.CurveSpec(
             label,
-            o_steps,
+            o_cost,
             o.accuracy,
             palette.exit_color(k),
-            labels=[f"{other}, {o.setting} = {s:g}" for s in o.settings],
+            labels=[
+                f"{other}, {o.setting} = {s:g}<br>mean {costs.fmt_cost(c, unit)}, "
+                f"mean steps {n:.2f}"
+                for s, c, n in zip(o.settings, o_cost, o_steps, strict=True)
+            ],
         )
     )
     table_rows.append((o, value if other == model_id else o_fam.default_setting(o_card)))
 st.plotly_chart(
     figs.tradeoff_figure(
         curves,
-        current=(float(ms if timed else steps.mean()), r.accuracy),
-        x_title=f"mean {unit} per input" if timed else "mean steps per input",
-        title=f"Accuracy vs mean {'time' if timed else 'steps'} (a curve per model, a point "
-        "per setting)",
+        current=(mean_cost, r.accuracy),
+        x_title=f"mean {unit} per input",
+        title=f"Accuracy vs mean {'time' if timed else 'FLOPs'} (a curve per model, a point "
+        "per setting; hover for its mean steps)",
     ),
     width="stretch",
 )
 if len(others) > 1:
     st.caption(
         "Each model at its trained setting (this one at the slider's). Different ponder costs "
-        "or halting rules trade accuracy for steps differently."
+        "or halting rules trade accuracy for compute differently."
     )
     st.dataframe(summary_table(table_rows), hide_index=True)
 st.caption(

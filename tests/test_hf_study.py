@@ -56,9 +56,29 @@ def texts(n: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(VOCAB) for _ in range(T)] for _ in range(n)]
 
 
+class Recorder:
+    """A Progress (engine.core.progress) that keeps every (done, total, label)."""
+
+    def __init__(self):
+        self.calls: list[tuple[float, float, str]] = []
+
+    def __call__(self, done, total, label):
+        self.calls.append((done, total, label))
+
+    def bars(self) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        for done, total, label in self.calls:
+            out.setdefault(label, [total]).append(done)
+        return out
+
+
+BUILD_PROGRESS = Recorder()  # what the ``built`` fixture's build reported
+
+
 @pytest.fixture(scope="module")
 def built(lm):
-    return S.build_study(lm, CFG, texts(CFG.n_eval, 1), texts(CFG.n_calib, 2))
+    ev, cal = texts(CFG.n_eval, 1), texts(CFG.n_calib, 2)
+    return S.build_study(lm, CFG, ev, cal, progress=BUILD_PROGRESS)
 
 
 # --- records and the simulated exits ----------------------------------------------------------
@@ -353,3 +373,54 @@ def test_a_helper_process_shares_the_skip_curves_and_the_oracle(lm, built, tmp_p
     helper.join(60)
     assert (tmp_path / "b" / "skip_part_nll.parquet").is_file()  # the helper ran two families
     assert got.curves.equals(built.curves) and got.oracle.equals(built.oracle)
+
+
+# --- progress ----------------------------------------------------------------------------------
+
+
+def test_the_build_reports_every_stage_to_its_progress(built):
+    """A bar per stage through engine.core.progress (tqdm on the command line), each counting
+    its own work from 0 to its total: no tqdm of the study's own."""
+    bars = BUILD_PROGRESS.bars()
+    n = CFG.n_eval
+    plans = sum(
+        1
+        for f in S.SKIP_FAMILIES
+        for k in CFG.kept_grid
+        if k >= S.min_kept(f, N_LAYER, built.order)
+    )
+    want = {
+        "study: calibration passages": CFG.n_calib,
+        "study: evaluation passages": n,
+        next(b for b in bars if b.startswith("study: greedy skip order")): 1,
+        "study: skip curves (plans x passages)": plans * n,
+        "study: oracle (passages)": n,
+    }
+    assert list(bars) == list(want)
+    for label, total in want.items():
+        assert bars[label] == [total, *range(total + 1)], label
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_the_study_command_reports_to_the_terminal_sink(lm, monkeypatch, quiet):
+    """``python -m engine.families.hf_causal_lm.study [--quiet]`` builds with the sink
+    ``engine.core.progress.terminal(quiet)`` gives, as every other command does."""
+    from engine import families
+
+    sink, got = Recorder(), {}
+
+    def terminal(quiet=False):
+        got["quiet"] = quiet
+        return sink
+
+    monkeypatch.setattr(S, "terminal", terminal)
+    monkeypatch.setattr(families, "load_model", lambda model_id: lm)
+
+    def build(lm, cfg, *, checkpoint, oracle_helper, progress):
+        got["progress"] = progress
+        return None  # as an oracle helper: nothing to save
+
+    monkeypatch.setattr(S, "build_study", build)
+    argv = ["--sequences", "2", "--tokens", "8", "--calibration", "1"]
+    assert S.main(argv + ["--quiet"] * quiet) == 0
+    assert got == {"quiet": quiet, "progress": sink}

@@ -184,3 +184,59 @@ def test_halting_curve_legend_names_every_bar_colour():
 
     live = figs.halting_curve(np.array([0.1, 0.2, 0.8, np.nan, np.nan]), cum, 3, 0.01)
     assert [t.marker.color for t in live.data if t.type == "bar"] == [figs.RAN, figs.REMAINDER]
+
+
+def _curves(app) -> tuple[dict, dict[str, dict]]:
+    """The accuracy-compute chart (the last chart) and its traces by the model their hover
+    names, with plotly's typed arrays decoded."""
+    import base64
+    import json
+
+    def arr(v):
+        if isinstance(v, dict) and "bdata" in v:
+            return np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"])
+        return np.asarray(v)
+
+    spec = json.loads(app.get("plotly_chart")[-1].proto.spec)
+    for t in spec["data"]:
+        t["x"], t["y"] = arr(t["x"]), arr(t["y"])
+    return spec, {t["text"][0].split(",")[0]: t for t in spec["data"] if t.get("text")}
+
+
+@pytest.mark.skipif("parity_act" not in HALT_MODELS, reason="parity_act not bundled")
+def test_cost_axis_switch_puts_flops_or_time_on_the_curves_and_keeps_the_steps():
+    """FLOPs draw the results' mean FLOPs per setting (not mean steps), ms the measured time;
+    the mean steps stay in the metrics and in every point's hover."""
+    from engine.core import costs
+    from engine.run.profile import load_profile
+
+    app = _page("parity_act")
+    assert not app.exception, app.exception
+    assert app.radio(key="w.cost_axis").value == costs.FLOPS
+    same = [m for m in HALT_MODELS if get_card(m).dataset == get_card("parity_act").dataset]
+    for unit in [costs.FLOPS, *app.radio(key="w.cost_axis").options[1:]]:
+        app.radio(key="w.cost_axis").set_value(unit).run()
+        assert not app.exception, app.exception
+        spec, curves = _curves(app)
+        assert spec["layout"]["xaxis"]["title"]["text"] == f"mean {unit} per input"
+        assert sorted(curves) == sorted(same)
+        for m in same:
+            card = get_card(m)
+            res = costs.results_on_axis(
+                families.get(card.family).results(card), load_profile(m), unit
+            )
+            order = np.argsort(res.mean_cost, kind="stable")
+            np.testing.assert_allclose(curves[m]["x"], res.mean_cost[order], rtol=1e-9)
+            np.testing.assert_allclose(curves[m]["y"], res.accuracy[order], rtol=1e-9)
+            steps = res.detail["steps"].mean(axis=1)[order]
+            for text, n in zip(curves[m]["text"], steps, strict=True):
+                assert f"mean steps {n:.2f}" in text and unit in text
+        card = get_card("parity_act")
+        fam = families.get(card.family)
+        res = costs.results_on_axis(fam.results(card), load_profile("parity_act"), unit)
+        i = res.index_of(fam.default_setting(card))
+        m = metrics(app)
+        assert m[f"Mean {unit} per input"] == costs.fmt_cost(res.mean_cost[i], unit)
+        assert m["Mean steps"] == f"{res.detail['steps'][i].mean():.2f}"
+        star = next(t for t in spec["data"] if t.get("name") == "current setting")
+        assert np.isclose(star["x"][0], res.mean_cost[i])

@@ -113,7 +113,7 @@ def test_halting_page_metric_and_curve_follow_the_switch():
     from engine.registry import get_card
 
     at = _run("halting")
-    assert "mean steps" in _x_title(at, -1)
+    assert _x_title(at, -1) == "mean FLOPs per input"
     at.radio(key="w.cost_axis").set_value(UNIT).run()
     assert not at.exception, at.exception
     card = get_card(at.selectbox(key="act_model").value)

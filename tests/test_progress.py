@@ -22,7 +22,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from app.progress import meter
-from engine.core.progress import Bars, silent, terminal, track
+from engine.core.progress import Bars, Meter, show, silent, terminal, track
 from engine.paths import MODELS_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +53,20 @@ class Recorder:
             assert done == sorted(done), (label, done)
 
 
+class Shown(Recorder):
+    """A Progress that also keeps what was shown beside each bar (``engine.core.progress.show``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shown: list[tuple[str, dict[str, float]]] = []
+
+    def show(self, label, values):
+        self.shown.append((label, values))
+
+    def last(self, label: str) -> dict[str, float]:
+        return [v for lab, v in self.shown if lab == label][-1]
+
+
 class Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
@@ -69,6 +83,39 @@ def test_bars_draw_on_a_terminal_and_stay_quiet_off_one():
     for _ in track(range(3), "epoch 1/1", Bars(quiet=True, file=quiet)):
         pass
     assert quiet.getvalue() == "" and terminal(quiet=True) is silent
+
+
+def test_bars_show_the_numbers_beside_the_bar_and_keep_them_when_it_closes():
+    """On a terminal the closed bar keeps its postfix; off one each bar's numbers are one line;
+    a score shown after its bar closed gets a line of its own; quiet shows nothing."""
+    from tqdm import tqdm
+
+    tty, pipe, quiet = Terminal(), io.StringIO(), Terminal()
+    for out in (tty, pipe, quiet):
+        bars = Bars(quiet=out is quiet, file=out)
+        meter = Meter(bars, "epoch 1/1")
+        for i in track(range(4), "epoch 1/1", bars):
+            meter.add(2 if i else 1, loss=0.5 * i)  # weighted: (0 + 1 + 2 + 3) / 7
+        show(bars, "epoch 1/1", val_acc=0.875)  # computed once the epoch is over
+    loss = tqdm.format_num(6 / 7)
+    assert meter.means == {"loss": pytest.approx(6 / 7)}
+    drawn, after = tty.getvalue().rsplit("\r", 1)[-1].split("\n", 1)  # the bar as left
+    assert "4/4" in drawn and f"loss={loss}]" in drawn, tty.getvalue()
+    assert after == "epoch 1/1: val_acc=0.875\n"
+    assert pipe.getvalue() == f"epoch 1/1: loss={loss}\nepoch 1/1: val_acc=0.875\n"
+    assert quiet.getvalue() == ""
+    # sinks without ``show`` (the app's bar, silent, a lambda) are left alone
+    show(silent, "x", loss=1.0)
+    show(None, "x", loss=1.0)
+    Meter(lambda done, total, label: None, "x").add(loss=1.0)
+
+
+def test_a_window_meter_shows_the_last_steps():
+    rec = Shown()
+    meter = Meter(rec, "steps", window=2)
+    for v in (10.0, 1.0, 2.0, 3.0):
+        meter.add(loss=v)
+    assert [v["loss"] for _, v in rec.shown] == [10.0, 5.5, 1.5, 2.5]
 
 
 def test_track_reports_zero_then_each_item():
@@ -130,15 +177,24 @@ def test_cli_trainer_draws_a_bar_per_epoch_with_the_time_left(tmp_path):
         assert f"{epoch}: 100%" in err, err
         assert "8/8" in err  # 256 images in batches of 32: the bar counts steps
     assert ETA.search(err), err
+    assert re.search(r"8/8 \[[^]]*loss=\d", err), err  # the epoch's loss on its finished bar
     assert "per-exit test accuracy" in out and "trained in" in out  # the summary stays
     assert "loss" not in out  # no hand-written per-epoch lines any more
 
 
-def test_cli_trainer_is_quiet_off_a_terminal(tmp_path):
+def test_cli_trainer_logs_each_epochs_loss_off_a_terminal_and_nothing_when_quiet(tmp_path):
     run = subprocess.run(_train_cmd(tmp_path), cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert "epoch 1/2" not in run.stderr and "%|" not in run.stderr
+    assert "%|" not in run.stderr  # no bar drawn into a log
+    lines = [ln for ln in run.stderr.splitlines() if ln.startswith("epoch ")]
+    assert [ln.split(":")[0] for ln in lines] == ["epoch 1/2", "epoch 2/2"], run.stderr
+    assert all(re.fullmatch(r"epoch \d/2: loss=[\d.e+-]+", ln) for ln in lines), lines
     assert "per-exit test accuracy" in run.stdout
+    quiet = subprocess.run(
+        _train_cmd(tmp_path, "--quiet"), cwd=ROOT, capture_output=True, text=True
+    )
+    assert quiet.returncode == 0, quiet.stderr
+    assert "epoch" not in quiet.stderr and "loss" not in quiet.stderr
 
 
 def test_training_reports_every_step_of_every_epoch(tmp_path):
@@ -150,6 +206,115 @@ def test_training_reports_every_step_of_every_epoch(tmp_path):
     assert rec.labels() == ["epoch 1/2", "epoch 2/2"]
     rec.assert_monotone()
     assert rec.calls[-1] == (8, 8, "epoch 2/2")
+
+
+def test_the_image_loop_shows_each_epochs_loss_with_its_value():
+    """run_epochs (every image trainer's loop) on a tiny CNN: the line each epoch leaves is
+    the batch-size-weighted mean of that epoch's losses."""
+    import argparse
+
+    from tqdm import tqdm
+
+    from engine.families.multi_exit_cnn.loop import run_epochs
+
+    torch.manual_seed(0)
+    x, y = torch.randn(70, 1, 8, 8), torch.randint(0, 3, (70,))
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    seen: list[tuple[float, int]] = []
+
+    def loss_fn(xb, yb):
+        loss = torch.nn.functional.cross_entropy(net(xb), yb)
+        seen.append((loss.item(), len(yb)))
+        return loss
+
+    out = io.StringIO()
+    args = argparse.Namespace(
+        lr=1e-2, weight_decay=0.0, batch_size=32, quiet=False, progress=Bars(file=out)
+    )
+    run_epochs(list(net.parameters()), loss_fn, [net], x, y, args, 2, 0)
+    assert len(seen) == 6  # 3 steps (32, 32, 6) per epoch
+    want = [
+        f"epoch {e + 1}/2: loss="
+        + tqdm.format_num(sum(v * n for v, n in seen[3 * e : 3 * e + 3]) / 70)
+        for e in range(2)
+    ]
+    assert out.getvalue().splitlines() == want
+
+
+TRAINERS = ["act", "pondernet", "skipnet", "moe", "early_exit_lm", "multi_exit_bert", "jei"]
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_every_trainer_shows_its_loss_beside_its_bar(trainer, tmp_path):
+    """The other trainers, each for a few steps: every bar gets a finite loss beside it."""
+    import argparse
+    import math
+
+    import numpy as np
+
+    torch.set_num_threads(1)
+    rec = Shown()
+    if trainer == "act":
+        from engine.families.act import model as act
+        from engine.families.act import train
+
+        args = train.parser().parse_args(["--num-bits", "6", "--hidden", "8", "--steps", "3"])
+        cfg = act.Config(num_bits=6, hidden=8, max_steps=4)
+        train.train(act.ACTNet(cfg), args, rec)
+    elif trainer == "pondernet":
+        from engine.families.pondernet import model as pn
+        from engine.families.pondernet import train
+
+        args = train.parser().parse_args(["--num-bits", "6", "--hidden", "8"])
+        train.train(pn.build({"num_bits": 6, "hidden": 8, "max_steps": 4}), args, 3, rec)
+    elif trainer == "skipnet":
+        from engine.families.skipnet import train
+
+        train.main(
+            ["--dataset", "digits", "--max-train", "64", "--max-test", "16",
+             "--warmup-epochs", "1", "--epochs", "1", "--max-steps-train", "2",
+             "--out-dir", str(tmp_path), "--traces-dir", str(tmp_path), "--model-id", "t"],
+            progress=rec,
+        )  # fmt: skip
+    elif trainer == "moe":
+        from engine.families.moe import train
+
+        params = [torch.nn.Parameter(torch.ones(3))]
+        args = argparse.Namespace(lr=1e-2, weight_decay=0.0, batch_size=4, seed=0, quiet=False)
+        train.train_loop(params, lambda idx, step: (params[0] ** 2).sum(), 8, args, 1, "t", rec)
+    elif trainer == "early_exit_lm":
+        from engine.families.early_exit_lm import model as lm
+        from engine.families.early_exit_lm import train
+
+        m = lm.build({"n_layer": 2, "n_head": 2, "d_model": 16, "block_size": 32})
+        data = train.encode_array("the cat sat on the mat. " * 50, m.config.vocab)
+        args = train.parse(["--steps", "3", "--batch", "4", "--seq", "16"])
+        train.train(m, data, args, rec)
+    elif trainer == "multi_exit_bert":
+        from engine.families.multi_exit_bert import train
+
+        class Head(torch.nn.Linear):
+            def from_features(self, f):
+                return self(f)
+
+        heads = torch.nn.ModuleList([Head(4, 2) for _ in range(2)])
+        model = argparse.Namespace(heads=heads)
+        args = argparse.Namespace(lr=1e-2, weight_decay=0.0, epochs=2, seed=0)
+        feats = np.random.default_rng(0).normal(size=(10, 2, 4)).astype(np.float32)
+        train.train_heads(model, feats, np.arange(10) % 2, args, rec)
+    else:
+        from engine.families.multi_exit_cnn import train_jei
+        from engine.families.multi_exit_cnn.model import JointGates
+
+        feats = [torch.randn(20, 4) for _ in range(3)]
+        heads = [torch.nn.Linear(4, 2) for _ in range(3)]
+        cfg = train_jei.JointConfig(warmup_epochs=1, epochs=1, batch_size=8)
+        y = torch.arange(20) % 2
+        train_jei.fit_joint(feats, y, heads, JointGates(3, 2), np.array([0.2, 0.5, 1.0]), cfg, rec)
+    bars = [lab for lab in rec.labels() if "epoch" in lab or lab == "steps"]
+    assert bars, rec.labels()
+    for label in bars:
+        assert math.isfinite(rec.last(label)["loss"]), (label, rec.shown)
 
 
 def test_build_reports_the_trace_batches(tmp_path):

@@ -171,6 +171,55 @@ def test_the_lens_card_is_not_a_model_the_registry_lists():
         TL.lens_card("no_such_model")
 
 
+# --- progress on the command line ------------------------------------------------------------
+
+
+class Shown:
+    """A Progress (engine.core.progress) that keeps every call and what is shown beside it."""
+
+    def __init__(self):
+        self.calls, self.shown = [], []
+
+    def __call__(self, done, total, label):
+        self.calls.append((done, total, label))
+
+    def show(self, label, values):
+        self.shown.append((label, values))
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_the_lens_command_reports_to_the_terminal_sink(lm, monkeypatch, tmp_path, quiet):  # noqa: F811
+    """``python -m engine.families.hf_causal_lm.train_lens [--quiet]``: the states, every
+    translator step (with its KL per layer) and the comparison go to the sink
+    ``engine.core.progress.terminal(quiet)`` gives, as every other command's do (the tiny
+    Llama stands in for SmolLM2; the comparison's held-out news is not read)."""
+    monkeypatch.setenv("AIE_CACHE_DIR", str(tmp_path / "cache"))
+    sink, got = Shown(), {}
+
+    def terminal(quiet=False):
+        got["quiet"] = quiet
+        return sink
+
+    def comparisons(lm, lens, max_tokens, max_len, progress=None):
+        got["comparison"] = progress
+        return {}
+
+    monkeypatch.setattr(T, "terminal", terminal)
+    monkeypatch.setattr(T, "load_smollm2", lambda: lm)
+    monkeypatch.setattr(T, "training_ids", lambda lm, tokens, seq_len, seed: texts(6, 0))
+    monkeypatch.setattr(T, "comparisons", comparisons)
+    argv = ["--rank", "4", "--epochs", "2", "--batch", "64", "--out-dir", str(tmp_path)]
+    T.main(argv + ["--quiet"] * quiet)
+    assert got == {"quiet": quiet, "comparison": sink}
+    steps = 2 * -(-6 * 24 // 64)
+    bars = {}
+    for done, total, label in sink.calls:
+        bars.setdefault(label, [total]).append(done)
+    assert bars == {"states (texts)": [6, *range(7)], "translators": [steps, *range(steps + 1)]}
+    assert len(sink.shown) == steps and {lab for lab, _ in sink.shown} == {"translators"}
+    assert all(v["kl_per_layer"] >= 0 for _, v in sink.shown)
+
+
 # --- the shipped lens ------------------------------------------------------------------------
 
 

@@ -507,6 +507,7 @@ def _report_part(report, lo: float, hi: float):
 def train_user_lens(lm, name: str, ids: list[int], text: Path, o: LensOptions, cmd: str, report):
     """A tuned lens for the user's model trained on the start of ``ids`` and compared with the
     logit lens on the held-out tail: (the lens, its card's fields)."""
+    from engine.core.progress import terminal
     from engine.families.hf_causal_lm import train_lens as T
     from engine.families.hf_causal_lm import tuned_lens as TL
 
@@ -529,6 +530,7 @@ def train_user_lens(lm, name: str, ids: list[int], text: Path, o: LensOptions, c
         o.lr,
         o.seed,
         report=_report_part(report, 0.2, 0.9),
+        progress=terminal() if report is None else None,  # a page's bar is ``report``
     )
     if report is not None:
         report("comparing the tuned lens with the logit lens on the held-out tail", 0.9)

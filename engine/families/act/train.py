@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from engine.core.progress import Progress, terminal, track
+from engine.core.progress import Meter, Progress, terminal, track
 from engine.core.stats import spearman
 from engine.core.training import command_line, cosine_lr, save_model, seed_everything
 from engine.families.act import model as act
@@ -58,16 +58,19 @@ def train(model: act.ACTNet, args, progress: Progress | None = None) -> None:
     sched = cosine_lr(opt, steps)
     rng_seed = args.seed * 1_000_003
     model.train()
-    for i in track(range(steps), "steps", progress or terminal(args.quiet)):
+    progress = progress or terminal(args.quiet)
+    meter = Meter(progress, "steps", window=100)  # the last 100 steps' loss and ponder steps
+    for i in track(range(steps), "steps", progress):
         x, y, _ = act.parity_data(args.batch_size, args.num_bits, seed=rng_seed + i)
         x, y = torch.from_numpy(x), torch.from_numpy(y)
         out = model(x)
-        loss, _ = act.act_loss(out, y, args.ponder_cost)
+        loss, nll = act.act_loss(out, y, args.ponder_cost)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        meter.add(loss=loss.item(), nll=nll.item(), steps=out["steps"].float().mean().item())
     model.eval()
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.core.progress import Progress, terminal, track
+from engine.core.progress import Meter, Progress, terminal, track
 from engine.core.training import (
     command_line,
     cosine_lr,
@@ -75,14 +75,18 @@ def train(model: act_cnn.ACTConvNet, x: torch.Tensor, y: torch.Tensor, args, pro
     model.train()
     progress = progress or terminal(args.quiet)
     for epoch, batches in enumerate(epochs):
-        for b in track(batches, f"epoch {epoch + 1}/{args.epochs}", progress):
+        bar = f"epoch {epoch + 1}/{args.epochs}"
+        meter = Meter(progress, bar)  # the epoch's loss and ponder steps so far
+        for b in track(batches, bar, progress):
             out = model(x[b])
-            loss, _ = act.act_loss(out, y[b], args.ponder_cost)
+            loss, nll = act.act_loss(out, y[b], args.ponder_cost)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
+            steps = out["steps"].float().mean().item()
+            meter.add(len(b), loss=loss.item(), nll=nll.item(), steps=steps)
     model.eval()
 
 

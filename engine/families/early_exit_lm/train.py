@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.core.progress import Progress, terminal, track
+from engine.core.progress import Meter, Progress, terminal, track
 from engine.core.training import command_line, save_model, seed_everything
 from engine.data.text import bbc_text
 from engine.families.early_exit_lm import model as lm
@@ -108,7 +108,9 @@ def train(model, data, args, progress: Progress | None = None) -> list[float]:
     model.train()
     losses = []
     it = batches(data, args.batch, args.seq, gen)
-    for _ in track(range(args.steps), "steps", progress or terminal(args.quiet)):
+    progress = progress or terminal(args.quiet)
+    meter = Meter(progress, "steps", window=20)  # the last 20 steps (the card's final_loss)
+    for _ in track(range(args.steps), "steps", progress):
         loss, _ = early_exit_loss(model, next(it), args.layer_dropout)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -116,6 +118,7 @@ def train(model, data, args, progress: Progress | None = None) -> list[float]:
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
+        meter.add(loss=losses[-1])
     model.eval()
     return losses
 

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.core.policies import first_true
+from engine.core.progress import Progress, terminal, track
 from engine.families.hf_causal_lm import analysis as A
 from engine.families.hf_causal_lm.model import CausalLM, LayerCache, encode, walk
 from engine.paths import RECORDS_DIR, user_traces_dir
@@ -537,35 +538,29 @@ def skip_curves(
     records: Records,
     order: Sequence[int],
     kept_grid: Sequence[int],
-    progress=None,
+    progress: Progress | None = None,
     families: Sequence[str] = SKIP_FAMILIES,
+    label: str = "skip curves",
 ) -> tuple[pl.DataFrame, dict]:
-    """Teacher-forced skip plans on every text; the per-(family, kept, text) NLLs are returned
-    too (the perplexity oracle reuses them)."""
+    """Teacher-forced skip plans on every text, a step of bar ``label`` each; the
+    per-(family, kept, text) NLLs are returned too (the perplexity oracle reuses them)."""
     n = lm.n_layer
-    rows, cache = [], {}
-    for fam in families:
-        for kept in kept_grid:
-            if kept < min_kept(fam, n, order):
-                continue
+    plans = [(f, k) for f in families for k in kept_grid if k >= min_kept(f, n, order)]
+    work = [(f, k, i) for f, k in plans for i in range(len(texts))]
+    cache = {}
+    for fam, kept, i in track(work, label, progress):
+        rec = records.sequence(i)
+        if kept == n:  # nothing skipped: the full model, already in the records
+            cache[(fam, kept, i)] = (1.0, float(-np.nanmean(rec.logp_next[:, -1])))
+        else:
             plan = make_plan(fam, kept, n, order)
-            agree, nll = [], []
-            for i, ids in enumerate(texts):
-                rec = records.sequence(i)
-                if kept == n:  # nothing skipped: the full model, already in the records
-                    a, l_ = 1.0, float(-np.nanmean(rec.logp_next[:, -1]))
-                else:
-                    a, l_ = plan_nll(lm, ids, plan, rec.top1[:, -1])
-                cache[(fam, kept, i)] = l_
-                agree.append(a)
-                nll.append(l_)
-                if progress is not None:
-                    progress.update(1)
-            # equal-length texts: the pooled means are the means of the per-text means
-            rows.append(
-                (fam, float(kept), float(kept), float(np.mean(agree)), math.exp(np.mean(nll)))
-            )
-    return _curve_frame(rows, n), cache
+            cache[(fam, kept, i)] = plan_nll(lm, texts[i], plan, rec.top1[:, -1])
+    rows = []
+    for fam, kept in plans:
+        agree, nll = zip(*(cache[(fam, kept, i)] for i in range(len(texts))), strict=True)
+        # equal-length texts: the pooled means are the means of the per-text means
+        rows.append((fam, float(kept), float(kept), float(np.mean(agree)), math.exp(np.mean(nll))))
+    return _curve_frame(rows, n), {key: nll for key, (_, nll) in cache.items()}
 
 
 def layers_for_agreement(curves: pl.DataFrame, method: str, target: float) -> float:
@@ -703,17 +698,16 @@ def build_study(
     calib: Sequence[Sequence[int]] | None = None,
     checkpoint: Path | None = None,
     oracle_helper: bool = False,
+    progress: Progress | None = None,
 ) -> Built | None:
-    """Every measurement of the study (see the module docstring), with a progress bar. The
-    texts default to BBC passages (``passages``); all of one length, so pooled means are means
-    of per-text means.
+    """Every measurement of the study (see the module docstring), a bar per stage to
+    ``progress``. The texts default to BBC passages (``passages``); all of one length, so
+    pooled means are means of per-text means.
 
     ``checkpoint``: a folder where each finished stage is kept (records, skip order, skip
     curves, each passage's oracle), so a stopped build resumes there. ``oracle_helper``: a
     second process on the same checkpoint that waits for the skip order and works through the
     oracle from the last passage down (the two skip each other's finished passages)."""
-    from tqdm.auto import tqdm
-
     n = lm.n_layer
     t0 = time.perf_counter()
     if evals is None:
@@ -739,7 +733,7 @@ def build_study(
         while not (ck / "order.json").is_file():
             time.sleep(10)
         order = json.loads((ck / "order.json").read_text())["order"]
-        for i in tqdm(range(cfg_n - 1, -1, -1), desc="oracle helper", file=sys.stderr):
+        for i in track(range(cfg_n - 1, -1, -1), "oracle helper (passages)", progress):
             f = ck / f"oracle_{i}.json"
             if not f.is_file() and not (ck / f"oracle_{i}.started").is_file():
                 (ck / f"oracle_{i}.started").touch()
@@ -748,30 +742,20 @@ def build_study(
         return None
     order_ids = [t for c in calib[: cfg.n_order] for t in c[: cfg.order_tokens]]
     order_steps = sum(n - i for i in range(cfg.max_order))
-    skip_steps = sum(
-        cfg_n
-        for f in SKIP_FAMILIES
-        for k in cfg.kept_grid
-        if k >= (2 if f != "skip_greedy" else n - cfg.max_order)
-    )
-    total = len(calib) + cfg_n + 1 + skip_steps + cfg_n
-    bar = tqdm(total=total, desc="study", file=sys.stderr)
     timings: dict = {}
 
     if ck is not None and (ck / "stage.json").is_file():
         stage = json.loads((ck / "stage.json").read_text())
         records = Records.from_frame(pl.read_parquet(ck / "records.parquet"))
         gate_metrics, timings = stage["gate"], stage["timings"]
-        bar.update(len(calib) + cfg_n)
     else:
         # calibration: records + states -> the gate
         feats, labels, cal_recs = [], [], []
-        for i, ids in enumerate(calib):
+        for i, ids in enumerate(track(calib, "study: calibration passages", progress)):
             r, normed = sequence_records(lm, ids, i)
             feats.append(gate_features(normed, r))
             labels.append(r.agree)
             cal_recs.append(r)
-            bar.update(1)
         x, y = np.concatenate(feats), np.concatenate(labels)
         del feats
         gate = train_gate(x, y, cfg.gate_hidden, cfg.gate_epochs, cfg.seed)
@@ -781,11 +765,10 @@ def build_study(
 
         # evaluation records, gate scored
         parts = []
-        for i, ids in enumerate(evals):
+        for i, ids in enumerate(track(evals, "study: evaluation passages", progress)):
             r, normed = sequence_records(lm, ids, i)
             r.gate = gate.score(gate_features(normed, r)).astype(np.float32)
             parts.append(r)
-            bar.update(1)
         records = Records.concat(parts)
         timings["records_s"] = time.perf_counter() - t0 - timings["calibration_s"]
         cal = Records.concat(cal_recs)
@@ -808,39 +791,39 @@ def build_study(
         timings["skip_order_s"] = json.loads((ck / "order.json").read_text())["seconds"]
     else:
         t = time.perf_counter()
-        bar.set_postfix_str(f"greedy skip order ({order_steps} plan evaluations)")
-        order = skip_order(lm, order_ids, cfg.max_order)
+        label = f"study: greedy skip order ({order_steps} plan evaluations)"
+        for _ in track([None], label, progress):  # one step: the time it took, not a rate
+            order = skip_order(lm, order_ids, cfg.max_order)
         timings["skip_order_s"] = time.perf_counter() - t
         if ck is not None:
             done = json.dumps({"order": order, "seconds": timings["skip_order_s"]})
             _publish(ck / "order.json", lambda p: p.write_text(done))
-    bar.update(1)
 
     if ck is not None and (ck / "skip_nll.parquet").is_file():
         skips, nll_cache = _read_skips(ck, "skip")
-        bar.update(skip_steps)
     else:
         t = time.perf_counter()
-        bar.set_postfix_str("skip curves")
+        label = "study: skip curves (plans x passages)"
         if ck is not None and (ck / "skip_part.started").is_file():  # a helper runs two
             skips, nll_cache = skip_curves(
-                lm, evals, records, order, cfg.kept_grid, bar, SKIP_FAMILIES[2:]
+                lm, evals, records, order, cfg.kept_grid, progress, SKIP_FAMILIES[2:], label
             )
             while not (ck / "skip_part_nll.parquet").is_file():
                 time.sleep(5)
             part, nll = _read_skips(ck, "skip_part")
             skips, nll_cache = pl.concat([part, skips]), {**nll, **nll_cache}
         else:
-            skips, nll_cache = skip_curves(lm, evals, records, order, cfg.kept_grid, bar)
+            skips, nll_cache = skip_curves(
+                lm, evals, records, order, cfg.kept_grid, progress, label=label
+            )
         timings["skip_curves_s"] = time.perf_counter() - t
         if ck is not None:
             _write_skips(ck, "skip", skips, nll_cache)
     curves = pl.concat([exit_curves(records), skips])
 
     t = time.perf_counter()
-    bar.set_postfix_str("oracle")
     rows = []
-    for i in range(cfg_n):
+    for i in track(range(cfg_n), "study: oracle (passages)", progress):
         f = None if ck is None else ck / f"oracle_{i}.json"
         if f is not None and (ck / f"oracle_{i}.started").is_file():
             while not f.is_file():  # the helper has it
@@ -854,8 +837,6 @@ def build_study(
             if f is not None:
                 _publish(f, lambda p, got=got: p.write_text(json.dumps(got)))
         rows.extend(got)
-        bar.update(1)
-    bar.close()
     oracle = pl.DataFrame(rows, schema=["seq", "criterion", "family", "kept"], orient="row")
     timings["oracle_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
@@ -1039,6 +1020,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--refresh", action="store_true", help="re-derive exit curves + summary from the records"
     )
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     from engine import families
     from engine.registry import get_card
@@ -1060,7 +1042,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         n_calib=args.calibration,
         seed=args.seed,
     )
-    built = build_study(lm, cfg, checkpoint=args.checkpoint, oracle_helper=args.oracle_helper)
+    built = build_study(
+        lm,
+        cfg,
+        checkpoint=args.checkpoint,
+        oracle_helper=args.oracle_helper,
+        progress=terminal(args.quiet),
+    )
     if built is None:
         return 0
     built.timings["load_s"] = load_s

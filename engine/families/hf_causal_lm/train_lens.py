@@ -1,6 +1,6 @@
 """Train the tuned lens of SmolLM2-135M on BBC News and ship it with its card.
 
-    python -m engine.families.hf_causal_lm.train_lens [--tokens N --epochs E --out-dir DIR]
+    python -m engine.families.hf_causal_lm.train_lens [--tokens N --epochs E --out-dir DIR --quiet]
 
 The model is frozen, so its states are computed once (the first ``seq-len`` tokens of BBC
 training articles, in a seeded order, until ``tokens`` positions; cached under the cache
@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
+from engine.core.progress import Meter, Progress, terminal, track
 from engine.core.training import save_model, seed_everything
 from engine.families.hf_causal_lm import tuned_lens as TL
 from engine.families.hf_causal_lm.model import CausalLM, LayerCache, encode, load_smollm2, walk
@@ -55,7 +55,12 @@ def training_ids(lm: CausalLM, tokens: int, seq_len: int, seed: int) -> list[lis
 
 
 @torch.no_grad()
-def cache_states(lm: CausalLM, chunks: list[list[int]], path: Path | None = None):
+def cache_states(
+    lm: CausalLM,
+    chunks: list[list[int]],
+    path: Path | None = None,
+    progress: Progress | None = None,
+):
     """Every layer's state at every position, [L, N, D] float16, and the vocabulary's mass
     under the final distribution [V] and under the logit lens (first chunks) [V]."""
     if path is not None and path.exists():
@@ -66,7 +71,7 @@ def cache_states(lm: CausalLM, chunks: list[list[int]], path: Path | None = None
     final_mass = torch.zeros(lm.hf.config.vocab_size, dtype=torch.float64)
     lens_mass = torch.zeros_like(final_mass)
     at = 0
-    for i, ids in enumerate(tqdm(chunks, desc="states", unit="text")):
+    for i, ids in enumerate(track(chunks, "states (texts)", progress)):
         w = walk(lm, LayerCache(lm.n_layer), ids, keep_states=True)
         s = torch.stack(w.states)  # [L, T, D]
         if s.abs().max() > 6e4:
@@ -101,10 +106,12 @@ def fit(
     lr: float,
     seed: int,
     report: Report | None = None,
+    progress: Progress | None = None,
 ) -> list[float]:
     """Adam on sum_l KL(final || lens_l) over ``vocab``, every layer on the same token batch;
     returns the mean loss per epoch (summed over layers). ``report(what, fraction)`` hears of
-    every step (a page's bar; tqdm shows the same, with the time left, on stderr)."""
+    every step (a page's bar); ``progress`` gets one bar of every epoch's steps with the KL per
+    layer of the last steps beside it (the command line's tqdm)."""
     head = lm.hf.lm_head.weight[vocab].detach()  # [V', D]
     norm = lm.hf.model.norm
     n_lens, n = lm.n_layer - 1, states.shape[1]
@@ -113,8 +120,10 @@ def fit(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
     gen = torch.Generator().manual_seed(seed)
     lens.train().requires_grad_(True)
-    losses = []
-    bar = tqdm(total=steps, desc="translators", unit="step")
+    losses, step = [], 0
+    meter = Meter(progress, "translators", window=20)
+    if progress is not None:
+        progress(0, steps, "translators")
     for _ in range(epochs):
         perm, total = torch.randperm(n, generator=gen), 0.0
         for b in range(0, n, batch):
@@ -132,12 +141,13 @@ def fit(
             opt.step()
             sched.step()
             total += float(loss.detach()) * len(idx)
-            bar.update()
-            bar.set_postfix(kl_per_layer=f"{float(loss.detach()) / n_lens:.3f}")
+            meter.add(len(idx), kl_per_layer=float(loss.detach()) / n_lens)
+            step += 1
+            if progress is not None:
+                progress(step, steps, "translators")
             if report is not None:  # the page's bar adds the time left (app.progress)
-                report("training the tuned lens", bar.n / steps)
+                report("training the tuned lens", step / steps)
         losses.append(total / n)
-    bar.close()
     return losses
 
 
@@ -152,15 +162,16 @@ def train(
     seed: int,
     cache: Path | None = None,
     report: Report | None = None,
+    progress: Progress | None = None,
 ) -> tuple[TL.TunedLens, dict]:
     """Translators for ``lm`` trained on the token ids ``chunks`` (one sequence each), rounded
     to what the float16 file stores, and what the card says of their training: the shipped
     lens's recipe (``main``) and a user's (``engine.byo.hf``) alike."""
-    states, final_mass, lens_mass = cache_states(lm, chunks, cache)
+    states, final_mass, lens_mass = cache_states(lm, chunks, cache, progress)
     kept = training_vocab(final_mass, lens_mass, min(vocab, len(final_mass)))
     lens = TL.TunedLens(cfg)
     t1 = time.perf_counter()
-    losses = fit(lm, lens, states, kept, epochs, batch, lr, seed, report)
+    losses = fit(lm, lens, states, kept, epochs, batch, lr, seed, report, progress)
     info = {
         "train_kl_sum_per_epoch": losses,
         "train_vocab_mass": float(final_mass[kept].sum() / final_mass.sum()),
@@ -170,11 +181,13 @@ def train(
     return lens.rounded(), info  # the numbers a card reports are measured on the rounded lens
 
 
-def comparisons(lm: CausalLM, lens: TL.TunedLens, max_tokens: int, max_len: int) -> dict:
+def comparisons(
+    lm: CausalLM, lens: TL.TunedLens, max_tokens: int, max_len: int, progress=None
+) -> dict:
     import polars as pl
 
     full, part = [], []
-    for ds in tqdm(TL.DATASETS, desc="lens comparison", unit="data set"):
+    for ds in track(TL.DATASETS, "lens comparison (data sets)", progress):
         texts = TL.held_out(ds)
         full.append(TL.compare(lm, lens, texts, ds, max_len, max_tokens))
         k, m = SLICE[ds]
@@ -189,7 +202,7 @@ def comparisons(lm: CausalLM, lens: TL.TunedLens, max_tokens: int, max_len: int)
     }
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None, progress: Progress | None = None) -> Path:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=12288, help="training positions")
@@ -204,7 +217,9 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out-dir", type=Path, default=LENSES_DIR)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
+    progress = progress or terminal(a.quiet)
     torch.set_num_threads(a.threads)
     seed_everything(a.seed)
     t0 = time.perf_counter()
@@ -214,11 +229,13 @@ def main(argv: list[str] | None = None) -> Path:
         cache_dir() / "tuned_lens" / f"{BASE}_bbc_{a.tokens}x{a.seq_len}_seed{a.seed}.safetensors"
     )
     cfg = TL.TunedLensConfig(lm.n_layer, lm.hidden_size, a.rank, BASE)
-    lens, info = train(lm, chunks, cfg, a.vocab, a.epochs, a.batch, a.lr, a.seed, cached)
+    lens, info = train(
+        lm, chunks, cfg, a.vocab, a.epochs, a.batch, a.lr, a.seed, cached, progress=progress
+    )
     metrics = {
         "train_kl_sum_per_epoch": info["train_kl_sum_per_epoch"],
         "train_vocab_mass": info["train_vocab_mass"],
-        **comparisons(lm, lens, a.eval_tokens, a.eval_len),
+        **comparisons(lm, lens, a.eval_tokens, a.eval_len, progress),
     }
     card = {
         "model_id": TL.card_id(BASE),

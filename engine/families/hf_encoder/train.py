@@ -13,7 +13,6 @@ Reached through ``python -m engine.byo hf PATH --name ID --csv FILE.csv`` (``eng
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from engine.core.progress import Progress
+from engine.core.progress import Meter, Progress, show, terminal, track
 from engine.core.trace import Trace, TraceMeta
 from engine.families.hf_encoder import model as hfe
 from engine.run.exits import exit_costs, run_exits
@@ -114,15 +112,12 @@ def split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
 
 
-def _bar(total: int, desc: str, unit: str, report: Report | None):
-    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
-
-    def step(n: int = 1):
-        bar.update(n)
-        if report is not None:
-            report(desc, min(1.0, bar.n / max(1, total)))
-
-    return bar, step
+def _progress(report: Report | None) -> Progress:
+    """The command line's bars (``engine.core.progress``), or a page's ``report(what,
+    fraction)`` when there is one."""
+    if report is None:
+        return terminal()
+    return lambda done, total, label: report(label, min(1.0, done / max(1, total)))
 
 
 @torch.no_grad()
@@ -131,11 +126,8 @@ def features(
 ) -> np.ndarray:
     """Every layer's pooled features of every text, [N, K, H] float32: one encoder pass."""
     out = np.zeros((len(x), model.num_exits, model.config.hidden_size), np.float32)
-    bar, step = _bar(len(x), "features", "text", report)
-    with bar:
-        for i in range(0, len(x), batch):
-            out[i : i + batch] = model.pooled_features(x[i : i + batch]).numpy()
-            step(len(x[i : i + batch]))
+    for i in track(range(0, len(x), batch), "features", _progress(report)):
+        out[i : i + batch] = model.pooled_features(x[i : i + batch]).numpy()
     return out
 
 
@@ -161,24 +153,22 @@ def train_heads(
     opt = torch.optim.AdamW(model.heads.parameters(), lr=lr, weight_decay=1e-2)
     gen = torch.Generator().manual_seed(seed)
     losses = []
-    bar, step = _bar(epochs, "heads", "epoch", report)
+    progress = _progress(report)
     model.heads.train()
-    with bar:
-        for _ in range(epochs):
-            perm, total = torch.randperm(len(t), generator=gen), 0.0
-            for i in range(0, len(t), 64):
-                idx = perm[i : i + 64]
-                loss = sum(
-                    F.cross_entropy(h.from_features(x[idx, k]), t[idx])
-                    for k, h in enumerate(model.heads)
-                )
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * len(idx)
-            losses.append(total / len(t))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            step()
+    for _ in track(range(epochs), "heads", progress):
+        perm, total = torch.randperm(len(t), generator=gen), 0.0
+        for i in range(0, len(t), 64):
+            idx = perm[i : i + 64]
+            loss = sum(
+                F.cross_entropy(h.from_features(x[idx, k]), t[idx])
+                for k, h in enumerate(model.heads)
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        losses.append(total / len(t))
+        show(progress, "heads", loss=losses[-1])  # the last epoch's
     model.heads.eval()
     return losses
 
@@ -207,22 +197,24 @@ def train_joint(
     )
     gen = torch.Generator().manual_seed(seed)
     steps = epochs * ((len(t) + batch - 1) // batch)
-    losses = []
-    bar, step = _bar(steps, "joint", "step", report)
+    losses, done = [], 0
+    progress = _progress(report)
+    meter = Meter(progress, "joint", window=20)  # the last 20 steps' loss
+    progress(0, steps, "joint")  # one bar over every epoch's steps
     model.train()
-    with bar:
-        for _ in range(epochs):
-            perm, total = torch.randperm(len(t), generator=gen), 0.0
-            for i in range(0, len(t), batch):
-                idx = perm[i : i + batch]
-                loss = sum(F.cross_entropy(z, t[idx]) for z in model(x[idx]))
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * len(idx)
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-                step()
-            losses.append(total / len(t))
+    for _ in range(epochs):
+        perm, total = torch.randperm(len(t), generator=gen), 0.0
+        for i in range(0, len(t), batch):
+            idx = perm[i : i + batch]
+            loss = sum(F.cross_entropy(z, t[idx]) for z in model(x[idx]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            meter.add(len(idx), loss=float(loss.detach()))
+            done += 1
+            progress(done, steps, "joint")
+        losses.append(total / len(t))
     model.eval()
     model.stages.requires_grad_(False)
     return losses

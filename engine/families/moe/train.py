@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.core.progress import Progress, terminal, track
+from engine.core.progress import Meter, Progress, terminal, track
 from engine.core.stats import seeded_subset
 from engine.core.training import command_line, cosine_lr, save_model, seed_everything
 from engine.data import images
@@ -85,7 +85,7 @@ def cosine(opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.L
 
 def train_loop(params, loss_fn, n: int, args, epochs: int, label: str, progress=None) -> None:
     """AdamW + warm-up/cosine over ``epochs`` of ``n`` samples; ``loss_fn(idx, step)``; one
-    bar of steps per epoch."""
+    bar of steps per epoch, with the epoch's loss so far."""
     progress = progress or terminal(args.quiet)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     steps = math.ceil(n / args.batch_size)
@@ -94,13 +94,17 @@ def train_loop(params, loss_fn, n: int, args, epochs: int, label: str, progress=
     step = 0
     for epoch in range(epochs):
         perm = torch.randperm(n, generator=gen)
-        for i in track(range(steps), f"{label} epoch {epoch + 1}/{epochs}", progress):
-            loss = loss_fn(perm[i * args.batch_size : (i + 1) * args.batch_size], step)
+        bar = f"{label} epoch {epoch + 1}/{epochs}"
+        meter = Meter(progress, bar)
+        for i in track(range(steps), bar, progress):
+            idx = perm[i * args.batch_size : (i + 1) * args.batch_size]
+            loss = loss_fn(idx, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             step += 1
+            meter.add(len(idx), loss=loss.item())
 
 
 def train_topk(model: MoEViT, x, y, args, progress=None) -> None:

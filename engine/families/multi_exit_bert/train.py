@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.core.progress import Progress, terminal, track
+from engine.core.progress import Progress, show, terminal, track
 from engine.core.stats import spearman
 from engine.core.trace import Trace, TraceMeta
 from engine.core.training import command_line, save_model, seed_everything
@@ -143,6 +143,7 @@ def train_heads(model, feats: np.ndarray, labels: np.ndarray, args, progress=Non
             total += float(loss.detach()) * len(idx)
         sched.step()
         losses.append(total / len(y))
+        show(progress, "heads (epochs)", loss=losses[-1])  # the last epoch's, beside the bar
     model.heads.eval()
     return losses
 

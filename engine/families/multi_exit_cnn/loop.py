@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.core.progress import terminal, track
+from engine.core.progress import Meter, terminal, track
 from engine.core.training import cosine_lr
 from engine.data import images
 from engine.paths import MODELS_DIR
@@ -55,7 +55,8 @@ def run_epochs(
     label: str = "",
 ) -> None:
     """Minibatch AdamW over (x, y) for ``epochs``; order from a generator seeded by ``seed``;
-    a bar of steps per epoch to ``args.progress`` (set by ``train_and_save``), else tqdm."""
+    a bar of steps per epoch, with the epoch's loss so far, to ``args.progress`` (set by
+    ``train_and_save``), else tqdm."""
     progress = getattr(args, "progress", None) or terminal(args.quiet)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(y) / args.batch_size)
@@ -65,13 +66,16 @@ def run_epochs(
         m.train()
     for epoch in range(epochs):
         perm = torch.randperm(len(y), generator=gen)
-        for i in track(range(steps_per_epoch), f"{label}epoch {epoch + 1}/{epochs}", progress):
+        bar = f"{label}epoch {epoch + 1}/{epochs}"
+        meter = Meter(progress, bar)
+        for i in track(range(steps_per_epoch), bar, progress):
             b = perm[i * args.batch_size : (i + 1) * args.batch_size]
             loss = loss_fn(x[b], y[b])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            meter.add(len(b), loss=loss.item())
 
 
 @torch.no_grad()

@@ -274,7 +274,7 @@ def main(argv: list[str], progress: Progress | None = None) -> Path:
     if args.mode == "jei":
         from engine.families.multi_exit_cnn.train_jei import train_jei
 
-        return train_jei(argv, args)
+        return train_jei(argv, args, progress)
     return train_and_save(
         argv,
         args,

@@ -49,6 +49,7 @@ from torch import nn
 from engine.core import calibration, tradeoff
 from engine.core.gates import with_joint_gates
 from engine.core.policies import Policy, exit_index
+from engine.core.progress import Meter, Progress, terminal, track
 from engine.core.training import command_line, image_split, save_model, seed_everything
 
 BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.8)  # fractions of the full model's mean cost
@@ -99,22 +100,29 @@ def joint_losses(
     return head_loss, gate_loss
 
 
-def _epochs(params_groups, loss_fn, n: int, cfg: JointConfig, epochs: int, seed: int, label=""):
-    """AdamW with warm-up + cosine over ``epochs`` of minibatches of ``range(n)``."""
+def _epochs(
+    params_groups, loss_fn, n: int, cfg: JointConfig, epochs: int, seed: int, label, progress
+):
+    """AdamW with warm-up + cosine over ``epochs`` of minibatches of ``range(n)``; a bar of
+    steps per epoch with the epoch's loss so far."""
     from engine.families.multi_exit_cnn.loop import cosine_schedule
 
     opt = torch.optim.AdamW(params_groups, weight_decay=cfg.weight_decay)
     steps = math.ceil(n / cfg.batch_size)
     sched = cosine_schedule(opt, max(1, epochs * steps))
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
+    for epoch in range(epochs):
         perm = torch.randperm(n, generator=gen)
-        for i in range(steps):
-            loss = loss_fn(perm[i * cfg.batch_size : (i + 1) * cfg.batch_size])
+        bar = f"{label} epoch {epoch + 1}/{epochs}"
+        meter = Meter(progress, bar)
+        for i in track(range(steps), bar, progress):
+            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            loss = loss_fn(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            meter.add(len(idx), loss=loss.item())
 
 
 def fit_joint(
@@ -124,6 +132,7 @@ def fit_joint(
     gates: nn.Module,
     cost_fraction: np.ndarray,
     cfg: JointConfig,
+    progress: Progress | None = None,
 ) -> None:
     """Warm the heads up on every sample, then train heads and gates jointly (in place).
 
@@ -141,7 +150,8 @@ def fit_joint(
     def warmup(b):
         return sum(F.cross_entropy(z, y[b]) for z in logits_of(b)) / k
 
-    _epochs([{"params": head_params, "lr": cfg.lr}], warmup, len(y), cfg, cfg.warmup_epochs, 0)
+    heads_only = [{"params": head_params, "lr": cfg.lr}]
+    _epochs(heads_only, warmup, len(y), cfg, cfg.warmup_epochs, 0, "warm-up", progress)
 
     def joint(b):
         head_loss, gate_loss = joint_losses(logits_of(b), y[b], gates, c, cfg)
@@ -151,7 +161,7 @@ def fit_joint(
         {"params": head_params, "lr": cfg.lr},
         {"params": list(gates.parameters()), "lr": cfg.gate_lr},
     ]
-    _epochs(groups, joint, len(y), cfg, cfg.epochs, cfg.seed + 1)
+    _epochs(groups, joint, len(y), cfg, cfg.epochs, cfg.seed + 1, "joint", progress)
 
 
 @torch.no_grad()
@@ -191,7 +201,7 @@ def bias_at_gate(trace, threshold: float = 0.5) -> dict:
     return out
 
 
-def train_jei(argv: list[str], args: argparse.Namespace):
+def train_jei(argv: list[str], args: argparse.Namespace, progress: Progress | None = None):
     """The ``--mode jei`` run: load the backbone, train heads and gates, write card + weights."""
     from engine.families import load_model
     from engine.families.multi_exit_cnn.loop import exit_accuracy, exit_metrics, split_description
@@ -232,7 +242,8 @@ def train_jei(argv: list[str], args: argparse.Namespace):
     t0 = time.perf_counter()
     feats = pooled_features(model, x)
     cum = np.asarray(bcard.raw["metrics"]["flops_cumulative"], dtype=np.float64)
-    fit_joint(feats, y, [h.fc for h in model.heads], model.gates, cum / cum[-1], cfg)
+    heads = [h.fc for h in model.heads]
+    fit_joint(feats, y, heads, model.gates, cum / cum[-1], cfg, progress or terminal(args.quiet))
     train_seconds = time.perf_counter() - t0
     model.eval()
 

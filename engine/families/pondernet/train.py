@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from engine.core.progress import Progress, terminal, track
+from engine.core.progress import Meter, Progress, terminal, track
 from engine.core.stats import spearman
 from engine.core.training import command_line, cosine_lr, save_model, seed_everything
 from engine.families.act.model import parity_data, step_flops
@@ -65,16 +65,19 @@ def train(model: pn.PonderNet, args, steps: int, progress: Progress | None = Non
     sched = cosine_lr(opt, steps)
     rng_seed = args.seed * 1_000_003  # ACT's training stream for the same seed
     model.train()
-    for i in track(range(steps), "steps", progress or terminal(args.quiet)):
+    progress = progress or terminal(args.quiet)
+    meter = Meter(progress, "steps", window=100)  # the last 100 steps' loss and its two terms
+    for i in track(range(steps), "steps", progress):
         x, y, _ = parity_data(args.batch_size, args.num_bits, seed=rng_seed + i)
         x, y = torch.from_numpy(x), torch.from_numpy(y)
         out = model(x)
-        loss, _, _ = pn.ponder_loss(out, y, args.lambda_p, args.beta)
+        loss, rec, kl = pn.ponder_loss(out, y, args.lambda_p, args.beta)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        meter.add(loss=loss.item(), rec=rec.item(), kl=kl.item())
     model.eval()
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.core.costs import count_flops
-from engine.core.progress import Progress, terminal, track
+from engine.core.progress import Meter, Progress, terminal, track
 from engine.core.training import (
     command_line,
     cosine_lr,
@@ -97,8 +97,10 @@ def train_phase(
     progress = progress or terminal(args.quiet)
     phase = "gated" if gated else "warm-up"
     for epoch, batches in enumerate(batches_per_epoch):
-        for b in track(batches, f"{phase} epoch {epoch + 1}/{epochs}", progress):
-            logits, probs, _ = model(x[b], tau=args.gumbel_tau, all_on=not gated)
+        bar = f"{phase} epoch {epoch + 1}/{epochs}"
+        meter = Meter(progress, bar)  # the epoch's loss and share of blocks run so far
+        for b in track(batches, bar, progress):
+            logits, probs, applied = model(x[b], tau=args.gumbel_tau, all_on=not gated)
             ce = [F.cross_entropy(z, y[b]) for z in logits]
             if gated:
                 compute = (probs * share).sum(1).mean()  # expected fraction of block FLOPs
@@ -113,6 +115,7 @@ def train_phase(
             loss.backward()
             opt.step()
             sched.step()
+            meter.add(len(b), loss=loss.item(), executed=applied.detach().mean().item())
     model.eval()
 
 
