@@ -30,12 +30,26 @@ class PageBar:
     def __init__(self, text: str = ""):
         self.bar = st.progress(0.0, text=text or "starting…")
         self.started: dict[str, float] = {}
+        self.values: dict[str, dict[str, float]] = {}
+        self.last: tuple[float, float, str] | None = None
 
     def __call__(self, done: float, total: float, label: str) -> None:
         now = time.monotonic()
         t0 = self.started.setdefault(label, now)
         fraction = min(1.0, max(0.0, done / total)) if total else 0.0
-        self.bar.progress(fraction, text=meter(done, total, now - t0, label))
+        text = meter(done, total, now - t0, label)
+        if self.values.get(label):  # the loss so far, as the command line's postfix shows it
+            text += " · " + ", ".join(
+                f"{k}={tqdm.format_num(v)}" for k, v in self.values[label].items()
+            )
+        self.bar.progress(fraction, text=text)
+        self.last = (done, total, label)
+
+    def show(self, label: str, values: dict[str, float]) -> None:
+        """``engine.core.progress.show``: numbers beside bar ``label`` (an epoch's loss)."""
+        self.values[label] = {**self.values.get(label, {}), **values}
+        if self.last is not None and self.last[2] == label:
+            self(*self.last)
 
     def report(self, what: str, fraction: float) -> None:
         """The ``report(what, fraction)`` form (``engine.byo.hf``): one clock for the whole bar,

@@ -354,6 +354,28 @@ def test_onnx_export_and_quantisation_report_every_graph(tmp_path):
     assert rec.calls[k][:2] == (k, k) and rec.calls[-1][:2] == (2 * k, 2 * k)
 
 
+def test_page_bar_shows_the_loss_beside_the_meter(monkeypatch):
+    from app import progress as page_progress
+    from engine.core.progress import Meter
+
+    drawn = []
+
+    class FakeBar:
+        def progress(self, fraction, text=""):
+            drawn.append((fraction, text))
+
+    monkeypatch.setattr(page_progress.st, "progress", lambda *a, **k: FakeBar())
+    bar = page_progress.PageBar("training")
+    m = Meter(bar, "epoch 1/2")
+    bar(0, 4, "epoch 1/2")
+    m.add(2, loss=0.5)
+    bar(1, 4, "epoch 1/2")
+    m.add(2, loss=0.25)
+    assert drawn[-1][1].startswith("epoch 1/2: 25%") and drawn[-1][1].endswith("loss=0.375")
+    bar(0, 4, "epoch 2/2")  # a new bar: no loss until its first step
+    assert "loss" not in drawn[-1][1]
+
+
 def test_page_meter_is_tqdms_with_the_time_left():
     assert meter(0, 10, 0.0, "trace") == "trace: starting…"
     assert meter(4, 10, 4.0, "trace") == "trace: 40% · 00:04 so far, about 00:06 left"

@@ -109,7 +109,9 @@ class Profile:
             "created": self.created,
             "reason": self.reason,
             "machine": self.machine,
-            "unit": "ms per sample",
+            "unit": "ms per generated token, per sequence"
+            if self.axis == "layers"
+            else "ms per sample",
             "timings": {
                 str(b): {
                     "median_ms": t.median_ms.tolist(),
