@@ -483,6 +483,13 @@ def slm_threshold_chart(model_id: str) -> None:
             f"read no head). One read costs {costs.read_in_layers(profile, unit):.1f} layers' "
             "time here, so a rule that asks at every layer can be slower than never exiting; "
             "the oracles and static plans ask nothing."
+            + (
+                " With a batch, the profile timed every sequence at one depth; sequences that "
+                "exit at different depths share the deeper layers' calls, which a per-token "
+                "sum does not see."
+                if costs.unit_batch(unit) != 1
+                else ""
+            )
         )
     st.session_state[STUDY_TIMING_KEY] = (time.perf_counter() - t0) * 1e3
 
@@ -503,6 +510,44 @@ def slm_quality_curves(card) -> None:
         return
     slm_threshold_chart(card.model_id)
     st.caption(study_caption(study))
+
+
+@st.fragment
+def slm_profile_section(card) -> None:
+    """What the decoder's time axis stands on, and a button that measures it here."""
+    profile = loaders.time_profile(card.model_id)
+    with st.expander("Time profile of this decoder (measured on this machine)"):
+        if profile is None or not profile.timings:
+            st.caption(
+                "Not timed on this machine yet: the time axis of the chart above and the live "
+                "run's predicted time need it."
+            )
+            batch = 8
+        else:
+            b1 = costs.time_unit(1)
+            t = costs.timing(profile, b1)
+            slope = (t.median_ms[-1] - t.median_ms[0]) / max(1, len(t.median_ms) - 1)
+            st.caption(
+                f"Measured {profile.created[:10]} at batch {' and '.join(map(str, profile.batches))}"
+                f": a decode step takes {t.median_ms[0]:.3g} ms with one layer and "
+                f"{t.median_ms[-1]:.3g} ms with all {len(t.median_ms)}, {slope:.2g} ms per "
+                f"layer; one confidence read {t.parts_ms.get('read', float('nan')):.3g} ms "
+                f"({costs.read_in_layers(profile, b1):.1f} layers' time)."
+            )
+            batch = max(profile.batches)
+        n = st.number_input(
+            "Sequences decoded together", 1, 64, value=batch, key="slm.profile_batch"
+        )
+        if st.button(
+            "Time this decoder here (a few minutes for a model of SmolLM2's size)",
+            key="slm.reprofile",
+        ):
+            with progress.status(f"Timing {card.model_id}…", f"Timed {card.model_id}") as bar:
+                p = loaders.reprofile(card.model_id, int(n), lambda f, text: bar(f, 1.0, text))
+            if p.reason:
+                st.warning(widgets.literal(p.reason))
+            else:
+                st.rerun()
 
 
 def slm_lens_comparison(ref: str, card) -> None:
@@ -643,6 +688,7 @@ def pretrained_lm_tab():
         slm_heatmap(res, key)
         slm_attribution(ref, res, key)
     slm_quality_curves(card)
+    slm_profile_section(card)
     slm_lens_comparison(ref, card)
 
 

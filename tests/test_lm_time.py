@@ -207,3 +207,38 @@ def test_char_lm_generation_time_counts_its_asks():
     assert lm.generation_ms(model, full, p, B1, "exit", 2.0) == pytest.approx(n + 0.25)
     sweep = [{"fraction": 0.5, "threshold": 0.6, "mode": "exit"}]
     assert lm.sweep_ms(sweep, p, B1, n) == [pytest.approx(n / 2 + 0.25 + 0.5 * n / 2)]
+
+
+def readme_lm_sentence() -> str:
+    """The README's sentence on the decoders' time axis, from the shipped profile and study."""
+    from engine.families.hf_causal_lm.study import load_study
+    from engine.families.hf_causal_lm.timing import exits_ms, static_ms
+
+    p = prof.read_profile(TRACES_DIR / "smollm2_135m__time.json")
+    study = load_study()
+    n = study.n_layer
+    step = p.timings[1].median_ms
+    out = study.simulate("max_prob", 0.9)
+    calm = exits_ms(p, B1, out.exit_layer, n, "max_prob").mean()
+    full = float(static_ms(p, B1, n))
+    fixed = float(static_ms(p, B1, out.mean_layers))
+    return (
+        f"SmolLM2-135M's KV-cached decode step takes {step[0]:.0f} ms per token with one "
+        f"layer and {step[-1]:.0f} ms with all {n} (batch 1), and one confidence read "
+        f"through its head costs {costs.read_in_layers(p, B1):.1f} layers' time, so CALM "
+        f"max-prob ≥ 0.9 on the study's passages, which runs {out.mean_layers:.1f} of {n} "
+        f"layers per token ({out.fraction:.0%}), takes {calm / full:.0%} of the full depth's "
+        f"time per token, where a fixed exit as deep takes {fixed / full:.0%}"
+    )
+
+
+def test_readme_decoder_time_sentence_is_the_shipped_profile():
+    from pathlib import Path
+
+    from engine.families.hf_causal_lm.study import study_files
+
+    if not study_files()["card"].exists():
+        pytest.skip("the SmolLM2 study is not built")
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    para = " ".join(readme.split("### FLOPs or time: which to trust")[1].split("##")[0].split())
+    assert readme_lm_sentence() in para

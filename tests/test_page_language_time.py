@@ -140,3 +140,29 @@ def test_a_live_generation_is_timed_against_its_prediction(tmp_path, monkeypatch
     assert predicted(**{"slm.t.max_prob": 1.01}) == 1000 * N_LAYER + 100 * (N_LAYER - 3)
     # always confident: every token stops at the earliest exit allowed (layer 3), asked once
     assert predicted(**{"slm.t.max_prob": 0.0}) == 3000 + 100
+
+
+def test_a_users_decoder_is_timed_from_the_page_and_its_runs_get_a_prediction(
+    tmp_path, monkeypatch
+):
+    from engine.registry import save_user_model
+    from engine.run.profile import user_profile_file
+    from tests.helpers_lm import save_tiny_lm
+
+    monkeypatch.setenv("AIE_DATA_DIR", str(tmp_path / "data"))
+    raw = json.loads(save_tiny_lm(tmp_path / "tiny").read_text())
+    save_user_model({**raw, "model_id": "my_decoder", "title": "A tiny Llama (yours)"})
+    at = page()
+    at.selectbox(key="slm.model").set_value("my_decoder").run()
+    assert any(c.value.startswith("Not timed on this machine") for c in at.caption)
+    at.number_input(key="slm.profile_batch").set_value(2).run()
+    at.button(key="slm.reprofile").click().run()
+    assert not at.exception, at.exception
+    p = load_profile("my_decoder")
+    assert user_profile_file("my_decoder").is_file() and p.axis == "layers"
+    assert p.batches == [1, 2] and set(p.timings[1].parts_ms) == {"read", "fill", "token"}
+    assert any(c.value.startswith("Measured ") for c in at.caption), [c.value for c in at.caption]
+    at.slider(key="slm.n").set_value(4).run()
+    at.button(key="slm.go").click().run()
+    assert not at.exception, at.exception
+    assert any(c.value.startswith("Time per token after the first") for c in at.caption)
