@@ -344,8 +344,18 @@ class Trace:
         return first.copy() if (self.cost == first).all() else None
 
     @cached_property
+    def num_labelled(self) -> int:
+        return int(self.labelled.sum())
+
+    @cached_property
     def has_labels(self) -> bool:
         return bool(self.labelled.any())
+
+    @cached_property
+    def full_cost(self) -> float:
+        """Mean cost of running every sample to the last exit (a strided column of a big
+        ``cost``: milliseconds that no policy changes)."""
+        return float(self.cost[:, -1].mean())
 
     # --- derived per-exit quantities [N, K] (computed once, traces are immutable) ------
     @cached_property
