@@ -8,10 +8,11 @@ policy actually returns.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
-from engine.core.trace import Trace, pick
+from engine.core.trace import Trace, picks
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,25 @@ class PolicyOutputs:
     edges: np.ndarray  # [B + 1]
     num_exits: int
 
+    @cached_property
+    def group(self) -> np.ndarray:
+        """[L] exit * B + bin: the (exit, bin) cell of each sample."""
+        group = self.exits * (len(self.edges) - 1)
+        group += self.bin
+        return group
+
+    @cached_property
+    def tally(self) -> np.ndarray:
+        """[K, B, 2] int64: samples per (exit, bin, wrong/right), from one bincount.
+
+        Every count and number right that the diagrams need, per exit, per bin or per cell,
+        is a sum of these integers, exact in any order; only the confidence sums are summed
+        sample by sample (``np.bincount`` in sample order, as before)."""
+        b = len(self.edges) - 1
+        key = self.group * 2
+        key += self.correct > 0
+        return np.bincount(key, minlength=self.num_exits * b * 2).reshape(self.num_exits, b, 2)
+
 
 def confidence_bins(trace: Trace, bins: int = 15) -> np.ndarray:
     """[N, K] int8: the reliability bin of every sample's max-prob at every exit.
@@ -100,10 +120,12 @@ def policy_outputs(
 ) -> PolicyOutputs:
     """Gather what the policy returns; ``bin_table`` is ``confidence_bins(trace, bins)``."""
     exits = np.asarray(exits)
-    conf = pick(trace.max_prob, exits)
-    ok = pick(trace.correct, exits)
     edges = np.linspace(0.0, 1.0, bins + 1)
-    which = _bin_index(conf, edges) if bin_table is None else pick(bin_table, exits)
+    if bin_table is None:
+        conf, ok = picks(exits, trace.max_prob, trace.correct)
+        which = _bin_index(conf, edges)
+    else:
+        conf, ok, which = picks(exits, trace.max_prob, trace.correct, bin_table)
     lab = trace.labelled
     if not lab.all():
         conf, ok, exits, which = conf[lab], ok[lab], exits[lab], which[lab]
@@ -118,8 +140,8 @@ def of_policy(
     """Reliability of the outputs the policy returns (each sample's confidence at its exit)."""
     o = outputs if outputs is not None else policy_outputs(trace, exits, bins)
     b = len(o.edges) - 1
-    count = np.bincount(o.bin, minlength=b).astype(np.int64)
-    acc_sum = np.bincount(o.bin, weights=o.correct, minlength=b)
+    per_bin = o.tally.sum(axis=0)
+    count, acc_sum = per_bin.sum(axis=1), per_bin[:, 1].astype(np.float64)
     conf_sum = np.bincount(o.bin, weights=o.confidence, minlength=b)
     return _from_sums(o.edges, count, acc_sum, conf_sum, o.confidence.size)
 
@@ -150,10 +172,11 @@ def exit_gaps(trace: Trace, exits: np.ndarray, outputs: PolicyOutputs | None = N
     o = outputs if outputs is not None else policy_outputs(trace, exits)
     conf, ok, where = o.confidence, o.correct, o.exits
     k = trace.num_exits
-    count = np.bincount(where, minlength=k)
+    per_exit = o.tally.sum(axis=1)
+    count, n_right = per_exit.sum(axis=1), per_exit[:, 1].astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_conf = np.where(count > 0, np.bincount(where, conf, k) / count, np.nan)
-        acc = np.where(count > 0, np.bincount(where, ok, k) / count, np.nan)
+        acc = np.where(count > 0, n_right / count, np.nan)
     n = conf.size
     return ExitGaps(
         count=count,
@@ -174,9 +197,8 @@ def exited_reliability(
     ``reliability`` would see them, so the sums are the same to the last bit."""
     o = outputs if outputs is not None else policy_outputs(trace, exits, bins)
     k, b = o.num_exits, len(o.edges) - 1
-    group = o.exits * b + o.bin
-    count = np.bincount(group, minlength=k * b).reshape(k, b)
-    acc_sum = np.bincount(group, weights=o.correct, minlength=k * b).reshape(k, b)
-    conf_sum = np.bincount(group, weights=o.confidence, minlength=k * b).reshape(k, b)
+    count = o.tally.sum(axis=2)
+    acc_sum = o.tally[:, :, 1].astype(np.float64)
+    conf_sum = np.bincount(o.group, weights=o.confidence, minlength=k * b).reshape(k, b)
     sizes = count.sum(axis=1)
     return [_from_sums(o.edges, count[e], acc_sum[e], conf_sum[e], sizes[e]) for e in range(k)]

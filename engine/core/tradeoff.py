@@ -129,9 +129,13 @@ def evaluate_policy(trace: Trace, policy: Policy) -> PolicyStats:
 def per_class_exit_rates(trace: Trace, exits: np.ndarray) -> np.ndarray:
     """[C, K]: fraction of each (labelled) class's samples leaving at each exit."""
     c, k = trace.num_classes, trace.num_exits
-    lab = trace.label != -1
+    exits = np.asarray(exits)
     # one bincount over (class, exit) pairs: np.add.at takes ~100x longer on a million samples
-    pairs = trace.label[lab] * k + np.asarray(exits)[lab]
+    if trace.num_labelled == trace.num_samples:  # no mask to copy through
+        pairs = trace.label * k + exits
+    else:
+        lab = trace.labelled
+        pairs = trace.label[lab] * k + exits[lab]
     counts = np.bincount(pairs, minlength=c * k).reshape(c, k).astype(np.float64)
     totals = counts.sum(axis=1, keepdims=True)
     return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
