@@ -438,7 +438,7 @@ def bias_section(
     else:
         line += ". This trace has no learned gate scores to compare with."
     st.markdown(line)
-    st.table(pl.DataFrame(columns))
+    st.table(pl.DataFrame(columns).to_arrow())
     gate_info = trace.meta.extra.get("gate") if isinstance(trace.meta.extra, dict) else None
     st.caption(
         "Gap = mean max-probability − accuracy of the samples that leave at that exit, in "
@@ -671,7 +671,8 @@ def tuning_panel(source: str) -> None:
     st.subheader("Samples" + (" in the selected slice" if mask is not None else ""))
     table = sample_table(trace, exits, mask, limit=MAX_TABLE_ROWS)
     n_rows = trace.num_samples if mask is None else int(mask.sum())
-    st.dataframe(table, hide_index=True, height=280, key="table.samples")
+    # as Arrow: Streamlit converts a polars frame through pandas, ten times slower
+    st.dataframe(table.to_arrow(), hide_index=True, height=280, key="table.samples")
     if n_rows > MAX_TABLE_ROWS:
         st.caption(f"Showing the first {MAX_TABLE_ROWS} of {n_rows} rows; exports hold all.")
     d1, d2, _ = st.columns([1, 1, 4])
