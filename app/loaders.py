@@ -336,22 +336,23 @@ def oracle_stats(key: str, never_correct: NeverCorrect, _trace: Trace) -> tradeo
     return tradeoff.oracle_stats(_trace, never_correct)
 
 
-def confidence_bins(key: str, trace: Trace) -> np.ndarray:
-    """Every sample's reliability bin at every exit (``calibration.confidence_bins``), once
-    per trace: shared for a compact (big) trace, copied (``cache_data``) for the others."""
+def outcome_table(key: str, trace: Trace) -> np.ndarray:
+    """Every sample's reliability bin and correctness at every exit
+    (``calibration.outcome_table``), once per trace: shared for a compact (big) trace, copied
+    (``cache_data``) for the others."""
     if trace.is_compact:
-        return _shared_confidence_bins(key, trace)
-    return _copied_confidence_bins(key, trace)
+        return _shared_outcome_table(key, trace)
+    return _copied_outcome_table(key, trace)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def _copied_confidence_bins(key: str, _trace: Trace) -> np.ndarray:
-    return calibration.confidence_bins(_trace)
+def _copied_outcome_table(key: str, _trace: Trace) -> np.ndarray:
+    return calibration.outcome_table(_trace)
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def _shared_confidence_bins(key: str, _trace: Trace) -> np.ndarray:
-    return calibration.confidence_bins(_trace)
+def _shared_outcome_table(key: str, _trace: Trace) -> np.ndarray:
+    return calibration.outcome_table(_trace)
 
 
 def threshold_index(key: str, kind: str, trace: Trace) -> ThresholdIndex:

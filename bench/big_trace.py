@@ -65,7 +65,7 @@ PARTS = (
     ("app.loaders", "get_trace"),
     ("app.loaders", "source_on_axis"),
     ("app.loaders", "curve_summary"),
-    ("app.loaders", "confidence_bins"),
+    ("app.loaders", "outcome_table"),
     ("app.loaders", "oracle_stats"),
     ("app.loaders", "never_right"),
     ("app.loaders", "per_exit_reliability"),

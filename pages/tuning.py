@@ -398,7 +398,7 @@ def bias_section(
     ``outputs``, ``gaps`` and ``reliability`` are the current policy's, computed once by the
     panel (each is tens of milliseconds on a million samples)."""
     st.subheader("Confidence bias of the samples that exit")
-    bin_table = loaders.confidence_bins(key, trace)
+    outcome = loaders.outcome_table(key, trace)
     has_gate = "gate" in widgets.available_kinds(trace)
     other_kind = "max_prob" if policy.kind == "gate" else "gate" if has_gate else None
     columns = {"exit": [*trace.meta.exit_names, "whole policy"]}
@@ -418,8 +418,8 @@ def bias_section(
         c = loaders.curve_summary(key, other_kind, trace).curve
         other = c.policy(tradeoff.nearest_cost(c, stats.mean_cost))
         o_exits = loaders.policy_exits(key, trace, other)
-        o_stats = tradeoff.evaluate(trace, o_exits)
-        o_outputs = calibration.policy_outputs(trace, o_exits, bin_table=bin_table)
+        o_outputs = calibration.policy_outputs(trace, o_exits, outcome=outcome)
+        o_stats = tradeoff.evaluate(trace, o_exits, labelled_correct=o_outputs.correct)
         o_gaps = calibration.exit_gaps(trace, o_exits, outputs=o_outputs)
         columns |= _gap_columns(o_gaps, "matched")
         panels.append(
@@ -557,12 +557,10 @@ def tuning_panel(source: str) -> None:
         profile_section(_model_id(source), profile)
 
     exits = loaders.policy_exits(key, trace, policy)
-    stats = tradeoff.evaluate(trace, exits)
-    # each sample's confidence and correctness at its exit, gathered once for every chart, and
-    # what the charts read of them, computed once each
-    outputs = calibration.policy_outputs(
-        trace, exits, bin_table=loaders.confidence_bins(key, trace)
-    )
+    # each sample's confidence and correctness at its exit, gathered once for the metrics and
+    # every chart, and what the charts read of them, computed once each
+    outputs = calibration.policy_outputs(trace, exits, outcome=loaders.outcome_table(key, trace))
+    stats = tradeoff.evaluate(trace, exits, labelled_correct=outputs.correct)
     gaps = calibration.exit_gaps(trace, exits, outputs=outputs)
     _metrics_row(stats, summary.last, unit)
     never = st.radio(

@@ -81,6 +81,7 @@ class PolicyOutputs:
     bin: np.ndarray  # [L] reliability bin of the confidence
     edges: np.ndarray  # [B + 1]
     num_exits: int
+    outcome: np.ndarray | None = None  # [L] bin * 2 + right, when read from ``outcome_table``
 
     @cached_property
     def group(self) -> np.ndarray:
@@ -97,8 +98,12 @@ class PolicyOutputs:
         is a sum of these integers, exact in any order; only the confidence sums are summed
         sample by sample (``np.bincount`` in sample order, as before)."""
         b = len(self.edges) - 1
-        key = self.group * 2
-        key += self.correct > 0
+        if self.outcome is not None:
+            key = np.multiply(self.exits, 2 * b, dtype=np.int64)
+            key += self.outcome
+        else:
+            key = self.group * 2
+            key += self.correct > 0
         return np.bincount(key, minlength=self.num_exits * b * 2).reshape(self.num_exits, b, 2)
 
 
@@ -115,12 +120,35 @@ def confidence_bins(trace: Trace, bins: int = 15) -> np.ndarray:
     return table
 
 
+def outcome_table(trace: Trace, bins: int = 15) -> np.ndarray:
+    """[N, K] int8: bin * 2 + right of every sample at every exit (``confidence_bins``), so
+    that a policy gathers its outputs' bins and correctness in one read (per trace, cached)."""
+    table = confidence_bins(trace, bins)
+    if bins * 2 > 127:
+        table = table.astype(np.int64, order="F")
+    table *= 2
+    table += trace.correct
+    return table
+
+
 def policy_outputs(
-    trace: Trace, exits: np.ndarray, bins: int = 15, bin_table: np.ndarray | None = None
+    trace: Trace,
+    exits: np.ndarray,
+    bins: int = 15,
+    bin_table: np.ndarray | None = None,
+    outcome: np.ndarray | None = None,
 ) -> PolicyOutputs:
-    """Gather what the policy returns; ``bin_table`` is ``confidence_bins(trace, bins)``."""
+    """Gather what the policy returns; ``bin_table`` is ``confidence_bins(trace, bins)``,
+    ``outcome`` is ``outcome_table(trace, bins)`` (either saves binning afresh)."""
     exits = np.asarray(exits)
     edges = np.linspace(0.0, 1.0, bins + 1)
+    if outcome is not None:
+        conf, code = picks(exits, trace.max_prob, outcome)
+        lab = trace.labelled
+        if not lab.all():
+            conf, code, exits = conf[lab], code[lab], exits[lab]
+        right = (code & 1).astype(np.float64)
+        return PolicyOutputs(exits, conf, right, code >> 1, edges, trace.num_exits, code)
     if bin_table is None:
         conf, ok = picks(exits, trace.max_prob, trace.correct)
         which = _bin_index(conf, edges)

@@ -59,34 +59,49 @@ def chosen(trace: Trace, exits: np.ndarray, values: np.ndarray) -> np.ndarray:
     return pick(values, exits)
 
 
-def evaluate(trace: Trace, exits: np.ndarray) -> PolicyStats:
-    """Statistics of a per-sample exit assignment (from any policy or oracle)."""
+def evaluate(
+    trace: Trace, exits: np.ndarray, labelled_correct: np.ndarray | None = None
+) -> PolicyStats:
+    """Statistics of a per-sample exit assignment (from any policy or oracle).
+
+    ``labelled_correct``: whether each labelled sample is right at its exit, when already
+    gathered (``calibration.PolicyOutputs.correct``): a million-row gather saved."""
     exits = np.asarray(exits)
     if exits.shape != (trace.num_samples,):
         raise PolicyError(
             f"need one exit per sample ({trace.num_samples}), got shape {exits.shape}"
         )
-    return evaluate_slice(trace, exits, None)
+    return evaluate_slice(trace, exits, None, labelled_correct)
 
 
-def evaluate_slice(trace: Trace, exits: np.ndarray, mask: np.ndarray | None) -> PolicyStats:
+def evaluate_slice(
+    trace: Trace,
+    exits: np.ndarray,
+    mask: np.ndarray | None,
+    labelled_correct: np.ndarray | None = None,
+) -> PolicyStats:
     """``evaluate(trace.subset(mask), exits[mask])``, the same numbers, without copying the
     trace (a slice of a million-sample trace would copy hundreds of MB on every rerun)."""
     exits = np.asarray(exits)
     uniform = trace.uniform_cost
     cost = uniform[exits] if uniform is not None else chosen(trace, exits, trace.cost)
-    correct = chosen(trace, exits, trace.correct)
-    labelled = trace.labelled
-    if mask is not None:
-        cost, correct, labelled = cost[mask], correct[mask], labelled[mask]
-        exits = exits[mask]
-        full = float(trace.cost[:, -1][mask].mean())
+    if mask is None:
+        full, n_lab = trace.full_cost, trace.num_labelled
+        if labelled_correct is not None:
+            if len(labelled_correct) != n_lab:
+                raise PolicyError(f"need one value per labelled sample ({n_lab})")
+            correct = labelled_correct
+        else:
+            correct = chosen(trace, exits, trace.correct)
+            if n_lab < len(exits):
+                correct = correct[trace.labelled]
     else:
-        full = trace.full_cost
+        labelled = trace.labelled[mask]
+        correct = chosen(trace, exits, trace.correct)[mask][labelled]
+        cost, exits = cost[mask], exits[mask]
+        full = float(trace.cost[:, -1][mask].mean())
+        n_lab = int(labelled.sum())
     n = len(exits)
-    n_lab = trace.num_labelled if mask is None else int(labelled.sum())
-    if n_lab < n:
-        correct = correct[labelled]
     mean = float(cost.mean())
     counts = np.bincount(exits, minlength=trace.num_exits)
     return PolicyStats(
