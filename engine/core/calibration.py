@@ -110,8 +110,8 @@ class PolicyOutputs:
 def confidence_bins(trace: Trace, bins: int = 15) -> np.ndarray:
     """[N, K] int8: the reliability bin of every sample's max-prob at every exit.
 
-    Computed once per trace (the pages cache it) so that a policy's outputs are binned by a
-    lookup at their exits (``policy_outputs(..., bin_table=)``) instead of afresh each time."""
+    Computed once per trace, in ``outcome_table`` (the pages cache that), so that a policy's
+    outputs are binned by a lookup at their exits instead of afresh each time."""
     edges = np.linspace(0.0, 1.0, bins + 1)
     conf = trace.max_prob
     table = np.empty(conf.shape, dtype=np.int8 if bins < 127 else np.int64, order="F")
@@ -132,29 +132,21 @@ def outcome_table(trace: Trace, bins: int = 15) -> np.ndarray:
 
 
 def policy_outputs(
-    trace: Trace,
-    exits: np.ndarray,
-    bins: int = 15,
-    bin_table: np.ndarray | None = None,
-    outcome: np.ndarray | None = None,
+    trace: Trace, exits: np.ndarray, bins: int = 15, outcome: np.ndarray | None = None
 ) -> PolicyOutputs:
-    """Gather what the policy returns; ``bin_table`` is ``confidence_bins(trace, bins)``,
-    ``outcome`` is ``outcome_table(trace, bins)`` (either saves binning afresh)."""
+    """Gather what the policy returns; ``outcome`` is ``outcome_table(trace, bins)``, read
+    instead of gathering correctness and binning the confidences afresh."""
     exits = np.asarray(exits)
     edges = np.linspace(0.0, 1.0, bins + 1)
+    lab = trace.labelled
     if outcome is not None:
         conf, code = picks(exits, trace.max_prob, outcome)
-        lab = trace.labelled
         if not lab.all():
             conf, code, exits = conf[lab], code[lab], exits[lab]
         right = (code & 1).astype(np.float64)
         return PolicyOutputs(exits, conf, right, code >> 1, edges, trace.num_exits, code)
-    if bin_table is None:
-        conf, ok = picks(exits, trace.max_prob, trace.correct)
-        which = _bin_index(conf, edges)
-    else:
-        conf, ok, which = picks(exits, trace.max_prob, trace.correct, bin_table)
-    lab = trace.labelled
+    conf, ok = picks(exits, trace.max_prob, trace.correct)
+    which = _bin_index(conf, edges)
     if not lab.all():
         conf, ok, exits, which = conf[lab], ok[lab], exits[lab], which[lab]
     return PolicyOutputs(
