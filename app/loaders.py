@@ -336,8 +336,8 @@ def oracle_stats(key: str, never_correct: NeverCorrect, _trace: Trace) -> tradeo
     return tradeoff.oracle_stats(_trace, never_correct)
 
 
-def outcome_table(key: str, trace: Trace) -> np.ndarray:
-    """Every sample's reliability bin and correctness at every exit
+def outcome_table(key: str, trace: Trace) -> calibration.OutcomeTable:
+    """Every sample's reliability bin, correctness and confidence at every exit
     (``calibration.outcome_table``), once per trace: shared for a compact (big) trace, copied
     (``cache_data``) for the others."""
     if trace.is_compact:
@@ -346,12 +346,12 @@ def outcome_table(key: str, trace: Trace) -> np.ndarray:
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def _copied_outcome_table(key: str, _trace: Trace) -> np.ndarray:
+def _copied_outcome_table(key: str, _trace: Trace) -> calibration.OutcomeTable:
     return calibration.outcome_table(_trace)
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def _shared_outcome_table(key: str, _trace: Trace) -> np.ndarray:
+def _shared_outcome_table(key: str, _trace: Trace) -> calibration.OutcomeTable:
     return calibration.outcome_table(_trace)
 
 

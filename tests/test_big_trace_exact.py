@@ -96,6 +96,13 @@ def test_the_index_is_float32_only_where_that_is_exact(traces):
     for thr in np.r_[np.unique(conf)[::50], 0.5]:
         p = Policy("max_prob", threshold=float(thr))
         assert np.array_equal(exit_index(ct, p, prepared=ti), exit_index(ct, p))
+    # the policy outputs' confidences: gathered from a float32 copy only where it is exact
+    assert calibration.outcome_table(t).confidence.dtype == np.float32
+    outcome = calibration.outcome_table(ct)
+    assert outcome.confidence.dtype == np.float64
+    exits = exit_index(ct, Policy("max_prob", threshold=0.6))
+    o = calibration.policy_outputs(ct, exits, outcome=outcome)
+    assert np.array_equal(o.confidence, conf[np.arange(ct.num_samples), exits][ct.labelled])
 
 
 def test_an_index_prepared_for_another_kind_is_refused(traces):
