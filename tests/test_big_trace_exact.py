@@ -288,3 +288,19 @@ def _specs(at: AppTest) -> list[dict]:
     import json
 
     return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+
+
+def test_a_compact_traces_uniform_cost_is_one_row_with_the_same_numbers(traces, tmp_path):
+    full, compact = traces
+    assert compact.cost.strides[0] == 0 and not compact.cost.flags.writeable
+    assert np.array_equal(compact.cost, full.cost)
+    assert np.array_equal(compact.uniform_cost, full.uniform_cost)
+    # per-sample costs stay per sample
+    rng = np.random.default_rng(3)
+    jitter = dataclasses.replace(full, cost=full.cost * rng.uniform(1, 1.1, (full.num_samples, 1)))
+    path = tmp_path / "jitter.parquet"
+    jitter.write_parquet(path)
+    again = trace_mod.read(path, lazy=True)
+    assert again.cost.strides[0] != 0 and np.array_equal(again.cost, jitter.cost)
+    exits = exit_index(again, Policy("max_prob", threshold=0.6))
+    assert repr(tradeoff.evaluate(again, exits)) == repr(tradeoff.evaluate(jitter, exits))
