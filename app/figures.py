@@ -55,7 +55,10 @@ def _figure(data: list[dict], layout: dict) -> go.Figure:
     """A figure from plain trace dicts, skipping plotly's per-property validation.
 
     Validation costs tens of milliseconds per chart, which would dominate a slider rerun; the
-    tests validate every builder's output once (``go.Figure(fig.to_dict())``).
+    tests validate every builder's output once (``go.Figure(fig.to_dict())``). Short arrays
+    (a few dozen bins or exits) are passed as lists: plotly turns every numpy array into a
+    base64 typed array at a fixed cost (~0.2 ms each, dozens per reliability diagram), worth
+    it only for long ones such as a curve's thousands of points.
     """
     return go.Figure(dict(data=data, layout=layout), _validate=False)
 
@@ -181,7 +184,7 @@ def exit_histogram(
         dict(
             type="bar",
             x=list(exit_names),
-            y=counts,
+            y=counts.tolist(),
             marker=dict(color=[exit_color(i) for i in range(k)]),
             customdata=np.c_[np.arange(k), counts / total].tolist(),  # lists: echoed on select
             text=[f"{c / total:.1%}" for c in counts],
@@ -211,7 +214,7 @@ def per_class_figure(
         dict(
             type="bar",
             y=list(class_names),
-            x=rates[:, e],
+            x=rates[:, e].tolist(),
             orientation="h",
             name=exit_names[e],
             marker=dict(color=exit_color(e)),
@@ -253,10 +256,10 @@ def _reliability_traces(
         m = r.count > 0
         return dict(
             type="scatter",
-            x=r.confidence[m],
-            y=r.accuracy[m],
+            x=r.confidence[m].tolist(),
+            y=r.accuracy[m].tolist(),
             mode="lines+markers",
-            customdata=r.count[m],
+            customdata=r.count[m].tolist(),
             hovertemplate=RELIABILITY_HOVER,
             showlegend=show_legend,
             **style,

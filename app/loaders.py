@@ -22,8 +22,8 @@ import streamlit as st
 from app import progress
 from engine import compare, compare_sources
 from engine.byo import foreign
-from engine.core import calibration, costs, tradeoff
-from engine.core.policies import NeverCorrect
+from engine.core import calibration, costs, policies, tradeoff
+from engine.core.policies import NeverCorrect, Policy, ThresholdIndex
 from engine.core.trace import Trace, TraceError
 from engine.core.trace import read as read_trace
 from engine.data import images as image_data
@@ -128,6 +128,7 @@ def _card_title(model_id: str) -> str:
 def _warm(trace: Trace) -> Trace:
     """Compute the derived arrays once so the cached copy carries them."""
     _ = trace.pred, trace.max_prob, trace.correct, trace.labelled, trace.uniform_cost
+    _ = trace.num_labelled, trace.full_cost
     return trace
 
 
@@ -335,22 +336,49 @@ def oracle_stats(key: str, never_correct: NeverCorrect, _trace: Trace) -> tradeo
     return tradeoff.oracle_stats(_trace, never_correct)
 
 
-def confidence_bins(key: str, trace: Trace) -> np.ndarray:
-    """Every sample's reliability bin at every exit (``calibration.confidence_bins``), once
-    per trace: shared for a compact (big) trace, copied (``cache_data``) for the others."""
+def outcome_table(key: str, trace: Trace) -> calibration.OutcomeTable:
+    """Every sample's reliability bin, correctness and confidence at every exit
+    (``calibration.outcome_table``), once per trace: shared for a compact (big) trace, copied
+    (``cache_data``) for the others."""
     if trace.is_compact:
-        return _shared_confidence_bins(key, trace)
-    return _copied_confidence_bins(key, trace)
+        return _shared_outcome_table(key, trace)
+    return _copied_outcome_table(key, trace)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def _copied_confidence_bins(key: str, _trace: Trace) -> np.ndarray:
-    return calibration.confidence_bins(_trace)
+def _copied_outcome_table(key: str, _trace: Trace) -> calibration.OutcomeTable:
+    return calibration.outcome_table(_trace)
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def _shared_confidence_bins(key: str, _trace: Trace) -> np.ndarray:
-    return calibration.confidence_bins(_trace)
+def _shared_outcome_table(key: str, _trace: Trace) -> calibration.OutcomeTable:
+    return calibration.outcome_table(_trace)
+
+
+def threshold_index(key: str, kind: str, trace: Trace) -> ThresholdIndex:
+    """``kind``'s exits at any threshold (``policies.threshold_index``), prepared once per
+    trace and kind: shared for a compact (big) trace, copied (``cache_data``) for the others."""
+    if trace.is_compact:
+        return _shared_threshold_index(key, kind, trace)
+    return _copied_threshold_index(key, kind, trace)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _copied_threshold_index(key: str, kind: str, _trace: Trace) -> ThresholdIndex:
+    return policies.threshold_index(_trace, kind)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _shared_threshold_index(key: str, kind: str, _trace: Trace) -> ThresholdIndex:
+    return policies.threshold_index(_trace, kind)
+
+
+def policy_exits(key: str, trace: Trace, policy: Policy) -> np.ndarray:
+    """``policies.exit_index(trace, policy)``, through the prepared index for threshold kinds."""
+    if policy.kind in policies.SCORE_KINDS:
+        prepared = threshold_index(key, policy.kind, trace)
+        return policies.exit_index(trace, policy, prepared=prepared)
+    return policies.exit_index(trace, policy)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

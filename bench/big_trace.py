@@ -13,7 +13,11 @@ The same is measured first on a small trace (``--baseline``, 10,000 samples), so
 of the two holds on a busy machine.
 
     python bench/big_trace.py [--samples 1000000] [--exits 12] [--moves 15] [--baseline 10000]
-                              [--profile]
+                              [--profile] [--parts]
+
+``--parts`` times the engine, loader and figure calls the page makes on the big trace (each
+wrapped by a timer for the run: the page imports them afresh on every rerun) and prints the
+median milliseconds per slider move of each, to show where the rerun's time goes.
 """
 
 from __future__ import annotations
@@ -56,7 +60,84 @@ def ensure(samples: int, exits: int) -> Path:
     return path
 
 
-def measure(path: Path, moves: int, prof: cProfile.Profile | None = None) -> dict | None:
+# The calls a slider move makes, timed by ``--parts`` (module, function name).
+PARTS = (
+    ("app.loaders", "get_trace"),
+    ("app.loaders", "source_on_axis"),
+    ("app.loaders", "curve_summary"),
+    ("app.loaders", "outcome_table"),
+    ("app.loaders", "oracle_stats"),
+    ("app.loaders", "never_right"),
+    ("app.loaders", "per_exit_reliability"),
+    ("app.widgets", "policy_controls"),
+    ("engine.core.policies", "exit_index"),
+    ("engine.core.tradeoff", "evaluate"),
+    ("engine.core.tradeoff", "per_class_exit_rates"),
+    ("engine.core.calibration", "policy_outputs"),
+    ("engine.core.calibration", "of_policy"),
+    ("engine.core.calibration", "exit_gaps"),
+    ("engine.core.calibration", "exited_reliability"),
+    ("app.figures", "tradeoff_figure"),
+    ("app.figures", "exit_histogram"),
+    ("app.figures", "per_class_figure"),
+    ("app.figures", "reliability_figure"),
+    ("app.figures", "exited_reliability_figure"),
+    ("app.widgets", "chart"),
+    ("streamlit", "dataframe"),
+)
+
+
+class Parts:
+    """Wall-clock time of each of ``PARTS`` per rerun, while installed (``with Parts():``).
+
+    A wrapped call made inside another wrapped one is counted in both; the page's own code
+    between them is what the total leaves over."""
+
+    def __init__(self):
+        self.runs: list[dict[str, float]] = []
+        self.now: dict[str, float] = {}
+        self._saved: list[tuple[object, str, object]] = []
+
+    def _wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.now[name] = self.now.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
+
+        return timed
+
+    def __enter__(self):
+        import importlib
+
+        for mod_name, attr in PARTS:
+            mod = importlib.import_module(mod_name)
+            fn = getattr(mod, attr)
+            self._saved.append((mod, attr, fn))
+            setattr(mod, attr, self._wrap(f"{mod_name.rsplit('.', 1)[-1]}.{attr}", fn))
+        return self
+
+    def next_run(self) -> None:
+        self.runs.append(self.now)
+        self.now = {}
+
+    def __exit__(self, *exc):
+        for mod, attr, fn in self._saved:
+            setattr(mod, attr, fn)
+
+    def report(self, frag: list[float]) -> None:
+        names = sorted({n for r in self.runs for n in r})
+        med = {n: statistics.median(r.get(n, 0.0) for r in self.runs) for n in names}
+        print("per slider move, median ms (nested calls counted in both):")
+        for n in sorted(names, key=med.get, reverse=True):
+            print(f"  {n:36s} {med[n]:7.1f}")
+        print(f"  {'fragment (whole)':36s} {statistics.median(frag):7.1f}")
+
+
+def measure(
+    path: Path, moves: int, prof: cProfile.Profile | None = None, parts: Parts | None = None
+) -> dict | None:
     """Load ``path`` through the page's path input, then move the slider ``moves`` times."""
     from streamlit.testing.v1 import AppTest
 
@@ -70,6 +151,8 @@ def measure(path: Path, moves: int, prof: cProfile.Profile | None = None) -> dic
         print("the page failed:", [e.value for e in at.exception] + [e.value for e in at.error])
         return None
     frag, total, cpu = [], [], []
+    if parts:
+        parts.now = {}  # the moves only, not the load
     if prof:  # AppTest runs the script in a thread of its own: profile the threads it starts
         threading.setprofile(lambda *_: prof.enable())
     for i in range(moves):
@@ -79,7 +162,11 @@ def measure(path: Path, moves: int, prof: cProfile.Profile | None = None) -> dic
         total.append((time.perf_counter() - start) * 1e3)
         frag.append(at.session_state["aie.tuning_fragment_ms"])
         cpu.append(at.session_state["aie.tuning_fragment_cpu_ms"])
+        if parts:
+            parts.next_run()
     threading.setprofile(None)
+    if parts:
+        parts.report(frag)
     if at.exception:
         print("the page raised:", at.exception[0].value)
         return None
@@ -114,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--moves", type=int, default=15)
     ap.add_argument("--baseline", type=int, default=10_000, help="samples of the small trace")
     ap.add_argument("--profile", action="store_true", help="cProfile the big trace's moves")
+    ap.add_argument("--parts", action="store_true", help="time each call of a move (big trace)")
     args = ap.parse_args(argv)
     print(f"load average before: {os.getloadavg()}")
     small = ensure(args.baseline, args.exits) if args.baseline else None
@@ -128,7 +216,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         report(f"{args.baseline} x {args.exits} (baseline)", base)
     prof = cProfile.Profile() if args.profile else None
-    r = measure(big, args.moves, prof)
+    if args.parts:
+        with Parts() as parts:
+            r = measure(big, args.moves, prof, parts)
+    else:
+        r = measure(big, args.moves, prof)
     if r is None:
         return 1
     report(f"{args.samples} x {args.exits}", r)

@@ -217,14 +217,95 @@ def patience_mask(pred: np.ndarray, patience: int) -> np.ndarray:
 
 
 def exit_index(
-    outputs: Trace | np.ndarray, policy: Policy, gate: np.ndarray | None = None
+    outputs: Trace | np.ndarray,
+    policy: Policy,
+    gate: np.ndarray | None = None,
+    prepared: ThresholdIndex | None = None,
 ) -> np.ndarray:
     """[...] int64 exit taken by each sample: the first exit ``stop_mask`` allows, else the last.
 
     ``outputs`` as in ``stop_mask``: a trace, or probabilities [..., K, C] (one sample's [K, C]
-    gives a 0-d array).
+    gives a 0-d array). ``prepared``: ``threshold_index(trace, policy.kind)`` of this trace,
+    which gives the same exits in a fraction of the time (a slider move on a big trace).
     """
+    if prepared is not None:
+        if prepared.kind != policy.kind:
+            raise PolicyError(f"prepared for {prepared.kind!r}, not {policy.kind!r}")
+        return prepared.exits(policy.threshold)
     return first_true(stop_mask(policy, outputs, gate)).astype(np.int64)
+
+
+# --- threshold policies, prepared once per trace ------------------------------------------------
+
+# the kinds that stop at the first exit whose score reaches a threshold
+SCORE_KINDS = ("max_prob", "entropy", "margin", "gate")
+
+
+def score(trace: Trace, kind: str) -> np.ndarray:
+    """[N, K] score such that ``kind`` exits at the first exit with score >= t' (t' = t, or -t
+    for entropy, whose rule is ``entropy <= t``: negation is exact)."""
+    if kind == "max_prob":
+        return trace.max_prob
+    if kind == "margin":
+        return trace.margin
+    if kind == "entropy":
+        return -trace.entropy_norm
+    if kind == "gate":
+        if trace.gate is None:
+            raise PolicyError("this trace has no learned gate scores")
+        return trace.gate.astype(np.float64)
+    raise PolicyError(f"no score for policy kind {kind!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class ThresholdIndex:
+    """A score policy's exit for any threshold, prepared once per trace and kind.
+
+    ``running[:, e]`` is the best score of exits 0..e (a running maximum, so non-decreasing
+    along e): a sample passes at the first e where it reaches t, so its exit is the number of
+    exits before the last whose running maximum is below t, one comparison pass per exit
+    with no [N, K] mask. When every score is a float32 (max-prob and gates of float32
+    probabilities) ``running`` is float32 too, half the memory read per move, and t is rounded
+    up to the smallest float32 >= t: for a float32 score s, s >= t exactly when s >= that.
+    """
+
+    kind: str
+    running: np.ndarray  # [N, K - 1] column-major, float32 or float64
+
+    def exits(self, threshold: float) -> np.ndarray:
+        t = -float(threshold) if self.kind == "entropy" else float(threshold)
+        if self.running.dtype == np.float32:
+            t = _float32_at_least(t)
+        n, k1 = self.running.shape
+        out = np.zeros(n, dtype=np.int8 if k1 < 127 else np.int32)
+        below = np.empty(n, dtype=bool)
+        for e in range(k1):
+            np.less(self.running[:, e], t, out=below)
+            out += below
+        return out.astype(np.int64)
+
+
+def _float32_at_least(t: float) -> np.float32:
+    """The smallest float32 >= t (inf above float32's range)."""
+    with np.errstate(over="ignore"):
+        f = np.float32(t)
+    return np.nextafter(f, np.float32(np.inf)) if float(f) < t else f
+
+
+def threshold_index(trace: Trace, kind: str) -> ThresholdIndex:
+    """Prepare ``kind``'s exits on ``trace`` (``exit_index(..., prepared=)``), column by
+    column so that nothing [N, K]-sized is made but the result."""
+    s = score(trace, kind)
+    n, k = s.shape
+    cols = range(k - 1)  # the last exit is the fallback: its score is never read
+    narrow = all(np.array_equal(s[:, e].astype(np.float32), s[:, e]) for e in cols)
+    running = np.empty((n, k - 1), dtype=np.float32 if narrow else np.float64, order="F")
+    for e in cols:
+        if e == 0:
+            running[:, 0] = s[:, 0]
+        else:
+            np.maximum(running[:, e - 1], s[:, e], out=running[:, e])
+    return ThresholdIndex(kind, running)
 
 
 # --- oracles ------------------------------------------------------------------------------

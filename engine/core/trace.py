@@ -222,6 +222,26 @@ def pick(values: np.ndarray, exits: np.ndarray) -> np.ndarray:
     return values[rows, exits]
 
 
+def picks(exits: np.ndarray, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``pick`` of several [N, K] arrays at the same exits, the flat positions computed once
+    per memory layout (on a million rows each set costs as much as a gather)."""
+    exits = np.asarray(exits)
+    index: dict[str, np.ndarray] = {}
+    out = []
+    for values in arrays:
+        n, k = values.shape
+        order = "C" if values.flags.c_contiguous else "F" if values.flags.f_contiguous else None
+        if order is None:
+            out.append(pick(values, exits))
+            continue
+        if order not in index:
+            flat = np.arange(n) * k if order == "C" else np.multiply(exits, n, dtype=np.int64)
+            flat += exits if order == "C" else np.arange(n)
+            index[order] = flat
+        out.append(values.ravel(order=order).take(index[order]))
+    return tuple(out)
+
+
 class TraceError(ValueError):
     """A trace failed validation; ``field`` names the offending field or column."""
 
@@ -344,8 +364,18 @@ class Trace:
         return first.copy() if (self.cost == first).all() else None
 
     @cached_property
+    def num_labelled(self) -> int:
+        return int(self.labelled.sum())
+
+    @cached_property
     def has_labels(self) -> bool:
         return bool(self.labelled.any())
+
+    @cached_property
+    def full_cost(self) -> float:
+        """Mean cost of running every sample to the last exit (a strided column of a big
+        ``cost``: milliseconds that no policy changes)."""
+        return float(self.cost[:, -1].mean())
 
     # --- derived per-exit quantities [N, K] (computed once, traces are immutable) ------
     @cached_property
@@ -752,7 +782,9 @@ def scan(
 
     The per-sample columns are read once; then for each exit only its C probability columns
     are read, checked as ``validate`` checks them, turned into the scores the policies read
-    and dropped, so memory holds [N, K] scores instead of [N, K, C] probabilities.
+    and dropped, so memory holds [N, K] scores instead of [N, K, C] probabilities. A cost that
+    every sample pays alike (FLOPs of a fixed network) is kept as one row broadcast to
+    [N, K]: the same numbers, read-only, without 8 bytes per sample and exit.
     """
     lf = pl.scan_parquet(path)
     try:
@@ -766,6 +798,10 @@ def scan(
     rest = _per_sample(df, lay)
     n, k, c = df.height, lay.k, lay.c
     del df
+    cost = rest["cost"]
+    if (cost == cost[0]).all():  # a fixed network's FLOPs: one row, read-only, seen N times
+        rest["cost"] = np.broadcast_to(cost[0].copy(), cost.shape)
+    del cost
     if c < 2:
         raise TraceError("probs", "at least two classes are needed")
     # column-major: a policy reads the scores exit by exit (policies.first_true)

@@ -14,10 +14,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.core.policies import NeverCorrect, Policy, PolicyError, exit_index, oracle_correct
+from engine.core.policies import (
+    SCORE_KINDS,
+    NeverCorrect,
+    Policy,
+    PolicyError,
+    exit_index,
+    oracle_correct,
+    score,
+)
 from engine.core.trace import Trace, pick
 
-SCORE_KINDS = ("max_prob", "entropy", "margin", "gate")
 # Slack of the solvers' constraints: absolute on accuracy, relative on a cost budget. Accuracies
 # and mean costs are sums divided by counts, so a target typed as the same number can miss by
 # rounding; tests import this so that they check exactly what the solvers allow.
@@ -52,44 +59,82 @@ def chosen(trace: Trace, exits: np.ndarray, values: np.ndarray) -> np.ndarray:
     return pick(values, exits)
 
 
-def evaluate(trace: Trace, exits: np.ndarray) -> PolicyStats:
-    """Statistics of a per-sample exit assignment (from any policy or oracle)."""
+def evaluate(
+    trace: Trace, exits: np.ndarray, labelled_correct: np.ndarray | None = None
+) -> PolicyStats:
+    """Statistics of a per-sample exit assignment (from any policy or oracle).
+
+    ``labelled_correct``: whether each labelled sample is right at its exit, when already
+    gathered (``calibration.PolicyOutputs.correct``): a million-row gather saved."""
     exits = np.asarray(exits)
     if exits.shape != (trace.num_samples,):
         raise PolicyError(
             f"need one exit per sample ({trace.num_samples}), got shape {exits.shape}"
         )
-    return evaluate_slice(trace, exits, None)
+    return evaluate_slice(trace, exits, None, labelled_correct)
 
 
-def evaluate_slice(trace: Trace, exits: np.ndarray, mask: np.ndarray | None) -> PolicyStats:
+def evaluate_slice(
+    trace: Trace,
+    exits: np.ndarray,
+    mask: np.ndarray | None,
+    labelled_correct: np.ndarray | None = None,
+) -> PolicyStats:
     """``evaluate(trace.subset(mask), exits[mask])``, the same numbers, without copying the
     trace (a slice of a million-sample trace would copy hundreds of MB on every rerun)."""
     exits = np.asarray(exits)
     uniform = trace.uniform_cost
     cost = uniform[exits] if uniform is not None else chosen(trace, exits, trace.cost)
-    correct = chosen(trace, exits, trace.correct)
-    labelled = trace.labelled
-    last_cost = trace.cost[:, -1]
-    if mask is not None:
-        cost, correct, labelled = cost[mask], correct[mask], labelled[mask]
-        exits, last_cost = exits[mask], last_cost[mask]
+    if mask is None:
+        full, n_lab = trace.full_cost, trace.num_labelled
+        if labelled_correct is not None:
+            if len(labelled_correct) != n_lab:
+                raise PolicyError(f"need one value per labelled sample ({n_lab})")
+            correct = labelled_correct
+        else:
+            correct = chosen(trace, exits, trace.correct)
+            if n_lab < len(exits):
+                correct = correct[trace.labelled]
+    else:
+        labelled = trace.labelled[mask]
+        correct = chosen(trace, exits, trace.correct)[mask][labelled]
+        cost, exits = cost[mask], exits[mask]
+        full = float(trace.cost[:, -1][mask].mean())
+        n_lab = int(labelled.sum())
     n = len(exits)
-    n_lab = int(labelled.sum())
-    if n_lab < n:
-        correct = correct[labelled]
-    full = float(last_cost.mean())
     mean = float(cost.mean())
+    counts = np.bincount(exits, minlength=trace.num_exits)
     return PolicyStats(
         accuracy=float(correct.mean()) if n_lab else float("nan"),
         mean_cost=mean,
-        p95_cost=float(np.percentile(cost, 95)),
+        p95_cost=percentile_of_levels(cost, 95, uniform, counts),
         full_cost=full,
         speedup=full / mean if mean > 0 else float("inf"),
-        exit_counts=np.bincount(exits, minlength=trace.num_exits),
+        exit_counts=counts,
         n=n,
         n_labelled=n_lab,
     )
+
+
+def percentile_of_levels(
+    values: np.ndarray, q: float, levels: np.ndarray | None, counts: np.ndarray
+) -> float:
+    """``np.percentile(values, q)``, read off ``counts`` when ``values`` is ``levels[exits]``
+    (every sample at exit k costs ``levels[k]``, non-decreasing over k) and ``counts`` counts
+    the exits: the sorted values are each level repeated its count, so the order statistics
+    that np.percentile interpolates between are known without sorting a million values.
+    When they are one level (almost always) that level is the answer exactly; when they
+    straddle two levels np.percentile itself interpolates, so the number is always its own."""
+    n = int(counts.sum())
+    if levels is None or n == 0:
+        return float(np.percentile(values, q))
+    pos = (n - 1) * q / 100
+    lo, hi = max(0, int(pos) - 1), min(n - 1, int(pos) + 2)  # a margin around its rounding
+    ends = np.cumsum(counts)  # order statistics ends[k-1] .. ends[k]-1 are levels[k]
+    a, b = np.searchsorted(ends, [lo, hi], side="right")
+    if levels[a] == levels[b]:
+        return float(levels[a])
+    return float(np.percentile(values, q))
 
 
 def evaluate_policy(trace: Trace, policy: Policy) -> PolicyStats:
@@ -99,9 +144,13 @@ def evaluate_policy(trace: Trace, policy: Policy) -> PolicyStats:
 def per_class_exit_rates(trace: Trace, exits: np.ndarray) -> np.ndarray:
     """[C, K]: fraction of each (labelled) class's samples leaving at each exit."""
     c, k = trace.num_classes, trace.num_exits
-    lab = trace.label != -1
+    exits = np.asarray(exits)
     # one bincount over (class, exit) pairs: np.add.at takes ~100x longer on a million samples
-    pairs = trace.label[lab] * k + np.asarray(exits)[lab]
+    if trace.num_labelled == trace.num_samples:  # no mask to copy through
+        pairs = trace.label * k + exits
+    else:
+        lab = trace.labelled
+        pairs = trace.label[lab] * k + exits[lab]
     counts = np.bincount(pairs, minlength=c * k).reshape(c, k).astype(np.float64)
     totals = counts.sum(axis=1, keepdims=True)
     return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
@@ -135,23 +184,8 @@ class Curve:
         return Policy(self.kind, threshold=float(p))
 
 
-def _score(trace: Trace, kind: str) -> np.ndarray:
-    """[N, K] score such that the policy exits at the first exit with score >= t'."""
-    if kind == "max_prob":
-        return trace.max_prob
-    if kind == "margin":
-        return trace.margin
-    if kind == "entropy":
-        return -trace.entropy_norm  # entropy <= t  <=>  -entropy >= -t (negation is exact)
-    if kind == "gate":
-        if trace.gate is None:
-            raise PolicyError("this trace has no learned gate scores")
-        return trace.gate.astype(np.float64)
-    raise PolicyError(f"no score for policy kind {kind!r}")
-
-
 def _score_curve(trace: Trace, kind: str) -> Curve:
-    s = _score(trace, kind)
+    s = score(trace, kind)
     n, k = s.shape
     correct = trace.correct
     cost = trace.cost
