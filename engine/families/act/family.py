@@ -27,6 +27,12 @@ def live_act(model, x: np.ndarray, eps: float) -> LiveRun:
     )
 
 
+def parity_inputs(card, batch: int) -> torch.Tensor:
+    """``batch`` parity strings of the card's length (the generator at seed 0), for timing."""
+    x, _, _ = act.parity_data(batch, int(card.config["num_bits"]), seed=0)
+    return torch.as_tensor(np.asarray(x, dtype=np.float32))
+
+
 class ACT(Family):
     name = "act"
     kind = "halt"
@@ -106,9 +112,7 @@ class ACT(Family):
         return float(card.config.get("eps", 0.01))
 
     def timing_inputs(self, card, batch: int) -> torch.Tensor:
-        """``batch`` parity strings of the card's length (the test seed's generator)."""
-        x, _, _ = act.parity_data(batch, int(card.config["num_bits"]), seed=0)
-        return torch.as_tensor(np.asarray(x, dtype=np.float32))
+        return parity_inputs(card, batch)
 
     def timed(self, card, model, batch: int) -> Timed:
         """A real ponder run (halted inputs leave the batch) at each eps of the results."""

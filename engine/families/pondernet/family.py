@@ -4,11 +4,11 @@ a geometric prior with its KL regulariser, halting by thresholding the cumulativ
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from engine.core.family import Family, LiveRun, Timed
 from engine.core.results import Results
 from engine.families.act import model as act
+from engine.families.act.family import parity_inputs
 from engine.families.pondernet import model as pn
 from engine.families.pondernet import records
 
@@ -43,8 +43,7 @@ class PonderNet(Family):
 
     def timed(self, card, model, batch: int) -> Timed:
         """A real ponder run (halted inputs leave the batch) at each q of the results."""
-        x, _, _ = act.parity_data(batch, int(card.config["num_bits"]), seed=0)
-        x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        x = parity_inputs(card, batch)
         q = records.Q_GRID
         return Timed("setting", q, lambda i: pn.infer(model, x, float(q[i])), batch)
 
