@@ -101,3 +101,11 @@ def save_model(model: torch.nn.Module, card: dict, out_dir: Path = MODELS_DIR) -
     tmp_card.write_text(json.dumps(card, indent=2) + "\n")
     os.replace(tmp_card, path)
     return path
+
+
+def print_saved(path: Path, timing: str, metrics: dict) -> None:
+    """What a trainer prints when it has written its card: the path, how long it took, then
+    one metric a line."""
+    print(f"wrote {path}  ({timing})")
+    for k, v in metrics.items():
+        print(f"  {k}: {v}")

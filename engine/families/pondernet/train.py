@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from engine.core.progress import Meter, Progress, terminal, track
-from engine.core.stats import spearman
-from engine.core.training import command_line, cosine_lr, save_model, seed_everything
+from engine.core.progress import Progress
+from engine.core.training import command_line, print_saved, save_model, seed_everything
 from engine.families.act.model import parity_data, step_flops
+from engine.families.act.train import halting_metrics, length_metrics, train_on_parity
 from engine.families.pondernet import model as pn
 from engine.families.pondernet import records
 from engine.paths import MODELS_DIR
@@ -61,24 +61,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def train(model: pn.PonderNet, args, steps: int, progress: Progress | None = None) -> None:
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    sched = cosine_lr(opt, steps)
-    rng_seed = args.seed * 1_000_003  # ACT's training stream for the same seed
-    model.train()
-    progress = progress or terminal(args.quiet)
-    meter = Meter(progress, "steps", window=100)  # the last 100 steps' loss and its two terms
-    for i in track(range(steps), "steps", progress):
-        x, y, _ = parity_data(args.batch_size, args.num_bits, seed=rng_seed + i)
-        x, y = torch.from_numpy(x), torch.from_numpy(y)
-        out = model(x)
+    def batch_loss(out: dict, y: torch.Tensor):
         loss, rec, kl = pn.ponder_loss(out, y, args.lambda_p, args.beta)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        meter.add(loss=loss.item(), rec=rec.item(), kl=kl.item())
-    model.eval()
+        return loss, {"rec": rec, "kl": kl}
+
+    train_on_parity(model, batch_loss, args, steps, progress)  # ACT's stream for the same seed
 
 
 def evaluate(model: pn.PonderNet, x, y, length, num_bits: int) -> dict:
@@ -86,20 +73,14 @@ def evaluate(model: pn.PonderNet, x, y, length, num_bits: int) -> dict:
     real = pn.run(model, x)
     sampled = pn.run(model, x, sample=True, seed=0)
     steps, correct = real.steps, real.pred == y
-    lengths = range(1, num_bits + 1)
     lam, _ = pn.halting_scores(model, x)
     return {
         "test_samples": len(y),
         "q": model.config.q,
-        "accuracy": round(float(correct.mean()), 5),
-        "mean_steps": round(float(steps.mean()), 4),
-        "max_steps_taken": int(steps.max()),
-        "min_steps_taken": int(steps.min()),
+        **halting_metrics(steps, correct),
         "mean_flops": float(real.flops.mean()),
         "flops_per_step": step_flops(model),
-        "spearman_steps_vs_length": round(spearman(steps, length), 4),
-        "mean_steps_by_length": [round(float(steps[length == k].mean()), 3) for k in lengths],
-        "accuracy_by_length": [round(float(correct[length == k].mean()), 4) for k in lengths],
+        **length_metrics(steps, correct, length, num_bits),
         "mean_expected_steps": round(
             float(pn.expected_steps(pn.halting_distribution(lam)).mean()), 4
         ),
@@ -171,9 +152,7 @@ def main(argv: list[str] | None = None, progress: Progress | None = None) -> dic
             lambda_p=args.lambda_p, beta=args.beta, test_seed=args.test_seed,
         )  # fmt: skip
     if not args.quiet:
-        print(f"wrote {path}  ({train_seconds:.0f}s training, {cpu_seconds:.0f}s CPU)")
-        for k, v in metrics.items():
-            print(f"  {k}: {v}")
+        print_saved(path, f"{train_seconds:.0f}s training, {cpu_seconds:.0f}s CPU", metrics)
     return card
 
 
