@@ -3,6 +3,7 @@ model card atomically."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -21,6 +22,18 @@ from engine.core.progress import Meter, Progress, track
 from engine.core.stats import seeded_subset
 from engine.paths import MODELS_DIR
 from engine.registry import sha256_file
+
+
+def add_output_args(
+    p: argparse.ArgumentParser, model_id: str | None, model_id_help: str | None = None
+) -> None:
+    """The options that say where a trainer writes its card, weights and bundled records (the
+    halting, skipping and pondering trainers'), and whether it prints."""
+    p.add_argument("--out-dir", type=Path, default=MODELS_DIR)
+    p.add_argument("--traces-dir", type=Path, default=None, help="default: assets/traces")
+    p.add_argument("--no-traces", action="store_true", help="do not write the records (and trace)")
+    p.add_argument("--model-id", default=model_id, help=model_id_help)
+    p.add_argument("--quiet", action="store_true")
 
 
 def seed_everything(seed: int) -> None:

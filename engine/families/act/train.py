@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ from torch import nn
 from engine.core.progress import Meter, Progress, terminal, track
 from engine.core.stats import spearman
 from engine.core.training import (
+    add_output_args,
     command_line,
     cosine_lr,
     print_saved,
@@ -32,7 +32,6 @@ from engine.core.training import (
     seed_everything,
 )
 from engine.families.act import model as act
-from engine.paths import MODELS_DIR
 
 FAMILY = "act"
 
@@ -53,11 +52,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--test-size", type=int, default=4000)
     p.add_argument("--test-seed", type=int, default=12345)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--out-dir", type=Path, default=MODELS_DIR)
-    p.add_argument("--traces-dir", type=Path, default=None, help="default: assets/traces")
-    p.add_argument("--no-traces", action="store_true")
-    p.add_argument("--model-id", default="parity_act")
-    p.add_argument("--quiet", action="store_true")
+    add_output_args(p, "parity_act")
     return p
 
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from engine.core.progress import Progress, terminal
 from engine.core.training import (
+    add_output_args,
     command_line,
     image_split,
     print_saved,
@@ -32,7 +32,6 @@ from engine.data import images
 from engine.families.act import model as act
 from engine.families.act.train import halting_metrics
 from engine.families.act_cnn import model as act_cnn
-from engine.paths import MODELS_DIR
 
 FAMILY = "act_cnn"
 
@@ -59,11 +58,7 @@ def parser() -> argparse.ArgumentParser:
         help="early-exit model whose bundled test trace rates difficulty "
         "(default: <dataset>_multi_exit_cnn)",
     )
-    p.add_argument("--out-dir", type=Path, default=MODELS_DIR)
-    p.add_argument("--traces-dir", type=Path, default=None, help="default: assets/traces")
-    p.add_argument("--no-traces", action="store_true")
-    p.add_argument("--model-id", default=None, help="default: <dataset>_act")
-    p.add_argument("--quiet", action="store_true")
+    add_output_args(p, None, "default: <dataset>_act")
     return p
 
 

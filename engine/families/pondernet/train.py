@@ -17,17 +17,21 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from engine.core.progress import Progress
-from engine.core.training import command_line, print_saved, save_model, seed_everything
+from engine.core.training import (
+    add_output_args,
+    command_line,
+    print_saved,
+    save_model,
+    seed_everything,
+)
 from engine.families.act.model import parity_data, step_flops
 from engine.families.act.train import halting_metrics, length_metrics, train_on_parity
 from engine.families.pondernet import model as pn
 from engine.families.pondernet import records
-from engine.paths import MODELS_DIR
 
 FAMILY = "pondernet"
 MODULE = "engine.families.pondernet.model"
@@ -52,11 +56,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--test-seed", type=int, default=12345, help="ACT's test set by default")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps, {QUICK_TEST} tests")
-    p.add_argument("--out-dir", type=Path, default=MODELS_DIR)
-    p.add_argument("--traces-dir", type=Path, default=None, help="default: assets/traces")
-    p.add_argument("--no-traces", action="store_true")
-    p.add_argument("--model-id", default="parity_pondernet")
-    p.add_argument("--quiet", action="store_true")
+    add_output_args(p, "parity_pondernet")
     return p
 
 

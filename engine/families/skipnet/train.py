@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from engine.core.costs import count_flops
 from engine.core.progress import Progress, terminal
 from engine.core.training import (
+    add_output_args,
     command_line,
     image_split,
     print_saved,
@@ -40,7 +40,6 @@ from engine.core.training import (
 )
 from engine.data import images
 from engine.families.skipnet import model as skipnet
-from engine.paths import MODELS_DIR
 
 FAMILY = "skipnet"
 
@@ -66,11 +65,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-train", type=int, default=None, help="use only N training images")
     p.add_argument("--max-test", type=int, default=None, help="evaluate on N test images")
     p.add_argument("--max-steps-train", type=int, default=None, help="stop each phase early")
-    p.add_argument("--out-dir", type=Path, default=MODELS_DIR)
-    p.add_argument("--traces-dir", type=Path, default=None, help="default: assets/traces")
-    p.add_argument("--no-traces", action="store_true", help="do not write trace and records")
-    p.add_argument("--model-id", default=None, help="default: <dataset>_skipnet")
-    p.add_argument("--quiet", action="store_true")
+    add_output_args(p, None, "default: <dataset>_skipnet")
     return p
 
 
