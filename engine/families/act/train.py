@@ -116,6 +116,35 @@ def length_metrics(steps: np.ndarray, correct: np.ndarray, length: np.ndarray, n
     }
 
 
+def parity_card(
+    args, argv: list[str], family: str, title: str, config, training: dict, timings: dict, metrics
+) -> dict:
+    """The model card of a network trained on parity strings (ACT, PonderNet): the family's
+    ``training`` record and ``timings`` in the fields every card has."""
+    return {
+        "model_id": args.model_id,
+        "title": title,
+        "family": family,
+        "module": f"engine.families.{family}.model",
+        "config": config.to_dict(),
+        "dataset": f"parity{args.num_bits}",
+        "split": "generated",
+        "class_names": ["even", "odd"],
+        "seed": args.seed,
+        "epochs": 1,
+        "training": {
+            **training,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "threads": args.threads,
+            "test_seed": args.test_seed,
+        },
+        "training_command": command_line(family, argv),
+        **timings,
+        "metrics": metrics,
+    }
+
+
 def main(argv: list[str] | None = None, progress: Progress | None = None) -> dict:
     argv = list(argv or [])
     args = parser().parse_args(argv)
@@ -145,33 +174,19 @@ def main(argv: list[str] | None = None, progress: Progress | None = None) -> dic
         **length_metrics(steps, correct, length, args.num_bits),
         "params": int(sum(p.numel() for p in model.parameters())),
     }
-    card = {
-        "model_id": args.model_id,
-        "title": f"ACT on {args.num_bits}-bit parity (Graves 2016), τ = {args.ponder_cost:g}",
-        "family": FAMILY,
-        "module": "engine.families.act.model",
-        "config": config.to_dict(),
-        "dataset": f"parity{args.num_bits}",
-        "split": "generated",
-        "class_names": ["even", "odd"],
-        "seed": args.seed,
-        "epochs": 1,
-        "training": {
-            "method": "ACT (Graves 2016): halting unit, N(t), remainder R(t), ponder cost N+R",
-            "ponder_cost_weight_tau": args.ponder_cost,
-            "eps": args.eps,
-            "max_steps": args.max_steps,
-            "train_steps": args.steps,
-            "max_steps_train": args.max_steps_train,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "threads": args.threads,
-            "test_seed": args.test_seed,
-        },
-        "training_command": command_line(FAMILY, argv),
-        "train_seconds": round(train_seconds, 1),
-        "metrics": metrics,
+    training = {
+        "method": "ACT (Graves 2016): halting unit, N(t), remainder R(t), ponder cost N+R",
+        "ponder_cost_weight_tau": args.ponder_cost,
+        "eps": args.eps,
+        "max_steps": args.max_steps,
+        "train_steps": args.steps,
+        "max_steps_train": args.max_steps_train,
     }
+    title = f"ACT on {args.num_bits}-bit parity (Graves 2016), τ = {args.ponder_cost:g}"
+    card = parity_card(
+        args, argv, FAMILY, title, config, training,
+        {"train_seconds": round(train_seconds, 1)}, metrics,
+    )  # fmt: skip
     path = save_model(model, card, args.out_dir)
     if not args.no_traces:
         from engine.families.act import records as halting

@@ -23,18 +23,21 @@ import torch
 from engine.core.progress import Progress
 from engine.core.training import (
     add_output_args,
-    command_line,
     print_saved,
     save_model,
     seed_everything,
 )
 from engine.families.act.model import parity_data, step_flops
-from engine.families.act.train import halting_metrics, length_metrics, train_on_parity
+from engine.families.act.train import (
+    halting_metrics,
+    length_metrics,
+    parity_card,
+    train_on_parity,
+)
 from engine.families.pondernet import model as pn
 from engine.families.pondernet import records
 
 FAMILY = "pondernet"
-MODULE = "engine.families.pondernet.model"
 QUICK_STEPS, QUICK_TEST = 60, 400
 
 
@@ -114,37 +117,25 @@ def main(argv: list[str] | None = None, progress: Progress | None = None) -> dic
 
     x, y, length = parity_data(test_size, args.num_bits, seed=args.test_seed)
     metrics = evaluate(model, x, y, length, args.num_bits)
-    card = {
-        "model_id": args.model_id,
-        "title": f"PonderNet on {args.num_bits}-bit parity (Banino 2021), "
-        f"λp = {args.lambda_p:g}, β = {args.beta:g}",
-        "family": FAMILY,
-        "module": MODULE,
-        "config": config.to_dict(),
-        "dataset": f"parity{args.num_bits}",
-        "split": "generated",
-        "class_names": ["even", "odd"],
-        "seed": args.seed,
-        "epochs": 1,
-        "training": {
-            "method": "PonderNet (Banino 2021): sum_n p_n CE(y_n) + beta KL(p || Geometric(lambda_p))",
-            "lambda_p": args.lambda_p,
-            "beta": args.beta,
-            "max_steps": args.max_steps,
-            "halt_bias_init": args.halt_bias_init,
-            "train_steps": steps,
-            "quick": args.quick,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "threads": args.threads,
-            "test_seed": args.test_seed,
-        },
-        "training_command": command_line(FAMILY, argv),
+    training = {
+        "method": "PonderNet (Banino 2021): sum_n p_n CE(y_n) + beta KL(p || Geometric(lambda_p))",
+        "lambda_p": args.lambda_p,
+        "beta": args.beta,
+        "max_steps": args.max_steps,
+        "halt_bias_init": args.halt_bias_init,
+        "train_steps": steps,
+        "quick": args.quick,
+    }
+    timings = {
         "train_seconds": round(train_seconds, 1),
         "train_cpu_seconds": round(cpu_seconds, 1),
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "metrics": metrics,
     }
+    title = (
+        f"PonderNet on {args.num_bits}-bit parity (Banino 2021), "
+        f"λp = {args.lambda_p:g}, β = {args.beta:g}"
+    )
+    card = parity_card(args, argv, FAMILY, title, config, training, timings, metrics)
     path = save_model(model, card, args.out_dir)
     if not args.no_traces:
         records.write_records(
