@@ -127,14 +127,14 @@ class ParityRecurrence(nn.Module):
     a cell, a halting unit and an output layer (registered in this order, as the shipped
     weights expect); each model's ``step`` reads the halting unit its own way."""
 
-    def __init__(self, config):
+    def __init__(self, config):  # Config, or PonderNet's config: the same five fields read here
         super().__init__()
         self.config = config
-        d_in = config.num_bits + 1
-        self.cell = make_cell(config.cell, d_in, config.hidden)
-        self.halt = nn.Linear(config.hidden, 1)
+        d_in = config.num_bits + 1  # L + the first-step flag
+        self.cell = make_cell(config.cell, d_in, config.hidden)  # [B, L+1], [B, H] -> [B, H]
+        self.halt = nn.Linear(config.hidden, 1)  # [B, H] -> [B, 1]
         nn.init.constant_(self.halt.bias, config.halt_bias_init)
-        self.out = nn.Linear(config.hidden, config.num_classes)
+        self.out = nn.Linear(config.hidden, config.num_classes)  # [B, H] -> [B, C]
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -154,6 +154,8 @@ class ParityRecurrence(nn.Module):
 
 
 class ACTNet(ParityRecurrence):
+    """Graves' ACT on parity: the recurrence with a sigmoid halting unit h^n."""
+
     def step(self, x: torch.Tensor, s: torch.Tensor, first: bool):
         """One ponder step: (new state [B, H], halting score [B], class logits [B, C])."""
         s = self.next_state(x, s, first)
