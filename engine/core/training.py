@@ -1,7 +1,9 @@
-"""What every trainer shares: seeding, and writing weights + model card atomically."""
+"""What every trainer shares: seeding, the image trainers' minibatch loop, and writing weights +
+model card atomically."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -9,15 +11,29 @@ import random
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from engine.core.progress import Meter, Progress, track
 from engine.core.stats import seeded_subset
 from engine.paths import MODELS_DIR
 from engine.registry import sha256_file
+
+
+def add_output_args(
+    p: argparse.ArgumentParser, model_id: str | None, model_id_help: str | None = None
+) -> None:
+    """The options that say where a trainer writes its card, weights and bundled records (the
+    halting, skipping and pondering trainers'), and whether it prints."""
+    p.add_argument("--out-dir", type=Path, default=MODELS_DIR)
+    p.add_argument("--traces-dir", type=Path, default=None, help="default: assets/traces")
+    p.add_argument("--no-traces", action="store_true", help="do not write the records (and trace)")
+    p.add_argument("--model-id", default=model_id, help=model_id_help)
+    p.add_argument("--quiet", action="store_true")
 
 
 def seed_everything(seed: int) -> None:
@@ -56,6 +72,41 @@ def epoch_batches(n: int, batch_size: int, epochs: int, seed: int, max_steps: in
             yield [perm[i * batch_size : (i + 1) * batch_size] for i in range(k)]
 
     return total, epochs_iter()
+
+
+def train_epochs(
+    opt: torch.optim.Optimizer,
+    batch_loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    n: int,
+    batch_size: int,
+    epochs: int,
+    seed: int,
+    progress: Progress,
+    *,
+    label: str = "",
+    schedule: Callable[[torch.optim.Optimizer, int], object] | None = None,
+    max_steps: int | None = None,
+    clip: float | None = None,
+) -> None:
+    """The image trainers' minibatch loop: ``epoch_batches``' seeded schedule over ``range(n)``,
+    one optimiser step per batch (gradient norm clipped to ``clip`` if given) and one step of
+    ``schedule(opt, total steps)`` (default ``cosine_lr``); a bar of steps per epoch with the
+    epoch's loss so far. ``batch_loss(indices)`` gives (loss, other tensors shown beside it)."""
+    total, per_epoch = epoch_batches(n, batch_size, epochs, seed, max_steps)
+    sched = (schedule or cosine_lr)(opt, total)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for epoch, batches in enumerate(per_epoch):
+        bar = f"{label}epoch {epoch + 1}/{epochs}"
+        meter = Meter(progress, bar)
+        for b in track(batches, bar, progress):
+            loss, shown = batch_loss(b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            opt.step()
+            sched.step()
+            meter.add(len(b), loss=loss.item(), **{k: v.item() for k, v in shown.items()})
 
 
 def cosine_lr(opt: torch.optim.Optimizer, total: int, warmup: int = 0):
@@ -101,3 +152,11 @@ def save_model(model: torch.nn.Module, card: dict, out_dir: Path = MODELS_DIR) -
     tmp_card.write_text(json.dumps(card, indent=2) + "\n")
     os.replace(tmp_card, path)
     return path
+
+
+def print_saved(path: Path, timing: str, metrics: dict) -> None:
+    """What a trainer prints when it has written its card: the path, how long it took, then
+    one metric a line."""
+    print(f"wrote {path}  ({timing})")
+    for k, v in metrics.items():
+        print(f"  {k}: {v}")

@@ -27,7 +27,23 @@ def live_act(model, x: np.ndarray, eps: float) -> LiveRun:
     )
 
 
-class ACT(Family):
+class ParityFamily(Family):
+    """What the families that read parity strings share (ACT, PonderNet): the live input is a
+    typed string of the card's length, the timing inputs strings from the generator."""
+
+    def live_input(self, card) -> str:
+        return "bits"
+
+    def parse_live(self, card, text: str) -> np.ndarray:
+        return act.parse_bits(text, int(card.config["num_bits"]))
+
+    def timing_inputs(self, card, batch: int) -> torch.Tensor:
+        """``batch`` parity strings of the card's length (the generator at seed 0)."""
+        x, _, _ = act.parity_data(batch, int(card.config["num_bits"]), seed=0)
+        return torch.as_tensor(np.asarray(x, dtype=np.float32))
+
+
+class ACT(ParityFamily):
     name = "act"
     kind = "halt"
     title = "pondering (ACT)"
@@ -93,22 +109,11 @@ class ACT(Family):
             detail={"cumulative": cum, "halt_at": steps, "threshold": 1.0 - value},
         )
 
-    def live_input(self, card) -> str:
-        return "bits"
-
-    def parse_live(self, card, text: str) -> np.ndarray:
-        return act.parse_bits(text, int(card.config["num_bits"]))
-
     def run_one(self, model, card, x, value: float) -> LiveRun:
         return live_act(model, x, value)
 
     def default_setting(self, card) -> float:
         return float(card.config.get("eps", 0.01))
-
-    def timing_inputs(self, card, batch: int) -> torch.Tensor:
-        """``batch`` parity strings of the card's length (the test seed's generator)."""
-        x, _, _ = act.parity_data(batch, int(card.config["num_bits"]), seed=0)
-        return torch.as_tensor(np.asarray(x, dtype=np.float32))
 
     def timed(self, card, model, batch: int) -> Timed:
         """A real ponder run (halted inputs leave the batch) at each eps of the results."""

@@ -122,15 +122,19 @@ def make_cell(kind: str, d_in: int, hidden: int) -> nn.Module:
     raise ValueError(f"unknown cell {kind!r}; use 'gru', 'rnn' or 'mlp'")
 
 
-class ACTNet(nn.Module):
-    def __init__(self, config: Config):
+class ParityRecurrence(nn.Module):
+    """The tanh/GRU/MLP recurrence over a parity string that ACT and PonderNet both ponder with:
+    a cell, a halting unit and an output layer (registered in this order, as the shipped
+    weights expect); each model's ``step`` reads the halting unit its own way."""
+
+    def __init__(self, config):  # Config, or PonderNet's config: the same five fields read here
         super().__init__()
         self.config = config
-        d_in = config.num_bits + 1
-        self.cell = make_cell(config.cell, d_in, config.hidden)
-        self.halt = nn.Linear(config.hidden, 1)
+        d_in = config.num_bits + 1  # L + the first-step flag
+        self.cell = make_cell(config.cell, d_in, config.hidden)  # [B, L+1], [B, H] -> [B, H]
+        self.halt = nn.Linear(config.hidden, 1)  # [B, H] -> [B, 1]
         nn.init.constant_(self.halt.bias, config.halt_bias_init)
-        self.out = nn.Linear(config.hidden, config.num_classes)
+        self.out = nn.Linear(config.hidden, config.num_classes)  # [B, H] -> [B, C]
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -143,10 +147,18 @@ class ACTNet(nn.Module):
     def initial_state(self, e: torch.Tensor) -> torch.Tensor:
         return e.new_zeros(len(e), self.config.hidden)  # s^0 = 0
 
+    def next_state(self, x: torch.Tensor, s: torch.Tensor, first: bool) -> torch.Tensor:
+        """s^n = S([x, delta(n == 1)], s^{n-1})  [B, H]."""
+        flag = torch.full((len(x), 1), 1.0 if first else 0.0)
+        return self.cell(torch.cat([x, flag], 1), s)
+
+
+class ACTNet(ParityRecurrence):
+    """Graves' ACT on parity: the recurrence with a sigmoid halting unit h^n."""
+
     def step(self, x: torch.Tensor, s: torch.Tensor, first: bool):
         """One ponder step: (new state [B, H], halting score [B], class logits [B, C])."""
-        flag = torch.full((len(x), 1), 1.0 if first else 0.0)
-        s = self.cell(torch.cat([x, flag], 1), s)
+        s = self.next_state(x, s, first)
         return s, torch.sigmoid(self.halt(s))[:, 0], self.out(s)
 
     def forward(self, x: torch.Tensor, eps: float | None = None) -> dict[str, torch.Tensor]:
@@ -320,10 +332,16 @@ def halting_scores(model: nn.Module, x: np.ndarray | torch.Tensor, chunk: int = 
     With these, ``halting_distribution`` evaluates ACT at any eps without the model.
     """
     model.eval()
+    return unrolled_scores(lambda xb: unroll(model, xb)[:2], x, chunk)
+
+
+def unrolled_scores(unroll_chunk, x: np.ndarray | torch.Tensor, chunk: int = 1000):
+    """``unroll_chunk(x [B, ...]) -> (halting scores [B, M], step logits [B, M, C])`` over ``x``
+    in chunks: (scores [n, M], step probabilities [n, M, C]) in float64 numpy (ACT, PonderNet)."""
     x = torch.as_tensor(np.asarray(x, dtype=np.float32))
     hs, qs = [], []
     for i in range(0, len(x), chunk):
-        h, logits, _ = unroll(model, x[i : i + chunk])
+        h, logits = unroll_chunk(x[i : i + chunk])
         hs.append(h.double().numpy())
         qs.append(torch.softmax(logits.double(), 2).numpy())
     return np.concatenate(hs), np.concatenate(qs)

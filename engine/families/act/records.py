@@ -207,13 +207,30 @@ class HaltRecords:
     @property
     def full_flops(self) -> float:
         """The cost of running every step: encoder + M x the per-step FLOPs."""
-        return float(self.meta.get("encode_flops", 0.0)) + self.max_steps * float(
-            self.meta["flops_per_step"]
-        )
+        return flops_at(self.meta, self.max_steps)
 
     @property
     def has_difficulty(self) -> bool:
         return bool((self.difficulty >= 0).all()) and self.meta.get("difficulty") is not None
+
+
+def flops_at(meta: dict, steps):
+    """FLOPs of a run that takes ``steps`` ponder steps (int or [N]), from a stored unroll's
+    metadata: the encoder once + steps x the per-step FLOPs (ACT, PonderNet)."""
+    return float(meta.get("encode_flops", 0.0)) + steps * float(meta.get("flops_per_step", 1.0))
+
+
+def unroll_columns(df: pl.DataFrame) -> dict[str, np.ndarray]:
+    """The per-input columns every stored unroll has (ACT, PonderNet), as ``load_records``
+    hands them to its records dataclass."""
+    return {
+        "sample_id": df["sample_id"].to_numpy().astype(np.int64),
+        "difficulty": df["difficulty"].to_numpy().astype(np.int64),
+        "label": df["label"].to_numpy().astype(np.int64),
+        "steps": df["steps"].to_numpy().astype(np.int64),
+        "pred": df["pred"].to_numpy().astype(np.int64),
+        "flops": df["flops"].to_numpy(),
+    }
 
 
 def read_unroll(
@@ -237,19 +254,14 @@ def load_records(model_id: str, split: str = "test", root: Path | None = None) -
     df, meta, h, q = read_unroll(path, META_KEY, "h")
     return HaltRecords(
         model_id=model_id,
-        sample_id=df["sample_id"].to_numpy().astype(np.int64),
-        difficulty=df["difficulty"].to_numpy().astype(np.int64),
-        label=df["label"].to_numpy().astype(np.int64),
+        **unroll_columns(df),
         bits=df["bits"].to_numpy() if "bits" in df.columns else None,
         image_index=df["image_index"].to_numpy().astype(np.int64)
         if "image_index" in df.columns
         else None,
         h=h,
         step_probs=q,
-        steps=df["steps"].to_numpy().astype(np.int64),
         remainder=df["remainder"].to_numpy(),
-        pred=df["pred"].to_numpy().astype(np.int64),
-        flops=df["flops"].to_numpy(),
         meta=meta,
     )
 
@@ -284,8 +296,7 @@ def at_eps(rec: HaltRecords, eps: float) -> AtEps:
         probs=probs,
         pred=pred,
         correct=pred == rec.label,
-        flops=float(rec.meta.get("encode_flops", 0.0))
-        + steps * float(rec.meta.get("flops_per_step", 1.0)),
+        flops=flops_at(rec.meta, steps),
     )
 
 

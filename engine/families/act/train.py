@@ -15,15 +15,23 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
+from collections.abc import Callable
 
+import numpy as np
 import torch
+from torch import nn
 
 from engine.core.progress import Meter, Progress, terminal, track
 from engine.core.stats import spearman
-from engine.core.training import command_line, cosine_lr, save_model, seed_everything
+from engine.core.training import (
+    add_output_args,
+    command_line,
+    cosine_lr,
+    print_saved,
+    save_model,
+    seed_everything,
+)
 from engine.families.act import model as act
-from engine.paths import MODELS_DIR
 
 FAMILY = "act"
 
@@ -44,34 +52,97 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--test-size", type=int, default=4000)
     p.add_argument("--test-seed", type=int, default=12345)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--out-dir", type=Path, default=MODELS_DIR)
-    p.add_argument("--traces-dir", type=Path, default=None, help="default: assets/traces")
-    p.add_argument("--no-traces", action="store_true")
-    p.add_argument("--model-id", default="parity_act")
-    p.add_argument("--quiet", action="store_true")
+    add_output_args(p, "parity_act")
     return p
 
 
 def train(model: act.ACTNet, args, progress: Progress | None = None) -> None:
     steps = args.steps if args.max_steps_train is None else min(args.steps, args.max_steps_train)
+
+    def batch_loss(out: dict, y: torch.Tensor):
+        loss, nll = act.act_loss(out, y, args.ponder_cost)
+        return loss, {"nll": nll, "steps": out["steps"].float().mean()}
+
+    train_on_parity(model, batch_loss, args, steps, progress)
+
+
+def train_on_parity(
+    model: nn.Module,
+    batch_loss: Callable[[dict, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    args,
+    steps: int,
+    progress: Progress | None = None,
+) -> None:
+    """Adam with a cosine schedule over ``steps`` fresh parity batches (batch i drawn at seed
+    ``args.seed * 1_000_003 + i``: ACT's and PonderNet's training stream for the same seed),
+    gradients clipped to norm 1. ``batch_loss(model(x), y)`` gives (loss, the tensors the bar
+    shows beside it, averaged over the last 100 steps)."""
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sched = cosine_lr(opt, steps)
     rng_seed = args.seed * 1_000_003
     model.train()
     progress = progress or terminal(args.quiet)
-    meter = Meter(progress, "steps", window=100)  # the last 100 steps' loss and ponder steps
+    meter = Meter(progress, "steps", window=100)
     for i in track(range(steps), "steps", progress):
         x, y, _ = act.parity_data(args.batch_size, args.num_bits, seed=rng_seed + i)
         x, y = torch.from_numpy(x), torch.from_numpy(y)
-        out = model(x)
-        loss, nll = act.act_loss(out, y, args.ponder_cost)
+        loss, shown = batch_loss(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        meter.add(loss=loss.item(), nll=nll.item(), steps=out["steps"].float().mean().item())
+        meter.add(loss=loss.item(), **{k: v.item() for k, v in shown.items()})
     model.eval()
+
+
+def halting_metrics(steps: np.ndarray, correct: np.ndarray) -> dict:
+    """The card's accuracy and steps taken, for any pondering model's real run."""
+    return {
+        "accuracy": round(float(correct.mean()), 5),
+        "mean_steps": round(float(steps.mean()), 4),
+        "max_steps_taken": int(steps.max()),
+        "min_steps_taken": int(steps.min()),
+    }
+
+
+def length_metrics(steps: np.ndarray, correct: np.ndarray, length: np.ndarray, num_bits: int):
+    """The card's steps and accuracy against the parity string's length (1..num_bits)."""
+    lengths = range(1, num_bits + 1)
+    return {
+        "spearman_steps_vs_length": round(spearman(steps, length), 4),
+        "mean_steps_by_length": [round(float(steps[length == k].mean()), 3) for k in lengths],
+        "accuracy_by_length": [round(float(correct[length == k].mean()), 4) for k in lengths],
+    }
+
+
+def parity_card(
+    args, argv: list[str], family: str, title: str, config, training: dict, timings: dict, metrics
+) -> dict:
+    """The model card of a network trained on parity strings (ACT, PonderNet): the family's
+    ``training`` record and ``timings`` in the fields every card has."""
+    return {
+        "model_id": args.model_id,
+        "title": title,
+        "family": family,
+        "module": f"engine.families.{family}.model",
+        "config": config.to_dict(),
+        "dataset": f"parity{args.num_bits}",
+        "split": "generated",
+        "class_names": ["even", "odd"],
+        "seed": args.seed,
+        "epochs": 1,
+        "training": {
+            **training,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "threads": args.threads,
+            "test_seed": args.test_seed,
+        },
+        "training_command": command_line(family, argv),
+        **timings,
+        "metrics": metrics,
+    }
 
 
 def main(argv: list[str] | None = None, progress: Progress | None = None) -> dict:
@@ -93,52 +164,29 @@ def main(argv: list[str] | None = None, progress: Progress | None = None) -> dic
 
     x, y, length = act.parity_data(args.test_size, args.num_bits, seed=args.test_seed)
     rec = act.run_act(model, x)
-    steps = rec["steps"]
-    by_len = [float(steps[length == k].mean()) for k in range(1, args.num_bits + 1)]
-    acc_by_len = [
-        float((rec["pred"] == y)[length == k].mean()) for k in range(1, args.num_bits + 1)
-    ]
+    steps, correct = rec["steps"], rec["pred"] == y
     metrics = {
         "test_samples": int(args.test_size),
-        "accuracy": round(float((rec["pred"] == y).mean()), 5),
-        "mean_steps": round(float(steps.mean()), 4),
-        "max_steps_taken": int(steps.max()),
-        "min_steps_taken": int(steps.min()),
+        **halting_metrics(steps, correct),
         "mean_ponder_cost": round(float(rec["ponder_cost"].mean()), 4),
         "mean_flops": float(rec["flops"].mean()),
         "flops_per_step": act.step_flops(model),
-        "spearman_steps_vs_length": round(spearman(steps, length), 4),
-        "mean_steps_by_length": [round(v, 3) for v in by_len],
-        "accuracy_by_length": [round(v, 4) for v in acc_by_len],
+        **length_metrics(steps, correct, length, args.num_bits),
         "params": int(sum(p.numel() for p in model.parameters())),
     }
-    card = {
-        "model_id": args.model_id,
-        "title": f"ACT on {args.num_bits}-bit parity (Graves 2016), τ = {args.ponder_cost:g}",
-        "family": FAMILY,
-        "module": "engine.families.act.model",
-        "config": config.to_dict(),
-        "dataset": f"parity{args.num_bits}",
-        "split": "generated",
-        "class_names": ["even", "odd"],
-        "seed": args.seed,
-        "epochs": 1,
-        "training": {
-            "method": "ACT (Graves 2016): halting unit, N(t), remainder R(t), ponder cost N+R",
-            "ponder_cost_weight_tau": args.ponder_cost,
-            "eps": args.eps,
-            "max_steps": args.max_steps,
-            "train_steps": args.steps,
-            "max_steps_train": args.max_steps_train,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "threads": args.threads,
-            "test_seed": args.test_seed,
-        },
-        "training_command": command_line(FAMILY, argv),
-        "train_seconds": round(train_seconds, 1),
-        "metrics": metrics,
+    training = {
+        "method": "ACT (Graves 2016): halting unit, N(t), remainder R(t), ponder cost N+R",
+        "ponder_cost_weight_tau": args.ponder_cost,
+        "eps": args.eps,
+        "max_steps": args.max_steps,
+        "train_steps": args.steps,
+        "max_steps_train": args.max_steps_train,
     }
+    title = f"ACT on {args.num_bits}-bit parity (Graves 2016), τ = {args.ponder_cost:g}"
+    card = parity_card(
+        args, argv, FAMILY, title, config, training,
+        {"train_seconds": round(train_seconds, 1)}, metrics,
+    )  # fmt: skip
     path = save_model(model, card, args.out_dir)
     if not args.no_traces:
         from engine.families.act import records as halting
@@ -147,7 +195,5 @@ def main(argv: list[str] | None = None, progress: Progress | None = None) -> dic
             model, args.model_id, x, y, length, args.traces_dir, tau=args.ponder_cost
         )
     if not args.quiet:
-        print(f"wrote {path}  ({train_seconds:.0f}s training)")
-        for k, v in metrics.items():
-            print(f"  {k}: {v}")
+        print_saved(path, f"{train_seconds:.0f}s training", metrics)
     return card

@@ -14,24 +14,24 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from engine.core.progress import Meter, Progress, terminal, track
+from engine.core.progress import Progress, terminal
 from engine.core.training import (
+    add_output_args,
     command_line,
-    cosine_lr,
-    epoch_batches,
     image_split,
+    print_saved,
     save_model,
     seed_everything,
+    train_epochs,
 )
 from engine.data import images
 from engine.families.act import model as act
+from engine.families.act.train import halting_metrics
 from engine.families.act_cnn import model as act_cnn
-from engine.paths import MODELS_DIR
 
 FAMILY = "act_cnn"
 
@@ -58,35 +58,22 @@ def parser() -> argparse.ArgumentParser:
         help="early-exit model whose bundled test trace rates difficulty "
         "(default: <dataset>_multi_exit_cnn)",
     )
-    p.add_argument("--out-dir", type=Path, default=MODELS_DIR)
-    p.add_argument("--traces-dir", type=Path, default=None, help="default: assets/traces")
-    p.add_argument("--no-traces", action="store_true")
-    p.add_argument("--model-id", default=None, help="default: <dataset>_act")
-    p.add_argument("--quiet", action="store_true")
+    add_output_args(p, None, "default: <dataset>_act")
     return p
 
 
 def train(model: act_cnn.ACTConvNet, x: torch.Tensor, y: torch.Tensor, args, progress=None) -> None:
-    total, epochs = epoch_batches(
-        len(y), args.batch_size, args.epochs, args.seed, args.max_steps_train
-    )
+    def batch_loss(b: torch.Tensor):
+        out = model(x[b])
+        loss, nll = act.act_loss(out, y[b], args.ponder_cost)
+        return loss, {"nll": nll, "steps": out["steps"].float().mean()}
+
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    sched = cosine_lr(opt, total)
     model.train()
-    progress = progress or terminal(args.quiet)
-    for epoch, batches in enumerate(epochs):
-        bar = f"epoch {epoch + 1}/{args.epochs}"
-        meter = Meter(progress, bar)  # the epoch's loss and ponder steps so far
-        for b in track(batches, bar, progress):
-            out = model(x[b])
-            loss, nll = act.act_loss(out, y[b], args.ponder_cost)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            steps = out["steps"].float().mean().item()
-            meter.add(len(b), loss=loss.item(), nll=nll.item(), steps=steps)
+    train_epochs(
+        opt, batch_loss, len(y), args.batch_size, args.epochs, args.seed,
+        progress or terminal(args.quiet), max_steps=args.max_steps_train, clip=1.0,
+    )  # fmt: skip
     model.eval()
 
 
@@ -119,10 +106,7 @@ def main(argv: list[str] | None = None, progress: Progress | None = None) -> dic
     counts = np.bincount(steps, minlength=config.max_steps + 1)[1:]
     metrics = {
         "test_samples": len(yt),
-        "accuracy": round(float(correct.mean()), 5),
-        "mean_steps": round(float(steps.mean()), 4),
-        "max_steps_taken": int(steps.max()),
-        "min_steps_taken": int(steps.min()),
+        **halting_metrics(steps, correct),
         "steps_histogram": [int(c) for c in counts],
         "mean_steps_correct": round(float(steps[correct].mean()), 4),
         "mean_steps_wrong": round(float(steps[~correct].mean()), 4) if (~correct).any() else None,
@@ -179,7 +163,5 @@ def main(argv: list[str] | None = None, progress: Progress | None = None) -> dic
             difficulty_model=difficulty_model,
         )
     if not args.quiet:
-        print(f"wrote {path}  ({train_seconds:.0f}s training)")
-        for k, v in metrics.items():
-            print(f"  {k}: {v}")
+        print_saved(path, f"{train_seconds:.0f}s training", metrics)
     return card

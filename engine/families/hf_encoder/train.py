@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from engine.core.progress import Meter, Progress, show, terminal, track
 from engine.core.trace import Trace, TraceMeta
 from engine.families.hf_encoder import model as hfe
+from engine.families.multi_exit_bert.train import heads_epoch
 from engine.run.exits import exit_costs, run_exits
 
 FAMILY = "hf_encoder"
@@ -156,18 +157,9 @@ def train_heads(
     progress = _progress(report)
     model.heads.train()
     for _ in track(range(epochs), "heads", progress):
-        perm, total = torch.randperm(len(t), generator=gen), 0.0
-        for i in range(0, len(t), 64):
-            idx = perm[i : i + 64]
-            loss = sum(
-                F.cross_entropy(h.from_features(x[idx, k]), t[idx])
-                for k, h in enumerate(model.heads)
-            )
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-        losses.append(total / len(t))
+        losses.append(
+            heads_epoch(model.heads, opt, x, t, torch.randperm(len(t), generator=gen), 64)
+        )
         show(progress, "heads", loss=losses[-1])  # the last epoch's
     model.heads.eval()
     return losses

@@ -129,23 +129,30 @@ def train_heads(model, feats: np.ndarray, labels: np.ndarray, args, progress=Non
     losses = []
     model.heads.train()
     for _ in track(range(args.epochs), "heads (epochs)", progress):
-        perm = torch.randperm(len(y), generator=gen)
-        total = 0.0
-        for i in range(0, len(y), 256):
-            idx = perm[i : i + 256]
-            loss = sum(
-                F.cross_entropy(head.from_features(x[idx, k]), y[idx])
-                for k, head in enumerate(model.heads)
-            )
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
+        losses.append(
+            heads_epoch(model.heads, opt, x, y, torch.randperm(len(y), generator=gen), 256)
+        )
         sched.step()
-        losses.append(total / len(y))
         show(progress, "heads (epochs)", loss=losses[-1])  # the last epoch's, beside the bar
     model.heads.eval()
     return losses
+
+
+def heads_epoch(heads, opt, x: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, batch: int):
+    """One epoch of every exit head on cached features x [N, K, D] (the encoder frozen), in the
+    order ``perm``: a step per batch on the heads' summed cross-entropy; the epoch's mean loss.
+    The MiniLM's heads and a user's encoder's (``engine.families.hf_encoder.train``) train so."""
+    total = 0.0
+    for i in range(0, len(y), batch):
+        idx = perm[i : i + batch]
+        loss = sum(
+            F.cross_entropy(head.from_features(x[idx, k]), y[idx]) for k, head in enumerate(heads)
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total += float(loss.detach()) * len(idx)
+    return total / len(y)
 
 
 @torch.no_grad()

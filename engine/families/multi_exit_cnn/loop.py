@@ -6,15 +6,14 @@ without the trainer importing the mode back."""
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from engine.core.progress import Meter, terminal, track
-from engine.core.training import cosine_lr
+from engine.core.progress import terminal
+from engine.core.training import cosine_lr, train_epochs
 from engine.data import images
 from engine.paths import MODELS_DIR
 from engine.run.exits import exit_costs
@@ -59,23 +58,16 @@ def run_epochs(
     ``train_and_save``), else tqdm."""
     progress = getattr(args, "progress", None) or terminal(args.quiet)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    steps_per_epoch = math.ceil(len(y) / args.batch_size)
-    sched = cosine_schedule(opt, epochs * steps_per_epoch)
-    gen = torch.Generator().manual_seed(seed)
     for m in train_modules:
         m.train()
-    for epoch in range(epochs):
-        perm = torch.randperm(len(y), generator=gen)
-        bar = f"{label}epoch {epoch + 1}/{epochs}"
-        meter = Meter(progress, bar)
-        for i in track(range(steps_per_epoch), bar, progress):
-            b = perm[i * args.batch_size : (i + 1) * args.batch_size]
-            loss = loss_fn(x[b], y[b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            meter.add(len(b), loss=loss.item())
+
+    def batch_loss(b: torch.Tensor):
+        return loss_fn(x[b], y[b]), {}
+
+    train_epochs(
+        opt, batch_loss, len(y), args.batch_size, epochs, seed, progress,
+        label=label, schedule=cosine_schedule,
+    )  # fmt: skip
 
 
 @torch.no_grad()

@@ -37,7 +37,6 @@ and the training runs on them, exactly, in seconds.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from dataclasses import dataclass
 
@@ -49,8 +48,14 @@ from torch import nn
 from engine.core import calibration, tradeoff
 from engine.core.gates import with_joint_gates
 from engine.core.policies import Policy, exit_index
-from engine.core.progress import Meter, Progress, terminal, track
-from engine.core.training import command_line, image_split, save_model, seed_everything
+from engine.core.progress import Progress, terminal
+from engine.core.training import (
+    command_line,
+    image_split,
+    save_model,
+    seed_everything,
+    train_epochs,
+)
 
 BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.8)  # fractions of the full model's mean cost
 COMPARED = ("max_prob", "entropy", "patience", "gate")
@@ -108,21 +113,10 @@ def _epochs(
     from engine.families.multi_exit_cnn.loop import cosine_schedule
 
     opt = torch.optim.AdamW(params_groups, weight_decay=cfg.weight_decay)
-    steps = math.ceil(n / cfg.batch_size)
-    sched = cosine_schedule(opt, max(1, epochs * steps))
-    gen = torch.Generator().manual_seed(seed)
-    for epoch in range(epochs):
-        perm = torch.randperm(n, generator=gen)
-        bar = f"{label} epoch {epoch + 1}/{epochs}"
-        meter = Meter(progress, bar)
-        for i in track(range(steps), bar, progress):
-            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            loss = loss_fn(idx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            meter.add(len(idx), loss=loss.item())
+    train_epochs(
+        opt, lambda b: (loss_fn(b), {}), n, cfg.batch_size, epochs, seed, progress,
+        label=f"{label} ", schedule=cosine_schedule,
+    )  # fmt: skip
 
 
 def fit_joint(

@@ -4,11 +4,10 @@ a geometric prior with its KL regulariser, halting by thresholding the cumulativ
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from engine.core.family import Family, LiveRun, Timed
+from engine.core.family import LiveRun, Timed
 from engine.core.results import Results
-from engine.families.act import model as act
+from engine.families.act.family import ParityFamily
 from engine.families.pondernet import model as pn
 from engine.families.pondernet import records
 
@@ -22,7 +21,7 @@ CHART_NAMES = {
 }
 
 
-class PonderNet(Family):
+class PonderNet(ParityFamily):
     name = "pondernet"
     kind = "halt"
     title = "pondering (PonderNet)"
@@ -43,8 +42,7 @@ class PonderNet(Family):
 
     def timed(self, card, model, batch: int) -> Timed:
         """A real ponder run (halted inputs leave the batch) at each q of the results."""
-        x, _, _ = act.parity_data(batch, int(card.config["num_bits"]), seed=0)
-        x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        x = self.timing_inputs(card, batch)
         q = records.Q_GRID
         return Timed("setting", q, lambda i: pn.infer(model, x, float(q[i])), batch)
 
@@ -99,12 +97,6 @@ class PonderNet(Family):
                 "names": CHART_NAMES,
             },
         )
-
-    def live_input(self, card) -> str:
-        return "bits"
-
-    def parse_live(self, card, text: str) -> np.ndarray:
-        return act.parse_bits(text, int(card.config["num_bits"]))
 
     def run_one(self, model, card, x, value: float) -> LiveRun:
         out = pn.run(model, x, q=value)

@@ -39,11 +39,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from engine.core.costs import count_flops
-from engine.families.act.model import make_cell, unroll
+from engine.families.act.model import ParityRecurrence, unroll, unrolled_scores
 
 
 @dataclass
@@ -124,31 +123,13 @@ def expected_steps(p: np.ndarray) -> np.ndarray:
 # --- the network -----------------------------------------------------------------------------
 
 
-class PonderNet(nn.Module):
-    def __init__(self, config: PonderNetConfig):
-        super().__init__()
-        self.config = config
-        d_in = config.num_bits + 1
-        self.cell = make_cell(config.cell, d_in, config.hidden)
-        self.halt = nn.Linear(config.hidden, 1)  # a^n, lam^n = sigmoid(a^n)
-        nn.init.constant_(self.halt.bias, config.halt_bias_init)
-        self.out = nn.Linear(config.hidden, config.num_classes)  # y^n
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return (self.config.num_bits,)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """What every step sees; for bit strings the input itself (no cost)."""
-        return x
-
-    def initial_state(self, e: torch.Tensor) -> torch.Tensor:
-        return e.new_zeros(len(e), self.config.hidden)  # s^0 = 0
+class PonderNet(ParityRecurrence):
+    """ACT's recurrence (cell, halting unit ``halt`` giving a^n with lam^n = sigmoid(a^n), output
+    layer ``out`` giving y^n), read as PonderNet's per-step halting probability."""
 
     def step(self, e: torch.Tensor, s: torch.Tensor, first: bool):
         """One step: (new state [B, H], halting logit a^n [B], class logits y^n [B, C])."""
-        flag = torch.full((len(e), 1), 1.0 if first else 0.0)
-        s = self.cell(torch.cat([e, flag], 1), s)
+        s = self.next_state(e, s, first)
         return s, self.halt(s)[:, 0], self.out(s)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -264,13 +245,7 @@ def halting_scores(model: PonderNet, x: np.ndarray | torch.Tensor, chunk: int = 
     """Every input unrolled all M steps: (lam [n, M], step probabilities [n, M, C]), numpy; with
     these, ``records.at_q`` evaluates any q without the model."""
     model.eval()
-    x = torch.as_tensor(np.asarray(x, dtype=np.float32))
-    lams, qs = [], []
-    for i in range(0, len(x), chunk):
-        lam, logits = model.unroll(x[i : i + chunk])
-        lams.append(lam.double().numpy())
-        qs.append(torch.softmax(logits.double(), 2).numpy())
-    return np.concatenate(lams), np.concatenate(qs)
+    return unrolled_scores(model.unroll, x, chunk)
 
 
 @torch.no_grad()

@@ -20,7 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.families.act.records import bits_strings, read_unroll, records_file, write_unroll
+from engine.families.act.records import (
+    bits_strings,
+    flops_at,
+    read_unroll,
+    records_file,
+    unroll_columns,
+    write_unroll,
+)
 from engine.families.pondernet.model import (
     expected_steps,
     halting_distribution,
@@ -94,9 +101,7 @@ class PonderRecords:
     @property
     def full_flops(self) -> float:
         """The cost of running every step: encoder + M x the per-step FLOPs."""
-        return float(self.meta["encode_flops"]) + self.max_steps * float(
-            self.meta["flops_per_step"]
-        )
+        return flops_at(self.meta, self.max_steps)
 
     @property
     def p(self) -> np.ndarray:
@@ -111,15 +116,10 @@ def load_records(model_id: str, split: str = "test", root: Path | None = None) -
     df, meta, lam, q = read_unroll(path, META_KEY, "lam")
     return PonderRecords(
         model_id=model_id,
-        sample_id=df["sample_id"].to_numpy().astype(np.int64),
-        label=df["label"].to_numpy().astype(np.int64),
-        difficulty=df["difficulty"].to_numpy().astype(np.int64),
+        **unroll_columns(df),
         bits=df["bits"].to_numpy(),
         lam=lam,
         step_probs=q,
-        steps=df["steps"].to_numpy().astype(np.int64),
-        pred=df["pred"].to_numpy().astype(np.int64),
-        flops=df["flops"].to_numpy(),
         meta=meta,
     )
 
@@ -143,8 +143,7 @@ class Evaluation:
 def _evaluate(rec: PonderRecords, steps: np.ndarray) -> Evaluation:
     probs = rec.step_probs[np.arange(len(steps)), steps - 1]
     pred = probs.argmax(1)
-    flops = float(rec.meta["encode_flops"]) + steps * float(rec.meta["flops_per_step"])
-    return Evaluation(steps, probs, pred, pred == rec.label, flops)
+    return Evaluation(steps, probs, pred, pred == rec.label, flops_at(rec.meta, steps))
 
 
 def at_q(rec: PonderRecords, q: float) -> Evaluation:

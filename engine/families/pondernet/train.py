@@ -17,20 +17,27 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from engine.core.progress import Meter, Progress, terminal, track
-from engine.core.stats import spearman
-from engine.core.training import command_line, cosine_lr, save_model, seed_everything
+from engine.core.progress import Progress
+from engine.core.training import (
+    add_output_args,
+    print_saved,
+    save_model,
+    seed_everything,
+)
 from engine.families.act.model import parity_data, step_flops
+from engine.families.act.train import (
+    halting_metrics,
+    length_metrics,
+    parity_card,
+    train_on_parity,
+)
 from engine.families.pondernet import model as pn
 from engine.families.pondernet import records
-from engine.paths import MODELS_DIR
 
 FAMILY = "pondernet"
-MODULE = "engine.families.pondernet.model"
 QUICK_STEPS, QUICK_TEST = 60, 400
 
 
@@ -52,33 +59,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--test-seed", type=int, default=12345, help="ACT's test set by default")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps, {QUICK_TEST} tests")
-    p.add_argument("--out-dir", type=Path, default=MODELS_DIR)
-    p.add_argument("--traces-dir", type=Path, default=None, help="default: assets/traces")
-    p.add_argument("--no-traces", action="store_true")
-    p.add_argument("--model-id", default="parity_pondernet")
-    p.add_argument("--quiet", action="store_true")
+    add_output_args(p, "parity_pondernet")
     return p
 
 
 def train(model: pn.PonderNet, args, steps: int, progress: Progress | None = None) -> None:
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    sched = cosine_lr(opt, steps)
-    rng_seed = args.seed * 1_000_003  # ACT's training stream for the same seed
-    model.train()
-    progress = progress or terminal(args.quiet)
-    meter = Meter(progress, "steps", window=100)  # the last 100 steps' loss and its two terms
-    for i in track(range(steps), "steps", progress):
-        x, y, _ = parity_data(args.batch_size, args.num_bits, seed=rng_seed + i)
-        x, y = torch.from_numpy(x), torch.from_numpy(y)
-        out = model(x)
+    def batch_loss(out: dict, y: torch.Tensor):
         loss, rec, kl = pn.ponder_loss(out, y, args.lambda_p, args.beta)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        meter.add(loss=loss.item(), rec=rec.item(), kl=kl.item())
-    model.eval()
+        return loss, {"rec": rec, "kl": kl}
+
+    train_on_parity(model, batch_loss, args, steps, progress)  # ACT's stream for the same seed
 
 
 def evaluate(model: pn.PonderNet, x, y, length, num_bits: int) -> dict:
@@ -86,20 +76,14 @@ def evaluate(model: pn.PonderNet, x, y, length, num_bits: int) -> dict:
     real = pn.run(model, x)
     sampled = pn.run(model, x, sample=True, seed=0)
     steps, correct = real.steps, real.pred == y
-    lengths = range(1, num_bits + 1)
     lam, _ = pn.halting_scores(model, x)
     return {
         "test_samples": len(y),
         "q": model.config.q,
-        "accuracy": round(float(correct.mean()), 5),
-        "mean_steps": round(float(steps.mean()), 4),
-        "max_steps_taken": int(steps.max()),
-        "min_steps_taken": int(steps.min()),
+        **halting_metrics(steps, correct),
         "mean_flops": float(real.flops.mean()),
         "flops_per_step": step_flops(model),
-        "spearman_steps_vs_length": round(spearman(steps, length), 4),
-        "mean_steps_by_length": [round(float(steps[length == k].mean()), 3) for k in lengths],
-        "accuracy_by_length": [round(float(correct[length == k].mean()), 4) for k in lengths],
+        **length_metrics(steps, correct, length, num_bits),
         "mean_expected_steps": round(
             float(pn.expected_steps(pn.halting_distribution(lam)).mean()), 4
         ),
@@ -133,37 +117,25 @@ def main(argv: list[str] | None = None, progress: Progress | None = None) -> dic
 
     x, y, length = parity_data(test_size, args.num_bits, seed=args.test_seed)
     metrics = evaluate(model, x, y, length, args.num_bits)
-    card = {
-        "model_id": args.model_id,
-        "title": f"PonderNet on {args.num_bits}-bit parity (Banino 2021), "
-        f"λp = {args.lambda_p:g}, β = {args.beta:g}",
-        "family": FAMILY,
-        "module": MODULE,
-        "config": config.to_dict(),
-        "dataset": f"parity{args.num_bits}",
-        "split": "generated",
-        "class_names": ["even", "odd"],
-        "seed": args.seed,
-        "epochs": 1,
-        "training": {
-            "method": "PonderNet (Banino 2021): sum_n p_n CE(y_n) + beta KL(p || Geometric(lambda_p))",
-            "lambda_p": args.lambda_p,
-            "beta": args.beta,
-            "max_steps": args.max_steps,
-            "halt_bias_init": args.halt_bias_init,
-            "train_steps": steps,
-            "quick": args.quick,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "threads": args.threads,
-            "test_seed": args.test_seed,
-        },
-        "training_command": command_line(FAMILY, argv),
+    training = {
+        "method": "PonderNet (Banino 2021): sum_n p_n CE(y_n) + beta KL(p || Geometric(lambda_p))",
+        "lambda_p": args.lambda_p,
+        "beta": args.beta,
+        "max_steps": args.max_steps,
+        "halt_bias_init": args.halt_bias_init,
+        "train_steps": steps,
+        "quick": args.quick,
+    }
+    timings = {
         "train_seconds": round(train_seconds, 1),
         "train_cpu_seconds": round(cpu_seconds, 1),
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "metrics": metrics,
     }
+    title = (
+        f"PonderNet on {args.num_bits}-bit parity (Banino 2021), "
+        f"λp = {args.lambda_p:g}, β = {args.beta:g}"
+    )
+    card = parity_card(args, argv, FAMILY, title, config, training, timings, metrics)
     path = save_model(model, card, args.out_dir)
     if not args.no_traces:
         records.write_records(
@@ -171,9 +143,7 @@ def main(argv: list[str] | None = None, progress: Progress | None = None) -> dic
             lambda_p=args.lambda_p, beta=args.beta, test_seed=args.test_seed,
         )  # fmt: skip
     if not args.quiet:
-        print(f"wrote {path}  ({train_seconds:.0f}s training, {cpu_seconds:.0f}s CPU)")
-        for k, v in metrics.items():
-            print(f"  {k}: {v}")
+        print_saved(path, f"{train_seconds:.0f}s training, {cpu_seconds:.0f}s CPU", metrics)
     return card
 
 

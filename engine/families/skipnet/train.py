@@ -23,24 +23,23 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from engine.core.costs import count_flops
-from engine.core.progress import Meter, Progress, terminal, track
+from engine.core.progress import Progress, terminal
 from engine.core.training import (
+    add_output_args,
     command_line,
-    cosine_lr,
-    epoch_batches,
     image_split,
+    print_saved,
     save_model,
     seed_everything,
+    train_epochs,
 )
 from engine.data import images
 from engine.families.skipnet import model as skipnet
-from engine.paths import MODELS_DIR
 
 FAMILY = "skipnet"
 
@@ -66,11 +65,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-train", type=int, default=None, help="use only N training images")
     p.add_argument("--max-test", type=int, default=None, help="evaluate on N test images")
     p.add_argument("--max-steps-train", type=int, default=None, help="stop each phase early")
-    p.add_argument("--out-dir", type=Path, default=MODELS_DIR)
-    p.add_argument("--traces-dir", type=Path, default=None, help="default: assets/traces")
-    p.add_argument("--no-traces", action="store_true", help="do not write trace and records")
-    p.add_argument("--model-id", default=None, help="default: <dataset>_skipnet")
-    p.add_argument("--quiet", action="store_true")
+    add_output_args(p, None, "default: <dataset>_skipnet")
     return p
 
 
@@ -87,35 +82,28 @@ def block_flops(model: skipnet.SkipNet) -> torch.Tensor:
 def train_phase(
     model, x, y, args, epochs: int, gated: bool, weights: torch.Tensor, seed: int, progress=None
 ):
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    total_steps, batches_per_epoch = epoch_batches(
-        len(y), args.batch_size, epochs, seed, args.max_steps_train
-    )
-    sched = cosine_lr(opt, total_steps)
     share = weights / weights.sum()
+
+    def batch_loss(b: torch.Tensor):
+        logits, probs, applied = model(x[b], tau=args.gumbel_tau, all_on=not gated)
+        ce = [F.cross_entropy(z, y[b]) for z in logits]
+        if gated:
+            compute = (probs * share).sum(1).mean()  # expected fraction of block FLOPs
+            loss = ce[-1] + args.exit_weight * torch.stack(ce[:-1]).mean()
+            loss = loss + args.compute_penalty * compute
+            if args.gate_logit_l2 > 0:
+                sq = torch.stack(model.last_gate_logits, 1).pow(2).mean()
+                loss = loss + args.gate_logit_l2 * sq
+        else:
+            loss = torch.stack(ce).mean()
+        return loss, {"executed": applied.detach().mean()}  # the share of blocks run
+
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     model.train()
-    progress = progress or terminal(args.quiet)
-    phase = "gated" if gated else "warm-up"
-    for epoch, batches in enumerate(batches_per_epoch):
-        bar = f"{phase} epoch {epoch + 1}/{epochs}"
-        meter = Meter(progress, bar)  # the epoch's loss and share of blocks run so far
-        for b in track(batches, bar, progress):
-            logits, probs, applied = model(x[b], tau=args.gumbel_tau, all_on=not gated)
-            ce = [F.cross_entropy(z, y[b]) for z in logits]
-            if gated:
-                compute = (probs * share).sum(1).mean()  # expected fraction of block FLOPs
-                loss = ce[-1] + args.exit_weight * torch.stack(ce[:-1]).mean()
-                loss = loss + args.compute_penalty * compute
-                if args.gate_logit_l2 > 0:
-                    sq = torch.stack(model.last_gate_logits, 1).pow(2).mean()
-                    loss = loss + args.gate_logit_l2 * sq
-            else:
-                loss = torch.stack(ce).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            meter.add(len(b), loss=loss.item(), executed=applied.detach().mean().item())
+    train_epochs(
+        opt, batch_loss, len(y), args.batch_size, epochs, seed, progress or terminal(args.quiet),
+        label=f"{'gated' if gated else 'warm-up'} ", max_steps=args.max_steps_train,
+    )  # fmt: skip
     model.eval()
 
 
@@ -197,7 +185,5 @@ def main(argv: list[str] | None = None, progress: Progress | None = None) -> dic
             progress or terminal(args.quiet),
         )
     if not args.quiet:
-        print(f"wrote {path}  ({train_seconds:.0f}s training)")
-        for k, v in metrics.items():
-            print(f"  {k}: {v}")
+        print_saved(path, f"{train_seconds:.0f}s training", metrics)
     return card
