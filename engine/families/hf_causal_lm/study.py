@@ -47,7 +47,6 @@ from engine.paths import RECORDS_DIR, user_traces_dir
 MODEL_ID = "smollm2_135m"
 GLAVAS_ORACLE_FRACTION = 0.233  # Glavas et al. 2024: per-sequence oracle, fraction of layers
 MEASURES = (*A.MEASURES, "gate")  # per-token exit scores held in the records
-EXIT_METHODS = ("exit_fixed", *(f"calm_{m}" for m in MEASURES))
 SKIP_FAMILIES = ("skip_middle", "skip_even", "skip_greedy")
 PLAN_FAMILIES = ("exit_fixed", *SKIP_FAMILIES)  # the oracle's family of static plans
 METHOD_LABELS = {
