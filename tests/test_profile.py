@@ -48,23 +48,29 @@ def test_profile_measures_every_exit_with_warmup_and_median(monkeypatch):
     """The profiler on a real bundled model: every exit, batch 1 and B, median of repeats."""
     card = next((c for c in BUNDLED if c.family == "cascade"), None) or pytest.skip("no cascade")
     calls = []
-    real = prof.time_point
+    real = prof.time_rounds
 
-    def spy(run, i, repeats, warmup):
-        calls.append((i, repeats, warmup))
-        return real(run, i, repeats, warmup)
+    def spy(run, m, repeats, warmup, done=None):
+        calls.append((m, repeats, warmup))
+        return real(run, m, repeats, warmup, done)
 
-    monkeypatch.setattr(prof, "time_point", spy)
+    monkeypatch.setattr(prof, "time_rounds", spy)
     p = prof.profile(card, batch=8, repeats=3, warmup=1)
     k = families.get("cascade").load(card).heads.__len__()
     assert p.batches == [1, 8] and p.axis == "exit" and len(p.points) == k
-    assert calls == [(i, 3, 1) for i in range(k)] * 2
+    assert calls == [(k, 3, 1)] * 2  # every exit in each round, at batch 1 and 8
     for t in p.timings.values():  # per sample: the median (and IQR) of the repeats
         np.testing.assert_allclose(t.median_ms, np.median(t.runs_ms, axis=1))
         np.testing.assert_allclose(t.spread_ms, np.subtract(*np.percentile(t.runs_ms, [75, 25], 1)))
     assert p.machine["cpu"] and p.machine["torch_threads"] >= 1
     again = costs.Profile.from_json(json.loads(json.dumps(p.to_json())))
     np.testing.assert_array_equal(again.timings[8].runs_ms, p.timings[8].runs_ms)
+
+
+def test_rounds_time_every_point_once_per_round_after_its_warmup():
+    order = []
+    out = prof.time_rounds(order.append, 3, 2, 1)
+    assert order == [0, 1, 2, 0, 1, 2, 0, 1, 2] and out.shape == (3, 2) and (out >= 0).all()
 
 
 def test_untimed_family_says_why_in_one_line(monkeypatch):

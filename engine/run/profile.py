@@ -78,39 +78,50 @@ def machine() -> dict:
     }
 
 
-def time_point(run, i: int, repeats: int, warmup: int) -> np.ndarray:
-    """[repeats] wall-clock ms of ``run(i)``, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        run(i)
-    out = np.empty(repeats)
+def time_rounds(run, m: int, repeats: int, warmup: int, done=None) -> np.ndarray:
+    """[m, repeats] wall-clock ms of ``run(0)`` .. ``run(m - 1)``, after ``warmup`` untimed
+    calls of each, timed in rounds (every point once per round), so a slow spell of the
+    machine falls on every point alike instead of on the few timed during it. ``done(r)``
+    hears after each round."""
+    for i in range(m):
+        for _ in range(warmup):
+            run(i)
+    out = np.empty((m, repeats))
     for r in range(repeats):
-        t0 = time.perf_counter()
-        run(i)
-        out[r] = (time.perf_counter() - t0) * 1e3
+        for i in range(m):
+            t0 = time.perf_counter()
+            run(i)
+            out[i, r] = (time.perf_counter() - t0) * 1e3
+        if done:
+            done(r + 1)
     return out
 
 
 def measure(timed, repeats: int, warmup: int, done=None) -> BatchTiming:
     """Median and IQR per sample of every point of one ``Timed``; its parts' medians per
-    sample and unit. ``done(k, n)`` hears after each of its n points and parts."""
-    n = len(timed.points) + len(timed.parts)
-    runs = []
-    for i in range(len(timed.points)):
-        runs.append(time_point(timed.run, i, repeats, warmup))
-        if done:
-            done(i + 1, n)
-    runs = np.stack(runs)
+    sample and unit, each the median of paired differences (its baseline, then its run, in
+    every round). ``done(k, n)`` hears as the rounds go."""
+    m, names = len(timed.points), list(timed.parts)
+    rounds = 1 + bool(names)
+    runs = time_rounds(
+        timed.run, m, repeats, warmup, done and (lambda r: done(r, rounds * repeats))
+    )
     runs = runs / timed.batch
     q25, med, q75 = np.percentile(runs, [25, 50, 75], axis=1)
     parts = {}
-    for name, part in timed.parts.items():
-        pair = (part.baseline, part.run)
-        run = lambda k, pair=pair: pair[k]()  # noqa: E731
-        extra = float(np.median(time_point(run, 1, repeats, warmup)))
-        extra -= float(np.median(time_point(run, 0, repeats, warmup)))
-        parts[name] = max(0.0, extra) / (timed.batch * part.units)
-        if done:
-            done(len(timed.points) + len(parts), n)
+    if names:
+        calls = [f for name in names for f in (timed.parts[name].baseline, timed.parts[name].run)]
+        paired = time_rounds(
+            lambda k: calls[k](),
+            len(calls),
+            repeats,
+            warmup,
+            done and (lambda r: done(repeats + r, rounds * repeats)),
+        )
+        for j, name in enumerate(names):
+            part = timed.parts[name]
+            extra = float(np.median(paired[2 * j + 1] - paired[2 * j]))
+            parts[name] = max(0.0, extra) / (timed.batch * part.units)
     return BatchTiming(timed.batch, med, q75 - q25, runs, parts)
 
 

@@ -15,7 +15,8 @@ cropped back after every run so each run decodes at the same context length):
   "propagate", less layer 1 alone with every other layer skipped (no K/V written above, as a
   lazy fill or a skip set leaves them);
 - part "token" (batch 1): the generator's own work per token besides the step (softmax, the
-  token's records): ``analysis.generate`` of 1 + T tokens, less 1 token and T bare steps.
+  token's records): ``analysis.generate`` of 1 + T tokens, less 1 token and T bare steps (on a
+  short prompt, so that its prefill, in both, adds little noise to the difference).
 
 Batch 1 decodes through ``model.walk`` as the page's generation does; batch B through
 ``batched.walk_batch``, every row at the same depth. ``costs.decode_ms`` adds the pieces up
@@ -34,7 +35,7 @@ from engine.families.hf_causal_lm.batched import BatchCache, walk_batch
 from engine.families.hf_causal_lm.model import CausalLM, LayerCache, walk
 
 PROMPT_TOKENS = 64  # the context each timed step decodes at
-TOKENS = 4  # generated tokens of the "token" part's run
+TOKENS = 8  # generated tokens of the "token" part's run
 
 
 def prompt_ids(lm: CausalLM, n: int = PROMPT_TOKENS) -> list[int]:
@@ -61,15 +62,17 @@ def decode_timed(lm: CausalLM, batch: int, prompt_tokens: int = PROMPT_TOKENS) -
             cache.crop(base)
             return walk(lm, cache, [tok], stop_after=depth(d), **kw).logits
 
+        short = ids[:4]
+
         def bare(t: int):
-            generate(lm, ids, 1, stop_at_eos=False)
+            generate(lm, short, 1, stop_at_eos=False)
             return [decode(n) for _ in range(t)]
 
         parts = {
             "read": Part(lambda: decode(n, stop=asks), lambda: decode(n), n - 1),
             "fill": Part(lambda: decode(1), lambda: decode(n, skip=above_1), n - 1),
             "token": Part(
-                lambda: generate(lm, ids, 1 + TOKENS, stop_at_eos=False),
+                lambda: generate(lm, short, 1 + TOKENS, stop_at_eos=False),
                 lambda: bare(TOKENS),
                 TOKENS,
             ),
