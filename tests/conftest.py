@@ -113,3 +113,21 @@ def serve(tmp: Path, env: dict | None = None):
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@pytest.fixture
+def page_env(tmp_path, monkeypatch):
+    """A page test's own data and cache folders (``tmp_path``), empty Streamlit caches before
+    and after, and local trace paths allowed (as on a loopback server)."""
+    import streamlit as st
+
+    from app import loaders
+
+    monkeypatch.setenv("AIE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("AIE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv(loaders.LOCAL_PATHS_ENV, "1")
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    yield tmp_path
+    st.cache_data.clear()
+    st.cache_resource.clear()

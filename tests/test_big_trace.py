@@ -177,18 +177,6 @@ def test_the_drawn_front_is_thinned_but_solvers_read_the_whole_curve(medium):
 # --- the tuning page ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def page_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("AIE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("AIE_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv(loaders.LOCAL_PATHS_ENV, "1")
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    yield tmp_path
-    st.cache_data.clear()
-    st.cache_resource.clear()
-
-
 def _load(path: str | Path, timeout: int = 60) -> AppTest:
     at = AppTest.from_file(PAGE, default_timeout=timeout).run()
     at.text_input(key="w.trace_path").set_value(str(path))

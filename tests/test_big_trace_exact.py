@@ -13,10 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from app import loaders
 from engine.core import calibration, tradeoff
 from engine.core import trace as trace_mod
 from engine.core.policies import (
@@ -30,6 +28,7 @@ from engine.core.policies import (
     threshold_index,
 )
 from tests.helpers_app import make_trace
+from tests.test_page_tuning import _expected, _metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = str(ROOT / "pages" / "tuning.py")
@@ -213,35 +212,6 @@ def test_gathers_at_the_exits_are_the_elements(traces):
 
 
 # --- the page: its cached per-trace data is per trace and per kind ---------------------------
-
-
-@pytest.fixture
-def page_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("AIE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("AIE_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv(loaders.LOCAL_PATHS_ENV, "1")
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    yield tmp_path
-    st.cache_data.clear()
-    st.cache_resource.clear()
-
-
-def _metrics(at: AppTest) -> dict[str, str]:
-    return {m.label: m.value for m in at.metric}
-
-
-def _expected(t: trace_mod.Trace, policy: Policy) -> dict[str, str]:
-    from app import figures
-
-    s = tradeoff.evaluate_policy(t, policy)
-    unit = t.meta.cost_unit
-    return {
-        "Accuracy": f"{s.accuracy:.4f}",
-        f"Mean {unit}": figures.fmt_flops(s.mean_cost) + unit,
-        f"p95 {unit}": figures.fmt_flops(s.p95_cost) + unit,
-        "Speed-up vs last exit": f"{s.speedup:.2f}×",
-    }
 
 
 @pytest.mark.parametrize("compact", [False, True])

@@ -206,19 +206,6 @@ def test_gate_policy_on_a_model_without_gates_is_refused():
 # --- the tuning page: three trainings of one CNN on one chart --------------------------------
 
 
-@pytest.fixture
-def page_env(tmp_path, monkeypatch):
-    import streamlit as st
-
-    monkeypatch.setenv("AIE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("AIE_DATA_DIR", str(tmp_path / "data"))
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    yield
-    st.cache_data.clear()
-    st.cache_resource.clear()
-
-
 def _tuning(model_id: str):
     from pathlib import Path
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from app import figures
@@ -19,15 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 UNIT = "ms (batch 256)"
 
 
-@pytest.fixture(autouse=True)
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("AIE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("AIE_DATA_DIR", str(tmp_path / "data"))
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    yield
-    st.cache_data.clear()
-    st.cache_resource.clear()
+pytestmark = pytest.mark.usefixtures("page_env")  # its own folders, empty caches
 
 
 def _run(page: str, **qp) -> AppTest:
