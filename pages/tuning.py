@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 import streamlit as st
 
-from app import figures, loaders, navigation, widgets
+from app import figures, loaders, navigation, progress, widgets
 from engine.core import calibration, costs, tradeoff
 from engine.core.policies import POLICY_LABELS, Policy
 from engine.core.trace import Trace, TraceError
@@ -478,10 +478,10 @@ def profile_section(model_id: str, profile) -> None:
             "Batch size", 1, 4096, value=shown[0] if shown else 256, key="w.profile_batch"
         )
         if b2.button("Re-profile at this batch size", key="b.reprofile"):
-            with st.status(f"Timing {model_id} at batch 1 and {batch}…") as status:
-                bar = st.progress(0.0)
-                p = loaders.reprofile(model_id, int(batch), lambda f, t: bar.progress(f, text=t))
-                status.update(label=f"Timed {model_id}", state="complete")
+            with progress.status(
+                f"Timing {model_id} at batch 1 and {batch}…", f"Timed {model_id}"
+            ) as bar:
+                p = loaders.reprofile(model_id, int(batch), lambda f, t: bar(f, 1.0, t))
             if p.reason:
                 st.warning(widgets.literal(p.reason))
             else:
