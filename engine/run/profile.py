@@ -3,8 +3,9 @@
 FLOPs mislead on CPUs: a wide first stage can be a small share of the FLOPs and most of the
 time. ``profile`` asks the model's family for the real work of each exit or setting on one batch
 of its own inputs (``Family.timed``), runs each after a warm-up ``repeats`` times at batch 1 and
-at a batch size the user picks (default: the family's, 256 samples or 8 sequences of a decoder), and keeps the median (and interquartile range) of the time per
-sample, with the machine's description, as a small JSON beside the model's traces::
+at a batch size the user picks (default: the family's, 256 samples or 8 sequences of a
+decoder), and keeps the median (and interquartile range) of the time per sample, with the
+machine's description, as a small JSON beside the model's traces::
 
     python -m engine.profile MODEL [--batch B] [--repeats 7] [--warmup 2]
     python -m engine.profile --all          # every bundled model, into assets/traces/
@@ -101,28 +102,25 @@ def measure(timed, repeats: int, warmup: int, done=None) -> BatchTiming:
     """Median and IQR per sample of every point of one ``Timed``; its parts' medians per
     sample and unit, each the median of paired differences (its baseline, then its run, in
     every round). ``done(k, n)`` hears as the rounds go."""
-    m, names = len(timed.points), list(timed.parts)
-    rounds = 1 + bool(names)
-    runs = time_rounds(
-        timed.run, m, repeats, warmup, done and (lambda r: done(r, rounds * repeats))
-    )
+    parts = list(timed.parts.values())
+    total = repeats * (2 if parts else 1)  # rounds: the points', then the parts'
+
+    def report(offset: int):
+        return (lambda r: done(offset + r, total)) if done else None
+
+    runs = time_rounds(timed.run, len(timed.points), repeats, warmup, report(0))
     runs = runs / timed.batch
     q25, med, q75 = np.percentile(runs, [25, 50, 75], axis=1)
-    parts = {}
-    if names:
-        calls = [f for name in names for f in (timed.parts[name].baseline, timed.parts[name].run)]
-        paired = time_rounds(
-            lambda k: calls[k](),
-            len(calls),
-            repeats,
-            warmup,
-            done and (lambda r: done(repeats + r, rounds * repeats)),
-        )
-        for j, name in enumerate(names):
-            part = timed.parts[name]
-            extra = float(np.median(paired[2 * j + 1] - paired[2 * j]))
-            parts[name] = max(0.0, extra) / (timed.batch * part.units)
-    return BatchTiming(timed.batch, med, q75 - q25, runs, parts)
+    calls = [f for part in parts for f in (part.baseline, part.run)]
+    paired = calls and time_rounds(
+        lambda k: calls[k](), len(calls), repeats, warmup, report(repeats)
+    )
+    extra = {
+        name: max(0.0, float(np.median(paired[2 * j + 1] - paired[2 * j])))
+        / (timed.batch * part.units)
+        for j, (name, part) in enumerate(timed.parts.items())
+    }
+    return BatchTiming(timed.batch, med, q75 - q25, runs, extra)
 
 
 def profile(
