@@ -526,11 +526,11 @@ def slm_profile_section(card) -> None:
         else:
             b1 = costs.time_unit(1)
             t = costs.timing(profile, b1)
-            slope = (t.median_ms[-1] - t.median_ms[0]) / max(1, len(t.median_ms) - 1)
             st.caption(
                 f"Measured {profile.created[:10]} at batch {' and '.join(map(str, profile.batches))}"
                 f": a decode step takes {t.median_ms[0]:.3g} ms with one layer and "
-                f"{t.median_ms[-1]:.3g} ms with all {len(t.median_ms)}, {slope:.2g} ms per "
+                f"{t.median_ms[-1]:.3g} ms with all {len(t.median_ms)}, "
+                f"{costs.layer_ms(profile, b1):.2g} ms per "
                 f"layer; one confidence read {t.parts_ms.get('read', float('nan')):.3g} ms "
                 f"({costs.read_in_layers(profile, b1):.1f} layers' time)."
             )
@@ -1014,11 +1014,10 @@ def lm_tab():
     )
     time_axis = None
     if unit != costs.FLOPS:
-        static = lm.static_ms(profile, unit, n_layer)
         time_axis = (
             unit,
             lm.sweep_ms(metrics["sweep"], profile, unit, n_layer),
-            lambda f: float(np.interp(f * n_layer, np.arange(1, n_layer + 1), static)),
+            lambda f: float(costs.decode_ms(profile, unit, f * n_layer)),  # a static exit
         )
     st.plotly_chart(
         ft.quality_vs_layers_figure(

@@ -271,12 +271,18 @@ def decode_ms(
     return step + token + np.asarray(asked, dtype=np.float64) * read - (above - filled) * fill
 
 
-def read_in_layers(profile: Profile, unit: str) -> float:
-    """What one confidence read costs, in layers' time (the profile's mean time per layer)."""
+def layer_ms(profile: Profile, unit: str) -> float:
+    """A decoder's mean time per layer of a decode step (its profile's first to last depth)."""
     t = timing(profile, unit)
     span = float(profile.points[-1] - profile.points[0])
-    slope = float(t.median_ms[-1] - t.median_ms[0]) / span if span > 0 else 0.0
-    return t.parts_ms.get("read", 0.0) / slope if slope > 0 else float("nan")
+    return float(t.median_ms[-1] - t.median_ms[0]) / span if span > 0 else 0.0
+
+
+def read_in_layers(profile: Profile, unit: str) -> float:
+    """What one confidence read costs, in layers' time."""
+    per_layer = layer_ms(profile, unit)
+    read = timing(profile, unit).parts_ms.get("read", 0.0)
+    return read / per_layer if per_layer > 0 else float("nan")
 
 
 def asked_reads(exit_layer, n_layer: int, min_layer: int = 0, reads: bool = True) -> np.ndarray:
