@@ -92,6 +92,25 @@ def test_lazy_read_of_logits_and_csv(tmp_path, small):
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
 
 
+def test_a_big_csv_is_converted_once_and_reloaded_from_the_cache(tmp_path, small, monkeypatch):
+    """Loading the same big CSV again reuses its Parquet copy (no new file per load); an edited
+    CSV gets its own."""
+    monkeypatch.setenv("AIE_CACHE_DIR", str(tmp_path / "cache"))
+    cpath = tmp_path / "big.csv"
+    cpath.write_text(trace_mod.read(small, lazy=False).to_frame().drop("extra.source").write_csv())
+    copies = lambda: sorted((tmp_path / "cache").rglob("*.parquet"))  # noqa: E731
+    first = trace_mod.read(cpath, lazy=True)
+    assert len(copies()) == 1 and first.is_compact
+    again = trace_mod.read(cpath, lazy=True)
+    assert len(copies()) == 1 and np.array_equal(again.max_prob, first.max_prob)
+    assert not [
+        p for p in (tmp_path / "cache").rglob("*") if p.is_dir() and p.name.startswith("aie-trace-")
+    ]
+    cpath.write_text("# edited\n" + cpath.read_text())  # another file now (size and time)
+    trace_mod.read(cpath, lazy=True)
+    assert len(copies()) == 2
+
+
 def test_compact_policies_curves_and_solvers_equal_the_full_ones(small):
     full, lazy = _both(small)
     k = full.num_exits

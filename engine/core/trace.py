@@ -41,9 +41,11 @@ trace would derive, so every policy and curve gives the same answer either way.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -51,6 +53,8 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+
+from engine.paths import cache_dir
 
 META_KEY = "aie.trace"
 FORMAT_VERSION = 1
@@ -976,12 +980,22 @@ def read_csv(source: str | Path | bytes, name: str = "uploaded", lazy: bool | No
 
 
 def _scan_csv(path: Path, skip: int, name: str, header: dict) -> Trace:
-    """A big CSV streamed into Parquet (temporary folder), then read compactly."""
-    out = Path(tempfile.mkdtemp(prefix="aie-trace-")) / f"{path.stem}.parquet"
-    try:
-        pl.scan_csv(path, skip_lines=skip, infer_schema_length=10_000).sink_parquet(out)
-    except Exception as e:
-        raise TraceError("file", f"not a readable CSV file ({type(e).__name__})") from None
+    """A big CSV streamed into Parquet, then read compactly (its probabilities stay in that
+    file). The Parquet is kept in the cache folder under the CSV's path, size and time, so
+    loading the same file again reuses it instead of leaving one more copy behind."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{skip}".encode())
+    out = cache_dir() / "csv_traces" / f"{path.stem}-{key.hexdigest()[:16]}.parquet"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="aie-trace-", dir=out.parent)) / out.name
+        try:
+            pl.scan_csv(path, skip_lines=skip, infer_schema_length=10_000).sink_parquet(tmp)
+            tmp.replace(out)
+        except Exception as e:
+            raise TraceError("file", f"not a readable CSV file ({type(e).__name__})") from None
+        finally:
+            shutil.rmtree(tmp.parent, ignore_errors=True)
     return scan(out, None, name, header)
 
 
