@@ -11,10 +11,7 @@ each Ray trace is checked against the single-process one (every column but the l
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import replace
 
@@ -48,21 +45,11 @@ def main() -> None:
     print(f"{args.model} on {card.dataset} {args.split}: {n} samples")
     print(f"  one process            {single_s:6.1f} s  {n / single_s:8.0f} samples/s")
 
-    ray = ray_build.import_ray()
-    temp = tempfile.mkdtemp(prefix="aie-ray-", dir="/tmp")
     t0 = time.perf_counter()
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _temp_dir=temp,
-        logging_level=logging.WARNING,
-    )
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    print(f"  (starting Ray: {time.perf_counter() - t0:.1f} s, not counted below)")
     rates = {}
-    try:
+    with ray_build.connect(None, num_cpus=2) as ray:  # a local instance, as `--ray` starts
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        print(f"  (starting Ray: {time.perf_counter() - t0:.1f} s, not counted below)")
         for workers in (1, 2):
             t0 = time.perf_counter()
             done = ray_build.run_on_ray(args.model, inputs, workers=workers)
@@ -73,9 +60,6 @@ def main() -> None:
                 f"  Ray, {workers} worker(s)       {s:6.1f} s  {n / s:8.0f} samples/s  "
                 f"({done.blocks} blocks; identical to one process but latency: {same})"
             )
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
     print(
         f"  ratios: 2 workers / 1 worker {rates[2] / rates[1]:.2f}x; "
         f"2 workers / one process {rates[2] * single_s / n:.2f}x"

@@ -13,13 +13,10 @@ pytest-xdist workers never share one.
 from __future__ import annotations
 
 import json
-import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import replace
@@ -39,7 +36,7 @@ from engine.run import ray_build
 ROOT = Path(__file__).resolve().parent.parent
 
 try:
-    import ray
+    import ray  # noqa: F401 - only whether it is installed
 except ImportError:  # installed by `make test` (the `distributed` extra)
     if os.environ.get("CI"):
         raise
@@ -48,17 +45,9 @@ except ImportError:  # installed by `make test` (the `distributed` extra)
 
 @pytest.fixture(scope="module")
 def local_ray():
-    temp = tempfile.mkdtemp(prefix="aie-ray-", dir="/tmp")  # AF_UNIX paths: keep it short
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _temp_dir=temp,
-        logging_level=logging.WARNING,
-    )
-    yield ray
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
+    """A local instance started as ``--ray`` starts one (``ray_build.connect``)."""
+    with ray_build.connect(None, num_cpus=2) as r:
+        yield r
 
 
 @pytest.fixture
